@@ -1,0 +1,332 @@
+"""Write tasks as WebDataset tar shards plus ``manifest.json`` through fsspec.
+
+Layout under ``out`` (a local directory or any fsspec URL: ``s3://bucket/prefix``, ``memory://x``)::
+
+    manifest.json                      written last: a root with a manifest is complete
+    {task}/train_counts.npy            int64 target frequencies of the train split
+    {task}/{split}-{idx:06d}.tar       shards; each tar sample is a chunk of instances:
+        {key:09d}.seq.npy     int32 [n, L]   the user's T1 sequence (the input of every task)
+        {key:09d}.target.npy  int64 [n]      item/class tasks only
+        {key:09d}.user.npy    int64 [n]      user index (row of the T1 table), for bookkeeping
+
+Instances are stored in chunks rather than one per tar member because per-member overhead
+(headers, decoding) would dominate reading time for such tiny records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import webdataset as wds
+
+from conure_dist.data.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TASK_KINDS,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    TaskInfo,
+    is_local,
+    join_url,
+)
+from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES, check_fractions, split_indices
+
+assert FORMAT_VERSION == 1, "update the writer together with the manifest format"
+
+
+@dataclass
+class TaskData:
+    """One task's instances before sharding.
+
+    The input of instance ``i`` is ``seqs[i]`` for the sequence task and ``t1_seqs[users[i]]``
+    for item and class tasks, whose ``seqs`` is None.
+    """
+
+    name: str
+    kind: str
+    seqs: np.ndarray | None
+    """Sequence task only: int [n, L], left-padded with 0."""
+    users: np.ndarray
+    """int64 [n]: row of the T1 table each instance belongs to."""
+    targets: np.ndarray | None
+    """int [n]: item id (0..num_items-1) or class id (0..num_classes-1); None for the sequence task."""
+    num_items: int | None = None
+    """Sequence task: T1 vocabulary incl. pad; item task: its own vocabulary size."""
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.users)
+
+
+def write_dataset(
+    out: str,
+    *,
+    dataset: str,
+    t1_seqs: np.ndarray,
+    tasks: list[TaskData],
+    seed: int,
+    source: dict[str, Any],
+    skipped_rows: dict[str, int],
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    instances_per_shard: int = 50_000,
+    records_per_sample: int = 256,
+) -> Manifest:
+    """Split every task, write its shards and train counts, then the manifest; return it."""
+    check_fractions(split)
+    fractions = (float(split[0]), float(split[1]), float(split[2]))
+    if instances_per_shard < 1 or records_per_sample < 1:
+        raise ValueError(
+            f"instances_per_shard and records_per_sample must be >= 1, "
+            f"got {instances_per_shard}, {records_per_sample}"
+        )
+    if seed < 0:
+        raise ValueError(f"split seed must be non-negative, got {seed}")
+    validate_tasks(np.asarray(t1_seqs), tasks)
+    t1_seqs = np.ascontiguousarray(t1_seqs, dtype=np.int32)  # ids were range-checked above
+    _remove_old_manifest(out)
+    infos = tuple(
+        _write_task(out, i, task, t1_seqs, seed, fractions, instances_per_shard, records_per_sample)
+        for i, task in enumerate(tasks)
+    )
+    manifest = Manifest(
+        root=out,
+        dataset=dataset,
+        seq_len=int(t1_seqs.shape[1]),
+        split={"train": fractions[0], "valid": fractions[1], "test": fractions[2], "seed": seed},
+        source=source,
+        skipped_rows=dict(skipped_rows),
+        tasks=infos,
+    )
+    manifest.save()
+    return manifest
+
+
+def validate_tasks(t1_seqs: np.ndarray, tasks: list[TaskData]) -> None:
+    """Raise ValueError unless the tasks are consistent with each other and with the T1 table."""
+    if t1_seqs.ndim != 2 or t1_seqs.shape[1] < 2:
+        raise ValueError(f"t1_seqs must be [num_users, seq_len >= 2], got shape {t1_seqs.shape}")
+    if not tasks or tasks[0].kind != "sequence" or sum(t.kind == "sequence" for t in tasks) != 1:
+        raise ValueError(
+            f"need exactly one 'sequence' task and it must be first, got kinds {[t.kind for t in tasks]}"
+        )
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {names}")
+    _check_t1_table(t1_seqs, tasks[0])
+    for task in tasks:
+        _check_task(task, num_users=len(t1_seqs))
+
+
+def _check_t1_table(t1_seqs: np.ndarray, seq_task: TaskData) -> None:
+    vocab = seq_task.num_items
+    if vocab is None or vocab < 2:
+        raise ValueError(
+            f"sequence task '{seq_task.name}' needs num_items >= 2 (pad + items), got {vocab}"
+        )
+    if t1_seqs.min() < 0 or t1_seqs.max() >= vocab:
+        raise ValueError(
+            f"t1_seqs ids must lie in 0..{vocab - 1}, got {t1_seqs.min()}..{t1_seqs.max()}"
+        )
+    present = t1_seqs > 0
+    if not present[:, -1].all():
+        rows = np.flatnonzero(~present[:, -1])[:5].tolist()
+        raise ValueError(
+            f"every T1 sequence needs at least one item at the last position; rows {rows} do not"
+        )
+    # Left padding means that once an item appears, every later position holds one too.
+    if (np.diff(present.astype(np.int8), axis=1) < 0).any():
+        raise ValueError("t1_seqs must be left-padded: found padding (0) after an item")
+    if seq_task.seqs is None or not np.array_equal(seq_task.seqs, t1_seqs[seq_task.users]):
+        raise ValueError(f"sequence task '{seq_task.name}': seqs must equal t1_seqs[users]")
+
+
+def _check_task(task: TaskData, num_users: int) -> None:
+    where = f"task '{task.name}'"
+    if not task.name or "/" in task.name:
+        raise ValueError(
+            f"{where}: a task name must be non-empty and free of '/' (it names a directory)"
+        )
+    if task.kind not in TASK_KINDS:
+        raise ValueError(f"{where}: unknown kind '{task.kind}', expected one of {list(TASK_KINDS)}")
+    users = np.asarray(task.users)
+    if users.ndim != 1 or (len(users) and (users.min() < 0 or users.max() >= num_users)):
+        raise ValueError(f"{where}: users must be a 1-D array of T1 rows in 0..{num_users - 1}")
+    if task.kind == "sequence":
+        return
+    if task.seqs is not None:
+        raise ValueError(f"{where}: item/class tasks read their input from t1_seqs; pass seqs=None")
+    num_outputs = task.num_classes if task.kind == "class" else task.num_items
+    if num_outputs is None or num_outputs < 1:
+        raise ValueError(
+            f"{where}: {task.kind} tasks need {'num_classes' if task.kind == 'class' else 'num_items'} >= 1"
+        )
+    targets = task.targets
+    if targets is None or targets.shape != users.shape:
+        raise ValueError(f"{where}: targets must be an array shaped like users {users.shape}")
+    if len(targets) and (targets.min() < 0 or targets.max() >= num_outputs):
+        raise ValueError(
+            f"{where}: targets must lie in 0..{num_outputs - 1}, got {targets.min()}..{targets.max()}"
+        )
+    if task.class_names is not None and len(task.class_names) != task.num_classes:
+        raise ValueError(
+            f"{where}: {len(task.class_names)} class names for num_classes={task.num_classes}"
+        )
+
+
+def _remove_old_manifest(out: str) -> None:
+    # Drop a previous manifest first: a crash while rewriting shards must not leave a root that
+    # looks complete but points at half-replaced files.
+    fs, path = fsspec.core.url_to_fs(join_url(out, MANIFEST_NAME))
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def _write_task(
+    out: str,
+    task_index: int,
+    task: TaskData,
+    t1_seqs: np.ndarray,
+    seed: int,
+    split: tuple[float, float, float],
+    instances_per_shard: int,
+    records_per_sample: int,
+) -> TaskInfo:
+    indices = split_indices(task.num_instances, seed=seed, task_index=task_index, fractions=split)
+    splits = {
+        name: _write_split(
+            out, task, name, indices[name], t1_seqs, instances_per_shard, records_per_sample
+        )
+        for name in SPLIT_NAMES
+    }
+    counts_path = f"{task.name}/train_counts.npy"
+    _write_bytes(join_url(out, counts_path), _npy_bytes(train_counts(task, indices["train"])))
+    return TaskInfo(
+        name=task.name,
+        kind=task.kind,  # type: ignore[arg-type]
+        num_items=task.num_items if task.kind != "class" else None,
+        num_classes=task.num_classes if task.kind == "class" else None,
+        class_names=tuple(task.class_names) if task.class_names is not None else None,
+        train_counts=counts_path,
+        splits=splits,
+    )
+
+
+def train_counts(task: TaskData, train_indices: np.ndarray) -> np.ndarray:
+    """Frequencies of what the model predicts in the train split (int64, one per output).
+
+    For the sequence task that is every non-pad item at positions 1..L-1 (position 0 is never a
+    prediction target); for item and class tasks it is the targets.
+    """
+    if task.kind == "sequence":
+        assert task.seqs is not None and task.num_items is not None
+        predicted = task.seqs[train_indices, 1:].ravel()
+        counts = np.bincount(predicted, minlength=task.num_items).astype(np.int64)
+        counts[0] = 0
+        return counts
+    assert task.targets is not None
+    num_outputs = task.num_classes if task.kind == "class" else task.num_items
+    assert num_outputs is not None, "checked by validate_tasks"
+    return np.bincount(task.targets[train_indices], minlength=num_outputs).astype(np.int64)
+
+
+def _write_split(
+    out: str,
+    task: TaskData,
+    split: str,
+    indices: np.ndarray,
+    t1_seqs: np.ndarray,
+    instances_per_shard: int,
+    records_per_sample: int,
+) -> SplitInfo:
+    num_shards = math.ceil(len(indices) / instances_per_shard)
+    # Equal-sized shards (rather than full ones plus a small tail) keep per-shard work balanced.
+    parts = np.array_split(indices, num_shards) if num_shards else []
+    shards = tuple(
+        _write_shard(
+            out, f"{task.name}/{split}-{s:06d}.tar", task, part, t1_seqs, records_per_sample
+        )
+        for s, part in enumerate(parts)
+    )
+    return SplitInfo(num_instances=len(indices), shards=shards)
+
+
+def _write_shard(
+    out: str,
+    relative: str,
+    task: TaskData,
+    part: np.ndarray,
+    t1_seqs: np.ndarray,
+    records_per_sample: int,
+) -> ShardInfo:
+    url = join_url(out, relative)
+    _make_parent_dir(url)
+    with fsspec.open(url, "wb") as raw:
+        sink = _HashingWriter(raw)
+        # A fixed mtime makes shards byte-identical across runs, so their checksums are too.
+        with wds.TarWriter(sink, encoder=False, mtime=0.0) as tar:
+            for key, start in enumerate(range(0, len(part), records_per_sample)):
+                tar.write(
+                    _chunk_sample(key, task, part[start : start + records_per_sample], t1_seqs)
+                )
+    return ShardInfo(
+        url=relative, sha256=sink.hexdigest(), num_instances=len(part), num_bytes=sink.num_bytes
+    )
+
+
+def _chunk_sample(
+    key: int, task: TaskData, rows: np.ndarray, t1_seqs: np.ndarray
+) -> dict[str, Any]:
+    users = np.asarray(task.users, dtype=np.int64)[rows]
+    seqs = task.seqs[rows] if task.seqs is not None else t1_seqs[users]
+    sample = {
+        "__key__": f"{key:09d}",
+        "seq.npy": _npy_bytes(np.ascontiguousarray(seqs, dtype=np.int32)),
+        "user.npy": _npy_bytes(users),
+    }
+    if task.targets is not None:
+        sample["target.npy"] = _npy_bytes(np.asarray(task.targets, dtype=np.int64)[rows])
+    return sample
+
+
+class _HashingWriter:
+    """File-object wrapper that hashes and counts the bytes on their way to the real file."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha, self.num_bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.num_bytes += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _make_parent_dir(url: str) -> None:
+    # Object stores have no directories; creating one on S3 could even try to create a bucket.
+    if is_local(url):
+        os.makedirs(os.path.dirname(fsspec.core.url_to_fs(url)[1]), exist_ok=True)
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    _make_parent_dir(url)
+    with fsspec.open(url, "wb") as f:
+        f.write(data)

@@ -1,0 +1,223 @@
+"""The synthetic generator: determinism, sizes, and signal beyond the trivial references."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conure_dist.data.manifest import Manifest
+from conure_dist.data.stream import iter_batches
+from data_tools.shards import TaskData
+from data_tools.split import split_indices, split_sizes
+from data_tools.synthetic import SyntheticSpec, generate, write_synthetic
+
+TOP_K = 10
+
+
+@pytest.fixture(scope="module")
+def default_data() -> tuple[np.ndarray, list[TaskData]]:
+    t1, tasks, _ = generate(SyntheticSpec())
+    return t1, tasks
+
+
+def test_generation_is_fast_and_deterministic() -> None:
+    start = time.perf_counter()
+    t1, tasks, source = generate(SyntheticSpec())
+    assert time.perf_counter() - start < 5.0
+    t1_again, tasks_again, source_again = generate(SyntheticSpec())
+    np.testing.assert_array_equal(t1, t1_again)
+    for a, b in zip(tasks, tasks_again, strict=True):
+        np.testing.assert_array_equal(a.users, b.users)
+        if a.targets is not None:
+            np.testing.assert_array_equal(a.targets, b.targets)
+    assert source == source_again and source["spec"]["seed"] == 0
+    other, _, _ = generate(SyntheticSpec(seed=1))
+    assert (other != t1).mean() > 0.5
+
+
+def test_shapes_and_ranges(default_data: tuple[np.ndarray, list[TaskData]]) -> None:
+    t1, tasks = default_data
+    assert t1.shape == (3000, 20) and t1.dtype == np.int32
+    assert t1.min() == 0 and t1.max() == 500 and len(np.unique(t1)) > 400
+    lengths = (t1 > 0).sum(axis=1)
+    assert lengths.min() == 10 and lengths.max() == 20
+    assert ((t1 > 0) == (np.arange(20)[None, :] >= 20 - lengths[:, None])).all(), "left padding"
+    assert [(t.name, t.kind) for t in tasks] == [
+        ("t1", "sequence"),
+        ("click", "item"),
+        ("like", "item"),
+        ("gender", "class"),
+        ("age", "class"),
+    ]
+    click, like, gender, age = tasks[1:]
+    per_user_click = np.bincount(click.users, minlength=3000)
+    per_user_like = np.bincount(like.users, minlength=3000)
+    assert per_user_click.min() == 1 and per_user_click.max() == 4
+    assert per_user_like.min() == 0 and per_user_like.max() == 2
+    assert 7000 < click.num_instances < 8000 and 2700 < like.num_instances < 3300
+    assert click.targets.max() < 300 and like.targets.max() < 200
+    assert len(np.unique(click.targets)) > 250 and len(np.unique(like.targets)) > 150
+    assert gender.class_names == ["F", "M"] and len(age.class_names) == 5
+    for task in (gender, age):
+        shares = np.bincount(task.targets) / task.num_instances
+        assert shares.max() <= 0.6, f"{task.name}: majority share {shares.max():.3f}"
+        assert shares.min() >= 0.1, f"{task.name}: a nearly empty class"
+
+
+def _hit_rate(scores: np.ndarray, targets: np.ndarray) -> float:
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
+    return float((top == targets[:, None]).any(axis=1).mean())
+
+
+def test_next_item_beats_popularity(default_data: tuple[np.ndarray, list[TaskData]]) -> None:
+    """A bigram model on the train sequences clearly beats most-popular on the last test item."""
+    t1, _ = default_data
+    split = split_indices(3000, seed=0, task_index=0)
+    train, test = t1[split["train"]], t1[split["test"]]
+    bigram = np.zeros((501, 501))
+    prev, nxt = train[:, :-1].ravel(), train[:, 1:].ravel()
+    np.add.at(bigram, (prev[prev > 0], nxt[prev > 0]), 1)
+    popularity = np.bincount(train[:, 1:].ravel(), minlength=501).astype(float)
+    popularity[0] = -1
+    scores = bigram[test[:, -2]] + 1e-6 * popularity  # popularity breaks ties
+    scores[:, 0] = -1
+    hr_bigram = _hit_rate(scores, test[:, -1])
+    hr_pop = _hit_rate(np.tile(popularity, (len(test), 1)), test[:, -1])
+    assert hr_pop < 0.2 and hr_bigram > 2.5 * hr_pop, (hr_bigram, hr_pop)
+
+
+def _naive_bayes_scores(
+    t1: np.ndarray, task: TaskData, task_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multinomial naive Bayes on the bag of T1 items: (test scores, test targets, train counts)."""
+    split = split_indices(task.num_instances, seed=0, task_index=task_index)
+    num_outputs = task.num_classes or task.num_items
+    vocab = t1.max() + 1
+
+    def bag(users: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(users), vocab))
+        np.add.at(out, (np.repeat(np.arange(len(users)), t1.shape[1]), t1[users].ravel()), 1)
+        out[:, 0] = 0
+        return out
+
+    train_y = task.targets[split["train"]]
+    joint = np.zeros((num_outputs, vocab))
+    np.add.at(joint, train_y, bag(task.users[split["train"]]))
+    log_p = np.log((joint + 1) / (joint + 1).sum(axis=1, keepdims=True))
+    counts = np.bincount(train_y, minlength=num_outputs)
+    scores = bag(task.users[split["test"]]) @ log_p.T + np.log(counts + 1)
+    return scores, task.targets[split["test"]], counts
+
+
+@pytest.mark.parametrize(("index", "margin"), [(1, 1.4), (2, 1.4)])
+def test_item_tasks_beat_popularity(
+    default_data: tuple[np.ndarray, list[TaskData]], index: int, margin: float
+) -> None:
+    t1, tasks = default_data
+    scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
+    hr_model = _hit_rate(scores, targets)
+    hr_pop = _hit_rate(np.tile(counts.astype(float), (len(targets), 1)), targets)
+    assert hr_model > margin * hr_pop, (tasks[index].name, hr_model, hr_pop)
+
+
+def test_click_follows_the_last_t1_item(default_data: tuple[np.ndarray, list[TaskData]]) -> None:
+    """Counting (last T1 item -> click) pairs on train beats click popularity by far on test."""
+    t1, tasks = default_data
+    click = tasks[1]
+    split = split_indices(click.num_instances, seed=0, task_index=1)
+    last = t1[click.users, -1]
+    pair_counts = np.zeros((501, 300))
+    np.add.at(pair_counts, (last[split["train"]], click.targets[split["train"]]), 1)
+    popularity = np.bincount(click.targets[split["train"]], minlength=300).astype(float)
+    test = split["test"]
+    hr_pairs = _hit_rate(pair_counts[last[test]] + 1e-6 * popularity, click.targets[test])
+    hr_pop = _hit_rate(np.tile(popularity, (len(test), 1)), click.targets[test])
+    assert hr_pairs > 2.5 * hr_pop, (hr_pairs, hr_pop)
+
+
+@pytest.mark.parametrize(("index", "gain"), [(3, 0.15), (4, 0.1)])
+def test_class_tasks_beat_majority(
+    default_data: tuple[np.ndarray, list[TaskData]], index: int, gain: float
+) -> None:
+    t1, tasks = default_data
+    scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
+    accuracy = float((scores.argmax(axis=1) == targets).mean())
+    majority = float((targets == counts.argmax()).mean())
+    assert majority < 0.6 and accuracy > majority + gain, (tasks[index].name, accuracy, majority)
+
+
+def test_like_correlates_with_click(default_data: tuple[np.ndarray, list[TaskData]]) -> None:
+    """Users with a like are more often in the genres they click: like shares click's signal."""
+    _, tasks = default_data
+    click, like = tasks[1], tasks[2]
+    assert like.num_instances < 0.5 * click.num_instances
+    # Users who click the same item are much more likely than chance to like the same item.
+    first_click = np.full(3000, -1)
+    first_click[click.users] = click.targets
+    first_like = np.full(3000, -1)
+    first_like[like.users] = like.targets
+    has_both = np.flatnonzero((first_like >= 0) & (first_click >= 0))
+    same_click = first_click[has_both][:, None] == first_click[has_both][None, :]
+    same_like = first_like[has_both][:, None] == first_like[has_both][None, :]
+    np.fill_diagonal(same_click, False)
+    np.fill_diagonal(same_like, False)
+    assert same_like[same_click].mean() > 2 * same_like.mean()
+
+
+def test_write_synthetic(tmp_path: Path) -> None:
+    spec = SyntheticSpec(num_users=500, num_items=100, seq_len=8, seed=4)
+    manifest = write_synthetic(
+        str(tmp_path / "a"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64
+    )
+    assert manifest == Manifest.load(str(tmp_path / "a"))
+    assert [t.name for t in manifest.tasks] == ["t1", "click", "like", "gender", "age"]
+    assert (
+        manifest.dataset == "synthetic" and manifest.seq_len == 8 and manifest.num_seq_items == 101
+    )
+    assert manifest.source["spec"]["num_users"] == 500 and manifest.split["seed"] == 2
+    _, tasks, _ = generate(spec)
+    for task, info in zip(tasks, manifest.tasks, strict=True):
+        sizes = [info.splits[s].num_instances for s in ("train", "valid", "test")]
+        assert sizes == split_sizes(task.num_instances)
+        for split in info.splits.values():
+            for shard in split.shards:
+                data = (tmp_path / "a" / shard.url).read_bytes()
+                assert (
+                    hashlib.sha256(data).hexdigest() == shard.sha256
+                    and len(data) == shard.num_bytes
+                )
+    # train_counts agree with what the reader streams back.
+    targets = np.concatenate(
+        [
+            b.target.numpy()
+            for b in iter_batches(manifest, "click", "train", 128, shuffle=False, seed=0, epoch=0)
+        ]
+    )
+    np.testing.assert_array_equal(
+        manifest.load_train_counts("click"), np.bincount(targets, minlength=300)
+    )
+    seqs = np.concatenate(
+        [
+            b.seq.numpy()
+            for b in iter_batches(manifest, "t1", "train", 128, shuffle=False, seed=0, epoch=0)
+        ]
+    )
+    expected = np.bincount(seqs[:, 1:].ravel(), minlength=101)
+    expected[0] = 0
+    np.testing.assert_array_equal(manifest.load_train_counts("t1"), expected)
+    # Same spec and split seed: byte-identical shards.
+    again = write_synthetic(
+        str(tmp_path / "b"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64
+    )
+    assert again.to_json() == manifest.to_json()
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="num_items=5"):
+        SyntheticSpec(num_items=5)
+    with pytest.raises(ValueError, match="stay_prob=1.5"):
+        SyntheticSpec(stay_prob=1.5)
