@@ -1,0 +1,220 @@
+"""Command line: ``conure data|run|eval|predict|audit`` (also ``python -m conure_dist``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+log = logging.getLogger("conure_dist")
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="convert raw data into WebDataset shards + manifest")
+    kinds = data.add_subparsers(dest="source", required=True)
+    syn = kinds.add_parser("synthetic", help="the embedded synthetic dataset (planted structure)")
+    syn.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
+    syn.add_argument("--num-users", type=int, default=3000)
+    syn.add_argument("--num-items", type=int, default=500)
+    syn.add_argument("--seq-len", type=int, default=20)
+    syn.add_argument("--seed", type=int, default=0, help="generator seed")
+    syn.add_argument("--split-seed", type=int, default=0, help="seed of the 80/5/15 split")
+    syn.add_argument("--instances-per-shard", type=int, default=50_000)
+    ml = kinds.add_parser("movielens", help="MovieLens-100K in GroupLens' layout (u.data, u.user)")
+    ml.add_argument("--src", required=True, help="directory holding u.data and u.user")
+    ml.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
+    ml.add_argument("--seq-len", type=int, default=30)
+    ml.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
+    ml.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted in the manifest)")
+    ml.add_argument("--instances-per-shard", type=int, default=50_000)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conure", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    run = sub.add_parser("run", help="train every task of a config in order")
+    run.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
+    run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
+    run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
+    ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
+    ev.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--data-root", help="shards to evaluate on (default: the run's data.root)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr = sub.add_parser("predict", help="top-k items or the class of a task for given sequences")
+    pr.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]} (default: the task's test split)")
+    pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
+    pr.add_argument("--k", type=int, default=5)
+    pr.add_argument("--limit", type=int, default=10, help="sequences taken from the test split without --input")
+    au = sub.add_parser("audit", help="verify that no finished task's frozen weights changed")
+    au.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
+    return parser
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.source == "synthetic":
+        from data_tools.synthetic import SyntheticSpec, write_synthetic
+
+        spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed)
+        manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
+                                   instances_per_shard=args.instances_per_shard)
+    else:
+        from data_tools.movielens import write_movielens
+
+        manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed,
+                                   skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard)
+    for task in manifest.tasks:
+        sizes = ", ".join(f"{s} {task.splits[s].num_instances}" for s in ("train", "valid", "test"))
+        log.info("%-12s %-8s outputs %-6d %s", task.name, task.kind, task.num_outputs, sizes)
+    if manifest.skipped_rows:
+        log.warning("skipped rows: %s", manifest.skipped_rows)
+    print(f"wrote {len(manifest.tasks)} tasks to {args.out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from conure_dist.config import load_config
+    from conure_dist.dist import init_distributed, shutdown_distributed
+    from conure_dist.report import format_table
+    from conure_dist.run import run_conure
+
+    cfg = load_config(args.config, args.overrides)
+    dist = init_distributed(cfg.dist)
+    try:
+        report = run_conure(cfg, args.out, dist, resume=args.resume)
+    finally:
+        shutdown_distributed(dist)
+    if dist.is_main:
+        print(format_table(report))
+        print(f"report: {args.out.rstrip('/')}/report.json")
+    return 0
+
+
+def _load(ckpt_arg: str):
+    from conure_dist.train.audit import model_from_checkpoint
+    from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt = load_checkpoint(resolve_checkpoint(ckpt_arg))
+    model, ownership = model_from_checkpoint(ckpt)
+    return ckpt, model, ownership
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from conure_dist.continual.views import MaskedModel
+    from conure_dist.data.manifest import Manifest
+    from conure_dist.dist import DistInfo
+    from conure_dist.train.evaluate import evaluate_task
+
+    ckpt, model, ownership = _load(args.ckpt)
+    manifest = Manifest.load(args.data_root or ckpt.meta["data_root"])
+    masked = MaskedModel(model, ownership)
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    train_cfg = ckpt.meta["config"]["train"]
+    results: dict[str, Any] = {}
+    finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
+    for index, name in enumerate(finished):
+        masked.set_view("infer", index + 1)
+        results[name] = evaluate_task(masked, manifest, manifest.task(name), args.split,
+                                      train_cfg["eval_batch_size"], train_cfg["topk"], dist)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for name, metrics in results.items():
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "count")
+            print(f"{name:14s} {shown}  (n={metrics['count']})")
+    return 0
+
+
+def _read_sequences(path: str, seq_len: int) -> list[list[int]]:
+    seqs = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                seq = [int(x) for x in json.loads(line)["seq"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path} line {line_no}: expected {{\"seq\": [item ids]}}: {exc}") from None
+            seqs.append(([0] * seq_len + seq)[-seq_len:])
+    return seqs
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from conure_dist.continual.views import MaskedModel
+    from conure_dist.data.manifest import Manifest
+    from conure_dist.data.stream import iter_batches
+
+    ckpt, model, ownership = _load(args.ckpt)
+    names = [s["name"] for s in ckpt.meta["tasks"]]
+    if args.task not in ckpt.meta["state"]["task_checksums"]:
+        raise SystemExit(f"task '{args.task}' is not finished in this checkpoint (finished: "
+                         f"{sorted(ckpt.meta['state']['task_checksums'])})")
+    manifest = Manifest.load(args.data_root or ckpt.meta["data_root"]) if not args.input else None
+    if args.input:
+        seqs = torch.tensor(_read_sequences(args.input, int(ckpt.meta["seq_len"])), dtype=torch.long)
+    else:
+        batch = next(iter(iter_batches(manifest, args.task, "test", args.limit, shuffle=False, seed=0, epoch=0)))
+        seqs = batch.seq
+    masked = MaskedModel(model, ownership)
+    masked.set_view("infer", names.index(args.task) + 1)
+    masked.eval()
+    with torch.no_grad():
+        scores = masked(seqs, args.task).float()
+    kind = model.kinds[args.task]
+    for row in scores:
+        if kind == "class":
+            print(json.dumps({"class": int(row.argmax()), "scores": [round(v, 5) for v in row.tolist()]}))
+        else:
+            top = torch.topk(row, min(args.k, row.numel()))
+            print(json.dumps({"items": top.indices.tolist(), "scores": [round(v, 5) for v in top.values.tolist()]}))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from conure_dist.train.audit import audit_checkpoint
+    from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt = load_checkpoint(resolve_checkpoint(args.ckpt))
+    results = audit_checkpoint(ckpt)
+    ok = all(r.ok for r in results) and bool(results)
+    if args.json:
+        print(json.dumps({"checkpoint": ckpt.path, "ok": ok,
+                          "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok}
+                                    for r in results}}, indent=1))
+    else:
+        for r in results:
+            print(f"{r.task:14s} {'ok' if r.ok else 'CHANGED'}  {r.recomputed[:16]}")
+        print(f"audit {'passed' if ok else 'FAILED'}: {ckpt.path}")
+    return 0 if ok else 1
+
+
+COMMANDS = {"data": cmd_data, "run": cmd_run, "eval": cmd_eval, "predict": cmd_predict, "audit": cmd_audit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from conure_dist.config import ConfigError
+    from conure_dist.run import CapacityError
+    from conure_dist.train.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

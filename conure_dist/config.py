@@ -1,0 +1,368 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file plus ``key=value`` overrides given after the command
+(dotted keys: ``train.eval_batch_size=256``, ``tasks.0.epochs=2``; ``tasks.*.epochs=1`` sets a
+field of every task). Everything is validated before any compute starts: unknown keys and bad
+values raise :class:`ConfigError` naming the key and the file.
+
+Batch sizes are *global*: the number of instances per optimizer step summed over all ranks, so a
+config means the same optimization on any number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; configs are full of such numbers, so accept them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key and the file."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"key '{key}': {msg}")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Parameters of the embedded synthetic generator (used when ``data.source: synthetic``)."""
+
+    num_users: int = 3000
+    """Number of users (each has one T1 sequence)."""
+    num_items: int = 500
+    """T1 item vocabulary size, excluding the padding id 0."""
+    seq_len: int = 20
+    """Length of every T1 sequence (left-padded)."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same data."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_users >= 10, f"{prefix}.num_users", f"must be >= 10, got {self.num_users}")
+        _check(self.num_items >= 10, f"{prefix}.num_items", f"must be >= 10, got {self.num_items}")
+        _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards live and how to build them when they are missing."""
+
+    root: str = "runs/data/quickstart"
+    """Directory or fsspec URL (``s3://bucket/prefix``) holding ``manifest.json`` and the shards."""
+    source: Literal["none", "synthetic", "movielens"] = "none"
+    """How ``conure run`` builds shards when ``root`` has no manifest; ``none`` means it errors."""
+    source_dir: str | None = None
+    """Raw files for ``source: movielens`` (GroupLens layout: ``u.data``, ``u.user``)."""
+    seq_len: int = 30
+    """T1 sequence length used when converting MovieLens."""
+    skip_bad_rows: bool = False
+    """When converting raw files: skip malformed rows (counted in the manifest) instead of failing."""
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    """Generator settings for ``source: synthetic``."""
+    instances_per_shard: int = 50_000
+    """Target number of instances per shard when shards are generated."""
+    shuffle_buffer: int = 10_000
+    """Instances held in the streaming shuffle buffer."""
+    split_seed: int = 0
+    """Seed of the 80/5/15 train/valid/test split when shards are generated."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.root), f"{prefix}.root", "must not be empty")
+        if self.source == "movielens":
+            _check(bool(self.source_dir), f"{prefix}.source_dir", "is required when source is 'movielens'")
+        _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
+        _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
+        _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
+        self.synthetic.validate(f"{prefix}.synthetic")
+
+
+@dataclass
+class ModelConfig:
+    """NextItNet backbone: embedding, then residual blocks of two causal dilated convs."""
+
+    channels: int = 64
+    """Embedding and hidden size (the paper uses 256)."""
+    kernel_size: int = 3
+    """Width of every causal convolution."""
+    block_dilations: list[int] = field(default_factory=lambda: [1, 4, 1, 4])
+    """One entry per residual block; a block with dilation d has convs of dilation d and 2d."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of embeddings and kernels."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")
+        _check(self.kernel_size >= 1, f"{prefix}.kernel_size", f"must be >= 1, got {self.kernel_size}")
+        _check(len(self.block_dilations) >= 1, f"{prefix}.block_dilations", "needs at least one block")
+        for i, d in enumerate(self.block_dilations):
+            _check(d >= 1, f"{prefix}.block_dilations.{i}", f"must be >= 1, got {d}")
+        _check(self.init_std > 0, f"{prefix}.init_std", "must be > 0")
+
+
+@dataclass
+class TaskConfig:
+    """One task of the continual sequence, in training order. ``name`` refers to the manifest."""
+
+    name: str = ""
+    """Task name as listed in the data manifest."""
+    prune_ratio: float = 0.7
+    """Fraction of this task's free conv weights released for later tasks after training."""
+    epochs: int = 3
+    """Epochs of the train phase."""
+    retrain_epochs: int = 2
+    """Epochs of the retrain phase (after pruning); 0 skips it."""
+    lr: float = 1e-4
+    """Adam learning rate of both phases."""
+    batch_size: int = 512
+    """Global batch size (instances per optimizer step over all ranks)."""
+    l2: float = 0.0
+    """Coefficient of the L2 penalty 0.5*l2*||w||^2 on the weights trainable in the current
+    phase (paper: 0.02, 0.05 for TTL's T3); frozen weights are never penalised."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.name), f"{prefix}.name", "is required")
+        _check(0.0 <= self.prune_ratio < 1.0, f"{prefix}.prune_ratio", f"must be in [0, 1), got {self.prune_ratio}")
+        _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.retrain_epochs >= 0, f"{prefix}.retrain_epochs", f"must be >= 0, got {self.retrain_epochs}")
+        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.l2 >= 0, f"{prefix}.l2", f"must be >= 0, got {self.l2}")
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by all tasks."""
+
+    negative_fraction: float = 0.2
+    """T1 sampled softmax: fraction of the item vocabulary drawn as negatives shared by the batch."""
+    bpr_rho: float = 0.3
+    """Item tasks: rho of the static popularity negative sampler, p(rank r) ~ exp(-(r+1)/(rho*N))."""
+    eval_batch_size: int = 1024
+    """Global batch size for evaluation."""
+    topk: int = 5
+    """Cut-off of MRR@k, HR@k and NDCG@k."""
+    log_every: int = 50
+    """Log the training loss every this many optimizer steps."""
+    progress: bool = True
+    """Show progress bars (rank 0 only)."""
+    max_steps_per_epoch: int | None = None
+    """Cap on optimizer steps per epoch (None: one pass over the training split)."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+    keep_checkpoints: int = 2
+    """Committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
+        _check(self.bpr_rho > 0, f"{prefix}.bpr_rho", "must be > 0")
+        _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
+        _check(self.topk >= 1, f"{prefix}.topk", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        if self.max_steps_per_epoch is not None:
+            _check(self.max_steps_per_epoch >= 1, f"{prefix}.max_steps_per_epoch", "must be >= 1")
+        if self.num_threads is not None:
+            _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    """How training is distributed; the launcher (torchrun, deepspeed) decides the world size."""
+
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """Training engine: PyTorch DDP (also used for one process) or DeepSpeed."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2); only with ``engine: deepspeed``."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision; master weights stay fp32."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto = NCCL on GPU, gloo on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device; auto = CUDA when available."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+        if self.zero_stage:
+            _check(self.engine == "deepspeed", f"{prefix}.zero_stage", "needs dist.engine: deepspeed")
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``conure run`` needs."""
+
+    seed: int = 0
+    """Seed of model initialisation, shuffling and negative sampling."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """The tasks in training order; the first must be the manifest's sequence (T1) task."""
+
+    def validate(self) -> None:
+        self.data.validate("data")
+        self.model.validate("model")
+        self.train.validate("train")
+        self.dist.validate("dist")
+        _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
+        _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")
+        names = [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            task.validate(f"tasks.{i}")
+            _check(names.count(task.name) == 1, f"tasks.{i}.name", f"'{task.name}' is listed twice")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass with type checks, YAML files, key=value overrides.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless (int -> float)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"key '{key}': must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in known:
+            raise ConfigError(f"unknown key '{key}' (known: {', '.join(sorted(known))})")
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), _yaml_load(raw) if raw != "" else ""
+
+
+def _set_dotted(tree: Any, path: list[str], value: Any, full_key: str) -> None:
+    head, rest = path[0], path[1:]
+    if isinstance(tree, list):
+        targets = range(len(tree)) if head == "*" else None
+        if targets is None:
+            if not head.isdigit() or int(head) >= len(tree):
+                raise ConfigError(f"override '{full_key}': '{head}' is not an index below {len(tree)}")
+            targets = [int(head)]
+        for i in targets:
+            if rest:
+                _set_dotted(tree[i], rest, value, full_key)
+            else:
+                tree[i] = value
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"override '{full_key}': '{head}' is below a value that is not a mapping")
+    if rest:
+        _set_dotted(tree.setdefault(head, {}), rest, value, full_key)
+    else:
+        tree[head] = value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: str = "<dict>") -> RunConfig:
+    """Build and validate a :class:`RunConfig`; errors name ``source`` (a file path)."""
+    tree = _yaml_load(yaml.safe_dump(data)) if data else {}
+    try:
+        for text in overrides:
+            path, value = _parse_override(text)
+            _set_dotted(tree, path, value, text.split("=", 1)[0])
+        cfg = _build(RunConfig, tree, "")
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML preset, apply ``key=value`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = _yaml_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return config_from_dict(data, list(overrides), source=str(path))

@@ -1,0 +1,65 @@
+"""Process-group set-up. Everything downstream receives a :class:`DistInfo`, never env vars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from conure_dist.config import DistConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    """Process-group backend, or None for a single process without a group."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("dist.device is 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: DistConfig) -> DistInfo:
+    """Join the process group that torchrun / the deepspeed launcher described in the env.
+
+    Without those variables this is a single process with no group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(cfg, local_rank)
+    if world_size == 1:
+        return DistInfo(0, 1, 0, device, None)
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device, backend)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    if info.is_distributed and tdist.is_initialized():
+        tdist.destroy_process_group()

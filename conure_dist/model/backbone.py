@@ -1,0 +1,92 @@
+"""NextItNet backbone: item embedding followed by residual blocks of causal dilated convolutions.
+
+Pure architecture: no ranks, masks, paths or config objects beyond plain arguments.
+Shapes: B batch, L sequence length, C channels, K kernel width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalConv1d(nn.Module):
+    """Causal dilated 1-D convolution over [B, L, C] computed as a single GEMM.
+
+    Output position j reads inputs j - (K-1-i)*d for i in 0..K-1, so never a future position.
+    The kernel is stored as [K, C_in, C_out]: the K shifted copies of the input are concatenated
+    along channels and multiplied by the kernel viewed as [K*C_in, C_out].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.weight = nn.Parameter(torch.empty(kernel_size, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        k, d = self.kernel_size, self.dilation
+        length = x_BLC.shape[1]
+        padded = F.pad(x_BLC, (0, 0, (k - 1) * d, 0))
+        shifted = torch.cat([padded[:, i * d : i * d + length] for i in range(k)], dim=-1)
+        return shifted @ self.weight.reshape(-1, self.weight.shape[-1]) + self.bias
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm NextItNet block: LN -> ReLU -> conv(d) -> LN -> ReLU -> conv(2d), plus the input."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.conv1 = CausalConv1d(channels, channels, kernel_size, dilation)
+        self.norm2 = nn.LayerNorm(channels)
+        self.conv2 = CausalConv1d(channels, channels, kernel_size, 2 * dilation)
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.relu(self.norm1(x_BLC)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return x_BLC + h
+
+
+class NextItNet(nn.Module):
+    """Item sequence [B, L] (0 = padding) -> hidden states [B, L, C]."""
+
+    def __init__(
+        self,
+        num_items: int,
+        channels: int,
+        kernel_size: int,
+        block_dilations: list[int],
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_items, channels, padding_idx=0)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(channels, kernel_size, d) for d in block_dilations
+        )
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float) -> None:
+        nn.init.normal_(self.embedding.weight, std=init_std)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        for block in self.blocks:
+            for conv in (block.conv1, block.conv2):
+                # Residual branches start small so the deep stack is close to identity at init.
+                fan_in = conv.weight.shape[0] * conv.weight.shape[1]
+                nn.init.normal_(conv.weight, std=(1.0 / fan_in) ** 0.5)
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, seq_BL: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(seq_BL)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def conv_weight_names(self) -> list[str]:
+        """Names of the conv kernels: the tensors that Conure partitions between tasks."""
+        return [
+            f"blocks.{i}.{conv}.weight" for i in range(len(self.blocks)) for conv in ("conv1", "conv2")
+        ]

@@ -1,0 +1,90 @@
+"""The multi-task model: one NextItNet backbone and one head per task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from conure_dist.model.backbone import NextItNet
+from conure_dist.model.heads import ClassHead, ItemHead, SampledSoftmaxHead
+
+TaskKind = Literal["sequence", "item", "class"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the model needs to know of a task: its kind and output size."""
+
+    name: str
+    kind: TaskKind
+    num_outputs: int
+
+
+class ConureModel(nn.Module):
+    """Backbone + heads. ``forward`` returns a loss (with targets) or scores over all candidates.
+
+    Sequence (T1) tasks read ``seq[:, :-1]`` and predict every next item; their scores are for
+    the item after the last input position. Item and class tasks read the whole sequence and use
+    the hidden state of its last position.
+    """
+
+    def __init__(
+        self,
+        num_seq_items: int,
+        tasks: list[TaskSpec],
+        channels: int,
+        kernel_size: int,
+        block_dilations: list[int],
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.backbone = NextItNet(num_seq_items, channels, kernel_size, block_dilations, init_std)
+        self.kinds: dict[str, TaskKind] = {}
+        heads = {}
+        for spec in tasks:
+            self.kinds[spec.name] = spec.kind
+            if spec.kind == "sequence":
+                heads[spec.name] = SampledSoftmaxHead(spec.num_outputs, channels, init_std)
+            elif spec.kind == "item":
+                heads[spec.name] = ItemHead(spec.num_outputs, channels, init_std)
+            else:
+                heads[spec.name] = ClassHead(spec.num_outputs, channels)
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(
+        self,
+        seq_BL: torch.Tensor,
+        task: str,
+        target_B: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss when ``target_B`` (or, for sequence tasks, ``negatives``) is given, else scores."""
+        head = self.heads[task]
+        if self.kinds[task] == "sequence":
+            inputs = seq_BL[:, :-1]
+            hidden = self.backbone(inputs)
+            if negatives is None:
+                return head.scores(hidden[:, -1])
+            targets = seq_BL[:, 1:]
+            # Predict only real items from real context (left padding carries no signal).
+            keep = (targets != 0) & (inputs != 0)
+            return head.loss(hidden[keep], targets[keep], negatives)
+        hidden = self.backbone(seq_BL)[:, -1]
+        if target_B is None:
+            return head.scores(hidden)
+        return head.loss(hidden, target_B, negatives)
+
+    def prunable_names(self) -> list[str]:
+        """Parameter names (of this module) that Conure partitions between tasks."""
+        return [f"backbone.{n}" for n in self.backbone.conv_weight_names()]
+
+    def shared_names(self) -> list[str]:
+        """Backbone parameters trained in T1's first phase and frozen afterwards."""
+        prunable = set(self.prunable_names())
+        return [f"backbone.{n}" for n, _ in self.backbone.named_parameters() if f"backbone.{n}" not in prunable]
+
+    def head_names(self, task: str) -> list[str]:
+        return [f"heads.{task}.{n}" for n, _ in self.heads[task].named_parameters()]

@@ -1,0 +1,67 @@
+"""Task heads on top of the backbone's hidden states.
+
+Each head maps hidden vectors [N, C] to a training loss or to scores over all candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SampledSoftmaxHead(nn.Module):
+    """Next-item softmax over the T1 vocabulary (id 0 is padding and never a candidate).
+
+    Training uses a sampled softmax: the true item plus negatives shared by the whole batch;
+    a negative equal to an example's own target is masked out for that example (an accidental
+    hit). Each example's loss depends only on its own hidden vector and the shared negatives,
+    so data-parallel gradients equal the single-process ones.
+    """
+
+    def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
+        self.bias = nn.Parameter(torch.zeros(num_items))
+
+    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
+        pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
+        neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
+        neg = neg.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
+        logits = torch.cat([pos[:, None], neg], dim=1)
+        return F.cross_entropy(logits.float(), torch.zeros_like(target_N))
+
+    def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
+        logits = hidden_NC @ self.weight.T + self.bias
+        logits[:, 0] = float("-inf")
+        return logits
+
+
+class ItemHead(nn.Module):
+    """Item recommendation over a task's own vocabulary, trained with BPR."""
+
+    def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
+
+    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor) -> torch.Tensor:
+        pos = (hidden_NC * self.weight[target_N]).sum(-1)
+        neg = (hidden_NC * self.weight[negative_N]).sum(-1)
+        return -F.logsigmoid((pos - neg).float()).mean()
+
+    def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
+        return hidden_NC @ self.weight.T
+
+
+class ClassHead(nn.Module):
+    """Profile classification (gender, age, ...) with cross-entropy."""
+
+    def __init__(self, num_classes: int, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, num_classes)
+
+    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(self.linear(hidden_NC).float(), target_N)
+
+    def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_NC)

@@ -1,0 +1,65 @@
+"""``report.json`` and the end-of-run table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+from conure_dist.config import RunConfig
+from conure_dist.data.manifest import TaskInfo
+from conure_dist.dist import DistInfo
+from conure_dist.train.checkpoint import join
+from conure_dist.train.metrics import primary_metric_name
+
+
+def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistInfo) -> dict[str, Any]:
+    k = cfg.train.topk
+    metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
+    return {
+        "tasks": [{"name": t.name, "kind": t.kind, "primary_metric": metric[t.name]} for t in infos],
+        "matrix": state.matrix,
+        "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
+        "capacity": [
+            {"task": c["task"], "owned_fraction": sum(c["owned_fraction"].values()), "free_fraction": c["free_fraction"],
+             "owned_by_task": c["owned_fraction"]}
+            for c in state.capacity
+        ],
+        "test_metrics": state.metrics[-1] if state.metrics else {},
+        "reference_metrics": state.reference,
+        "task_checksums": state.task_checksums,
+        "wall_seconds": round(state.wall_seconds, 3),
+        "world_size": dist.world_size,
+        "engine": cfg.dist.engine,
+        "precision": cfg.dist.precision,
+        "seed": cfg.seed,
+        "data_root": cfg.data.root,
+    }
+
+
+def write_report(report: dict[str, Any], out: str) -> None:
+    with fsspec.open(join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The forgetting matrix (rows: after task i; columns: task j), references and capacity."""
+    names = [t["name"] for t in report["tasks"]]
+    width = max(10, *(len(n) for n in names)) + 2
+    lines = ["after task".ljust(14) + "".join(n.rjust(width) for n in names) + "   owned  free"]
+    for i, row in enumerate(report["matrix"]):
+        cells = "".join(("-" if v is None else f"{v:.4f}").rjust(width) for v in row)
+        cap = report["capacity"][i] if i < len(report["capacity"]) else None
+        tail = f"   {cap['owned_fraction']:.3f} {cap['free_fraction']:.3f}" if cap else ""
+        lines.append(names[i].ljust(14) + cells + tail)
+    ref = "".join(
+        (f"{report['reference'][n]:.4f}" if n in report["reference"] else "-").rjust(width) for n in names
+    )
+    lines.append("reference".ljust(14) + ref)
+    metrics = "".join(t["primary_metric"].rjust(width) for t in report["tasks"])
+    lines.append("metric".ljust(14) + metrics)
+    lines.append(
+        f"wall {report['wall_seconds']:.1f}s, world size {report['world_size']}, engine {report['engine']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,379 @@
+"""The continual task loop: for each task, train -> prune -> retrain -> evaluate -> checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from tqdm import tqdm
+
+from conure_dist.config import RunConfig, TaskConfig
+from conure_dist.continual.ownership import TaskOwnership, task_checksum
+from conure_dist.continual.views import MaskedModel
+from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
+from conure_dist.data.stream import iter_batches, num_steps_per_epoch
+from conure_dist.dist import DistInfo
+from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.train.checkpoint import Checkpointer, join
+from conure_dist.train.engine import build_engine
+from conure_dist.train.evaluate import evaluate_task, reference_metrics
+from conure_dist.train.logger import JsonlLogger
+from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.samplers import (
+    PopularityNegativeSampler,
+    SharedNegativeSampler,
+    make_generator,
+)
+
+log = logging.getLogger(__name__)
+
+PHASE_IDS = {"train": 0, "retrain": 1}
+
+
+class CapacityError(RuntimeError):
+    """No free conv weights are left for a new task."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def barrier(dist: DistInfo) -> None:
+    if dist.is_distributed:
+        tdist.barrier()
+
+
+def prepare_data(cfg: RunConfig, dist: DistInfo) -> Manifest:
+    """Load the manifest under ``data.root``, generating the shards first when there are none."""
+    root = cfg.data.root
+    if not manifest_exists(root):
+        if cfg.data.source == "none":
+            raise FileNotFoundError(
+                f"no manifest.json under data.root={root}; build shards with `conure data ...` "
+                "or set data.source to 'synthetic' or 'movielens'"
+            )
+        if dist.is_main:
+            generate_shards(cfg)
+        barrier(dist)
+    return Manifest.load(root)
+
+
+def generate_shards(cfg: RunConfig) -> Manifest:
+    shard_args = {"instances_per_shard": cfg.data.instances_per_shard}
+    if cfg.data.source == "synthetic":
+        from data_tools.synthetic import SyntheticSpec, write_synthetic
+
+        s = cfg.data.synthetic
+        spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed)
+        log.info("generating synthetic shards under %s", cfg.data.root)
+        return write_synthetic(cfg.data.root, spec, split_seed=cfg.data.split_seed, **shard_args)
+    from data_tools.movielens import write_movielens
+
+    log.info("converting MovieLens from %s to shards under %s", cfg.data.source_dir, cfg.data.root)
+    return write_movielens(cfg.data.source_dir, cfg.data.root, seq_len=cfg.data.seq_len, seed=cfg.data.split_seed,
+                           skip_bad_rows=cfg.data.skip_bad_rows, **shard_args)
+
+
+def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
+    infos = []
+    for i, task in enumerate(cfg.tasks):
+        try:
+            info = manifest.task(task.name)
+        except ValueError as exc:
+            raise ValueError(f"tasks.{i}.name: {exc}") from None
+        if (i == 0) != (info.kind == "sequence"):
+            raise ValueError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
+                             f"'{task.name}' is of kind '{info.kind}'")
+        infos.append(info)
+    return infos
+
+
+def task_specs(manifest: Manifest, infos: list[TaskInfo]) -> list[TaskSpec]:
+    return [TaskSpec(t.name, t.kind, t.num_outputs) for t in infos]
+
+
+def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> ConureModel:
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std)
+
+
+# ---------------------------------------------------------------------------------------------
+# State carried from task to task (and through checkpoints)
+
+
+@dataclass
+class RunState:
+    """Progress and results; plain JSON inside every checkpoint."""
+
+    task_index: int = 0
+    """Index (0-based) of the task being worked on."""
+    stage: str = "start"
+    """Stage reached on that task: start, trained (train phase done, not yet pruned)."""
+    matrix: list[list[float | None]] = field(default_factory=list)
+    metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    capacity: list[dict[str, Any]] = field(default_factory=list)
+    task_checksums: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    num_checkpoints: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        return cls(**data)
+
+
+@dataclass
+class Trainer:
+    """Everything the phases share. Built once per run."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    manifest: Manifest
+    infos: list[TaskInfo]
+    model: ConureModel
+    masked: MaskedModel
+    logger: JsonlLogger
+
+    # -- parameters of a phase --------------------------------------------------------------
+    def trainable_parameters(self, task_index: int, mode: str) -> dict[str, nn.Parameter]:
+        """T1's train phase trains the whole backbone; every other phase only the prunable
+        kernels (through the view's masks) and the task's own head."""
+        name = self.infos[task_index].name
+        wanted = set(self.model.prunable_names()) | set(self.model.head_names(name))
+        if task_index == 0 and mode == "train":
+            wanted |= set(self.model.shared_names())
+        out = {}
+        for pname, param in self.model.named_parameters():
+            param.requires_grad_(pname in wanted)
+            if pname in wanted:
+                out[f"model.{pname}"] = param
+        return out
+
+    # -- one phase ---------------------------------------------------------------------------
+    def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig) -> dict[str, Any]:
+        """Train under the phase's view; keep the parameters of the best validation epoch."""
+        info = self.infos[task_index]
+        task_id = task_index + 1
+        epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
+        self.masked.set_view(mode, task_id)
+        self.masked.train()
+        trainable = self.trainable_parameters(task_index, mode)
+        engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist)
+        global_batch = task_cfg.batch_size
+        if global_batch % self.dist.world_size:
+            raise ValueError(f"tasks.{task_index}.batch_size={global_batch} is not divisible by "
+                             f"the world size {self.dist.world_size}")
+        steps = max(1, num_steps_per_epoch(self.manifest, info.name, "train", global_batch, drop_last=True))
+        if self.cfg.train.max_steps_per_epoch:
+            steps = min(steps, self.cfg.train.max_steps_per_epoch)
+        draw = self._negative_drawer(info, global_batch)
+        metric = primary_metric_name(info.kind, self.cfg.train.topk)
+        best_value, best_state, epochs_log = float("-inf"), None, []
+        for epoch in range(epochs):
+            seed = (self.cfg.seed, task_id, PHASE_IDS[mode], epoch)
+            generator = make_generator(*seed)
+            batches = iter_batches(self.manifest, info.name, "train", global_batch // self.dist.world_size,
+                                   shuffle=True, seed=hash_seed(*seed), epoch=epoch, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, num_steps=steps, drop_last=True,
+                                   shuffle_buffer=self.cfg.data.shuffle_buffer)
+            bar = tqdm(batches, total=steps, desc=f"{info.name} {mode} {epoch + 1}/{epochs}", leave=False,
+                       disable=not (self.cfg.train.progress and self.dist.is_main))
+            total, count = torch.zeros((), dtype=torch.float64), 0
+            for step, batch in enumerate(bar):
+                seq = batch.seq.to(self.dist.device)
+                target = None if batch.target is None else batch.target.to(self.dist.device)
+                negatives = draw(generator)
+                loss = engine.train_step(seq, info.name, target, negatives)
+                total += loss.double().cpu()
+                count += 1
+                if (step + 1) % self.cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{total.item() / count:.4f}")
+            valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
+                                  self.cfg.train.topk, self.dist)
+            entry = {"epoch": epoch + 1, "loss": total.item() / max(count, 1), "valid": valid}
+            epochs_log.append(entry)
+            self.logger.log("epoch", task=info.name, phase=mode, **entry)
+            if valid[metric] > best_value:
+                best_value = valid[metric]
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+        if best_state is not None:
+            with torch.no_grad():
+                for name, param in trainable.items():
+                    param.copy_(best_state[name])
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        return {"task": info.name, "phase": mode, "best_valid": best_value, "epochs": epochs_log}
+
+    def _negative_drawer(self, info: TaskInfo, global_batch: int):
+        """Negatives drawn for the global batch from a generator shared by all ranks; each rank
+        takes its slice, so the step equals the single-process one."""
+        if info.kind == "sequence":
+            sampler = SharedNegativeSampler(info.num_outputs, self.cfg.train.negative_fraction)
+            return lambda g: sampler.sample(g).to(self.dist.device)
+        if info.kind == "item":
+            pop = PopularityNegativeSampler(self.manifest.load_train_counts(info.name), self.cfg.train.bpr_rho)
+            per_rank = global_batch // self.dist.world_size
+            lo = self.dist.rank * per_rank
+            return lambda g: pop.sample(global_batch, g)[lo : lo + per_rank].to(self.dist.device)
+        return lambda g: None
+
+    # -- pruning -----------------------------------------------------------------------------
+    def prune(self, task_index: int, ratio: float) -> None:
+        """Decided on rank 0 from the fp32 weights, broadcast, then verified on every rank."""
+        ownership = self.masked.ownership
+        if self.dist.is_main:
+            weights = dict(self.model.named_parameters())
+            ownership.prune(task_index + 1, {n: weights[n] for n in ownership.names}, ratio)
+        sync_ownership(ownership, self.dist)
+
+    def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
+        out = {}
+        for j in range(upto + 1):
+            self.masked.set_view("infer", j + 1)
+            out[self.infos[j].name] = evaluate_task(self.masked, self.manifest, self.infos[j], split,
+                                                    self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
+        return out
+
+    def checksum_of_task(self, task_index: int) -> str:
+        extra = self.model.head_names(self.infos[task_index].name)
+        if task_index == 0:
+            extra += self.model.shared_names()
+        return task_checksum(self.masked.ownership, self.model.state_dict(), task_index + 1, extra)
+
+
+def hash_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
+
+
+def sync_ownership(ownership: TaskOwnership, dist: DistInfo) -> None:
+    """Broadcast rank 0's ownership and stop on any checksum mismatch between ranks."""
+    if not dist.is_distributed:
+        return
+    for name in ownership.names:
+        owner = ownership.owners[name]
+        buf = owner.to(dist.device) if dist.backend == "nccl" else owner
+        tdist.broadcast(buf, src=0)
+        if buf is not owner:
+            owner.copy_(buf.cpu())
+    local = ownership.checksum()
+    gathered: list[str | None] = [None] * dist.world_size
+    tdist.all_gather_object(gathered, local)
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"ownership records differ between ranks: {gathered}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
+    cap = ownership.capacity()
+    return {"task": task, "owned_fraction": {str(k): v for k, v in cap.owned.items()}, "free_fraction": cap.free,
+            "num_weights": cap.total}
+
+
+def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Run every configured task in order and return the report (also written to ``out``)."""
+    from conure_dist.report import build_report, write_report
+
+    start = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    manifest = prepare_data(cfg, dist)
+    infos = check_tasks(cfg, manifest)
+    specs = task_specs(manifest, infos)
+    model = build_model(cfg, manifest.num_seq_items, specs).to(dist.device)
+    ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
+    masked = MaskedModel(model, ownership)
+    logger = JsonlLogger(join(out, "log.jsonl"), enabled=dist.is_main)
+    trainer = Trainer(cfg, dist, manifest, infos, model, masked, logger)
+    checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints)
+    state = RunState()
+    if resume:
+        state = restore(checkpointer, model, ownership, [t.name for t in infos]) or state
+    elapsed_before = state.wall_seconds
+    logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, resume=resume, task_index=state.task_index)
+
+    def save(tag: str) -> None:
+        state.wall_seconds = elapsed_before + time.perf_counter() - start
+        state.num_checkpoints += 1
+        meta = {"state": state.to_json(), "config": cfg.to_dict(), "data_root": cfg.data.root,
+                "tasks": [s.__dict__ for s in specs], "num_seq_items": manifest.num_seq_items,
+                "seq_len": manifest.seq_len,
+                "ownership_checksum": ownership.checksum()}
+        checkpointer.save(state.num_checkpoints, tag, model.state_dict(), ownership.state_dict(), meta)
+        logger.log("checkpoint", tag=tag)
+        logger.flush()
+        barrier(dist)
+
+    for i in range(state.task_index, len(cfg.tasks)):
+        task_cfg, info = cfg.tasks[i], infos[i]
+        if state.stage == "start":
+            if ownership.num_free() == 0:
+                raise CapacityError(f"task '{info.name}' cannot start: every conv weight is owned by an earlier "
+                                    "task; lower the earlier prune ratios")
+            state.history.append(trainer.run_phase(i, "train", task_cfg))
+            state.stage = "trained"
+            save(f"{info.name}-trained")
+        trainer.prune(i, task_cfg.prune_ratio)
+        if task_cfg.retrain_epochs > 0:
+            state.history.append(trainer.run_phase(i, "retrain", task_cfg))
+        if info.name not in state.reference:
+            state.reference[info.name] = reference_metrics(manifest, info, "test", cfg.train.topk)
+        row_metrics = trainer.evaluate_all(i)
+        metric_names = [primary_metric_name(t.kind, cfg.train.topk) for t in infos]
+        state.metrics.append(row_metrics)
+        state.matrix.append([row_metrics[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(infos)])
+        state.capacity.append(capacity_entry(info.name, ownership))
+        state.task_checksums[info.name] = trainer.checksum_of_task(i)
+        logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1])
+        state.task_index, state.stage = i + 1, "start"
+        save(f"{info.name}-done")
+
+    state.wall_seconds = elapsed_before + time.perf_counter() - start
+    report = build_report(cfg, infos, state, dist)
+    if dist.is_main:
+        write_report(report, out)
+    logger.log("done", wall_seconds=state.wall_seconds)
+    logger.flush()
+    return report
+
+
+def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership,
+            task_names: list[str]) -> RunState | None:
+    """Load the newest valid checkpoint. The configured tasks must start with the checkpoint's
+    tasks in the same order; tasks listed after them are new and continue the sequence."""
+    ckpt = checkpointer.latest_valid()
+    if ckpt is None:
+        log.info("no valid checkpoint under %s: starting fresh", checkpointer.root)
+        return None
+    saved = [t["name"] for t in ckpt.meta["tasks"]]
+    if task_names[: len(saved)] != saved:
+        raise ValueError(f"{ckpt.path}: the checkpoint's tasks {saved} are not the first tasks of the config "
+                         f"{task_names}; a resumed run may only append tasks")
+    new_heads = {n for n in model.state_dict() if n.split(".")[:2] in [["heads", t] for t in task_names[len(saved):]]}
+    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
+    if unexpected or set(missing) != new_heads:
+        raise RuntimeError(f"{ckpt.path}: model state does not match the configured model "
+                           f"(missing {sorted(set(missing) - new_heads)}, unexpected {sorted(unexpected)})")
+    for name, owner in ckpt.ownership.items():
+        ownership.owners[name].copy_(owner)
+    if ownership.checksum() != ckpt.meta["ownership_checksum"]:
+        raise RuntimeError(f"{ckpt.path}: ownership records do not match their checksum")
+    state = RunState.from_json(ckpt.meta["state"])
+    for row in state.matrix:
+        row.extend([None] * (len(task_names) - len(row)))
+    log.info("resumed from %s at task %d (%s)", ckpt.path, state.task_index, state.stage)
+    return state

@@ -1,0 +1,45 @@
+"""Recompute the stored checksums of every finished task's frozen weights and ownership."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conure_dist.continual.ownership import TaskOwnership, task_checksum
+from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.train.checkpoint import Checkpoint
+
+
+@dataclass
+class AuditResult:
+    task: str
+    stored: str
+    recomputed: str
+
+    @property
+    def ok(self) -> bool:
+        return self.stored == self.recomputed
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> tuple[ConureModel, TaskOwnership]:
+    """Rebuild the model from a checkpoint alone (no data needed) and load its weights strictly."""
+    cfg = ckpt.meta["config"]["model"]
+    specs = [TaskSpec(**s) for s in ckpt.meta["tasks"]]
+    model = ConureModel(ckpt.meta["num_seq_items"], specs, cfg["channels"], cfg["kernel_size"],
+                        cfg["block_dilations"], cfg["init_std"])
+    model.load_state_dict(ckpt.model, strict=True)
+    return model, TaskOwnership.from_state_dict(ckpt.ownership)
+
+
+def audit_checkpoint(ckpt: Checkpoint) -> list[AuditResult]:
+    """One result per finished task; a changed frozen weight or ownership entry fails its task."""
+    model, ownership = model_from_checkpoint(ckpt)
+    state = model.state_dict()
+    names = [s["name"] for s in ckpt.meta["tasks"]]
+    results = []
+    for index, name in enumerate(names):
+        stored = ckpt.meta["state"]["task_checksums"].get(name)
+        if stored is None:
+            continue
+        extra = model.head_names(name) + (model.shared_names() if index == 0 else [])
+        results.append(AuditResult(name, stored, task_checksum(ownership, state, index + 1, extra)))
+    return results

@@ -1,0 +1,108 @@
+"""Training engines behind one small interface: ``train_step`` and optimizer state.
+
+The engine is chosen by configuration (``dist.engine``); the task loop never branches on it.
+A fresh engine (and optimizer) is built for every phase, so no optimizer moment survives from
+a phase in which a weight was trainable into one where it is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from conure_dist.config import DistConfig
+from conure_dist.continual.views import MaskedModel
+from conure_dist.dist import DistInfo
+
+
+class Engine(Protocol):
+    def train_step(self, *inputs: object) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float) -> torch.Tensor | None:
+    """0.5 * l2 * ||w||^2 over the entries trainable in this phase (the paper's regularizer).
+
+    Prunable tensors are masked first, so the penalty's gradient on a frozen entry is exactly
+    zero: it moves no frozen weight, under any engine.
+    """
+    if l2 == 0.0:
+        return None
+    total = None
+    for name, param in trainable.items():
+        inner = name.removeprefix("model.")
+        if inner in masked.ownership.owners:
+            param = torch.where(masked.trainable_mask(inner), param, 0.0)
+        term = param.float().pow(2).sum()
+        total = term if total is None else total + term
+    return 0.5 * l2 * total
+
+
+class TorchEngine:
+    """Plain PyTorch: one process, or DDP when the world has several ranks."""
+
+    def __init__(
+        self,
+        masked: MaskedModel,
+        trainable: dict[str, nn.Parameter],
+        lr: float,
+        l2: float,
+        dist: DistInfo,
+        precision: str,
+    ) -> None:
+        self.masked = masked
+        self.dist = dist
+        self.precision = precision
+        self.l2 = l2
+        self.trainable = trainable
+        if dist.is_distributed:
+            self.module: nn.Module = DistributedDataParallel(
+                masked,
+                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        else:
+            self.module = masked
+        self.optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
+
+    def train_step(self, *inputs: object) -> torch.Tensor:
+        with autocast_context(self.dist.device, self.precision):
+            loss = self.module(*inputs)
+        penalty = l2_penalty(self.masked, self.trainable, self.l2)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if penalty is None else loss + penalty).backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_engine(
+    masked: MaskedModel,
+    trainable: dict[str, nn.Parameter],
+    lr: float,
+    l2: float,
+    dist: DistInfo,
+    cfg: DistConfig,
+) -> Engine:
+    """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``."""
+    if cfg.engine == "ddp":
+        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision)
+    from conure_dist.train.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg)

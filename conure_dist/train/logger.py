@@ -1,0 +1,39 @@
+"""JSONL event log of a run (``{out}/log.jsonl``), written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import fsspec
+
+
+class JsonlLogger:
+    """Appends one JSON object per event. Object stores cannot append, so there the file is
+    rewritten on :meth:`flush` (called at every checkpoint)."""
+
+    def __init__(self, path: str, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.fs, self.fs_path = fsspec.core.url_to_fs(path)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.lines: list[str] = []
+        if enabled and not self.local and self.fs.exists(self.fs_path):
+            self.lines = self.fs.cat_file(self.fs_path).decode().splitlines(keepends=True)
+
+    def log(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n"
+        if self.local:
+            self.fs.makedirs(self.fs._parent(self.fs_path), exist_ok=True)
+            with self.fs.open(self.fs_path, "a") as f:
+                f.write(line)
+        else:
+            self.lines.append(line)
+
+    def flush(self) -> None:
+        if self.enabled and not self.local:
+            with self.fs.open(self.fs_path, "w") as f:
+                f.write("".join(self.lines))

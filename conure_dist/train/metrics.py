@@ -1,0 +1,59 @@
+"""Exact ranking metrics over all candidates, and accuracy.
+
+Metrics are accumulated as sums so that evaluation sharded over ranks reduces to exactly the
+single-process numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ITEM_METRICS = ("mrr", "hr", "ndcg")
+
+
+def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all candidates: the number scoring strictly higher."""
+    target_scores = scores_NV.gather(1, target_N[:, None])
+    return (scores_NV > target_scores).sum(dim=1)
+
+
+def ranking_sums(ranks_N: torch.Tensor, k: int) -> dict[str, float]:
+    """Sums over examples of MRR@k, HR@k and NDCG@k, plus the example count."""
+    ranks = ranks_N.double()
+    hit = ranks < k
+    return {
+        "mrr": torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item(),
+        "hr": hit.double().sum().item(),
+        "ndcg": torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item(),
+        "count": float(ranks.numel()),
+    }
+
+
+def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, float]:
+    predicted = scores_NC.argmax(dim=1)
+    return {"acc": (predicted == target_N).double().sum().item(), "count": float(target_N.numel())}
+
+
+def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
+    """Turn accumulated sums into means, named with the cut-off (``mrr@5``)."""
+    count = sums.get("count", 0.0)
+    if count == 0:
+        raise ValueError("cannot compute metrics over an empty split")
+    out = {}
+    for name, value in sums.items():
+        if name == "count":
+            continue
+        out[f"{name}@{k}" if name in ITEM_METRICS else name] = value / count
+    out["count"] = int(count)
+    return out
+
+
+def primary_metric_name(kind: str, k: int) -> str:
+    return "acc" if kind == "class" else f"mrr@{k}"
+
+
+def ndcg_of_rank(rank: int) -> float:
+    """Reference formula for tests and docs: NDCG of one relevant item at 0-based ``rank``."""
+    return 1.0 / math.log2(rank + 2)

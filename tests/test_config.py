@@ -1,0 +1,84 @@
+"""Config loading: presets, overrides, and errors that name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from conure_dist.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_all_four_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"quickstart.yaml", "ml100k.yaml", "ttl.yaml", "ml25m.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.tasks, "a preset lists its tasks"
+    assert cfg.tasks[0].name in ("t1",), "T1 comes first"
+    assert all(0 <= t.prune_ratio < 1 for t in cfg.tasks)
+
+
+def test_paper_presets_use_paper_hyperparameters():
+    ttl = load_config(CONFIGS / "ttl.yaml")
+    assert ttl.model.channels == 256 and ttl.model.block_dilations == [1, 4] * 4
+    assert [t.prune_ratio for t in ttl.tasks] == [0.7, 0.8, 0.9, 0.8, 0.9, 0.9]
+    assert ttl.tasks[0].lr == 1e-3 and ttl.tasks[0].batch_size == 32
+    assert all(t.lr == 1e-4 and t.batch_size == 512 for t in ttl.tasks[1:])
+    assert ttl.train.negative_fraction == 0.2 and ttl.train.bpr_rho == 0.3
+    ml = load_config(CONFIGS / "ml25m.yaml")
+    assert ml.model.block_dilations == [1, 4] * 6
+    assert [t.prune_ratio for t in ml.tasks] == [0.7, 0.8, 0.7]
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "tasks:\n  - {name: t1}\n  - {name: b}\n"
+
+
+def test_overrides_dotted_indexed_and_star(tmp_path):
+    path = _write(tmp_path, BASE)
+    cfg = load_config(path, ["train.eval_batch_size=64", "tasks.1.lr=0.5", "tasks.0.lr=3e-3", "tasks.*.epochs=7", "dist.precision=bf16"])
+    assert cfg.train.eval_batch_size == 64
+    assert cfg.tasks[1].lr == 0.5 and cfg.tasks[0].lr == 3e-3 and cfg.tasks[1].l2 == 0.0
+    assert [t.epochs for t in cfg.tasks] == [7, 7]
+    assert cfg.dist.precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        (BASE + "trian: {}\n", [], "unknown key 'trian'"),
+        (BASE + "train: {eval_batchsize: 3}\n", [], "unknown key 'train.eval_batchsize'"),
+        (BASE, ["train.topk=0"], "key 'train.topk': must be >= 1"),
+        (BASE, ["tasks.0.prune_ratio=1.5"], "key 'tasks.0.prune_ratio'"),
+        (BASE, ["tasks.1.epochs=two"], "key 'tasks.1.epochs': expected an integer"),
+        (BASE, ["dist.precision=fp8"], "key 'dist.precision': must be one of"),
+        (BASE, ["dist.zero_stage=2"], "needs dist.engine: deepspeed"),
+        (BASE, ["tasks.5.lr=1"], "not an index below 2"),
+        ("tasks:\n  - {name: t1}\n  - {name: t1}\n", [], "listed twice"),
+        ("tasks: []\n", [], "needs at least one task"),
+        (BASE, ["train.progress"], "not of the form key=value"),
+    ],
+)
+def test_errors_name_key_and_file(tmp_path, text, overrides, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "tasks: [\n"))

@@ -1,0 +1,98 @@
+"""Small end-to-end runs: resume, appending tasks, capacity refusal, crash-safe checkpoints."""
+
+import json
+
+import pytest
+import yaml
+
+from conure_dist.cli import main
+from conure_dist.config import load_config
+from conure_dist.dist import DistInfo
+from conure_dist.run import CapacityError, run_conure
+from conure_dist.train.checkpoint import COMMIT
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path, tasks, name="c.yaml"):
+    cfg = {
+        "seed": 3,
+        "data": {"root": str(tmp_path / "data"), "source": "synthetic", "instances_per_shard": 150,
+                 "synthetic": {"num_users": 400, "num_items": 60, "seq_len": 10, "seed": 1}},
+        "model": {"channels": 16, "block_dilations": [1, 2]},
+        "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50},
+        "tasks": [{"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 32,
+                   "prune_ratio": r} for n, r in tasks],
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+CPU = DistInfo(0, 1, 0, __import__("torch").device("cpu"), None)
+TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
+
+
+def test_resume_after_a_lost_checkpoint_and_appending_tasks_match_an_uninterrupted_run(tmp_path):
+    full = run_conure(load_config(tiny_config(tmp_path, TASKS)), str(tmp_path / "a"), CPU)
+
+    # Run the first two tasks, then "crash" before the last commit landed.
+    run_conure(load_config(tiny_config(tmp_path, TASKS[:2])), str(tmp_path / "b"), CPU)
+    last = sorted((tmp_path / "b" / "checkpoints").iterdir())[-1]
+    assert last.name.endswith("click-done")
+    (last / COMMIT).unlink()
+    # Resume with a third task appended: redoes click from its trained checkpoint, then gender.
+    resumed = run_conure(load_config(tiny_config(tmp_path, TASKS)), str(tmp_path / "b"), CPU, resume=True)
+    assert resumed["matrix"] == full["matrix"]
+    assert resumed["task_checksums"] == full["task_checksums"]
+
+
+def test_resume_skips_a_corrupted_checkpoint(tmp_path):
+    cfg = load_config(tiny_config(tmp_path, TASKS[:2]))
+    first = run_conure(cfg, str(tmp_path / "r"), CPU)
+    newest = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
+    (newest / "model.pt").write_bytes(b"garbage")
+    again = run_conure(cfg, str(tmp_path / "r"), CPU, resume=True)
+    assert again["matrix"] == first["matrix"]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    cfg = load_config(tiny_config(tmp_path, TASKS[:1]))
+    report = run_conure(cfg, str(tmp_path / "fresh"), CPU, resume=True)
+    assert len(report["matrix"]) == 1
+
+
+def test_resume_refuses_a_different_task_order(tmp_path):
+    run_conure(load_config(tiny_config(tmp_path, TASKS[:2])), str(tmp_path / "o"), CPU)
+    other = load_config(tiny_config(tmp_path, [TASKS[0], TASKS[2]]))
+    with pytest.raises(ValueError, match="may only append tasks"):
+        run_conure(other, str(tmp_path / "o"), CPU, resume=True)
+
+
+def test_a_task_without_free_capacity_is_refused(tmp_path):
+    cfg = load_config(tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)]))
+    with pytest.raises(CapacityError, match="cannot start: every conv weight is owned"):
+        run_conure(cfg, str(tmp_path / "full"), CPU)
+
+
+def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
+    path = tiny_config(tmp_path, [("t1", 0.5), ("nosuch", 0.5)])
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "tasks.1.name" in capsys.readouterr().err
+    path = tiny_config(tmp_path, TASKS[:1])
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "y"), "data.source=none",
+                 f"data.root={tmp_path / 'empty'}"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
+    cfg = load_config(tiny_config(tmp_path, TASKS))
+    run_conure(cfg, str(tmp_path / "p"), CPU)
+    seqs = tmp_path / "in.jsonl"
+    seqs.write_text('{"seq": [1, 2, 3]}\n{"seq": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]}\n')
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(x["class"] in (0, 1) for x in lines)
+    seqs.write_text('{"items": [1]}\n')
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
+    assert "in.jsonl line 1" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""Metrics on hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from conure_dist.train.metrics import accuracy_sums, finalize, ranking_sums, target_ranks
+
+
+def test_ranks_count_strictly_higher_scores():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+    assert target_ranks(scores, torch.tensor([2, 3])).tolist() == [1, 3]
+
+
+def test_mrr_hr_ndcg_by_hand():
+    ranks = torch.tensor([0, 1, 4, 5, 100])
+    m = finalize(ranking_sums(ranks, k=5), k=5)
+    assert m["count"] == 5
+    assert m["mrr@5"] == pytest.approx((1 + 1 / 2 + 1 / 5) / 5)
+    assert m["hr@5"] == pytest.approx(3 / 5)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 5)
+
+
+def test_sums_compose_across_shards():
+    ranks = torch.tensor([0, 3, 7, 2, 9, 1])
+    whole = finalize(ranking_sums(ranks, 5), 5)
+    a, b = ranking_sums(ranks[:2], 5), ranking_sums(ranks[2:], 5)
+    parts = finalize({k: a[k] + b[k] for k in a}, 5)
+    assert parts == pytest.approx(whole)
+
+
+def test_accuracy():
+    scores = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
+    m = finalize(accuracy_sums(scores, torch.tensor([1, 1, 1])), 5)
+    assert m["acc"] == pytest.approx(2 / 3)
+
+
+def test_empty_split_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        finalize({"mrr": 0.0, "count": 0.0}, 5)
