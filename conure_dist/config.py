@@ -87,6 +87,10 @@ class DataConfig:
     """Instances held in the streaming shuffle buffer."""
     split_seed: int = 0
     """Seed of the 80/5/15 train/valid/test split when shards are generated."""
+    partition: Literal["auto", "range", "stride"] = "auto"
+    """How ranks share a split: ``range`` gives each rank its own shards (reads 1/W of the
+    bytes), ``stride`` makes the ranks' batches together exactly the one-process global batch;
+    ``auto`` picks range when there are at least as many shards as ranks."""
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.root), f"{prefix}.root", "must not be empty")

@@ -169,12 +169,13 @@ class Trainer:
         epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
         self.masked.set_view(mode, task_id)
         self.masked.train()
-        trainable = self.trainable_parameters(task_index, mode)
-        engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist)
         global_batch = task_cfg.batch_size
         if global_batch % self.dist.world_size:
             raise ValueError(f"tasks.{task_index}.batch_size={global_batch} is not divisible by "
                              f"the world size {self.dist.world_size}")
+        trainable = self.trainable_parameters(task_index, mode)
+        engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist,
+                              per_rank_batch=global_batch // self.dist.world_size)
         steps = max(1, num_steps_per_epoch(self.manifest, info.name, "train", global_batch, drop_last=True))
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
@@ -187,7 +188,7 @@ class Trainer:
             batches = iter_batches(self.manifest, info.name, "train", global_batch // self.dist.world_size,
                                    shuffle=True, seed=hash_seed(*seed), epoch=epoch, rank=self.dist.rank,
                                    world_size=self.dist.world_size, num_steps=steps, drop_last=True,
-                                   shuffle_buffer=self.cfg.data.shuffle_buffer)
+                                   shuffle_buffer=self.cfg.data.shuffle_buffer, partition=self.cfg.data.partition)
             bar = tqdm(batches, total=steps, desc=f"{info.name} {mode} {epoch + 1}/{epochs}", leave=False,
                        disable=not (self.cfg.train.progress and self.dist.is_main))
             total, count = torch.zeros((), dtype=torch.float64), 0
@@ -217,16 +218,16 @@ class Trainer:
         return {"task": info.name, "phase": mode, "best_valid": best_value, "epochs": epochs_log}
 
     def _negative_drawer(self, info: TaskInfo, global_batch: int):
-        """Negatives drawn for the global batch from a generator shared by all ranks; each rank
-        takes its slice, so the step equals the single-process one."""
+        """Negatives drawn for the global batch from a generator shared by all ranks; rank r takes
+        entries r, r+W, ... like its instances under the stride partition, so a step equals the
+        single-process one."""
         if info.kind == "sequence":
             sampler = SharedNegativeSampler(info.num_outputs, self.cfg.train.negative_fraction)
             return lambda g: sampler.sample(g).to(self.dist.device)
         if info.kind == "item":
             pop = PopularityNegativeSampler(self.manifest.load_train_counts(info.name), self.cfg.train.bpr_rho)
-            per_rank = global_batch // self.dist.world_size
-            lo = self.dist.rank * per_rank
-            return lambda g: pop.sample(global_batch, g)[lo : lo + per_rank].to(self.dist.device)
+            rank, world = self.dist.rank, self.dist.world_size
+            return lambda g: pop.sample(global_batch, g)[rank::world].to(self.dist.device)
         return lambda g: None
 
     # -- pruning -----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_sampled_softmax_masks_accidental_hits_and_ignores_padding():
     model = ConureModel(30, [TaskSpec("t1", "sequence", 30)], 8, 3, [1])
     seq = torch.tensor([[0, 0, 5, 6, 7], [0, 3, 4, 5, 6]])
     negatives = torch.tensor([5, 6, 7, 8, 9])
-    loss = model(seq, "t1", None, negatives)
+    loss_sum, count = model(seq, "t1", None, negatives)
     # Recompute by hand: positions with a real input and a real target only.
     hidden = model.backbone(seq[:, :-1])
     head = model.heads["t1"]
@@ -64,7 +64,8 @@ def test_sampled_softmax_masks_accidental_hits_and_ignores_padding():
             negs = [n for n in negatives.tolist() if n != tgt]
             neg = h @ head.weight[negs].T + head.bias[negs]
             losses.append(-torch.log_softmax(torch.cat([pos[None], neg]), 0)[0])
-    torch.testing.assert_close(loss, torch.stack(losses).mean())
+    assert count == len(losses) == 5
+    torch.testing.assert_close(loss_sum, torch.stack(losses).sum())
 
 
 def test_scores_cover_all_candidates():
@@ -75,4 +76,5 @@ def test_scores_cover_all_candidates():
     assert t1.shape == (5, 30) and torch.isinf(t1[:, 0]).all()
     assert model(seq, "a").shape == (5, 11)
     assert model(seq, "c").shape == (5, 4)
-    assert model(seq, "a", torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)).ndim == 0
+    loss_sum, count = model(seq, "a", torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long))
+    assert loss_sum.ndim == 0 and count == 5

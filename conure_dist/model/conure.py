@@ -60,8 +60,10 @@ class ConureModel(nn.Module):
         task: str,
         target_B: torch.Tensor | None = None,
         negatives: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Loss when ``target_B`` (or, for sequence tasks, ``negatives``) is given, else scores."""
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scores over all candidates, or with ``target_B`` (for sequence tasks: ``negatives``)
+        the pair (sum of the examples' losses, number of examples) so that the caller can
+        normalise by the count over all ranks."""
         head = self.heads[task]
         if self.kinds[task] == "sequence":
             inputs = seq_BL[:, :-1]
@@ -71,11 +73,11 @@ class ConureModel(nn.Module):
             targets = seq_BL[:, 1:]
             # Predict only real items from real context (left padding carries no signal).
             keep = (targets != 0) & (inputs != 0)
-            return head.loss(hidden[keep], targets[keep], negatives)
+            return head.loss(hidden[keep], targets[keep], negatives), keep.sum()
         hidden = self.backbone(seq_BL)[:, -1]
         if target_B is None:
             return head.scores(hidden)
-        return head.loss(hidden, target_B, negatives)
+        return head.loss(hidden, target_B, negatives), torch.tensor(target_B.shape[0], device=target_B.device)
 
     def prunable_names(self) -> list[str]:
         """Parameter names (of this module) that Conure partitions between tasks."""

@@ -17,6 +17,8 @@ class SampledSoftmaxHead(nn.Module):
     a negative equal to an example's own target is masked out for that example (an accidental
     hit). Each example's loss depends only on its own hidden vector and the shared negatives,
     so data-parallel gradients equal the single-process ones.
+
+    ``loss`` methods return the *sum* over examples; the caller divides by the global count.
     """
 
     def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
@@ -29,7 +31,7 @@ class SampledSoftmaxHead(nn.Module):
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
         neg = neg.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
         logits = torch.cat([pos[:, None], neg], dim=1)
-        return F.cross_entropy(logits.float(), torch.zeros_like(target_N))
+        return F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="sum")
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         logits = hidden_NC @ self.weight.T + self.bias
@@ -47,7 +49,7 @@ class ItemHead(nn.Module):
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor) -> torch.Tensor:
         pos = (hidden_NC * self.weight[target_N]).sum(-1)
         neg = (hidden_NC * self.weight[negative_N]).sum(-1)
-        return -F.logsigmoid((pos - neg).float()).mean()
+        return -F.logsigmoid((pos - neg).float()).sum()
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return hidden_NC @ self.weight.T
@@ -61,7 +63,7 @@ class ClassHead(nn.Module):
         self.linear = nn.Linear(channels, num_classes)
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.linear(hidden_NC).float(), target_N)
+        return F.cross_entropy(self.linear(hidden_NC).float(), target_N, reduction="sum")
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden_NC)

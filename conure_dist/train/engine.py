@@ -11,6 +11,7 @@ import contextlib
 from typing import Protocol
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,6 +50,22 @@ def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: floa
     return 0.5 * l2 * total
 
 
+def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss to back-propagate, and the local mean for logging.
+
+    Data parallelism averages gradients over ranks, so each rank divides its sum by the global
+    count / world size: the averaged gradient is then exactly that of the global batch mean,
+    whatever the number of examples (e.g. non-padding positions) on each rank.
+    """
+    count = count.detach().to(torch.float64)
+    local_mean = loss_sum.detach() / count.clamp(min=1)
+    if dist.is_distributed:
+        total = count.clone()
+        tdist.all_reduce(total)
+        return loss_sum * (dist.world_size / total.clamp(min=1)).to(loss_sum.dtype), local_mean
+    return loss_sum / count.clamp(min=1).to(loss_sum.dtype), local_mean
+
+
 class TorchEngine:
     """Plain PyTorch: one process, or DDP when the world has several ranks."""
 
@@ -78,12 +95,13 @@ class TorchEngine:
 
     def train_step(self, *inputs: object) -> torch.Tensor:
         with autocast_context(self.dist.device, self.precision):
-            loss = self.module(*inputs)
+            loss_sum, count = self.module(*inputs)
+        loss, local_mean = normalized_loss(loss_sum, count, self.dist)
         penalty = l2_penalty(self.masked, self.trainable, self.l2)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if penalty is None else loss + penalty).backward()
         self.optimizer.step()
-        return loss.detach()
+        return local_mean
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
@@ -99,10 +117,11 @@ def build_engine(
     l2: float,
     dist: DistInfo,
     cfg: DistConfig,
+    per_rank_batch: int = 1,
 ) -> Engine:
     """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``."""
     if cfg.engine == "ddp":
         return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision)
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg)
+    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch)
