@@ -110,22 +110,29 @@ def _load(ckpt_arg: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate every finished task; under torchrun the split is sharded over ranks."""
+    from conure_dist.config import DistConfig
     from conure_dist.continual.views import MaskedModel
     from conure_dist.data.manifest import Manifest
-    from conure_dist.dist import DistInfo
+    from conure_dist.dist import init_distributed, shutdown_distributed
     from conure_dist.train.evaluate import evaluate_task
 
     ckpt, model, ownership = _load(args.ckpt)
     manifest = Manifest.load(args.data_root or ckpt.meta["data_root"])
-    masked = MaskedModel(model, ownership)
-    dist = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    dist = init_distributed(DistConfig())
+    masked = MaskedModel(model.to(dist.device), ownership)
     train_cfg = ckpt.meta["config"]["train"]
     results: dict[str, Any] = {}
     finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
-    for index, name in enumerate(finished):
-        masked.set_view("infer", index + 1)
-        results[name] = evaluate_task(masked, manifest, manifest.task(name), args.split,
-                                      train_cfg["eval_batch_size"], train_cfg["topk"], dist)
+    try:
+        for index, name in enumerate(finished):
+            masked.set_view("infer", index + 1)
+            results[name] = evaluate_task(masked, manifest, manifest.task(name), args.split,
+                                          train_cfg["eval_batch_size"], train_cfg["topk"], dist)
+    finally:
+        shutdown_distributed(dist)
+    if not dist.is_main:
+        return 0
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -204,11 +204,16 @@ class DistConfig:
     """Process-group backend; auto = NCCL on GPU, gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device; auto = CUDA when available."""
+    deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) with extra engine settings;
+    batch size, ZeRO stage and precision always come from this config and must not conflict."""
 
     def validate(self, prefix: str) -> None:
         _check(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
         if self.zero_stage:
             _check(self.engine == "deepspeed", f"{prefix}.zero_stage", "needs dist.engine: deepspeed")
+        if self.deepspeed_config is not None:
+            _check(self.engine == "deepspeed", f"{prefix}.deepspeed_config", "needs dist.engine: deepspeed")
 
 
 @dataclass

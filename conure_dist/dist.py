@@ -50,16 +50,36 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(cfg, local_rank)
-    if world_size == 1:
-        return DistInfo(0, 1, 0, device, None)
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size == 1 and cfg.engine != "deepspeed":
+        return DistInfo(0, 1, 0, device, None)
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        if world_size == 1:
+            # DeepSpeed needs a process group (and the launcher's variables) even for one
+            # process: an in-memory group will do.
+            for name in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(name, "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            tdist.init_process_group(backend=backend, store=tdist.HashStore(), rank=0, world_size=1)
+        else:
+            tdist.init_process_group(backend=backend, store=_restart_store(), rank=rank, world_size=world_size,
+                                     device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
+def _restart_store() -> tdist.Store:
+    """The launcher's store, under a prefix unique to this restart of the worker group.
+
+    After torchrun restarts a failed group, the store still holds the addresses that the dead
+    workers published; without a fresh prefix the new group can try to connect to them.
+    """
+    store, _, _ = next(tdist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"conure/restart-{restart}", store)
+
+
 def shutdown_distributed(info: DistInfo) -> None:
-    if info.is_distributed and tdist.is_initialized():
+    if info.backend is not None and tdist.is_initialized():
         tdist.destroy_process_group()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 import torch
@@ -430,33 +428,6 @@ def test_file_url_root(many: Manifest, generated) -> None:
     want_users, want_targets = expected_instances(generated, "like", "valid")
     np.testing.assert_array_equal(users, want_users)
     np.testing.assert_array_equal(targets, want_targets)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A local moto S3 server; fsspec's s3 protocol is pointed at it for the module."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    try:
-        fsspec.filesystem("s3").mkdir("conure-test")
-        yield endpoint
-    finally:
-        if saved is None:
-            fsspec.config.conf.pop("s3", None)
-        else:
-            fsspec.config.conf["s3"] = saved
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
 
 
 def test_s3_round_trip(s3_endpoint: str, many: Manifest) -> None:

@@ -3,10 +3,10 @@
 import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from conure_dist.cli import main
 from conure_dist.continual.views import MaskedModel
@@ -14,8 +14,6 @@ from conure_dist.data.manifest import Manifest
 from conure_dist.train.audit import model_from_checkpoint
 from conure_dist.train.checkpoint import COMMIT, load_checkpoint
 from conure_dist.train.evaluate import collect_scores
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-import yaml
+from helpers import tiny_config
 
 from conure_dist.cli import main
 from conure_dist.config import load_config
@@ -12,21 +12,6 @@ from conure_dist.run import CapacityError, run_conure
 from conure_dist.train.checkpoint import COMMIT
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(tmp_path, tasks, name="c.yaml"):
-    cfg = {
-        "seed": 3,
-        "data": {"root": str(tmp_path / "data"), "source": "synthetic", "instances_per_shard": 150,
-                 "synthetic": {"num_users": 400, "num_items": 60, "seq_len": 10, "seed": 1}},
-        "model": {"channels": 16, "block_dilations": [1, 2]},
-        "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50},
-        "tasks": [{"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 32,
-                   "prune_ratio": r} for n, r in tasks],
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 CPU = DistInfo(0, 1, 0, __import__("torch").device("cpu"), None)

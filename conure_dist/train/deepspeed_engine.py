@@ -1,0 +1,92 @@
+"""DeepSpeed engine (ZeRO stage 0, 1 or 2; fp32 or bf16) behind the same interface.
+
+bf16 runs through DeepSpeed's ``torch_autocast`` mode: parameters and optimizer state stay fp32,
+only the computation is bf16. DeepSpeed's own bf16 mode would cast the module's parameters to
+bf16, rounding the frozen weights of earlier tasks and so changing their predictions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from conure_dist.config import DistConfig
+from conure_dist.continual.views import MaskedModel
+from conure_dist.dist import DistInfo
+from conure_dist.train.engine import l2_penalty, normalized_loss
+
+FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
+
+
+def deepspeed_config(per_rank_batch: int, cfg: DistConfig) -> dict:
+    """The DeepSpeed config: ``dist.deepspeed_config`` (if any) plus what the run config fixes."""
+    base: dict = {}
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config) as f:
+            try:
+                base = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{cfg.deepspeed_config}: not valid JSON: {exc}") from None
+        for key in FORBIDDEN_KEYS:
+            if key in base:
+                raise ValueError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
+                                 "(tasks.*.batch_size, dist.precision, tasks.*.lr); remove it")
+        stage = base.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+        if stage != cfg.zero_stage:
+            raise ValueError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
+                             f"dist.zero_stage is {cfg.zero_stage}")
+    config = {
+        **base,
+        "train_micro_batch_size_per_gpu": per_rank_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {**base.get("zero_optimization", {}), "stage": cfg.zero_stage},
+        "gradient_clipping": base.get("gradient_clipping", 0.0),
+        "steps_per_print": base.get("steps_per_print", 1 << 30),
+    }
+    if cfg.precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self,
+        masked: MaskedModel,
+        trainable: dict[str, nn.Parameter],
+        lr: float,
+        l2: float,
+        dist: DistInfo,
+        cfg: DistConfig,
+        per_rank_batch: int = 1,
+    ) -> None:
+        import deepspeed
+
+        self.masked = masked
+        self.dist = dist
+        self.trainable = trainable
+        self.l2 = l2
+        optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=masked,
+            optimizer=optimizer,
+            model_parameters=list(trainable.values()),
+            config=deepspeed_config(per_rank_batch, cfg),
+            dist_init_required=False,
+        )
+
+    def train_step(self, *inputs: object) -> torch.Tensor:
+        loss_sum, count = self.engine(*inputs)
+        loss, local_mean = normalized_loss(loss_sum, count, self.dist)
+        penalty = l2_penalty(self.masked, self.trainable, self.l2)
+        self.engine.backward(loss if penalty is None else loss + penalty)
+        self.engine.step()
+        return local_mean
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,45 @@
+"""Shared helpers for the end-to-end and multi-process tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, tasks, name: str = "c.yaml", data_root: str | None = None, **sections) -> Path:
+    """A config that trains in seconds: 400 synthetic users, 16 channels, one epoch per phase."""
+    cfg = {
+        "seed": 3,
+        "data": {"root": data_root or str(tmp_path / "data"), "source": "synthetic", "instances_per_shard": 150,
+                 "synthetic": {"num_users": 400, "num_items": 60, "seq_len": 10, "seed": 1}},
+        "model": {"channels": 16, "block_dilations": [1, 2]},
+        "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50},
+        "tasks": [{"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 32,
+                   "prune_ratio": r} for n, r in tasks],
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 900,
+           popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run the real CLI: ``python -m conure_dist`` or, with nproc > 1, under torchrun."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "conure_dist", *args]
+    if nproc > 1 or max_restarts:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--max-restarts", str(max_restarts), "-m", "conure_dist", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
