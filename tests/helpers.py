@@ -31,7 +31,7 @@ def tiny_config(tmp_path: Path, tasks, name: str = "c.yaml", data_root: str | No
 
 
 def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 900,
-           popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+           popen: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run the real CLI: ``python -m conure_dist`` or, with nproc > 1, under torchrun."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "conure_dist", *args]
@@ -39,7 +39,7 @@ def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 9
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "--max-restarts", str(max_restarts), "-m", "conure_dist", *args]
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
