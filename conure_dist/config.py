@@ -174,6 +174,8 @@ class TrainConfig:
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
     keep_checkpoints: int = 2
     """Committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
 
@@ -187,6 +189,8 @@ class TrainConfig:
             _check(self.max_steps_per_epoch >= 1, f"{prefix}.max_steps_per_epoch", "must be >= 1")
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
+        if self.checkpoint_every_steps is not None:
+            _check(self.checkpoint_every_steps >= 1, f"{prefix}.checkpoint_every_steps", "must be >= 1")
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +23,8 @@ from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
 from conure_dist.data.stream import iter_batches, num_steps_per_epoch
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import Checkpointer, join
-from conure_dist.train.engine import build_engine
+from conure_dist.train.checkpoint import Checkpoint, Checkpointer, join, optimizer_part_name
+from conure_dist.train.engine import Engine, TorchEngine, build_engine
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.metrics import primary_metric_name
@@ -35,6 +37,31 @@ from conure_dist.train.samplers import (
 log = logging.getLogger(__name__)
 
 PHASE_IDS = {"train": 0, "retrain": 1}
+
+
+@dataclass
+class PhaseProgress:
+    """Where a phase stands; plain JSON in mid-phase checkpoints."""
+
+    mode: str
+    epoch: int = 0
+    """Epoch in progress (0-based)."""
+    step: int = 0
+    """Optimizer steps already taken in that epoch (the data position)."""
+    loss_total: float = 0.0
+    best_value: float = float("-inf")
+    epochs_log: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PhaseResume:
+    """What a mid-phase checkpoint restores besides the model and ownership."""
+
+    progress: PhaseProgress
+    generator_state: torch.Tensor
+    best_state: dict[str, torch.Tensor] | None
+    engine_state: Callable[[Engine], dict]
+    """Reads this rank's optimizer part once the engine (and so its sharding) is known."""
 
 
 class CapacityError(RuntimeError):
@@ -116,7 +143,8 @@ class RunState:
     task_index: int = 0
     """Index (0-based) of the task being worked on."""
     stage: str = "start"
-    """Stage reached on that task: start, trained (train phase done, not yet pruned)."""
+    """Stage reached on that task: start, in_train, trained (train phase done, not yet pruned)
+    or in_retrain."""
     matrix: list[list[float | None]] = field(default_factory=list)
     metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -125,6 +153,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
     num_checkpoints: int = 0
+    phase: dict[str, Any] | None = None
+    """PhaseProgress of a checkpoint taken inside a phase (stage in_train / in_retrain)."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -162,8 +192,13 @@ class Trainer:
         return out
 
     # -- one phase ---------------------------------------------------------------------------
-    def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig) -> dict[str, Any]:
-        """Train under the phase's view; keep the parameters of the best validation epoch."""
+    def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
+                  save_mid: Callable[[PhaseProgress, dict, Engine], None] | None = None) -> dict[str, Any]:
+        """Train under the phase's view; keep the parameters of the best validation epoch.
+
+        ``resume`` continues a phase from a mid-phase checkpoint (epoch, step, optimizer, RNG,
+        best parameters so far); ``save_mid`` is called every ``train.checkpoint_every_steps``.
+        """
         info = self.infos[task_index]
         task_id = task_index + 1
         epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
@@ -181,41 +216,51 @@ class Trainer:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         draw = self._negative_drawer(info, global_batch)
         metric = primary_metric_name(info.kind, self.cfg.train.topk)
-        best_value, best_state, epochs_log = float("-inf"), None, []
-        for epoch in range(epochs):
+        progress, best_state = PhaseProgress(mode=mode), None
+        if resume is not None:
+            progress, best_state = resume.progress, resume.best_state
+            engine.load_state_dict(resume.engine_state(engine))
+        every = self.cfg.train.checkpoint_every_steps
+        while progress.epoch < epochs:
+            epoch = progress.epoch
             seed = (self.cfg.seed, task_id, PHASE_IDS[mode], epoch)
             generator = make_generator(*seed)
+            if resume is not None and progress.step > 0:
+                generator.set_state(resume.generator_state)
             batches = iter_batches(self.manifest, info.name, "train", global_batch // self.dist.world_size,
                                    shuffle=True, seed=hash_seed(*seed), epoch=epoch, rank=self.dist.rank,
                                    world_size=self.dist.world_size, num_steps=steps, drop_last=True,
-                                   shuffle_buffer=self.cfg.data.shuffle_buffer, partition=self.cfg.data.partition)
-            bar = tqdm(batches, total=steps, desc=f"{info.name} {mode} {epoch + 1}/{epochs}", leave=False,
-                       disable=not (self.cfg.train.progress and self.dist.is_main))
-            total, count = torch.zeros((), dtype=torch.float64), 0
-            for step, batch in enumerate(bar):
+                                   shuffle_buffer=self.cfg.data.shuffle_buffer, partition=self.cfg.data.partition,
+                                   start_step=progress.step)
+            bar = tqdm(batches, total=steps, initial=progress.step, desc=f"{info.name} {mode} {epoch + 1}/{epochs}",
+                       leave=False, disable=not (self.cfg.train.progress and self.dist.is_main))
+            for batch in bar:
                 seq = batch.seq.to(self.dist.device)
                 target = None if batch.target is None else batch.target.to(self.dist.device)
-                negatives = draw(generator)
-                loss = engine.train_step(seq, info.name, target, negatives)
-                total += loss.double().cpu()
-                count += 1
-                if (step + 1) % self.cfg.train.log_every == 0:
-                    bar.set_postfix(loss=f"{total.item() / count:.4f}")
+                loss = engine.train_step(seq, info.name, target, draw(generator))
+                progress.loss_total += loss.item()
+                progress.step += 1
+                if progress.step % self.cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
+                if every and save_mid and progress.step % every == 0 and progress.step < steps:
+                    save_mid(progress, {"generator": generator.get_state(), "best": best_state or {}}, engine)
             valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
                                   self.cfg.train.topk, self.dist)
-            entry = {"epoch": epoch + 1, "loss": total.item() / max(count, 1), "valid": valid}
-            epochs_log.append(entry)
+            entry = {"epoch": epoch + 1, "loss": progress.loss_total / max(progress.step, 1), "valid": valid}
+            progress.epochs_log.append(entry)
             self.logger.log("epoch", task=info.name, phase=mode, **entry)
-            if valid[metric] > best_value:
-                best_value = valid[metric]
+            if valid[metric] > progress.best_value:
+                progress.best_value = valid[metric]
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
-        if best_state is not None:
+            progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
+            resume = None
+        if best_state:
             with torch.no_grad():
                 for name, param in trainable.items():
                     param.copy_(best_state[name])
         for param in self.model.parameters():
             param.requires_grad_(False)
-        return {"task": info.name, "phase": mode, "best_valid": best_value, "epochs": epochs_log}
+        return {"task": info.name, "phase": mode, "best_valid": progress.best_value, "epochs": progress.epochs_log}
 
     def _negative_drawer(self, info: TaskInfo, global_batch: int):
         """Negatives drawn for the global batch from a generator shared by all ranks; rank r takes
@@ -301,36 +346,51 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
     logger = JsonlLogger(join(out, "log.jsonl"), enabled=dist.is_main)
     trainer = Trainer(cfg, dist, manifest, infos, model, masked, logger)
     checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints)
-    state = RunState()
+    state, phase_resume = RunState(), None
     if resume:
-        state = restore(checkpointer, model, ownership, [t.name for t in infos]) or state
+        restored = restore(checkpointer, model, ownership, [t.name for t in infos], dist)
+        if restored is not None:
+            state, phase_resume = restored
     elapsed_before = state.wall_seconds
-    logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, resume=resume, task_index=state.task_index)
+    logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, resume=resume, task_index=state.task_index,
+               stage=state.stage)
 
-    def save(tag: str) -> None:
+    def save(tag: str, main_parts: dict | None = None, rank_parts: dict | None = None) -> None:
         state.wall_seconds = elapsed_before + time.perf_counter() - start
         state.num_checkpoints += 1
         meta = {"state": state.to_json(), "config": cfg.to_dict(), "data_root": cfg.data.root,
                 "tasks": [s.__dict__ for s in specs], "num_seq_items": manifest.num_seq_items,
-                "seq_len": manifest.seq_len,
+                "seq_len": manifest.seq_len, "world_size": dist.world_size,
                 "ownership_checksum": ownership.checksum()}
-        checkpointer.save(state.num_checkpoints, tag, model.state_dict(), ownership.state_dict(), meta)
+        checkpointer.save(state.num_checkpoints, tag, model.state_dict(), ownership.state_dict(), meta,
+                          main_parts, rank_parts)
         logger.log("checkpoint", tag=tag)
         logger.flush()
-        barrier(dist)
+
+    def saver(task: str, mode: str) -> Callable[[PhaseProgress, dict, Engine], None]:
+        def save_mid(progress: PhaseProgress, tensors: dict, engine: Engine) -> None:
+            state.stage, state.phase = f"in_{mode}", dataclasses.asdict(progress)
+            optimizer = {optimizer_part_name(dist.rank, engine.sharded_state): engine.state_dict()}
+            save(f"{task}-{mode}-e{progress.epoch + 1}-s{progress.step}", {"phase.pt": tensors},
+                 optimizer if engine.sharded_state or dist.is_main else None)
+
+        return save_mid
 
     for i in range(state.task_index, len(cfg.tasks)):
         task_cfg, info = cfg.tasks[i], infos[i]
-        if state.stage == "start":
-            if ownership.num_free() == 0:
+        if state.stage in ("start", "in_train"):
+            if state.stage == "start" and ownership.num_free() == 0:
                 raise CapacityError(f"task '{info.name}' cannot start: every conv weight is owned by an earlier "
                                     "task; lower the earlier prune ratios")
-            state.history.append(trainer.run_phase(i, "train", task_cfg))
-            state.stage = "trained"
+            resumed = phase_resume if state.stage == "in_train" else None
+            state.history.append(trainer.run_phase(i, "train", task_cfg, resumed, saver(info.name, "train")))
+            state.stage, state.phase = "trained", None
             save(f"{info.name}-trained")
-        trainer.prune(i, task_cfg.prune_ratio)
+        if ownership.last_task() < i + 1:
+            trainer.prune(i, task_cfg.prune_ratio)
         if task_cfg.retrain_epochs > 0:
-            state.history.append(trainer.run_phase(i, "retrain", task_cfg))
+            resumed = phase_resume if state.stage == "in_retrain" else None
+            state.history.append(trainer.run_phase(i, "retrain", task_cfg, resumed, saver(info.name, "retrain")))
         if info.name not in state.reference:
             state.reference[info.name] = reference_metrics(manifest, info, "test", cfg.train.topk)
         row_metrics = trainer.evaluate_all(i)
@@ -340,7 +400,7 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         state.capacity.append(capacity_entry(info.name, ownership))
         state.task_checksums[info.name] = trainer.checksum_of_task(i)
         logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1])
-        state.task_index, state.stage = i + 1, "start"
+        state.task_index, state.stage, state.phase = i + 1, "start", None
         save(f"{info.name}-done")
 
     state.wall_seconds = elapsed_before + time.perf_counter() - start
@@ -352,8 +412,8 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
     return report
 
 
-def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership,
-            task_names: list[str]) -> RunState | None:
+def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership, task_names: list[str],
+            dist: DistInfo) -> tuple[RunState, PhaseResume | None] | None:
     """Load the newest valid checkpoint. The configured tasks must start with the checkpoint's
     tasks in the same order; tasks listed after them are new and continue the sequence."""
     ckpt = checkpointer.latest_valid()
@@ -377,4 +437,23 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
     for row in state.matrix:
         row.extend([None] * (len(task_names) - len(row)))
     log.info("resumed from %s at task %d (%s)", ckpt.path, state.task_index, state.stage)
-    return state
+    return state, phase_resume_from(ckpt, state, dist)
+
+
+def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> PhaseResume | None:
+    """The optimizer, RNG and best-epoch state of a checkpoint taken inside a phase."""
+    if not state.stage.startswith("in_"):
+        return None
+    if ckpt.meta["world_size"] != dist.world_size and not ckpt.has_part("optimizer.pt"):
+        raise ValueError(f"{ckpt.path}: its optimizer state is sharded over {ckpt.meta['world_size']} ranks; "
+                         f"resume it with the same number of processes (not {dist.world_size})")
+    tensors = ckpt.read_part("phase.pt")
+
+    def engine_state(engine: Engine) -> dict:
+        # DeepSpeed's ZeRO state holds Python objects besides tensors; it is our own
+        # checksummed file, so it is loaded without the weights-only restriction.
+        name = optimizer_part_name(dist.rank, engine.sharded_state)
+        return ckpt.read_part(name, weights_only=isinstance(engine, TorchEngine))
+
+    return PhaseResume(progress=PhaseProgress(**state.phase), generator_state=tensors["generator"],
+                       best_state=tensors["best"] or None, engine_state=engine_state)

@@ -124,3 +124,33 @@ def test_sigkill_of_a_worker_resumes_to_the_same_result(tmp_path):
     killed = json.loads((out / "report.json").read_text())
     assert killed["task_checksums"] == clean["task_checksums"]
     assert killed["matrix"] == clean["matrix"]
+
+
+def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
+    """ZeRO-2: each rank saves its optimizer part; a checkpoint lacking one is not valid; a run
+    resumed from inside a phase ends exactly like an uninterrupted one."""
+    from conure_dist.train.checkpoint import COMMIT, CheckpointError
+
+    path = tiny_config(tmp_path, TASKS[:2], train={"progress": False, "keep_checkpoints": 100})
+    args = ["run", "--config", str(path), "--resume", "dist.engine=deepspeed", "dist.zero_stage=2",
+            "tasks.*.epochs=2", "train.checkpoint_every_steps=4"]
+    conure(*args, "--out", str(tmp_path / "clean"), nproc=2)
+    out = tmp_path / "cut"
+    conure(*args, "--out", str(out), nproc=2)
+    folders = sorted((out / "checkpoints").iterdir())
+    mid = [p for p in folders if "-click-train-e2-s" in p.name][-1]
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "phase.pt"} <= {p.name for p in mid.iterdir()}
+    for folder in folders[folders.index(mid) + 1:]:
+        (folder / COMMIT).unlink()
+    broken = folders[folders.index(mid) - 1]
+    (broken / "optimizer-rank1.pt").unlink()
+    with pytest.raises(CheckpointError, match="optimizer-rank1.pt is missing"):
+        load_checkpoint(str(broken))
+
+    conure(*args, "--out", str(out), nproc=2)
+    clean = json.loads((tmp_path / "clean" / "report.json").read_text())
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["task_checksums"] == clean["task_checksums"]
+    assert resumed["matrix"] == clean["matrix"]
+    starts = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"start"' in x]
+    assert starts[-1]["stage"] == "in_train"

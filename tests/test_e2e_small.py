@@ -81,3 +81,27 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
+
+
+def _drop_commits_after(out, keep_last_matching: str) -> str:
+    """Simulate a crash: uncommit every checkpoint after the last one whose name matches."""
+    folders = sorted((out / "checkpoints").iterdir())
+    keep = max(i for i, p in enumerate(folders) if keep_last_matching in p.name)
+    for folder in folders[keep + 1:]:
+        (folder / COMMIT).unlink()
+    return folders[keep].name
+
+
+@pytest.mark.parametrize("phase", ["train", "retrain"])
+def test_resume_inside_a_phase_restores_step_optimizer_rng_and_data_position(tmp_path, phase):
+    path = tiny_config(tmp_path, TASKS[:2], train={"progress": False, "keep_checkpoints": 100})
+    overrides = ["tasks.*.epochs=2", "tasks.*.retrain_epochs=2"]
+    clean = run_conure(load_config(path, overrides), str(tmp_path / "clean"), CPU)
+    out = tmp_path / "mid"
+    cfg = load_config(path, [*overrides, "train.checkpoint_every_steps=3"])
+    assert run_conure(cfg, str(out), CPU)["matrix"] == clean["matrix"]
+    kept = _drop_commits_after(out, f"click-{phase}-e2-s")
+    assert f"-{phase}-e2-s" in kept, kept
+    resumed = run_conure(cfg, str(out), CPU, resume=True)
+    assert resumed["matrix"] == clean["matrix"]
+    assert resumed["task_checksums"] == clean["task_checksums"]

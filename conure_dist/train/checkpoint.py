@@ -1,10 +1,12 @@
 """One checkpointer for everything needed to resume, on any fsspec filesystem.
 
 Layout under ``{out}/checkpoints/``: one folder per checkpoint, ``{index:05d}-{task}-{stage}``,
-holding ``model.pt`` (model state), ``ownership.pt`` (uint8 ownership records), optional
-per-rank engine parts and ``meta.json`` (plain JSON: progress, metrics, checksums, config).
-A ``COMMIT`` file, written last, lists every part with its sha256; a folder without it does not
-exist as far as loading is concerned. Nothing is ever overwritten: a crash at any point leaves
+holding ``model.pt`` (model state), ``ownership.pt`` (uint8 ownership records), ``meta.json``
+(plain JSON: progress, metrics, checksums, config) and, for a checkpoint taken inside a phase,
+``phase.pt`` (RNG state, best-epoch parameters) and the optimizer state: ``optimizer.pt`` from
+rank 0, or ``optimizer-rank{r}.pt`` from every rank where ZeRO shards it. A ``COMMIT`` file,
+written by rank 0 once every rank has written its parts, lists every part with its sha256; a
+folder without it, or with a part missing, does not exist as far as loading is concerned. Nothing is ever overwritten: a crash at any point leaves
 the previous committed checkpoint intact, and older ones are deleted only after a newer commit.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import fsspec
 import torch
+import torch.distributed as tdist
 
 from conure_dist.dist import DistInfo
 
@@ -39,6 +42,20 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     ownership: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    fs: fsspec.AbstractFileSystem
+    digests: dict[str, str]
+
+    def has_part(self, name: str) -> bool:
+        return name in self.digests
+
+    def read_part(self, name: str, weights_only: bool = True) -> Any:
+        """Load one further part (phase state, optimizer state), verified against COMMIT."""
+        data = _read_verified(self.fs, self.path, name, self.digests[name])
+        return torch.load(io.BytesIO(data), weights_only=weights_only)
+
+
+def optimizer_part_name(rank: int, sharded: bool) -> str:
+    return f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
 
 
 def _tensor_bytes(obj: Any) -> bytes:
@@ -76,20 +93,34 @@ class Checkpointer:
         model_state: dict[str, torch.Tensor],
         ownership_state: dict[str, torch.Tensor],
         meta: dict[str, Any],
+        main_parts: dict[str, Any] | None = None,
+        rank_parts: dict[str, Any] | None = None,
     ) -> str:
-        """Rank 0 writes all parts, then the commit marker. Returns the checkpoint path."""
+        """Collective: rank 0 writes the model, ownership, meta and ``main_parts``; every rank
+        writes its ``rank_parts``; then rank 0 writes the commit marker. Returns the path."""
         name = f"{index:05d}-{tag}"
         path = posixpath.join(self.fs_root, name)
+        digests: dict[str, str] = {}
+        parts = {fname: _tensor_bytes(obj) for fname, obj in (rank_parts or {}).items()}
         if self.dist.is_main:
-            self.fs.makedirs(path, exist_ok=True)
-            parts = {
+            parts.update({
                 "model.pt": _tensor_bytes({k: v.detach().cpu() for k, v in model_state.items()}),
                 "ownership.pt": _tensor_bytes({k: v.cpu() for k, v in ownership_state.items()}),
                 "meta.json": json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1).encode(),
-            }
+                **{fname: _tensor_bytes(obj) for fname, obj in (main_parts or {}).items()},
+            })
+        if parts:
+            self.fs.makedirs(path, exist_ok=True)
             digests = {fname: _write_bytes(self.fs, posixpath.join(path, fname), data) for fname, data in parts.items()}
+        if self.dist.is_distributed:
+            gathered: list[dict[str, str] | None] = [None] * self.dist.world_size
+            tdist.all_gather_object(gathered, digests)
+            digests = {k: v for part in gathered for k, v in (part or {}).items()}
+        if self.dist.is_main:
             _write_bytes(self.fs, posixpath.join(path, COMMIT), json.dumps({"files": digests}).encode())
             self._delete_old()
+        if self.dist.is_distributed:
+            tdist.barrier()
         return path
 
     def _delete_old(self) -> None:
@@ -130,25 +161,35 @@ def resolve_checkpoint(path: str) -> str:
     return folders[-1] if protocol in ("file", "local") else f"{protocol}://{folders[-1]}"
 
 
+def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
+    fpath = posixpath.join(path, fname)
+    if not fs.exists(fpath):
+        raise CheckpointError(f"{fpath} is missing")
+    data = fs.cat_file(fpath)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"{fpath} does not match its checksum in {COMMIT}")
+    return data
+
+
+MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
+
+
 def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Checkpoint:
-    """Load and verify one checkpoint folder (local path or URL)."""
+    """Load and verify one checkpoint folder (local path or URL). Every listed part must exist;
+    the main parts are read and checked now, the others when they are read."""
     if fs is None:
         fs, path = fsspec.core.url_to_fs(path)
     commit_path = posixpath.join(path, COMMIT)
     if not fs.exists(commit_path):
         raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
     digests = json.loads(fs.cat_file(commit_path))["files"]
-    data = {}
-    for fname, digest in digests.items():
-        fpath = posixpath.join(path, fname)
-        if not fs.exists(fpath):
-            raise CheckpointError(f"{fpath} is missing")
-        data[fname] = fs.cat_file(fpath)
-        if hashlib.sha256(data[fname]).hexdigest() != digest:
-            raise CheckpointError(f"{fpath} does not match its checksum in {COMMIT}")
+    for fname in (*MAIN_PARTS, *digests):
+        if fname not in digests or not fs.exists(posixpath.join(path, fname)):
+            raise CheckpointError(f"{posixpath.join(path, fname)} is missing")
+    data = {fname: _read_verified(fs, path, fname, digests[fname]) for fname in MAIN_PARTS}
     meta = json.loads(data["meta.json"])
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
     model = torch.load(io.BytesIO(data["model.pt"]), weights_only=True)
     ownership = torch.load(io.BytesIO(data["ownership.pt"]), weights_only=True)
-    return Checkpoint(path=path, model=model, ownership=ownership, meta=meta)
+    return Checkpoint(path=path, model=model, ownership=ownership, meta=meta, fs=fs, digests=digests)

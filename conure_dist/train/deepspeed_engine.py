@@ -69,6 +69,7 @@ class DeepSpeedEngine:
         self.trainable = trainable
         self.l2 = l2
         optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
+        self.sharded_state = cfg.zero_stage > 0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=masked,
             optimizer=optimizer,
@@ -89,4 +90,10 @@ class DeepSpeedEngine:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded_state:
+            # ZeRO loads from a list indexed by data-parallel rank; only ours is needed.
+            parts = [None] * self.dist.world_size
+            parts[self.dist.rank] = state["optimizer"]
+            self.optimizer.load_state_dict(parts)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])

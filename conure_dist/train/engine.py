@@ -21,6 +21,9 @@ from conure_dist.dist import DistInfo
 
 
 class Engine(Protocol):
+    sharded_state: bool
+    """True when every rank holds a different part of the optimizer state (ZeRO)."""
+
     def train_step(self, *inputs: object) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -68,6 +71,8 @@ def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo)
 
 class TorchEngine:
     """Plain PyTorch: one process, or DDP when the world has several ranks."""
+
+    sharded_state = False
 
     def __init__(
         self,
