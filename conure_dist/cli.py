@@ -36,6 +36,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conure", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub)
     run = sub.add_parser("run", help="train every task of a config in order")

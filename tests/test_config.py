@@ -82,3 +82,21 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "tasks: [\n"))
+
+
+def test_deepspeed_json_extras_cannot_contradict_the_run_config(tmp_path):
+    from conure_dist.config import DistConfig
+    from conure_dist.train.deepspeed_engine import deepspeed_config
+
+    zero2 = CONFIGS / "deepspeed" / "zero2.json"
+    ds = deepspeed_config(16, DistConfig(engine="deepspeed", zero_stage=2, precision="bf16",
+                                         deepspeed_config=str(zero2)))
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["overlap_comm"] is True
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="'zero_optimization.stage' is 2 but dist.zero_stage is 1"):
+        deepspeed_config(16, DistConfig(engine="deepspeed", zero_stage=1, deepspeed_config=str(zero2)))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 64}')
+    with pytest.raises(ValueError, match="bad.json: key 'train_batch_size' is set by the run config"):
+        deepspeed_config(16, DistConfig(engine="deepspeed", deepspeed_config=str(bad)))

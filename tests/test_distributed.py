@@ -74,15 +74,16 @@ def test_torchrun_quickstart_two_processes(tmp_path):
         assert abs(a - b) <= 0.35 * a, f"{task['name']}: 1 process {a:.4f}, 2 processes {b:.4f}"
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "bf16")])
-def test_deepspeed_zero_two_processes(tmp_path, stage, precision):
+@pytest.mark.parametrize("engine,stage,precision", [("ddp", 0, "bf16"), ("deepspeed", 1, "fp32"),
+                                                    ("deepspeed", 2, "bf16")])
+def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, precision):
     path = tiny_config(tmp_path, TASKS)
-    out = tmp_path / f"ds{stage}"
-    conure("run", "--config", str(path), "--out", str(out), "dist.engine=deepspeed", f"dist.zero_stage={stage}",
-           f"dist.precision={precision}", f"dist.deepspeed_config={REPO / 'configs/deepspeed' / f'zero{stage}.json'}",
-           nproc=2)
+    out = tmp_path / f"{engine}{stage}"
+    extra = [f"dist.deepspeed_config={REPO / 'configs/deepspeed' / f'zero{stage}.json'}"] if stage else []
+    conure("run", "--config", str(path), "--out", str(out), f"dist.engine={engine}", f"dist.zero_stage={stage}",
+           f"dist.precision={precision}", *extra, nproc=2)
     report = json.loads((out / "report.json").read_text())
-    assert report["engine"] == "deepspeed" and report["world_size"] == 2
+    assert report["engine"] == engine and report["world_size"] == 2 and report["precision"] == precision
     _matrix_keeps_old_tasks(report)
     audit = json.loads(conure("audit", "--ckpt", str(out), "--json").stdout)
     assert audit["ok"] and set(audit["tasks"]) == {"t1", "click", "gender"}

@@ -89,10 +89,10 @@ class TorchEngine:
         self.l2 = l2
         self.trainable = trainable
         if dist.is_distributed:
+            # The model has no buffers, and ownership lives outside module state: nothing is
+            # broadcast per forward.
             self.module: nn.Module = DistributedDataParallel(
-                masked,
-                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                masked, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
             )
         else:
             self.module = masked
