@@ -157,3 +157,22 @@ def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
     assert resumed["matrix"] == clean["matrix"]
     starts = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"start"' in x]
     assert starts[-1]["stage"] == "in_train"
+
+
+def test_deepspeed_launcher_runs_the_same_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    path = tiny_config(tmp_path, TASKS[:2])
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "conure_dist", "run", "--config", str(path), "--out", str(tmp_path / "out"),
+           "dist.engine=deepspeed", "dist.zero_stage=1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["engine"] == "deepspeed"
+    _matrix_keeps_old_tasks(report)
