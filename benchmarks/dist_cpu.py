@@ -73,7 +73,7 @@ def main() -> None:
     dist = init_distributed(cfg.dist)
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
-    model = build_model(cfg, manifest.num_seq_items, task_specs(manifest, infos))
+    model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     masked = MaskedModel(model, ownership)
     trainer = Trainer(cfg, dist, manifest, infos, model, masked, JsonlLogger("/dev/null", enabled=False))

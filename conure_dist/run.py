@@ -122,7 +122,7 @@ def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
     return infos
 
 
-def task_specs(manifest: Manifest, infos: list[TaskInfo]) -> list[TaskSpec]:
+def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
     return [TaskSpec(t.name, t.kind, t.num_outputs) for t in infos]
 
 
@@ -339,7 +339,7 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         torch.set_num_threads(cfg.train.num_threads)
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
-    specs = task_specs(manifest, infos)
+    specs = task_specs(infos)
     model = build_model(cfg, manifest.num_seq_items, specs).to(dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     masked = MaskedModel(model, ownership)

@@ -15,7 +15,7 @@ from torch import nn
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
-from conure_dist.train.engine import l2_penalty, normalized_loss
+from conure_dist.train.engine import training_loss
 
 FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
@@ -80,9 +80,8 @@ class DeepSpeedEngine:
 
     def train_step(self, *inputs: object) -> torch.Tensor:
         loss_sum, count = self.engine(*inputs)
-        loss, local_mean = normalized_loss(loss_sum, count, self.dist)
-        penalty = l2_penalty(self.masked, self.trainable, self.l2)
-        self.engine.backward(loss if penalty is None else loss + penalty)
+        loss, local_mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
+        self.engine.backward(loss)
         self.engine.step()
         return local_mean
 

@@ -69,6 +69,14 @@ def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo)
     return loss_sum / count.clamp(min=1).to(loss_sum.dtype), local_mean
 
 
+def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, dist: DistInfo,
+                  loss_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every engine back-propagates (normalized loss plus masked L2), and the logged mean."""
+    loss, local_mean = normalized_loss(loss_sum, count, dist)
+    penalty = l2_penalty(masked, trainable, l2)
+    return (loss if penalty is None else loss + penalty), local_mean
+
+
 class TorchEngine:
     """Plain PyTorch: one process, or DDP when the world has several ranks."""
 
@@ -101,10 +109,9 @@ class TorchEngine:
     def train_step(self, *inputs: object) -> torch.Tensor:
         with autocast_context(self.dist.device, self.precision):
             loss_sum, count = self.module(*inputs)
-        loss, local_mean = normalized_loss(loss_sum, count, self.dist)
-        penalty = l2_penalty(self.masked, self.trainable, self.l2)
+        loss, local_mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss if penalty is None else loss + penalty).backward()
+        loss.backward()
         self.optimizer.step()
         return local_mean
 

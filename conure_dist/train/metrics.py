@@ -6,8 +6,6 @@ single-process numbers.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 ITEM_METRICS = ("mrr", "hr", "ndcg")
@@ -53,7 +51,3 @@ def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
 def primary_metric_name(kind: str, k: int) -> str:
     return "acc" if kind == "class" else f"mrr@{k}"
 
-
-def ndcg_of_rank(rank: int) -> float:
-    """Reference formula for tests and docs: NDCG of one relevant item at 0-based ``rank``."""
-    return 1.0 / math.log2(rank + 2)
