@@ -40,19 +40,23 @@ class SampledSoftmaxHead(nn.Module):
 
 
 class ItemHead(nn.Module):
-    """Item recommendation over a task's own vocabulary, trained with BPR."""
+    """Item recommendation over a task's own vocabulary, trained with BPR.
+
+    A per-item bias lets the head carry an item's overall appeal, so the user vector only has
+    to explain the personal part of the ranking."""
 
     def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
+        self.bias = nn.Parameter(torch.zeros(num_items))
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor) -> torch.Tensor:
-        pos = (hidden_NC * self.weight[target_N]).sum(-1)
-        neg = (hidden_NC * self.weight[negative_N]).sum(-1)
+        pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
+        neg = (hidden_NC * self.weight[negative_N]).sum(-1) + self.bias[negative_N]
         return -F.logsigmoid((pos - neg).float()).sum()
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
-        return hidden_NC @ self.weight.T
+        return hidden_NC @ self.weight.T + self.bias
 
 
 class ClassHead(nn.Module):
