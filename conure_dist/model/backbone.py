@@ -26,11 +26,20 @@ class CausalConv1d(nn.Module):
         self.weight = nn.Parameter(torch.empty(kernel_size, in_channels, out_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, out_len: int | None = None) -> torch.Tensor:
+        """Outputs at the last ``out_len`` positions of ``x`` (default: all of them).
+
+        ``x`` holds the last positions of the sequence; where it holds fewer than the outputs
+        read, it must start at position 0, and the missing left context is the zero padding.
+        """
         k, d = self.kernel_size, self.dilation
-        length = x_BLC.shape[1]
-        padded = F.pad(x_BLC, (0, 0, (k - 1) * d, 0))
-        shifted = torch.cat([padded[:, i * d : i * d + length] for i in range(k)], dim=-1)
+        length = x_BLC.shape[1] if out_len is None else out_len
+        span = length + (k - 1) * d
+        if x_BLC.shape[1] >= span:
+            window = x_BLC[:, x_BLC.shape[1] - span :]
+        else:
+            window = F.pad(x_BLC, (0, 0, span - x_BLC.shape[1], 0))
+        shifted = torch.cat([window[:, i * d : i * d + length] for i in range(k)], dim=-1)
         return shifted @ self.weight.reshape(-1, self.weight.shape[-1]) + self.bias
 
 
@@ -44,10 +53,18 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels)
         self.conv2 = CausalConv1d(channels, channels, kernel_size, 2 * dilation)
 
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.relu(self.norm1(x_BLC)))
-        h = self.conv2(F.relu(self.norm2(h)))
-        return x_BLC + h
+    def forward(self, x_BLC: torch.Tensor, out_lens: tuple[int, int] | None = None) -> torch.Tensor:
+        """With ``out_lens`` = (n1, n2): conv1 at the last n1 positions, the block output at the
+        last n2 (see ``NextItNet.forward(last_only=True)``)."""
+        n1, n2 = out_lens or (None, None)
+        h = self.conv1(F.relu(self.norm1(x_BLC)), n1)
+        h = self.conv2(F.relu(self.norm2(h)), n2)
+        return (x_BLC if n2 is None else x_BLC[:, x_BLC.shape[1] - n2 :]) + h
+
+    def receptive_lens(self, out_len: int, length: int) -> tuple[int, int, int]:
+        """(input, conv1, output) window lengths for ``out_len`` outputs of a length-``length`` sequence."""
+        mid = min(length, out_len + (self.conv2.kernel_size - 1) * self.conv2.dilation)
+        return min(length, mid + (self.conv1.kernel_size - 1) * self.conv1.dilation), mid, out_len
 
 
 class NextItNet(nn.Module):
@@ -79,11 +96,25 @@ class NextItNet(nn.Module):
                 nn.init.normal_(conv.weight, std=(1.0 / fan_in) ** 0.5)
                 nn.init.zeros_(conv.bias)
 
-    def forward(self, seq_BL: torch.Tensor) -> torch.Tensor:
-        h = self.embedding(seq_BL)
-        for block in self.blocks:
-            h = block(h)
-        return h
+    def forward(self, seq_BL: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        if not last_only:
+            h = self.embedding(seq_BL)
+            for block in self.blocks:
+                h = block(h)
+            return h
+        windows = self.last_position_windows(seq_BL.shape[1])
+        h = self.embedding(seq_BL[:, seq_BL.shape[1] - windows[0][0] :])
+        for block, (_, mid, out) in zip(self.blocks, windows, strict=True):
+            h = block(h, (mid, out))
+        return h[:, -1]
+
+    def last_position_windows(self, length: int) -> list[tuple[int, int, int]]:
+        """Per block, the (input, conv1, output) window lengths the last position depends on."""
+        out, windows = 1, []
+        for block in reversed(self.blocks):
+            windows.append(block.receptive_lens(out, length))
+            out = windows[-1][0]
+        return windows[::-1]
 
     def conv_weight_names(self) -> list[str]:
         """Names of the conv kernels: the tensors that Conure partitions between tasks."""

@@ -11,6 +11,9 @@ from torch import nn
 from conure_dist.model.backbone import NextItNet
 from conure_dist.model.heads import ClassHead, ItemHead, SampledSoftmaxHead
 
+SOFTMAX_CHUNK = 8192
+"""Negatives per chunk of the streamed sampled softmax."""
+
 TaskKind = Literal["sequence", "item", "class"]
 
 
@@ -29,6 +32,10 @@ class ConureModel(nn.Module):
     Sequence (T1) tasks read ``seq[:, :-1]`` and predict every next item; their scores are for
     the item after the last input position. Item and class tasks read the whole sequence and use
     the hidden state of its last position.
+
+    ``fast`` (the default) computes last-position states on the receptive field only and streams
+    T1's sampled softmax over the negatives in chunks; ``fast=False`` is the plain eager path
+    (full hidden states, materialized logits) that the fast one is tested and benchmarked against.
     """
 
     def __init__(
@@ -39,15 +46,18 @@ class ConureModel(nn.Module):
         kernel_size: int,
         block_dilations: list[int],
         init_std: float = 0.02,
+        fast: bool = True,
     ) -> None:
         super().__init__()
+        self.fast = fast
         self.backbone = NextItNet(num_seq_items, channels, kernel_size, block_dilations, init_std)
         self.kinds: dict[str, TaskKind] = {}
         heads = {}
         for spec in tasks:
             self.kinds[spec.name] = spec.kind
             if spec.kind == "sequence":
-                heads[spec.name] = SampledSoftmaxHead(spec.num_outputs, channels, init_std)
+                heads[spec.name] = SampledSoftmaxHead(spec.num_outputs, channels, init_std,
+                                                      chunk=SOFTMAX_CHUNK if fast else None)
             elif spec.kind == "item":
                 heads[spec.name] = ItemHead(spec.num_outputs, channels, init_std)
             else:
@@ -67,17 +77,22 @@ class ConureModel(nn.Module):
         head = self.heads[task]
         if self.kinds[task] == "sequence":
             inputs = seq_BL[:, :-1]
-            hidden = self.backbone(inputs)
             if negatives is None:
-                return head.scores(hidden[:, -1])
+                return head.scores(self._last_hidden(inputs))
+            hidden = self.backbone(inputs)
             targets = seq_BL[:, 1:]
             # Predict only real items from real context (left padding carries no signal).
             keep = (targets != 0) & (inputs != 0)
             return head.loss(hidden[keep], targets[keep], negatives), keep.sum()
-        hidden = self.backbone(seq_BL)[:, -1]
+        hidden = self._last_hidden(seq_BL)
         if target_B is None:
             return head.scores(hidden)
         return head.loss(hidden, target_B, negatives), torch.tensor(target_B.shape[0], device=target_B.device)
+
+    def _last_hidden(self, seq_BL: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self.backbone(seq_BL, last_only=True)
+        return self.backbone(seq_BL)[:, -1]
 
     def prunable_names(self) -> list[str]:
         """Parameter names (of this module) that Conure partitions between tasks."""
@@ -87,6 +102,13 @@ class ConureModel(nn.Module):
         """Backbone parameters trained in T1's first phase and frozen afterwards."""
         prunable = set(self.prunable_names())
         return [f"backbone.{n}" for n, _ in self.backbone.named_parameters() if f"backbone.{n}" not in prunable]
+
+    def item_table_names(self) -> list[str]:
+        """The vocabulary-sized tables of T1 (embedding, sampled-softmax weight and bias): a step
+        touches few of their rows."""
+        seq_heads = [f"heads.{t}.{n}" for t, k in self.kinds.items() if k == "sequence"
+                     for n, _ in self.heads[t].named_parameters()]
+        return ["backbone.embedding.weight", *seq_heads]
 
     def head_names(self, task: str) -> list[str]:
         return [f"heads.{task}.{n}" for n, _ in self.heads[task].named_parameters()]

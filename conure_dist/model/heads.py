@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conure_dist.model.chunked_softmax import negative_logsumexp
+
 
 class SampledSoftmaxHead(nn.Module):
     """Next-item softmax over the T1 vocabulary (id 0 is padding and never a candidate).
@@ -19,15 +21,24 @@ class SampledSoftmaxHead(nn.Module):
     so data-parallel gradients equal the single-process ones.
 
     ``loss`` methods return the *sum* over examples; the caller divides by the global count.
+    With ``chunk`` set, the loss streams over the negatives ``chunk`` at a time (the fast path).
     """
 
-    def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_items: int, channels: int, init_std: float = 0.02, chunk: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_items))
+        self.chunk = chunk
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
+        if self.chunk:
+            # Same loss: -log softmax of the target among {target} + negatives, never
+            # materializing the [N, S] logits (see chunked_softmax).
+            neg_lse = negative_logsumexp(hidden_NC, self.weight[negatives_S], self.bias[negatives_S], negatives_S,
+                                         target_N, self.chunk)
+            pos = pos.float()
+            return (torch.logaddexp(pos, neg_lse) - pos).sum()
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
         neg = neg.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
         logits = torch.cat([pos[:, None], neg], dim=1)
@@ -67,7 +78,7 @@ class ClassHead(nn.Module):
         self.linear = nn.Linear(channels, num_classes)
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.linear(hidden_NC).float(), target_N, reduction="sum")
+        return F.cross_entropy(self.scores(hidden_NC).float(), target_N, reduction="sum")
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden_NC)

@@ -1,0 +1,82 @@
+"""Log-sum-exp over a large shared set of negatives, in chunks, without keeping the logits.
+
+A T1 step scores every position of every sequence against the shared negatives: N = B*L rows
+against S = 20% of the vocabulary (25,600 x 129,000 for the paper's TTL batch), far more than
+the model itself. The plain path materializes that [N, S] matrix (and its fp32 copy, and the
+softmax, and their gradients). Here the forward pass keeps one running log-sum-exp per row and
+the backward pass recomputes each chunk's logits, so the extra memory is one [N, chunk] block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype where autocast is on (the matmuls run in it), else the input's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk):  # noqa: D102
+        dtype = _compute_dtype(hidden_NC.device, hidden_NC.dtype)
+        lse = torch.full(hidden_NC.shape[:1], float("-inf"), device=hidden_NC.device, dtype=torch.float32)
+        h = hidden_NC.to(dtype)
+        for start in range(0, weight_SC.shape[0], chunk):
+            logits = _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse_N):  # noqa: D102
+        hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        h = hidden_NC.to(dtype)
+        # Rows whose every negative was an accidental hit have lse = -inf and no gradient.
+        finite = torch.isfinite(lse)
+        safe_lse = torch.where(finite, lse, 0.0)
+        scale = torch.where(finite, grad_lse_N.float(), 0.0)
+        grad_hidden = torch.zeros(hidden_NC.shape, device=hidden_NC.device, dtype=torch.float32)
+        grad_weight = torch.zeros(weight_SC.shape, device=weight_SC.device, dtype=torch.float32)
+        grad_bias = torch.zeros(bias_S.shape, device=bias_S.device, dtype=torch.float32)
+        for start in range(0, weight_SC.shape[0], chunk):
+            stop = min(start + chunk, weight_SC.shape[0])
+            logits = _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype)
+            # d lse / d logit = softmax; -inf logits (masked hits) get exactly zero.
+            probs = torch.exp(logits - safe_lse[:, None]) * scale[:, None]
+            p = probs.to(dtype)
+            grad_hidden += (p @ weight_SC[start:stop].to(dtype)).float()
+            grad_weight[start:stop] = (p.T @ h).float()
+            grad_bias[start:stop] = probs.sum(0)
+        return (grad_hidden.to(hidden_NC.dtype), grad_weight.to(weight_SC.dtype), grad_bias.to(bias_S.dtype),
+                None, None, None)
+
+
+def _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype) -> torch.Tensor:
+    stop = min(start + chunk, weight_SC.shape[0])
+    logits = (h @ weight_SC[start:stop].to(dtype).T).float() + bias_S[start:stop].float()
+    hit = negatives_S[None, start:stop] == target_N[:, None]
+    return logits.masked_fill(hit, float("-inf"))
+
+
+def negative_logsumexp(
+    hidden_NC: torch.Tensor,
+    weight_SC: torch.Tensor,
+    bias_S: torch.Tensor,
+    negatives_S: torch.Tensor,
+    target_N: torch.Tensor,
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """fp32 [N]: log sum_j exp(h_n . w_j + b_j) over the negatives j that are not row n's target.
+
+    ``weight_SC`` and ``bias_S`` are the negatives' rows (gathered, so gradients flow back to the
+    table through the gather); ``negatives_S`` their ids, used to mask accidental hits.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _NegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk)
