@@ -208,6 +208,9 @@ class DistConfig:
     """Process-group backend; auto = NCCL on GPU, gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device; auto = CUDA when available."""
+    row_sparse: bool = True
+    """DDP: exchange the gradients of the item tables (T1's embedding and softmax) row-sparsely,
+    only the rows some rank touched, instead of in DDP's dense buckets."""
     deepspeed_config: str | None = None
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) with extra engine settings;
     batch size, ZeRO stage and precision always come from this config and must not conflict."""

@@ -210,7 +210,8 @@ class Trainer:
                              f"the world size {self.dist.world_size}")
         trainable = self.trainable_parameters(task_index, mode)
         engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist,
-                              per_rank_batch=global_batch // self.dist.world_size)
+                              per_rank_batch=global_batch // self.dist.world_size,
+                              row_sparse=[f"model.{n}" for n in self.model.item_table_names()])
         steps = max(1, num_steps_per_epoch(self.manifest, info.name, "train", global_batch, drop_last=True))
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)

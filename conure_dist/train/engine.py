@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
+from conure_dist.train.sparse_sync import RowSparseAllReduce
 
 
 class Engine(Protocol):
@@ -71,14 +72,21 @@ def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo)
 
 def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, dist: DistInfo,
                   loss_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What every engine back-propagates (normalized loss plus masked L2), and the logged mean."""
+    """What every engine back-propagates (normalized loss plus masked L2 over ``trainable``),
+    and the logged mean."""
     loss, local_mean = normalized_loss(loss_sum, count, dist)
     penalty = l2_penalty(masked, trainable, l2)
     return (loss if penalty is None else loss + penalty), local_mean
 
 
 class TorchEngine:
-    """Plain PyTorch: one process, or DDP when the world has several ranks."""
+    """Plain PyTorch: one process, or DDP when the world has several ranks.
+
+    Under DDP, the trainable tensors named in ``row_sparse`` (the big item tables) are left out
+    of DDP's dense buckets and averaged by ``RowSparseAllReduce`` instead; their L2 gradient
+    (``l2 * w``, the same on every rank) is added after the exchange so that it does not make
+    every row non-zero. The update equals the dense one up to float rounding.
+    """
 
     sharded_state = False
 
@@ -90,15 +98,20 @@ class TorchEngine:
         l2: float,
         dist: DistInfo,
         precision: str,
+        row_sparse: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.masked = masked
         self.dist = dist
         self.precision = precision
         self.l2 = l2
         self.trainable = trainable
+        sparse = {n: trainable[n] for n in row_sparse if n in trainable} if dist.is_distributed else {}
+        self.sparse = RowSparseAllReduce(sparse, dist) if sparse else None
+        self.dense = {n: p for n, p in trainable.items() if n not in sparse}
         if dist.is_distributed:
             # The model has no buffers, and ownership lives outside module state: nothing is
-            # broadcast per forward.
+            # broadcast per forward. The ignore list is set on every build (phases differ).
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(masked, list(sparse))
             self.module: nn.Module = DistributedDataParallel(
                 masked, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
             )
@@ -109,9 +122,14 @@ class TorchEngine:
     def train_step(self, *inputs: object) -> torch.Tensor:
         with autocast_context(self.dist.device, self.precision):
             loss_sum, count = self.module(*inputs)
-        loss, local_mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
+        loss, local_mean = training_loss(self.masked, self.dense, self.l2, self.dist, loss_sum, count)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sparse is not None:
+            self.sparse()
+            if self.l2:
+                for param in self.sparse.params.values():
+                    param.grad.add_(param.detach(), alpha=self.l2)
         self.optimizer.step()
         return local_mean
 
@@ -130,10 +148,12 @@ def build_engine(
     dist: DistInfo,
     cfg: DistConfig,
     per_rank_batch: int = 1,
+    row_sparse: list[str] | tuple[str, ...] = (),
 ) -> Engine:
-    """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``."""
+    """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``;
+    ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely."""
     if cfg.engine == "ddp":
-        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision)
+        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else ())
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch)
