@@ -24,8 +24,10 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--seed", type=int, default=0, help="generator seed")
     syn.add_argument("--split-seed", type=int, default=0, help="seed of the 80/5/15 split")
     syn.add_argument("--instances-per-shard", type=int, default=50_000)
-    ml = kinds.add_parser("movielens", help="MovieLens-100K in GroupLens' layout (u.data, u.user)")
-    ml.add_argument("--src", required=True, help="directory holding u.data and u.user")
+    ml = kinds.add_parser("movielens", help="MovieLens in a public layout: ML-100K (u.data, u.user), ML-1M "
+                          "(ratings.dat, users.dat), ratings.csv (20M/25M/32M/latest) or RecBole (*.inter, *.user)")
+    ml.add_argument("--src", required=True, help="directory holding the release's files (layout detected)")
+    ml.add_argument("--layout", choices=["ml-100k", "ml-1m", "csv", "recbole"], help="skip detection")
     ml.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
     ml.add_argument("--seq-len", type=int, default=30)
     ml.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
@@ -73,7 +75,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     else:
         from data_tools.movielens import write_movielens
 
-        manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed,
+        manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
                                    skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard)
     for task in manifest.tasks:
         sizes = ", ".join(f"{s} {task.splits[s].num_instances}" for s in ("train", "valid", "test"))

@@ -1,18 +1,30 @@
-"""MovieLens-100K in GroupLens' original layout (``u.data``, ``u.user``) -> Conure tasks.
+"""MovieLens in its public layouts -> Conure tasks.
 
-Recipe (the Conure paper's MovieLens setup):
+Layouts, recognized from the files in the source directory (``detect_layout``):
 
-* Each user's ratings are ordered by timestamp; ties keep the order of the rows in ``u.data``.
+* ``ml-100k``: GroupLens' ``u.data`` (tab-separated user, item, rating, timestamp) and ``u.user``
+  (``id|age|gender|occupation|zip``);
+* ``ml-1m``: ``ratings.dat`` and ``users.dat`` (``::``-separated; age is already a bracket code,
+  occupation a number 0-20);
+* ``csv``: MovieLens-20M/25M/32M and the "latest" releases, ``ratings.csv`` with the header
+  ``userId,movieId,rating,timestamp`` (half-star ratings; no demographics);
+* ``recbole``: RecBole atomic files, one ``*.inter`` with typed header fields ``user_id``,
+  ``item_id``, ``rating``, ``timestamp`` and optionally a ``*.user`` with ``age``, ``gender``,
+  ``occupation`` (non-numeric tokens are numbered in sorted order).
+
+Recipe (the Conure paper's MovieLens setup), the same for every layout:
+
+* Each user's ratings are ordered by timestamp; ties keep the order of the rows in the file.
 * ``t1`` (sequence): the user's most recent ``seq_len`` ratings below 4 stars, left-padded with 0.
   T1 item ids are remapped to 1..V-1 in the order of the raw ids, over the items that appear in
   some T1 sequence. Users without any rating below 4 have no T1 sequence; all their later-task
-  instances are dropped (counted in ``source["users_without_t1"]``, 2 users in ML-100K).
-* ``like4`` / ``like5`` (item tasks): one instance per rating of exactly 4 / 5 stars; each task
-  has its own vocabulary 0..n-1 (raw ids in order) over the items it contains.
-* ``gender`` (F, M), ``age`` and ``occupation`` (class tasks) from ``u.user``. Age uses the
-  MovieLens-1M brackets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+; all seven are kept even when
-  empty so class ids mean the same on every MovieLens variant. Occupations are the sorted
-  distinct values found in ``u.user`` (21 in ML-100K).
+  instances are dropped (counted in ``source["users_without_t1"]``).
+* ``like4`` / ``like5`` (item tasks): one instance per rating in [4, 5) / of 5 stars (with whole
+  stars: exactly 4 / 5); each task has its own vocabulary 0..n-1 (raw ids in order).
+* Profile tasks wherever the layout has demographics: ``gender`` (F, M), ``age`` and
+  ``occupation``. Age uses the MovieLens-1M brackets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+;
+  all seven are kept even when empty so class ids mean the same on every variant. Occupations are
+  the distinct values found (numbers in numeric order, then names in sorted order).
 
 Malformed rows raise ``ValueError`` naming the file and 1-based line; with ``skip_bad_rows`` they
 are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
@@ -54,7 +66,7 @@ class _RowChecker:
 
 @dataclass
 class _Ratings:
-    """Valid ``u.data`` rows in file order."""
+    """Valid rating rows in file order: int64 user and item ids, float64 rating and timestamp."""
 
     user: np.ndarray
     item: np.ndarray
@@ -64,9 +76,22 @@ class _Ratings:
 
 @dataclass(frozen=True)
 class _Profile:
-    age: int
-    gender: str
-    occupation: str
+    """What a layout knows of a user; None where it has no such field."""
+
+    age: int | None
+    gender: str | None
+    occupation: str | None
+
+
+@dataclass
+class _Source:
+    """A layout's parsed files."""
+
+    layout: str
+    ratings: _Ratings
+    profiles: dict[int, _Profile]
+    files: dict[str, dict[str, Any]]
+    profile_fields: tuple[str, ...]
 
 
 def _read_text(url: str) -> tuple[str, str]:
@@ -93,100 +118,276 @@ def _parse_int(value: str) -> int | None:
         return None
 
 
-def _read_ratings(path: str, text: str, checker: _RowChecker) -> _Ratings:
-    columns: list[list[int]] = [[], [], [], []]
+def _parse_float(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _ratings(columns: list[list[float]]) -> _Ratings:
+    user, item, rating, timestamp = columns
+    return _Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
+                    np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64))
+
+
+def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: _RowChecker) -> _Ratings:
+    """``u.data`` / ``ratings.dat``: user, item, whole-star rating 1..5, timestamp; all integers."""
+    columns: list[list[float]] = [[], [], [], []]
     names = ("user id", "item id", "rating", "timestamp")
-    for line_no, fields in _rows(text, "\t"):
+    shown = "tab" if sep == "\t" else f"'{sep}'"
+    for line_no, fields in _rows(text, sep):
         if len(fields) != 4:
-            checker.bad(
-                "u.data",
-                path,
-                line_no,
-                "wrong field count",
-                f"expected 4 tab-separated fields, got {len(fields)}",
-            )
+            checker.bad(label, path, line_no, "wrong field count", f"expected 4 {shown}-separated fields, got {len(fields)}")
             continue
         values = [_parse_int(v) for v in fields]
-        missing = [
-            f"{n} '{v.strip()}'" for n, v, x in zip(names, fields, values, strict=True) if x is None
-        ]
+        missing = [f"{n} '{v.strip()}'" for n, v, x in zip(names, fields, values, strict=True) if x is None]
         if missing:
-            checker.bad(
-                "u.data", path, line_no, "non-integer field", f"non-integer {', '.join(missing)}"
-            )
+            checker.bad(label, path, line_no, "non-integer field", f"non-integer {', '.join(missing)}")
             continue
         user, item, rating, timestamp = ints = [v for v in values if v is not None]
         if user < 1 or item < 1:
-            checker.bad(
-                "u.data",
-                path,
-                line_no,
-                "non-positive id",
-                f"ids must be >= 1, got user {user}, item {item}",
-            )
+            checker.bad(label, path, line_no, "non-positive id", f"ids must be >= 1, got user {user}, item {item}")
             continue
         if not 1 <= rating <= 5:
-            checker.bad(
-                "u.data", path, line_no, "rating outside 1..5", f"rating {rating} outside 1..5"
-            )
+            checker.bad(label, path, line_no, "rating outside 1..5", f"rating {rating} outside 1..5")
             continue
         for column, value in zip(columns, ints, strict=True):
             column.append(value)
     if not columns[0]:
         raise ValueError(f"{path}: no valid ratings")
-    return _Ratings(*(np.asarray(c, dtype=np.int64) for c in columns))
+    return _ratings(columns)
 
 
-def _read_profiles(
-    path: str, text: str, checker: _RowChecker, rated: set[int]
-) -> dict[int, _Profile]:
-    profiles: dict[int, _Profile] = {}
-    for line_no, fields in _rows(text, "|"):
-        if len(fields) != 5:
-            checker.bad(
-                "u.user",
-                path,
-                line_no,
-                "wrong field count",
-                f"expected 5 '|'-separated fields, got {len(fields)}",
-            )
+CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
+
+
+def _read_csv_ratings(path: str, text: str, checker: _RowChecker) -> _Ratings:
+    """``ratings.csv`` (MovieLens-20M/25M/32M, latest): header, then half-star ratings 0.5..5."""
+    label = "ratings.csv"
+    columns: list[list[float]] = [[], [], [], []]
+    rows = _rows(text, ",")
+    first = next(rows, None)
+    if first is None or [f.strip() for f in first[1]] != CSV_HEADER:
+        got = ",".join(first[1]) if first else "an empty file"
+        raise ValueError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
+    for line_no, fields in rows:
+        if len(fields) != 4:
+            checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
             continue
-        user, age = _parse_int(fields[0]), _parse_int(fields[1])
-        gender, occupation = fields[2].strip(), fields[3].strip()
-        if user is None or age is None:
-            bad = fields[0] if user is None else fields[1]
-            checker.bad(
-                "u.user",
-                path,
-                line_no,
-                "non-integer field",
-                f"non-integer {'user id' if user is None else 'age'} '{bad.strip()}'",
-            )
-        elif age < 0:
-            checker.bad("u.user", path, line_no, "age out of range", f"age {age} is negative")
-        elif gender not in GENDERS:
-            checker.bad(
-                "u.user",
-                path,
-                line_no,
-                "unknown gender",
-                f"gender '{gender}' is not one of {list(GENDERS)}",
-            )
-        elif not occupation:
-            checker.bad("u.user", path, line_no, "empty occupation", "empty occupation")
-        elif user in profiles:
-            checker.bad("u.user", path, line_no, "duplicate user id", f"user {user} listed twice")
-        elif user not in rated:
-            checker.bad(
-                "u.user",
-                path,
-                line_no,
-                "user not in u.data",
-                f"user {user} has no rating in u.data",
-            )
+        user, item, timestamp = _parse_int(fields[0]), _parse_int(fields[1]), _parse_int(fields[3])
+        rating = _parse_float(fields[2])
+        bad = [f"{n} '{v.strip()}'" for n, v, x in zip(("userId", "movieId", "timestamp"), (fields[0], fields[1], fields[3]),
+                                                       (user, item, timestamp), strict=True) if x is None]
+        if bad:
+            checker.bad(label, path, line_no, "non-integer field", f"non-integer {', '.join(bad)}")
+            continue
+        if rating is None or not 0.5 <= rating <= 5 or rating * 2 != int(rating * 2):
+            checker.bad(label, path, line_no, "bad rating", f"rating '{fields[2].strip()}' is not one of 0.5, 1.0, ..., 5.0")
+            continue
+        for column, value in zip(columns, (user, item, rating, timestamp), strict=True):
+            column.append(value)
+    if not columns[0]:
+        raise ValueError(f"{path}: no valid ratings")
+    return _ratings(columns)
+
+
+def _recbole_header(path: str, text: str, required: tuple[str, ...]) -> tuple[dict[str, int], int]:
+    """Field positions of a RecBole header (``name:type`` separated by tabs)."""
+    first = next(_rows(text, "\t"), None)
+    if first is None:
+        raise ValueError(f"{path} line 1: empty file, expected a header of name:type fields")
+    names = [f.strip().split(":", 1)[0] for f in first[1]]
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise ValueError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
+    return {n: i for i, n in enumerate(names)}, len(names)
+
+
+class _TokenIds:
+    """RecBole tokens -> int ids: the numbers themselves when every token is one, else the rank
+    of the token in sorted order."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        unique = sorted(set(tokens))
+        self.numeric = all(t.isdigit() for t in unique)
+        self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
+
+
+def _read_recbole_ratings(path: str, text: str, checker: _RowChecker) -> tuple[_Ratings, _TokenIds]:
+    label = path.rsplit("/", 1)[-1]
+    where, width = _recbole_header(path, text, ("user_id", "item_id", "rating", "timestamp"))
+    users: list[str] = []
+    items: list[str] = []
+    values: list[tuple[float, float]] = []
+    rows = _rows(text, "\t")
+    next(rows)
+    for line_no, fields in rows:
+        if len(fields) != width:
+            checker.bad(label, path, line_no, "wrong field count", f"expected {width} tab-separated fields, got {len(fields)}")
+            continue
+        user, item = fields[where["user_id"]].strip(), fields[where["item_id"]].strip()
+        rating, timestamp = _parse_float(fields[where["rating"]]), _parse_float(fields[where["timestamp"]])
+        if not user or not item:
+            checker.bad(label, path, line_no, "empty id", "empty user_id or item_id")
+        elif rating is None or timestamp is None:
+            bad = fields[where["rating"]] if rating is None else fields[where["timestamp"]]
+            checker.bad(label, path, line_no, "non-numeric field",
+                        f"non-numeric {'rating' if rating is None else 'timestamp'} '{bad.strip()}'")
+        elif not 0 < rating <= 5:
+            checker.bad(label, path, line_no, "rating outside (0, 5]", f"rating {rating:g} outside (0, 5]")
         else:
-            profiles[user] = _Profile(age, gender, occupation)
-    return profiles
+            users.append(user)
+            items.append(item)
+            values.append((rating, timestamp))
+    if not users:
+        raise ValueError(f"{path}: no valid ratings")
+    user_ids, item_ids = _TokenIds(users), _TokenIds(items)
+    ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
+                        [v[0] for v in values], [v[1] for v in values]])
+    return ratings, user_ids
+
+
+@dataclass
+class _ProfileReader:
+    """Checks one profile row's fields and collects the profiles."""
+
+    label: str
+    path: str
+    checker: _RowChecker
+    rated: set[int]
+    profiles: dict[int, _Profile] = field(default_factory=dict)
+
+    def add(self, line_no: int, user: int | None, user_raw: str, age_raw: str | None, gender: str | None,
+            occupation: str | None) -> None:
+        bad = self.checker.bad
+        age = None if age_raw is None else _parse_int(age_raw)
+        if user is None or (age_raw is not None and age is None):
+            shown = user_raw if user is None else age_raw
+            bad(self.label, self.path, line_no, "non-integer field",
+                f"non-integer {'user id' if user is None else 'age'} '{shown.strip()}'")
+        elif age is not None and age < 0:
+            bad(self.label, self.path, line_no, "age out of range", f"age {age} is negative")
+        elif gender is not None and gender not in GENDERS:
+            bad(self.label, self.path, line_no, "unknown gender", f"gender '{gender}' is not one of {list(GENDERS)}")
+        elif occupation is not None and not occupation:
+            bad(self.label, self.path, line_no, "empty occupation", "empty occupation")
+        elif user in self.profiles:
+            bad(self.label, self.path, line_no, "duplicate user id", f"user {user_raw.strip()} listed twice")
+        elif user not in self.rated:
+            bad(self.label, self.path, line_no, f"user not in {self._ratings_file()}",
+                f"user {user_raw.strip()} has no rating in {self._ratings_file()}")
+        else:
+            self.profiles[user] = _Profile(age, gender, occupation)
+
+    def _ratings_file(self) -> str:
+        return {"u.user": "u.data", "users.dat": "ratings.dat"}.get(self.label, "the .inter file")
+
+
+def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: tuple[int, int, int],
+                             checker: _RowChecker, rated: set[int]) -> dict[int, _Profile]:
+    """``u.user`` (id|age|gender|occupation|zip) and ``users.dat`` (id::gender::age::occupation::zip);
+    ``order`` gives the positions of age, gender and occupation."""
+    reader = _ProfileReader(label, path, checker, rated)
+    age_at, gender_at, occupation_at = order
+    for line_no, fields in _rows(text, sep):
+        if len(fields) != 5:
+            checker.bad(label, path, line_no, "wrong field count", f"expected 5 '{sep}'-separated fields, got {len(fields)}")
+            continue
+        reader.add(line_no, _parse_int(fields[0]), fields[0], fields[age_at], fields[gender_at].strip(),
+                   fields[occupation_at].strip())
+    return reader.profiles
+
+
+def _read_recbole_profiles(path: str, text: str, checker: _RowChecker, rated: set[int],
+                           user_ids: _TokenIds) -> tuple[dict[int, _Profile], tuple[str, ...]]:
+    label = path.rsplit("/", 1)[-1]
+    where, width = _recbole_header(path, text, ("user_id",))
+    present = tuple(f for f in ("gender", "age", "occupation") if f in where)
+    reader = _ProfileReader(label, path, checker, rated)
+    rows = _rows(text, "\t")
+    next(rows)
+    for line_no, fields in rows:
+        if len(fields) != width:
+            checker.bad(label, path, line_no, "wrong field count", f"expected {width} tab-separated fields, got {len(fields)}")
+            continue
+        token = fields[where["user_id"]].strip()
+        user = user_ids.ids.get(token, _parse_int(token) if user_ids.numeric else -1)
+        get = {f: (fields[where[f]].strip() if f in where else None) for f in ("age", "gender", "occupation")}
+        reader.add(line_no, user, token, get["age"], get["gender"], get["occupation"])
+    return reader.profiles, present
+
+
+LAYOUT_FILES = {
+    "ml-100k": "u.data (+ u.user)",
+    "ml-1m": "ratings.dat (+ users.dat)",
+    "csv": "ratings.csv",
+    "recbole": "one *.inter (+ *.user)",
+}
+
+
+def detect_layout(src_dir: str) -> str:
+    """Which MovieLens layout ``src_dir`` holds, from its file names."""
+    fs, root = fsspec.core.url_to_fs(src_dir)
+    try:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(f"MovieLens source directory not found: {src_dir}") from exn
+    for layout, marker in (("ml-100k", "u.data"), ("ml-1m", "ratings.dat"), ("csv", "ratings.csv")):
+        if marker in names:
+            return layout
+    if [n for n in names if n.endswith(".inter")]:
+        return "recbole"
+    known = "; ".join(f"{k}: {v}" for k, v in LAYOUT_FILES.items())
+    raise ValueError(f"{src_dir}: no MovieLens layout recognized (expected {known}); found {sorted(names)}")
+
+
+def _only(src_dir: str, suffix: str, required: bool) -> str | None:
+    fs, root = fsspec.core.url_to_fs(src_dir)
+    found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(suffix))
+    if len(found) > 1:
+        raise ValueError(f"{src_dir}: several {suffix} files {found}; keep one per directory")
+    if not found:
+        if required:
+            raise FileNotFoundError(f"{src_dir}: no {suffix} file")
+        return None
+    return join_url(src_dir, found[0])
+
+
+def _read_source(src_dir: str, layout: str, checker: _RowChecker) -> _Source:
+    files: dict[str, dict[str, Any]] = {}
+
+    def load(url: str) -> tuple[str, str]:
+        text, sha = _read_text(url)
+        files[url.rsplit("/", 1)[-1]] = {"sha256": sha}
+        return url, text
+
+    profile_fields: tuple[str, ...] = ("gender", "age", "occupation")
+    if layout in ("ml-100k", "ml-1m"):
+        data_name, user_name, sep = ("u.data", "u.user", "\t") if layout == "ml-100k" else ("ratings.dat", "users.dat", "::")
+        path, text = load(join_url(src_dir, data_name))
+        ratings = _read_int_ratings(data_name, path, text, sep, checker)
+        rated = set(np.unique(ratings.user).tolist())
+        path, text = load(join_url(src_dir, user_name))
+        order = (1, 2, 3) if layout == "ml-100k" else (2, 1, 3)
+        profiles = _read_delimited_profiles(user_name, path, text, "|" if layout == "ml-100k" else "::", order,
+                                            checker, rated)
+    elif layout == "csv":
+        path, text = load(join_url(src_dir, "ratings.csv"))
+        ratings, profiles, profile_fields = _read_csv_ratings(path, text, checker), {}, ()
+    elif layout == "recbole":
+        path, text = load(_only(src_dir, ".inter", required=True))
+        ratings, user_ids = _read_recbole_ratings(path, text, checker)
+        user_url = _only(src_dir, ".user", required=False)
+        profiles, profile_fields = {}, ()
+        if user_url is not None:
+            path, text = load(user_url)
+            profiles, profile_fields = _read_recbole_profiles(path, text, checker, set(np.unique(ratings.user).tolist()),
+                                                              user_ids)
+    else:
+        raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
+    return _Source(layout, ratings, profiles, files, profile_fields)
 
 
 def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,10 +410,10 @@ def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _like_task(
-    name: str, ratings: _Ratings, stars: int, t1_users: np.ndarray
+    name: str, ratings: _Ratings, low: float, high: float, t1_users: np.ndarray
 ) -> tuple[TaskData, int]:
-    """Item task over the ratings of exactly ``stars``; also returns how many were dropped."""
-    chosen = np.flatnonzero(ratings.rating == stars)
+    """Item task over the ratings in [low, high); also returns how many were dropped (no T1)."""
+    chosen = np.flatnonzero((ratings.rating >= low) & (ratings.rating < high))
     has_t1 = np.isin(ratings.user[chosen], t1_users)
     chosen = chosen[has_t1]
     vocab = np.unique(ratings.item[chosen])
@@ -227,58 +428,59 @@ def _like_task(
     return task, int((~has_t1).sum())
 
 
+def _occupation_order(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
 def _profile_tasks(
-    profiles: dict[int, _Profile], t1_users: np.ndarray
+    profiles: dict[int, _Profile], fields: tuple[str, ...], t1_users: np.ndarray
 ) -> tuple[list[TaskData], int]:
-    """gender, age, occupation tasks over users with both a profile and a T1 sequence."""
+    """gender, age, occupation tasks (those in ``fields``) over users with a profile and a T1 sequence."""
     with_t1 = set(t1_users.tolist())
     kept = [u for u in sorted(profiles) if u in with_t1]
     rows = np.searchsorted(t1_users, np.asarray(kept, dtype=np.int64)).astype(np.int64)
-    occupations = sorted({p.occupation for p in profiles.values()})
+    occupations = sorted({p.occupation for p in profiles.values() if p.occupation}, key=_occupation_order)
     labels = {
-        "gender": ([GENDERS.index(profiles[u].gender) for u in kept], list(GENDERS)),
-        "age": (
+        "gender": lambda: ([GENDERS.index(profiles[u].gender) for u in kept], list(GENDERS)),
+        "age": lambda: (
             [int(np.searchsorted(AGE_LIMITS, profiles[u].age, side="right")) for u in kept],
             list(AGE_BRACKETS),
         ),
-        "occupation": ([occupations.index(profiles[u].occupation) for u in kept], occupations),
+        "occupation": lambda: ([occupations.index(profiles[u].occupation) for u in kept], occupations),
     }
-    tasks = [
-        TaskData(
-            name,
-            "class",
-            None,
-            rows,
-            np.asarray(ids, dtype=np.int64),
-            num_classes=len(names),
-            class_names=names,
-        )
-        for name, (ids, names) in labels.items()
-    ]
+    tasks = []
+    for name in ("gender", "age", "occupation"):
+        if name in fields:
+            ids, names = labels[name]()
+            tasks.append(TaskData(name, "class", None, rows, np.asarray(ids, dtype=np.int64),
+                                  num_classes=len(names), class_names=names))
     return tasks, len(profiles) - len(kept)
 
 
-def read_ml100k(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False
+def read_movielens(
+    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False, layout: str | None = None
 ) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
-    """Parse ``u.data`` and ``u.user`` under ``src_dir`` into (t1_seqs, tasks, source, skipped_rows)."""
+    """Parse a MovieLens release under ``src_dir`` (layout detected unless given) into
+    (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     checker = _RowChecker(skip_bad_rows)
-    data_path, user_path = join_url(src_dir, "u.data"), join_url(src_dir, "u.user")
-    data_text, data_sha = _read_text(data_path)
-    user_text, user_sha = _read_text(user_path)
-    ratings = _read_ratings(data_path, data_text, checker)
+    layout = layout or detect_layout(src_dir)
+    parsed = _read_source(src_dir, layout, checker)
+    ratings, profiles = parsed.ratings, parsed.profiles
+    ratings_file, *profile_file = parsed.files
+    parsed.files[ratings_file]["valid_rows"] = len(ratings.user)
+    for name in profile_file:
+        parsed.files[name]["valid_rows"] = len(profiles)
     rated = set(np.unique(ratings.user).tolist())
-    profiles = _read_profiles(user_path, user_text, checker, rated)
     t1_seqs, t1_users, t1_vocab = _t1_table(ratings, seq_len)
     if len(t1_users) == 0:
         raise ValueError(
-            f"{data_path}: no user has a rating below {LOW_RATING}, so there is no T1 sequence"
+            f"{join_url(src_dir, ratings_file)}: no user has a rating below {LOW_RATING}, so there is no T1 sequence"
         )
-    like4, dropped4 = _like_task("like4", ratings, 4, t1_users)
-    like5, dropped5 = _like_task("like5", ratings, 5, t1_users)
-    profile_tasks, dropped_profiles = _profile_tasks(profiles, t1_users)
+    like4, dropped4 = _like_task("like4", ratings, 4, 5, t1_users)
+    like5, dropped5 = _like_task("like5", ratings, 5, 6, t1_users)
+    profile_tasks, dropped_profiles = _profile_tasks(profiles, parsed.profile_fields, t1_users)
     t1 = TaskData(
         "t1",
         "sequence",
@@ -289,24 +491,29 @@ def read_ml100k(
     )
     source = {
         "src": src_dir,
-        "files": {
-            "u.data": {"sha256": data_sha, "valid_rows": len(ratings.user)},
-            "u.user": {"sha256": user_sha, "valid_rows": len(profiles)},
-        },
+        "layout": layout,
+        "files": parsed.files,
         "recipe": {
             "seq_len": seq_len,
             "t1": f"most recent ratings < {LOW_RATING}",
-            "like4": "rating == 4",
+            "like4": "4 <= rating < 5",
             "like5": "rating == 5",
             "age_brackets": list(AGE_BRACKETS),
         },
         "num_users": len(rated),
         "num_t1_users": len(t1_users),
         "users_without_t1": len(rated) - len(t1_users),
-        "users_without_profile": len(set(t1_users.tolist()) - set(profiles)),
+        "users_without_profile": len(set(t1_users.tolist()) - set(profiles)) if parsed.profile_fields else None,
         "dropped_instances": {"like4": dropped4, "like5": dropped5, "profile": dropped_profiles},
     }
     return t1_seqs, [t1, like4, like5, *profile_tasks], source, dict(checker.counts)
+
+
+def read_ml100k(
+    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False
+) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
+    """``read_movielens`` for GroupLens' ML-100K files (``u.data``, ``u.user``)."""
+    return read_movielens(src_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout="ml-100k")
 
 
 def write_movielens(
@@ -316,14 +523,16 @@ def write_movielens(
     seq_len: int = 30,
     seed: int = 0,
     skip_bad_rows: bool = False,
+    layout: str | None = None,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
 ) -> Manifest:
-    """Convert ML-100K under ``src`` into shards + manifest under ``out``; ``seed`` seeds the split."""
-    t1_seqs, tasks, source, skipped = read_ml100k(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows)
+    """Convert the MovieLens release under ``src`` into shards + manifest under ``out``;
+    ``seed`` seeds the split."""
+    t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout)
     return write_dataset(
         out,
-        dataset="ml-100k",
+        dataset=f"movielens-{source['layout']}",
         t1_seqs=t1_seqs,
         tasks=tasks,
         seed=seed,
