@@ -410,6 +410,9 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         write_report(report, out)
     logger.log("done", wall_seconds=state.wall_seconds)
     logger.flush()
+    # Every rank leaves together: no rank tears the process group down while another still
+    # finishes its last collective.
+    barrier(dist)
     return report
 
 
