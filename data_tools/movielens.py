@@ -193,16 +193,30 @@ def _read_csv_ratings(path: str, text: str, checker: _RowChecker) -> _Ratings:
     return _ratings(columns)
 
 
-def _recbole_header(path: str, text: str, required: tuple[str, ...]) -> tuple[dict[str, int], int]:
-    """Field positions of a RecBole header (``name:type`` separated by tabs)."""
-    first = next(_rows(text, "\t"), None)
+def _recbole_rows(
+    path: str, text: str, required: tuple[str, ...], checker: _RowChecker
+) -> tuple[dict[str, int], Iterator[tuple[int, list[str]]]]:
+    """Field positions of a RecBole file's header (``name:type`` separated by tabs) and its data
+    rows with the header's field count (other rows are reported to ``checker``)."""
+    label = path.rsplit("/", 1)[-1]
+    rows = _rows(text, "\t")
+    first = next(rows, None)
     if first is None:
         raise ValueError(f"{path} line 1: empty file, expected a header of name:type fields")
     names = [f.strip().split(":", 1)[0] for f in first[1]]
     missing = [n for n in required if n not in names]
     if missing:
         raise ValueError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
-    return {n: i for i, n in enumerate(names)}, len(names)
+
+    def data() -> Iterator[tuple[int, list[str]]]:
+        for line_no, fields in rows:
+            if len(fields) == len(names):
+                yield line_no, fields
+            else:
+                checker.bad(label, path, line_no, "wrong field count",
+                            f"expected {len(names)} tab-separated fields, got {len(fields)}")
+
+    return {n: i for i, n in enumerate(names)}, data()
 
 
 class _TokenIds:
@@ -217,16 +231,11 @@ class _TokenIds:
 
 def _read_recbole_ratings(path: str, text: str, checker: _RowChecker) -> tuple[_Ratings, _TokenIds]:
     label = path.rsplit("/", 1)[-1]
-    where, width = _recbole_header(path, text, ("user_id", "item_id", "rating", "timestamp"))
+    where, rows = _recbole_rows(path, text, ("user_id", "item_id", "rating", "timestamp"), checker)
     users: list[str] = []
     items: list[str] = []
     values: list[tuple[float, float]] = []
-    rows = _rows(text, "\t")
-    next(rows)
     for line_no, fields in rows:
-        if len(fields) != width:
-            checker.bad(label, path, line_no, "wrong field count", f"expected {width} tab-separated fields, got {len(fields)}")
-            continue
         user, item = fields[where["user_id"]].strip(), fields[where["item_id"]].strip()
         rating, timestamp = _parse_float(fields[where["rating"]]), _parse_float(fields[where["timestamp"]])
         if not user or not item:
@@ -303,15 +312,10 @@ def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: 
 def _read_recbole_profiles(path: str, text: str, checker: _RowChecker, rated: set[int],
                            user_ids: _TokenIds) -> tuple[dict[int, _Profile], tuple[str, ...]]:
     label = path.rsplit("/", 1)[-1]
-    where, width = _recbole_header(path, text, ("user_id",))
+    where, rows = _recbole_rows(path, text, ("user_id",), checker)
     present = tuple(f for f in ("gender", "age", "occupation") if f in where)
     reader = _ProfileReader(label, path, checker, rated)
-    rows = _rows(text, "\t")
-    next(rows)
     for line_no, fields in rows:
-        if len(fields) != width:
-            checker.bad(label, path, line_no, "wrong field count", f"expected {width} tab-separated fields, got {len(fields)}")
-            continue
         token = fields[where["user_id"]].strip()
         user = user_ids.ids.get(token, _parse_int(token) if user_ids.numeric else -1)
         get = {f: (fields[where[f]].strip() if f in where else None) for f in ("age", "gender", "occupation")}
