@@ -24,6 +24,15 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--seed", type=int, default=0, help="generator seed")
     syn.add_argument("--split-seed", type=int, default=0, help="seed of the 80/5/15 split")
     syn.add_argument("--instances-per-shard", type=int, default=50_000)
+    ttl = kinds.add_parser("ttl", help="Tencent TTL files: a pretraining file and task files (source,,targets)")
+    ttl.add_argument("--pretrain", required=True, help="T1 file: one user per line, comma-separated item tokens")
+    ttl.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
+                     help="a later task, in training order: KIND is item or class (repeat the option)")
+    ttl.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
+    ttl.add_argument("--seq-len", type=int, default=100)
+    ttl.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
+    ttl.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted in the manifest)")
+    ttl.add_argument("--instances-per-shard", type=int, default=50_000)
     ml = kinds.add_parser("movielens", help="MovieLens in a public layout: ML-100K (u.data, u.user), ML-1M "
                           "(ratings.dat, users.dat), ratings.csv (20M/25M/32M/latest) or RecBole (*.inter, *.user)")
     ml.add_argument("--src", required=True, help="directory holding the release's files (layout detected)")
@@ -72,6 +81,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed)
         manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
                                    instances_per_shard=args.instances_per_shard)
+    elif args.source == "ttl":
+        from data_tools.ttl import TaskFile, write_ttl
+
+        manifest = write_ttl(args.pretrain, [TaskFile.parse(t) for t in args.task], args.out, seq_len=args.seq_len,
+                             seed=args.seed, skip_bad_rows=args.skip_bad_rows,
+                             instances_per_shard=args.instances_per_shard)
     else:
         from data_tools.movielens import write_movielens
 

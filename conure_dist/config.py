@@ -74,7 +74,8 @@ class DataConfig:
     source: Literal["none", "synthetic", "movielens"] = "none"
     """How ``conure run`` builds shards when ``root`` has no manifest; ``none`` means it errors."""
     source_dir: str | None = None
-    """Raw files for ``source: movielens`` (GroupLens layout: ``u.data``, ``u.user``)."""
+    """Raw files for ``source: movielens``: a MovieLens release in any public layout (ML-100K,
+    ML-1M, ``ratings.csv``) or RecBole atomic files."""
     seq_len: int = 30
     """T1 sequence length used when converting MovieLens."""
     skip_bad_rows: bool = False
@@ -86,7 +87,9 @@ class DataConfig:
     shuffle_buffer: int = 10_000
     """Instances held in the streaming shuffle buffer."""
     split_seed: int = 0
-    """Seed of the 80/5/15 train/valid/test split when shards are generated."""
+    """Seed of the train/valid/test split when shards are generated."""
+    split: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
+    """Train, valid and test fractions of every task's instances when shards are generated."""
     partition: Literal["auto", "range", "stride"] = "auto"
     """How ranks share a split: ``range`` gives each rank its own shards (reads 1/W of the
     bytes), ``stride`` makes the ranks' batches together exactly the one-process global batch;
@@ -99,6 +102,9 @@ class DataConfig:
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
         _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
         _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
+        _check(len(self.split) == 3 and all(f >= 0 for f in self.split) and self.split[0] > 0
+               and abs(sum(self.split) - 1) < 1e-9, f"{prefix}.split",
+               f"must be three fractions (train > 0, valid, test) summing to 1, got {self.split}")
         self.synthetic.validate(f"{prefix}.synthetic")
 
 

@@ -32,7 +32,6 @@ are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,27 +40,15 @@ import fsspec
 import numpy as np
 
 from conure_dist.data.manifest import Manifest, join_url
+from data_tools.rows import RowChecker, read_text
 from data_tools.shards import TaskData, write_dataset
+from data_tools.split import DEFAULT_FRACTIONS
 
 AGE_LIMITS: tuple[int, ...] = (18, 25, 35, 45, 50, 56)
 AGE_BRACKETS: tuple[str, ...] = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 GENDERS: tuple[str, ...] = ("F", "M")
 LOW_RATING = 4
 """Ratings strictly below this form T1."""
-
-
-@dataclass
-class _RowChecker:
-    """Raises on a bad row, or counts it when skipping is allowed."""
-
-    skip: bool
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def bad(self, label: str, path: str, line_no: int, reason: str, detail: str) -> None:
-        if not self.skip:
-            raise ValueError(f"{path} line {line_no}: {detail}")
-        key = f"{label}: {reason}"
-        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 @dataclass
@@ -94,17 +81,6 @@ class _Source:
     profile_fields: tuple[str, ...]
 
 
-def _read_text(url: str) -> tuple[str, str]:
-    """File contents and their sha256 (for the source record)."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as exn:
-        raise FileNotFoundError(f"MovieLens file not found: {url}") from exn
-    # latin-1 never fails to decode; GroupLens files are ASCII apart from titles in u.item.
-    return data.decode("latin-1"), hashlib.sha256(data).hexdigest()
-
-
 def _rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
     for line_no, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -132,7 +108,7 @@ def _ratings(columns: list[list[float]]) -> _Ratings:
                     np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64))
 
 
-def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: _RowChecker) -> _Ratings:
+def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowChecker) -> _Ratings:
     """``u.data`` / ``ratings.dat``: user, item, whole-star rating 1..5, timestamp; all integers."""
     columns: list[list[float]] = [[], [], [], []]
     names = ("user id", "item id", "rating", "timestamp")
@@ -163,7 +139,7 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: _RowC
 CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
 
 
-def _read_csv_ratings(path: str, text: str, checker: _RowChecker) -> _Ratings:
+def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
     """``ratings.csv`` (MovieLens-20M/25M/32M, latest): header, then half-star ratings 0.5..5."""
     label = "ratings.csv"
     columns: list[list[float]] = [[], [], [], []]
@@ -194,7 +170,7 @@ def _read_csv_ratings(path: str, text: str, checker: _RowChecker) -> _Ratings:
 
 
 def _recbole_rows(
-    path: str, text: str, required: tuple[str, ...], checker: _RowChecker
+    path: str, text: str, required: tuple[str, ...], checker: RowChecker
 ) -> tuple[dict[str, int], Iterator[tuple[int, list[str]]]]:
     """Field positions of a RecBole file's header (``name:type`` separated by tabs) and its data
     rows with the header's field count (other rows are reported to ``checker``)."""
@@ -229,7 +205,7 @@ class _TokenIds:
         self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
 
 
-def _read_recbole_ratings(path: str, text: str, checker: _RowChecker) -> tuple[_Ratings, _TokenIds]:
+def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_Ratings, _TokenIds]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id", "item_id", "rating", "timestamp"), checker)
     users: list[str] = []
@@ -264,7 +240,7 @@ class _ProfileReader:
 
     label: str
     path: str
-    checker: _RowChecker
+    checker: RowChecker
     rated: set[int]
     profiles: dict[int, _Profile] = field(default_factory=dict)
 
@@ -295,7 +271,7 @@ class _ProfileReader:
 
 
 def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: tuple[int, int, int],
-                             checker: _RowChecker, rated: set[int]) -> dict[int, _Profile]:
+                             checker: RowChecker, rated: set[int]) -> dict[int, _Profile]:
     """``u.user`` (id|age|gender|occupation|zip) and ``users.dat`` (id::gender::age::occupation::zip);
     ``order`` gives the positions of age, gender and occupation."""
     reader = _ProfileReader(label, path, checker, rated)
@@ -309,7 +285,7 @@ def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: 
     return reader.profiles
 
 
-def _read_recbole_profiles(path: str, text: str, checker: _RowChecker, rated: set[int],
+def _read_recbole_profiles(path: str, text: str, checker: RowChecker, rated: set[int],
                            user_ids: _TokenIds) -> tuple[dict[int, _Profile], tuple[str, ...]]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id",), checker)
@@ -359,11 +335,11 @@ def _only(src_dir: str, suffix: str, required: bool) -> str | None:
     return join_url(src_dir, found[0])
 
 
-def _read_source(src_dir: str, layout: str, checker: _RowChecker) -> _Source:
+def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
     files: dict[str, dict[str, Any]] = {}
 
     def load(url: str) -> tuple[str, str]:
-        text, sha = _read_text(url)
+        text, sha = read_text(url)
         files[url.rsplit("/", 1)[-1]] = {"sha256": sha}
         return url, text
 
@@ -468,7 +444,7 @@ def read_movielens(
     (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    checker = _RowChecker(skip_bad_rows)
+    checker = RowChecker(skip_bad_rows)
     layout = layout or detect_layout(src_dir)
     parsed = _read_source(src_dir, layout, checker)
     ratings, profiles = parsed.ratings, parsed.profiles
@@ -528,6 +504,7 @@ def write_movielens(
     seed: int = 0,
     skip_bad_rows: bool = False,
     layout: str | None = None,
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
 ) -> Manifest:
@@ -540,6 +517,7 @@ def write_movielens(
         t1_seqs=t1_seqs,
         tasks=tasks,
         seed=seed,
+        split=split,
         source=source,
         skipped_rows=skipped,
         instances_per_shard=instances_per_shard,

@@ -28,6 +28,7 @@ import numpy as np
 
 from conure_dist.data.manifest import Manifest
 from data_tools.shards import TaskData, write_dataset
+from data_tools.split import DEFAULT_FRACTIONS
 
 AGE_BRACKETS: tuple[str, ...] = ("<25", "25-34", "35-44", "45-54", "55+")
 # Cumulative shares of the age brackets: uneven like real audiences, largest bracket ~30%.
@@ -296,6 +297,7 @@ def write_synthetic(
     spec: SyntheticSpec | None = None,
     *,
     split_seed: int = 0,
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
 ) -> Manifest:
@@ -307,6 +309,7 @@ def write_synthetic(
         t1_seqs=t1_seqs,
         tasks=tasks,
         seed=split_seed,
+        split=split,
         source=source,
         skipped_rows={},
         instances_per_shard=instances_per_shard,

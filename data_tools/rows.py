@@ -1,0 +1,33 @@
+"""Reading raw text files: contents with their sha256, and bad-row reporting by file and line."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import fsspec
+
+
+@dataclass
+class RowChecker:
+    """Raises on a bad row, or counts it when skipping is allowed."""
+
+    skip: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def bad(self, label: str, path: str, line_no: int, reason: str, detail: str) -> None:
+        if not self.skip:
+            raise ValueError(f"{path} line {line_no}: {detail}")
+        key = f"{label}: {reason}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def read_text(url: str) -> tuple[str, str]:
+    """File contents and their sha256 (for the source record)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(f"input file not found: {url}") from exn
+    # latin-1 never fails to decode; the raw files are ASCII apart from free text (titles).
+    return data.decode("latin-1"), hashlib.sha256(data).hexdigest()

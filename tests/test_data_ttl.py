@@ -1,0 +1,75 @@
+"""The Tencent TTL file layout: pretraining file, item-task and profile files (source,,targets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import conure
+
+from conure_dist.data.manifest import Manifest
+from data_tools.ttl import TaskFile, read_ttl
+
+PRETRAIN = ["0,0,a7,b2,c9", "0,0,0,b2,b2", "x1,a7,c9,c9,b2"]
+CLICKS = ["0,0,a7,b2,c9,,k5,k1", "0,0,0,b2,b2,,k1", "0,0,0,0,c9,,k20"]  # the last source is not a T1 row
+AGE = ["0,0,a7,b2,c9,,3", "x1,a7,c9,c9,b2,,10", "0,0,0,b2,b2,,3"]
+
+
+def write(tmp_path, pretrain=None, clicks=None, age=None):
+    files = {"pretrain.csv": pretrain or PRETRAIN, "clicks.csv": clicks or CLICKS, "age.csv": age or AGE}
+    for name, rows in files.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    return (str(tmp_path / "pretrain.csv"),
+            [TaskFile("click", "item", str(tmp_path / "clicks.csv")), TaskFile("age", "class", str(tmp_path / "age.csv"))])
+
+
+def test_ttl_files_to_tasks(tmp_path):
+    pretrain, tasks = write(tmp_path)
+    t1_seqs, data, source, skipped = read_ttl(pretrain, tasks, seq_len=5)
+    assert skipped == {}
+    # T1 vocabulary: sorted tokens a7, b2, c9, x1 -> 1..4; padding 0.
+    np.testing.assert_array_equal(t1_seqs, [[0, 0, 1, 2, 3], [0, 0, 0, 2, 2], [4, 1, 3, 3, 2], [0, 0, 0, 0, 3]])
+    t1, click, age = data
+    assert t1.num_items == 5 and t1.users.tolist() == [0, 1, 2] and t1.seqs.shape == (3, 5)
+    assert source["input_only_rows"] == 1  # clicks' third source is an input row, not a T1 instance
+    # Click targets sort as strings: k1, k20, k5 -> 0, 1, 2; one instance per target.
+    assert click.num_items == 3
+    assert list(zip(click.users.tolist(), click.targets.tolist(), strict=True)) == [(0, 2), (0, 0), (1, 0), (3, 1)]
+    assert age.class_names == ["3", "10"] and age.targets.tolist() == [0, 1, 0] and age.users.tolist() == [0, 2, 1]
+
+
+def test_ttl_cli_writes_shards(tmp_path):
+    pretrain, tasks = write(tmp_path)
+    conure("data", "ttl", "--pretrain", pretrain, "--task", f"click=item:{tasks[0].path}",
+           "--task", f"age=class:{tasks[1].path}", "--seq-len", "5", "--out", str(tmp_path / "out"))
+    manifest = Manifest.load(str(tmp_path / "out"))
+    assert [t.name for t in manifest.tasks] == ["t1", "click", "age"] and manifest.dataset == "ttl"
+    assert manifest.num_seq_items == 5 and manifest.seq_len == 5
+    assert sum(manifest.task("click").splits[s].num_instances for s in ("train", "valid", "test")) == 4
+
+
+@pytest.mark.parametrize(
+    ("which", "bad", "message", "reason"),
+    [
+        ("pretrain", "0,a7,b2", r"pretrain\.csv line 2: expected 5 tokens, got 3", "pretrain.csv: wrong token count"),
+        ("clicks", "0,0,a7,b2,c9,k5", r"clicks\.csv line 2: no ',,' between source and targets",
+         "clicks.csv: no ',,' separator"),
+        ("clicks", "0,0,a7,b2,zz,,k5", r"clicks\.csv line 2: source token 'zz' is not in the pretraining vocabulary",
+         "clicks.csv: token not in T1"),
+        ("clicks", "0,0,a7,b2,c9,,", r"clicks\.csv line 2: no target after ',,'", "clicks.csv: no target"),
+        ("age", "0,0,a7,b2,c9,,3,4", r"age\.csv line 2: expected one label, got 2", "age.csv: several labels"),
+    ],
+)
+def test_ttl_bad_rows_name_file_and_line(tmp_path, which, bad, message, reason):
+    rows = {"pretrain": list(PRETRAIN), "clicks": list(CLICKS), "age": list(AGE)}
+    rows[which].insert(1, bad)
+    pretrain, tasks = write(tmp_path, rows["pretrain"], rows["clicks"], rows["age"])
+    with pytest.raises(ValueError, match=message):
+        read_ttl(pretrain, tasks, seq_len=5)
+    _, _, _, skipped = read_ttl(pretrain, tasks, seq_len=5, skip_bad_rows=True)
+    assert skipped == {reason: 1}
+
+
+def test_task_spec_errors():
+    assert TaskFile.parse("click=item:a/b.csv") == TaskFile("click", "item", "a/b.csv")
+    with pytest.raises(ValueError, match="NAME=item:PATH or NAME=class:PATH"):
+        TaskFile.parse("click=items:a.csv")
