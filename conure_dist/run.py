@@ -78,22 +78,32 @@ def barrier(dist: DistInfo) -> None:
 
 
 def prepare_data(cfg: RunConfig, dist: DistInfo) -> Manifest:
-    """Load the manifest under ``data.root``, generating the shards first when there are none."""
+    """Load the manifest under ``data.root``, generating the shards first when there are none.
+
+    Only rank 0 looks and generates; every rank then meets at the same barrier (a rank must not
+    skip it because the manifest appeared in the meantime)."""
     root = cfg.data.root
+    if dist.is_main and cfg.data.source != "none" and not manifest_exists(root):
+        generate_shards(cfg)
+    barrier(dist)
     if not manifest_exists(root):
-        if cfg.data.source == "none":
-            raise FileNotFoundError(
-                f"no manifest.json under data.root={root}; build shards with `conure data ...` "
-                "or set data.source to 'synthetic' or 'movielens'"
-            )
-        if dist.is_main:
-            generate_shards(cfg)
-        barrier(dist)
-    return Manifest.load(root)
+        raise FileNotFoundError(
+            f"no manifest.json under data.root={root}; build shards with `conure data ...` "
+            "or set data.source to 'synthetic' or 'movielens'"
+        )
+    manifest = Manifest.load(root)
+    if cfg.data.source != "none":
+        want = {"train": cfg.data.split[0], "valid": cfg.data.split[1], "test": cfg.data.split[2],
+                "seed": cfg.data.split_seed}
+        have = {k: manifest.split.get(k) for k in want}
+        if have != want:
+            raise ValueError(f"data.root={root} holds shards split as {have}, but the config asks for {want} "
+                             "(data.split, data.split_seed); point data.root to another directory")
+    return manifest
 
 
 def generate_shards(cfg: RunConfig) -> Manifest:
-    shard_args = {"instances_per_shard": cfg.data.instances_per_shard}
+    shard_args = {"instances_per_shard": cfg.data.instances_per_shard, "split": tuple(cfg.data.split)}
     if cfg.data.source == "synthetic":
         from data_tools.synthetic import SyntheticSpec, write_synthetic
 
