@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
     run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
+    ex = sub.add_parser("experiment", help="methods x seeds (x variants): comparison table, JSON and plots")
+    ex.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/ml100k_table2.yaml")
+    ex.add_argument("--out", required=True, help="directory or URL: runs/, results.json, table.md, plots/")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
@@ -105,17 +108,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.config import load_config
     from conure_dist.dist import init_distributed, shutdown_distributed
     from conure_dist.report import format_table
-    from conure_dist.run import run_conure
+    from conure_dist.run import run_method
 
     cfg = load_config(args.config, args.overrides)
     dist = init_distributed(cfg.dist)
     try:
-        report = run_conure(cfg, args.out, dist, resume=args.resume)
+        report = run_method(cfg, args.out, dist, resume=args.resume)
     finally:
         shutdown_distributed(dist)
     if dist.is_main:
         print(format_table(report))
         print(f"report: {args.out.rstrip('/')}/report.json")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from conure_dist.config import DistConfig
+    from conure_dist.dist import init_distributed, shutdown_distributed
+    from conure_dist.experiment import format_markdown, load_experiment, run_experiment
+
+    experiment = load_experiment(args.config)
+    dist = init_distributed(DistConfig())
+    try:
+        summary = run_experiment(experiment, args.out, dist)
+    finally:
+        shutdown_distributed(dist)
+    if dist.is_main:
+        print(format_markdown(summary))
+        print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
     return 0
 
 
@@ -224,7 +244,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"data": cmd_data, "run": cmd_run, "eval": cmd_eval, "predict": cmd_predict, "audit": cmd_audit}
+COMMANDS = {"data": cmd_data, "run": cmd_run, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
+            "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,10 @@ class TrainConfig:
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    deterministic: bool = True
+    """Deterministic kernels (``torch.use_deterministic_algorithms``): the same config and seed
+    give the same weights. Multi-threaded CPU gradient scatters otherwise add in varying order.
+    Ops without a deterministic kernel only warn; turn off for top GPU speed."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
     keep_checkpoints: int = 2
@@ -229,6 +233,29 @@ class DistConfig:
             _check(self.engine == "deepspeed", f"{prefix}.deepspeed_config", "needs dist.engine: deepspeed")
 
 
+METHODS = ("conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl")
+
+
+@dataclass
+class MethodConfig:
+    """How the tasks share the backbone: Conure, or one of the baselines it is compared with."""
+
+    name: Literal["conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl"] = "conure"
+    """conure; conure_minus (Conure's run, each task scored before its pruning and retraining);
+    finetune (one model fine-tuned task after task: it forgets); stl (one model per task, fully
+    fine-tuned from T1); finesmax (T1's backbone frozen, only the head trains); sinmo (one model
+    per task trained from scratch); peterrec (T1's backbone frozen plus per-task model patches);
+    mtl (one model per task trained on T1 and that task jointly)."""
+    mtl_t1_weight: float = 0.1
+    """mtl: weight of T1's loss in the joint loss."""
+    patch_dim: int = 16
+    """peterrec: bottleneck width of the model patches."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.mtl_t1_weight >= 0, f"{prefix}.mtl_t1_weight", f"must be >= 0, got {self.mtl_t1_weight}")
+        _check(self.patch_dim >= 1, f"{prefix}.patch_dim", f"must be >= 1, got {self.patch_dim}")
+
+
 @dataclass
 class RunConfig:
     """Everything one ``conure run`` needs."""
@@ -239,6 +266,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks in training order; the first must be the manifest's sequence (T1) task."""
 
@@ -247,6 +275,7 @@ class RunConfig:
         self.model.validate("model")
         self.train.validate("train")
         self.dist.validate("dist")
+        self.method.validate("method")
         _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
         _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")
         names = [t.name for t in self.tasks]

@@ -14,12 +14,21 @@ from conure_dist.train.checkpoint import join
 from conure_dist.train.metrics import primary_metric_name
 
 
-def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistInfo) -> dict[str, Any]:
+def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistInfo,
+                 storage: dict[str, int] | None = None) -> dict[str, Any]:
+    """``storage``: ``num_backbones`` and ``stored_parameters`` (what serving every task keeps)."""
     k = cfg.train.topk
     metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
+    matrix = [list(row) for row in state.matrix]
+    before_prune = {name: m[metric[name]] for name, m in getattr(state, "before_prune", {}).items()}
+    if cfg.method.name == "conure_minus":  # each task as it was before its own pruning
+        for i, row in enumerate(matrix):
+            row[i] = before_prune.get(infos[i].name, row[i])
     return {
+        "method": cfg.method.name,
         "tasks": [{"name": t.name, "kind": t.kind, "primary_metric": metric[t.name]} for t in infos],
-        "matrix": state.matrix,
+        "matrix": matrix,
+        "before_prune": before_prune,
         "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
         "capacity": [
             {"task": c["task"], "owned_fraction": sum(c["owned_fraction"].values()), "free_fraction": c["free_fraction"],
@@ -29,6 +38,7 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
         "test_metrics": state.metrics[-1] if state.metrics else {},
         "reference_metrics": state.reference,
         "task_checksums": state.task_checksums,
+        **(storage or {}),
         "wall_seconds": round(state.wall_seconds, 3),
         "world_size": dist.world_size,
         "engine": cfg.dist.engine,

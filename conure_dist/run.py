@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,7 +140,9 @@ def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
 def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> ConureModel:
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std)
+    patch_tasks = [s.name for s in specs[1:]] if cfg.method.name == "peterrec" else []
+    return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
+                       patch_tasks=patch_tasks, patch_dim=cfg.method.patch_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +161,8 @@ class RunState:
     matrix: list[list[float | None]] = field(default_factory=list)
     metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    before_prune: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each task's test metrics right after its train phase (Conure-: no prune, no retrain)."""
     capacity: list[dict[str, Any]] = field(default_factory=list)
     task_checksums: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -191,9 +196,14 @@ class Trainer:
         """T1's train phase trains the whole backbone; every other phase only the prunable
         kernels (through the view's masks) and the task's own head."""
         name = self.infos[task_index].name
-        wanted = set(self.model.prunable_names()) | set(self.model.head_names(name))
+        wanted = self.model.prunable_names() + self.model.head_names(name)
         if task_index == 0 and mode == "train":
-            wanted |= set(self.model.shared_names())
+            wanted += self.model.shared_names()
+        return self.select_parameters(wanted)
+
+    def select_parameters(self, names: list[str]) -> dict[str, nn.Parameter]:
+        """Exactly the named model parameters become trainable."""
+        wanted = set(names)
         out = {}
         for pname, param in self.model.named_parameters():
             param.requires_grad_(pname in wanted)
@@ -203,22 +213,25 @@ class Trainer:
 
     # -- one phase ---------------------------------------------------------------------------
     def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
-                  save_mid: Callable[[PhaseProgress, dict, Engine], None] | None = None) -> dict[str, Any]:
+                  save_mid: Callable[[PhaseProgress, dict, Engine], None] | None = None, *,
+                  dense: list[str] | None = None, joint_weight: float = 0.0) -> dict[str, Any]:
         """Train under the phase's view; keep the parameters of the best validation epoch.
 
         ``resume`` continues a phase from a mid-phase checkpoint (epoch, step, optimizer, RNG,
         best parameters so far); ``save_mid`` is called every ``train.checkpoint_every_steps``.
+        The baselines train in the dense view (no ownership) the parameters named in ``dense``,
+        and with ``joint_weight`` also T1's loss on T1 batches, times that weight.
         """
         info = self.infos[task_index]
         task_id = task_index + 1
         epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
-        self.masked.set_view(mode, task_id)
+        self.masked.set_view("dense" if dense is not None else mode, task_id)
         self.masked.train()
         global_batch = task_cfg.batch_size
         if global_batch % self.dist.world_size:
             raise ValueError(f"tasks.{task_index}.batch_size={global_batch} is not divisible by "
                              f"the world size {self.dist.world_size}")
-        trainable = self.trainable_parameters(task_index, mode)
+        trainable = self.trainable_parameters(task_index, mode) if dense is None else self.select_parameters(dense)
         engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist,
                               per_rank_batch=global_batch // self.dist.world_size,
                               row_sparse=[f"model.{n}" for n in self.model.item_table_names()])
@@ -226,6 +239,7 @@ class Trainer:
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         draw = self._negative_drawer(info, global_batch)
+        joint = self._joint_batches(self.cfg.tasks[0].batch_size) if joint_weight else None
         metric = primary_metric_name(info.kind, self.cfg.train.topk)
         progress, best_state = PhaseProgress(mode=mode), None
         if resume is not None:
@@ -248,7 +262,12 @@ class Trainer:
             for batch in bar:
                 seq = batch.seq.to(self.dist.device)
                 target = None if batch.target is None else batch.target.to(self.dist.device)
-                loss = engine.train_step(seq, info.name, target, draw(generator))
+                if joint is None:
+                    loss = engine.train_step(seq, info.name, target, draw(generator))
+                else:
+                    t1_seq, t1_negatives = joint(generator)
+                    loss = engine.train_step(seq, info.name, target, draw(generator),
+                                             (self.infos[0].name, t1_seq, t1_negatives, joint_weight))
                 progress.loss_total += loss.item()
                 progress.step += 1
                 if progress.step % self.cfg.train.log_every == 0:
@@ -286,6 +305,30 @@ class Trainer:
             return lambda g: pop.sample(global_batch, g)[rank::world].to(self.dist.device)
         return lambda g: None
 
+    def _joint_batches(self, global_batch: int):
+        """T1 batches (of T1's own batch size) and their negatives, cycling over T1's train split."""
+        t1 = self.infos[0]
+        draw = self._negative_drawer(t1, global_batch)
+        state = {"epoch": 0, "batches": None}
+
+        def next_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            while True:
+                if state["batches"] is None:
+                    state["batches"] = iter(iter_batches(
+                        self.manifest, t1.name, "train", global_batch // self.dist.world_size, shuffle=True,
+                        seed=hash_seed(self.cfg.seed, 0, 9, state["epoch"]), epoch=state["epoch"],
+                        rank=self.dist.rank, world_size=self.dist.world_size, drop_last=True,
+                        num_steps=max(1, num_steps_per_epoch(self.manifest, t1.name, "train", global_batch,
+                                                             drop_last=True)),
+                        shuffle_buffer=self.cfg.data.shuffle_buffer, partition=self.cfg.data.partition))
+                batch = next(state["batches"], None)
+                if batch is not None:
+                    return batch.seq.to(self.dist.device), draw(generator)
+                state["epoch"] += 1
+                state["batches"] = None
+
+        return next_batch
+
     # -- pruning -----------------------------------------------------------------------------
     def prune(self, task_index: int, ratio: float) -> None:
         """Decided on rank 0 from the fp32 weights, broadcast, then verified on every rank."""
@@ -294,6 +337,12 @@ class Trainer:
             weights = dict(self.model.named_parameters())
             ownership.prune(task_index + 1, {n: weights[n] for n in ownership.names}, ratio)
         sync_ownership(ownership, self.dist)
+
+    def evaluate_view(self, task_index: int, mode: str, split: str = "test") -> dict[str, float]:
+        """One task's metrics under a phase's view (e.g. ``train``: before pruning)."""
+        self.masked.set_view(mode, task_index + 1)
+        return evaluate_task(self.masked, self.manifest, self.infos[task_index], split,
+                             self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
 
     def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
         out = {}
@@ -341,21 +390,41 @@ def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
             "num_weights": cap.total}
 
 
-def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Run every configured task in order and return the report (also written to ``out``)."""
-    from conure_dist.report import build_report, write_report
-
-    start = time.perf_counter()
+def build_trainer(cfg: RunConfig, out: str, dist: DistInfo) -> Trainer:
+    """Data (generated if missing), model, empty ownership records and logger of a run."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
-    specs = task_specs(infos)
-    model = build_model(cfg, manifest.num_seq_items, specs).to(dist.device)
+    model = build_model(cfg, manifest.num_seq_items, task_specs(infos)).to(dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
-    masked = MaskedModel(model, ownership)
     logger = JsonlLogger(join(out, "log.jsonl"), enabled=dist.is_main)
-    trainer = Trainer(cfg, dist, manifest, infos, model, masked, logger)
+    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)
+
+
+def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Conure (``method.name`` conure or conure_minus), or one of the baselines it is compared with."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN, which touches each page of
+        # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if cfg.method.name in ("conure", "conure_minus"):
+        return run_conure(cfg, out, dist, resume)
+    if resume:
+        raise ValueError(f"--resume: method '{cfg.method.name}' keeps no checkpoints; only Conure runs resume")
+    from conure_dist.baselines import run_baseline
+
+    return run_baseline(cfg, out, dist)
+
+
+def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Run every configured task in order and return the report (also written to ``out``)."""
+    start = time.perf_counter()
+    trainer = build_trainer(cfg, out, dist)
+    manifest, infos, model, masked, logger = trainer.manifest, trainer.infos, trainer.model, trainer.masked, trainer.logger
+    ownership, specs = masked.ownership, task_specs(infos)
     checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints)
     state, phase_resume = RunState(), None
     if resume:
@@ -395,6 +464,7 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
                                     "task; lower the earlier prune ratios")
             resumed = phase_resume if state.stage == "in_train" else None
             state.history.append(trainer.run_phase(i, "train", task_cfg, resumed, saver(info.name, "train")))
+            state.before_prune[info.name] = trainer.evaluate_view(i, "train")
             state.stage, state.phase = "trained", None
             save(f"{info.name}-trained")
         if ownership.last_task() < i + 1:
@@ -415,14 +485,23 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         save(f"{info.name}-done")
 
     state.wall_seconds = elapsed_before + time.perf_counter() - start
-    report = build_report(cfg, infos, state, dist)
-    if dist.is_main:
+    storage = {"num_backbones": 1, "stored_parameters": sum(p.numel() for p in model.parameters()),
+               "ownership_bytes": sum(o.numel() * o.element_size() for o in ownership.owners.values())}
+    return finish_run(trainer, state, storage, out)
+
+
+def finish_run(trainer: Trainer, state: RunState, storage: dict[str, int], out: str) -> dict[str, Any]:
+    """Write ``report.json`` (rank 0) and return the report once every rank is done."""
+    from conure_dist.report import build_report, write_report
+
+    report = build_report(trainer.cfg, trainer.infos, state, trainer.dist, storage)
+    if trainer.dist.is_main:
         write_report(report, out)
-    logger.log("done", wall_seconds=state.wall_seconds)
-    logger.flush()
+    trainer.logger.log("done", wall_seconds=state.wall_seconds)
+    trainer.logger.flush()
     # Every rank leaves together: no rank tears the process group down while another still
     # finishes its last collective.
-    barrier(dist)
+    barrier(trainer.dist)
     return report
 
 

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from conure_dist.continual.ownership import TaskOwnership
 
-VIEW_MODES = ("train", "retrain", "infer")
+VIEW_MODES = ("train", "retrain", "infer", "dense")
 
 
 class MaskedModel(nn.Module):
@@ -32,24 +32,30 @@ class MaskedModel(nn.Module):
         self._frozen: dict[str, torch.Tensor] = {}
 
     def set_view(self, mode: str, task_id: int) -> None:
-        """Select the phase; masks are materialised once here, not on every step."""
+        """Select the phase; masks are materialised once here, not on every step. ``dense`` reads
+        every weight as it is (no ownership): the view of the baselines that share nothing."""
         if mode not in VIEW_MODES:
             raise ValueError(f"unknown view mode '{mode}', expected one of {VIEW_MODES}")
         self.mode, self.task_id = mode, task_id
         params = dict(self.model.named_parameters())
         self._trainable, self._frozen = {}, {}
+        if mode == "dense":
+            return
         for name in self.ownership.names:
             weight = params[name]
             trainable, frozen = self.ownership.masks(name, mode, task_id)
             self._trainable[name] = trainable.to(weight.device)
             self._frozen[name] = frozen.to(weight.device)
 
-    def trainable_mask(self, name: str) -> torch.Tensor:
-        return self._trainable[name]
+    def trainable_mask(self, name: str) -> torch.Tensor | None:
+        """None in the dense view: the whole tensor is trainable."""
+        return self._trainable.get(name)
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
         out = {}
+        if self.mode == "dense":
+            return out
         for name in self.ownership.names:
             weight = params[name]
             frozen_part = torch.where(self._frozen[name], weight, 0.0).detach()

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from conure_dist.model.backbone import NextItNet
+from conure_dist.model.backbone import ModelPatch, NextItNet
 from conure_dist.model.heads import ClassHead, ItemHead, SampledSoftmaxHead
 
 SOFTMAX_CHUNK = 8192
@@ -47,6 +47,8 @@ class ConureModel(nn.Module):
         block_dilations: list[int],
         init_std: float = 0.02,
         fast: bool = True,
+        patch_tasks: tuple[str, ...] | list[str] = (),
+        patch_dim: int = 16,
     ) -> None:
         super().__init__()
         self.fast = fast
@@ -63,6 +65,12 @@ class ConureModel(nn.Module):
             else:
                 heads[spec.name] = ClassHead(spec.num_outputs, channels)
         self.heads = nn.ModuleDict(heads)
+        # PeterRec baseline only: per-task model patches after every conv of the shared backbone
+        # (created last, so that the backbone and heads initialise as without them).
+        self.patches = nn.ModuleDict({
+            task: nn.ModuleList(ModelPatch(channels, patch_dim) for _ in range(2 * len(block_dilations)))
+            for task in patch_tasks
+        })
 
     def forward(
         self,
@@ -70,29 +78,42 @@ class ConureModel(nn.Module):
         task: str,
         target_B: torch.Tensor | None = None,
         negatives: torch.Tensor | None = None,
+        joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scores over all candidates, or with ``target_B`` (for sequence tasks: ``negatives``)
         the pair (sum of the examples' losses, number of examples) so that the caller can
-        normalise by the count over all ranks."""
+        normalise by the count over all ranks.
+
+        ``joint`` = (sequence task, its batch, its negatives, weight) adds that task's mean loss
+        times ``weight`` to this one's (the multi-task baseline).
+        """
         head = self.heads[task]
+        patches = self.patches[task] if task in self.patches else None
         if self.kinds[task] == "sequence":
             inputs = seq_BL[:, :-1]
             if negatives is None:
-                return head.scores(self._last_hidden(inputs))
-            hidden = self.backbone(inputs)
+                return head.scores(self._last_hidden(inputs, patches))
+            hidden = self.backbone(inputs, patches=patches)
             targets = seq_BL[:, 1:]
             # Predict only real items from real context (left padding carries no signal).
             keep = (targets != 0) & (inputs != 0)
-            return head.loss(hidden[keep], targets[keep], negatives), keep.sum()
-        hidden = self._last_hidden(seq_BL)
-        if target_B is None:
-            return head.scores(hidden)
-        return head.loss(hidden, target_B, negatives), torch.tensor(target_B.shape[0], device=target_B.device)
+            loss_sum, count = head.loss(hidden[keep], targets[keep], negatives), keep.sum()
+        else:
+            hidden = self._last_hidden(seq_BL, patches)
+            if target_B is None:
+                return head.scores(hidden)
+            loss_sum = head.loss(hidden, target_B, negatives)
+            count = torch.tensor(target_B.shape[0], device=target_B.device)
+        if joint is not None:
+            other, other_seq, other_negatives, weight = joint
+            other_sum, other_count = self(other_seq, other, None, other_negatives)
+            loss_sum = loss_sum + weight * other_sum * (count / other_count.clamp(min=1))
+        return loss_sum, count
 
-    def _last_hidden(self, seq_BL: torch.Tensor) -> torch.Tensor:
+    def _last_hidden(self, seq_BL: torch.Tensor, patches: nn.ModuleList | None) -> torch.Tensor:
         if self.fast:
-            return self.backbone(seq_BL, last_only=True)
-        return self.backbone(seq_BL)[:, -1]
+            return self.backbone(seq_BL, last_only=True, patches=patches)
+        return self.backbone(seq_BL, patches=patches)[:, -1]
 
     def prunable_names(self) -> list[str]:
         """Parameter names (of this module) that Conure partitions between tasks."""
@@ -109,6 +130,11 @@ class ConureModel(nn.Module):
         seq_heads = [f"heads.{t}.{n}" for t, k in self.kinds.items() if k == "sequence"
                      for n, _ in self.heads[t].named_parameters()]
         return ["backbone.embedding.weight", *seq_heads]
+
+    def patch_names(self, task: str) -> list[str]:
+        if task not in self.patches:
+            return []
+        return [f"patches.{task}.{n}" for n, _ in self.patches[task].named_parameters()]
 
     def head_names(self, task: str) -> list[str]:
         return [f"heads.{task}.{n}" for n, _ in self.heads[task].named_parameters()]

@@ -47,8 +47,9 @@ def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: floa
     total = None
     for name, param in trainable.items():
         inner = name.removeprefix("model.")
-        if inner in masked.ownership.owners:
-            param = torch.where(masked.trainable_mask(inner), param, 0.0)
+        mask = masked.trainable_mask(inner) if inner in masked.ownership.owners else None
+        if mask is not None:
+            param = torch.where(mask, param, 0.0)
         term = param.float().pow(2).sum()
         total = term if total is None else total + term
     return 0.5 * l2 * total

@@ -1,0 +1,236 @@
+"""``conure experiment``: methods x seeds (x variants) over one run config, then a Table-2-style
+comparison (markdown + JSON) and plots.
+
+An experiment file names a run config and what to vary::
+
+    base: ../ml100k.yaml                # run config, relative to this file
+    overrides: [train.progress=false]   # applied to every run
+    methods: [conure, conure_minus, finetune, stl, finesmax, sinmo, peterrec, mtl]
+    seeds: [0, 1, 2]
+    variants:                           # optional; none means one variant called "main"
+      main: {}
+      without_like4: {tasks: [t1, like5], methods: [conure]}
+      split_20_80: {overrides: [data.split=[0.15,0.05,0.8], data.root=runs/data/ml100k_20_80]}
+
+A variant may pick and reorder the base config's tasks (T1 stays first) and override keys. Each
+run writes ``OUT/runs/VARIANT/METHOD/seedS/report.json``; a run whose report exists is not
+repeated, so an interrupted experiment continues where it stopped. ``conure_minus`` comes from
+the ``conure`` runs when both are listed (the scores before each task's pruning).
+
+Per variant and method the table gives each task's score when it was learned (mean ± std over
+seeds), T1's score after the last task (what forgetting costs), the number of backbones and the
+parameters stored to serve every task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import yaml
+
+from conure_dist.config import METHODS, ConfigError, RunConfig, load_config
+from conure_dist.dist import DistInfo
+from conure_dist.train.checkpoint import join
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    name: str
+    tasks: list[str] | None = None
+    overrides: list[str] = field(default_factory=list)
+    methods: list[str] | None = None
+
+
+@dataclass
+class Experiment:
+    path: Path
+    base: Path
+    overrides: list[str]
+    methods: list[str]
+    seeds: list[int]
+    variants: list[Variant]
+
+
+def _list_of(value: Any, kind: type, key: str, path: Path) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{path}: key '{key}' must be a list of {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment file; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    unknown = set(data) - {"base", "overrides", "methods", "seeds", "variants"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
+    if "base" not in data:
+        raise ConfigError(f"{path}: key 'base' (the run config) is required")
+    base = (path.parent / str(data["base"])).resolve()
+    methods = _list_of(data.get("methods", ["conure"]), str, "methods", path)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"{path}: key 'methods': unknown method '{m}', expected some of {list(METHODS)}")
+    variants = []
+    for name, spec in (data.get("variants") or {"main": {}}).items():
+        spec = spec or {}
+        if not isinstance(spec, dict) or set(spec) - {"tasks", "overrides", "methods"}:
+            raise ConfigError(f"{path}: key 'variants.{name}': expected a mapping with tasks, overrides, methods")
+        variant = Variant(str(name), spec.get("tasks"), spec.get("overrides", []), spec.get("methods"))
+        if variant.tasks is not None:
+            _list_of(variant.tasks, str, f"variants.{name}.tasks", path)
+        _list_of(variant.overrides, str, f"variants.{name}.overrides", path)
+        if variant.methods is not None:
+            for m in _list_of(variant.methods, str, f"variants.{name}.methods", path):
+                if m not in METHODS:
+                    raise ConfigError(f"{path}: key 'variants.{name}.methods': unknown method '{m}'")
+        variants.append(variant)
+    experiment = Experiment(path, base, _list_of(data.get("overrides", []), str, "overrides", path), methods,
+                            _list_of(data.get("seeds", [0]), int, "seeds", path), variants)
+    for variant in variants:  # every run config must load before any compute
+        for method in variant.methods or methods:
+            run_config(experiment, variant, method, experiment.seeds[0])
+    return experiment
+
+
+def run_config(experiment: Experiment, variant: Variant, method: str, seed: int) -> RunConfig:
+    """The run config of one (variant, method, seed)."""
+    overrides = [*experiment.overrides, *variant.overrides, f"method.name={method}", f"seed={seed}"]
+    try:
+        cfg = load_config(experiment.base, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{experiment.path}: variant '{variant.name}', method '{method}': {exc}") from None
+    if variant.tasks is not None:
+        by_name = {t.name: t for t in cfg.tasks}
+        missing = [t for t in variant.tasks if t not in by_name]
+        if missing or not variant.tasks or variant.tasks[0] != cfg.tasks[0].name:
+            raise ConfigError(f"{experiment.path}: key 'variants.{variant.name}.tasks': must start with "
+                              f"'{cfg.tasks[0].name}' and name tasks of {experiment.base} "
+                              f"({[t.name for t in cfg.tasks]}); unknown: {missing}")
+        cfg.tasks = [by_name[t] for t in variant.tasks]
+    return cfg
+
+
+def _runs_of(methods: list[str]) -> list[str]:
+    """The runs to make: conure_minus is read from the conure runs when both are listed."""
+    return [m for m in methods if not (m == "conure_minus" and "conure" in methods)]
+
+
+def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str, Any]:
+    from conure_dist.run import run_method
+
+    start = time.perf_counter()
+    reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for variant in experiment.variants:
+        methods = variant.methods or experiment.methods
+        for method in _runs_of(methods):
+            for seed in experiment.seeds:
+                run_out = join(out, f"runs/{variant.name}/{method}/seed{seed}")
+                report_path = join(run_out, "report.json")
+                fs, local = fsspec.core.url_to_fs(report_path)
+                if fs.exists(local):
+                    with fsspec.open(report_path) as f:
+                        report = json.load(f)
+                    log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
+                else:
+                    log.info("%s/%s/seed%d: running", variant.name, method, seed)
+                    report = run_method(run_config(experiment, variant, method, seed), run_out, dist)
+                reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
+        if "conure_minus" in methods and "conure" in methods:
+            reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
+        reports[variant.name] = {m: reports[variant.name][m] for m in methods}
+    summary = summarize(experiment, reports, time.perf_counter() - start)
+    if dist.is_main:
+        write_results(summary, out)
+    return summary
+
+
+def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
+    """A Conure report seen as Conure-: each task scored before its own pruning and retraining."""
+    matrix = [list(row) for row in report["matrix"]]
+    for i, task in enumerate(report["tasks"]):
+        matrix[i][i] = report["before_prune"][task["name"]]
+    return {**report, "method": "conure_minus", "matrix": matrix}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "n": len(values)}
+
+
+def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dict[str, Any]:
+    variants = {}
+    for variant, by_method in reports.items():
+        rows = {}
+        for method, runs in by_method.items():
+            tasks = [t["name"] for t in runs[0]["tasks"]]
+            n = len(tasks)
+            learned = {t: _mean_std([r["matrix"][j][j] for r in runs]) for j, t in enumerate(tasks)}
+            final = {t: _mean_std([r["matrix"][n - 1][j] for r in runs]) for j, t in enumerate(tasks)}
+            matrix = [[None if runs[0]["matrix"][i][j] is None else
+                       sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(n)] for i in range(n)]
+            rows[method] = {"tasks": tasks, "metrics": [t["primary_metric"] for t in runs[0]["tasks"]],
+                            "learned": learned, "after_last_task": final, "matrix_mean": matrix,
+                            "num_backbones": runs[0].get("num_backbones"),
+                            "stored_parameters": runs[0].get("stored_parameters"),
+                            "reference": runs[0]["reference"], "seeds": [r["seed"] for r in runs],
+                            "wall_seconds": _mean_std([r["wall_seconds"] for r in runs])}
+        variants[variant] = rows
+    return {"experiment": str(experiment.path), "base": str(experiment.base), "overrides": experiment.overrides,
+            "seeds": experiment.seeds, "variants": variants, "wall_seconds": round(wall_seconds, 1)}
+
+
+def _cell(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Experiment `{summary['experiment']}`", "",
+             f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}; "
+             f"wall time {summary['wall_seconds']:.0f} s.", "",
+             "Each cell: the task's test score when it was learned (mean ± std over seeds). "
+             "`T1 after last` is T1's score once every task is learned.", ""]
+    for variant, rows in summary["variants"].items():
+        first = next(iter(rows.values()))
+        tasks, metrics = first["tasks"], first["metrics"]
+        lines += [f"## Variant `{variant}`", "",
+                  "| method | " + " | ".join(f"{t} ({m})" for t, m in zip(tasks, metrics, strict=True))
+                  + " | T1 after last | backbones | stored parameters |",
+                  "|---" * (len(tasks) + 4) + "|"]
+        for method, row in rows.items():
+            cells = [_cell(row["learned"][t]) for t in tasks]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_cell(row['after_last_task'][tasks[0]])} | "
+                         f"{row['num_backbones']} | {row['stored_parameters']:,} |")
+        ref = first["reference"]
+        lines.append("| trivial reference | " + " | ".join(f"{ref[t]:.4f}" for t in tasks) + " | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(summary: dict[str, Any], out: str) -> None:
+    with fsspec.open(join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with fsspec.open(join(out, "table.md"), "w") as f:
+        f.write(format_markdown(summary) + "\n")
+    try:
+        from conure_dist.plots import write_plots
+    except ImportError as exc:  # matplotlib is a dependency; say so if it is missing
+        raise RuntimeError(f"plots need matplotlib: {exc}") from exc
+    write_plots(summary, out)

@@ -1,0 +1,76 @@
+"""``conure experiment``: runs, aggregation over seeds, table, JSON, plots, continuation and
+config errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+from helpers import conure, tiny_config
+
+from conure_dist.config import ConfigError
+from conure_dist.experiment import load_experiment
+
+TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
+
+
+def write_experiment(tmp_path, **fields):
+    base = tiny_config(tmp_path, TASKS)
+    spec = {"base": base.name, "overrides": ["tasks.0.epochs=2"], "methods": ["conure", "conure_minus", "finetune"],
+            "seeds": [0, 1], "variants": {"main": {}, "no_click": {"tasks": ["t1", "gender"], "methods": ["conure"]}}}
+    spec.update(fields)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_experiment_tables_plots_and_continuation(tmp_path):
+    path = write_experiment(tmp_path)
+    out = tmp_path / "out"
+    conure("experiment", "--config", str(path), "--out", str(out))
+    summary = json.loads((out / "results.json").read_text())
+    main, no_click = summary["variants"]["main"], summary["variants"]["no_click"]
+    assert list(main) == ["conure", "conure_minus", "finetune"] and list(no_click) == ["conure"]
+    assert no_click["conure"]["tasks"] == ["t1", "gender"]
+    # Means and stds are over the seed runs' reports.
+    runs = [json.loads((out / f"runs/main/conure/seed{s}/report.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1]
+    clicks = [r["matrix"][1][1] for r in runs]
+    assert main["conure"]["learned"]["click"]["mean"] == pytest.approx(statistics.mean(clicks))
+    assert main["conure"]["learned"]["click"]["std"] == pytest.approx(statistics.stdev(clicks))
+    # Conure- comes from the same runs: the scores before each task's pruning.
+    assert not (out / "runs/main/conure_minus").exists()
+    minus = [r["before_prune"]["click"] for r in runs]
+    assert main["conure_minus"]["learned"]["click"]["mean"] == pytest.approx(statistics.mean(minus))
+    # Conure keeps T1; the table reports T1 after the last task and the storage.
+    assert main["conure"]["after_last_task"]["t1"] == main["conure"]["learned"]["t1"]
+    assert main["finetune"]["num_backbones"] == main["conure"]["num_backbones"] == 1
+    table = (out / "table.md").read_text()
+    assert "## Variant `main`" in table and "| conure_minus |" in table and "trivial reference" in table
+    for name in ("main_forgetting", "main_tasks", "main_storage", "no_click_forgetting"):
+        png = (out / "plots" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # A second call reuses every finished run and gives the same summary.
+    (out / "results.json").unlink()
+    again = conure("experiment", "--config", str(path), "--out", str(out))
+    assert "report exists, not run again" in again.stderr
+    assert json.loads((out / "results.json").read_text())["variants"] == summary["variants"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"methods": ["conure", "magic"]}, r"key 'methods': unknown method 'magic'"),
+        ({"seeds": [0, "one"]}, r"key 'seeds' must be a list of int"),
+        ({"variants": {"v": {"tasks": ["click", "t1"]}}}, r"key 'variants\.v\.tasks': must start with 't1'"),
+        ({"variants": {"v": {"overrides": ["train.nope=1"]}}}, r"variant 'v', method 'conure'.*train\.nope"),
+        ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ],
+)
+def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
+    path = write_experiment(tmp_path, **fields)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value)
