@@ -120,6 +120,9 @@ class ModelConfig:
     """One entry per residual block; a block with dilation d has convs of dilation d and 2d."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of embeddings and kernels."""
+    prune_embedding: bool = False
+    """Also partition the item embedding between tasks like the conv kernels (the paper's
+    embedding pruning); otherwise it trains in T1 only and is shared frozen."""
 
     def validate(self, prefix: str) -> None:
         _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")

@@ -49,9 +49,11 @@ class ConureModel(nn.Module):
         fast: bool = True,
         patch_tasks: tuple[str, ...] | list[str] = (),
         patch_dim: int = 16,
+        prune_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.fast = fast
+        self.prune_embedding = prune_embedding
         self.backbone = NextItNet(num_seq_items, channels, kernel_size, block_dilations, init_std)
         self.kinds: dict[str, TaskKind] = {}
         heads = {}
@@ -116,8 +118,10 @@ class ConureModel(nn.Module):
         return self.backbone(seq_BL, patches=patches)[:, -1]
 
     def prunable_names(self) -> list[str]:
-        """Parameter names (of this module) that Conure partitions between tasks."""
-        return [f"backbone.{n}" for n in self.backbone.conv_weight_names()]
+        """Parameter names (of this module) that Conure partitions between tasks: the conv
+        kernels, and the item embedding when ``prune_embedding`` is set."""
+        embedding = ["backbone.embedding.weight"] if self.prune_embedding else []
+        return [*embedding, *(f"backbone.{n}" for n in self.backbone.conv_weight_names())]
 
     def shared_names(self) -> list[str]:
         """Backbone parameters trained in T1's first phase and frozen afterwards."""

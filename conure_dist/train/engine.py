@@ -129,8 +129,10 @@ class TorchEngine:
         if self.sparse is not None:
             self.sparse()
             if self.l2:
-                for param in self.sparse.params.values():
-                    param.grad.add_(param.detach(), alpha=self.l2)
+                for name, param in self.sparse.params.items():
+                    mask = self.masked.trainable_mask(name.removeprefix("model."))
+                    weight = param.detach() if mask is None else torch.where(mask, param.detach(), 0.0)
+                    param.grad.add_(weight, alpha=self.l2)
         self.optimizer.step()
         return local_mean
 
