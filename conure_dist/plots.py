@@ -33,8 +33,12 @@ def _save(fig: plt.Figure, out: str, name: str) -> str:
 
 def forgetting(rows: dict[str, Any], variant: str, out: str) -> str:
     methods = list(rows)
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
+    cols = min(4, len(methods))
+    grid_rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.6 * cols, 3.6 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat[: len(methods)], methods, strict=True):
         row = rows[method]
         tasks, matrix = row["tasks"], row["matrix_mean"]
         n = len(tasks)
@@ -43,12 +47,13 @@ def forgetting(rows: dict[str, Any], variant: str, out: str) -> str:
         image = ax.imshow(ratio, vmin=0.0, vmax=1.2, cmap="RdYlGn")
         for i in range(n):
             for j in range(i + 1):
-                ax.text(j, i, f"{matrix[i][j]:.3f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{matrix[i][j]:.3f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(n), tasks, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), tasks, fontsize=7)
         ax.set_title(method, fontsize=9)
-    axes[0][0].set_ylabel("after learning task")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score / score when learned")
+    for row in axes:
+        row[0].set_ylabel("after learning task")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score / score when learned")
     fig.suptitle(f"{variant}: forgetting matrices (mean over seeds)", fontsize=10)
     return _save(fig, out, f"{variant}_forgetting")
 
