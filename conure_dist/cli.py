@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -257,10 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     from conure_dist.train.checkpoint import CheckpointError
 
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A worker of a multi-process run has written and committed everything and left the
+        # process group. Interpreter teardown can still abort it now and then ("terminate
+        # called without an active exception" while c10d/gloo objects are destroyed), which
+        # torchrun would report as a failed run: leave without that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
