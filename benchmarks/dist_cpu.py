@@ -4,8 +4,9 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/dist_cpu.py --json benchmarks/results/dist_cpu_2proc.json
 
 Measures, on the quick-start model and data, optimizer steps per second in T1 and in a later
-task (item recommendation, after T1 was pruned), and the bytes that DDP all-reduces per step
-per rank (gradient buckets, counted by a communication hook). A ring all-reduce of S bytes sends
+task (item recommendation, after T1 was pruned), and the bytes exchanged per step per rank:
+DDP's dense gradient buckets (counted by a communication hook) and, separately, the row-sparse
+exchange of T1's item tables (embedding, softmax), which stay out of DDP's buckets. A ring all-reduce of S bytes sends
 and receives about 2 (W-1)/W * S bytes per rank.
 """
 
@@ -33,8 +34,9 @@ def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
     info, task_cfg, dist = trainer.infos[task_index], trainer.cfg.tasks[task_index], trainer.dist
     trainer.masked.set_view("train", task_index + 1)
     trainable = trainer.trainable_parameters(task_index, "train")
-    engine = TorchEngine(trainer.masked, trainable, task_cfg.lr, task_cfg.l2, dist, "fp32")
-    reduced = [0]
+    engine = TorchEngine(trainer.masked, trainable, task_cfg.lr, task_cfg.l2, dist, "fp32",
+                         row_sparse=[f"model.{n}" for n in trainer.model.item_table_names()])
+    reduced, sparse = [0], [0]
     if dist.is_distributed:
         def counting_hook(state, bucket):
             reduced[0] += bucket.buffer().numel() * bucket.buffer().element_size()
@@ -52,13 +54,17 @@ def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
             if dist.is_distributed:
                 tdist.barrier()
             start = time.perf_counter()
+            sparse[0] = 0
         target = None if batch.target is None else batch.target
         engine.train_step(batch.seq, info.name, target, draw(generator))
+        if engine.sparse is not None:
+            sparse[0] += engine.sparse.bytes_last_step
     elapsed = time.perf_counter() - start
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
     return {"task": info.name, "global_batch": task_cfg.batch_size, "steps_per_s": steps / elapsed,
             "sequences_per_s": steps * task_cfg.batch_size / elapsed,
             "allreduced_bytes_per_step_per_rank": reduced[0] / steps,
+            "row_sparse_bytes_per_step_per_rank": sparse[0] / steps,
             "ring_wire_bytes_per_step_per_rank": 2 * (dist.world_size - 1) / dist.world_size * reduced[0] / steps,
             "trainable_parameter_bytes": trainable_bytes}
 
