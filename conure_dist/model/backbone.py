@@ -92,6 +92,10 @@ class NextItNet(nn.Module):
         self.reset_parameters(init_std)
 
     def reset_parameters(self, init_std: float) -> None:
+        """A fresh initialisation of every parameter (embedding, layer norms, convs)."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
         nn.init.normal_(self.embedding.weight, std=init_std)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
