@@ -101,8 +101,13 @@ def load_experiment(path: str | Path) -> Experiment:
                 if m not in METHODS:
                     raise ConfigError(f"{path}: key 'variants.{name}.methods': unknown method '{m}'")
         variants.append(variant)
+    seeds = _list_of(data.get("seeds", [0]), int, "seeds", path)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: key 'seeds' must list distinct seeds, got {seeds}")
+    if not methods:
+        raise ConfigError(f"{path}: key 'methods' must list at least one method")
     experiment = Experiment(path, base, _list_of(data.get("overrides", []), str, "overrides", path), methods,
-                            _list_of(data.get("seeds", [0]), int, "seeds", path), variants)
+                            seeds, variants)
     for variant in variants:  # every run config must load before any compute
         for method in variant.methods or methods:
             run_config(experiment, variant, method, experiment.seeds[0])
@@ -144,13 +149,15 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
                 run_out = join(out, f"runs/{variant.name}/{method}/seed{seed}")
                 report_path = join(run_out, "report.json")
                 fs, local = fsspec.core.url_to_fs(report_path)
+                cfg = run_config(experiment, variant, method, seed)
                 if fs.exists(local):
                     with fsspec.open(report_path) as f:
                         report = json.load(f)
+                    _check_reused(report, cfg, report_path)
                     log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
                 else:
                     log.info("%s/%s/seed%d: running", variant.name, method, seed)
-                    report = run_method(run_config(experiment, variant, method, seed), run_out, dist)
+                    report = run_method(cfg, run_out, dist)
                 reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
         if "conure_minus" in methods and "conure" in methods:
             reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
@@ -159,6 +166,15 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
     if dist.is_main:
         write_results(summary, out)
     return summary
+
+
+def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
+    """A finished run is reused only if it ran what the experiment asks for now."""
+    ran = (report.get("method"), report.get("seed"), [t["name"] for t in report["tasks"]])
+    want = (cfg.method.name, cfg.seed, [t.name for t in cfg.tasks])
+    if ran != want:
+        raise ValueError(f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
+                         f"for {want}; delete it or use another --out")
 
 
 def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:

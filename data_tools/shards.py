@@ -370,7 +370,20 @@ class StreamingDatasetWriter:
 
     def add(self, task: str, seqs: np.ndarray, users: np.ndarray, targets: np.ndarray | None = None) -> None:
         """Instances of ``task``: inputs [n, L] (int32), T1 rows [n] and, for item/class tasks, targets [n]."""
-        index = [t.name for t in self.tasks].index(task)
+        names = [t.name for t in self.tasks]
+        if task not in names:
+            raise ValueError(f"unknown task '{task}', expected one of {names}")
+        index = names.index(task)
+        spec = self.tasks[index]
+        if seqs.ndim != 2 or seqs.shape[1] != self.seq_len or len(seqs) != len(users):
+            raise ValueError(f"task '{task}': seqs must be [n, {self.seq_len}] with n = len(users), got {seqs.shape}")
+        if len(seqs) and (seqs.min() < 0 or seqs.max() >= self.tasks[0].num_outputs):
+            raise ValueError(f"task '{task}': item ids must lie in 0..{self.tasks[0].num_outputs - 1}")
+        if (targets is None) != (spec.kind == "sequence"):
+            raise ValueError(f"task '{task}' ({spec.kind}): targets are required for item/class tasks only")
+        if targets is not None and len(targets) and (targets.min() < 0 or targets.max() >= spec.num_outputs):
+            raise ValueError(f"task '{task}': targets must lie in 0..{spec.num_outputs - 1}, "
+                             f"got {targets.min()}..{targets.max()}")
         rng = np.random.default_rng([self.seed, index, self.chunks[task]])
         self.chunks[task] += 1
         draw = rng.random(len(users))
@@ -384,13 +397,14 @@ class StreamingDatasetWriter:
                     None if targets is None else targets[rows].astype(np.int64))
             if split == "train":
                 predicted = part[0][:, 1:].ravel() if targets is None else part[2]
-                self.counts[task] += np.bincount(predicted, minlength=len(self.counts[task]))[: len(self.counts[task])]
+                self.counts[task] += np.bincount(predicted, minlength=len(self.counts[task]))
             self.buffers[task, split].append(part)
             self.buffered[task, split] += len(rows)
             if self.buffered[task, split] >= self.instances_per_shard:
                 self._flush(task, split)
 
     def _flush(self, task: str, split: str) -> None:
+        """Write the buffer as shards of at most ``instances_per_shard`` instances."""
         parts = self.buffers[task, split]
         if not parts:
             return
@@ -398,9 +412,11 @@ class StreamingDatasetWriter:
         users = np.concatenate([p[1] for p in parts])
         targets = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
         data = TaskData(task, "sequence" if targets is None else "item", seqs, users, targets)
-        relative = f"{task}/{split}-{len(self.shards[task, split]):06d}.tar"
-        self.shards[task, split].append(
-            _write_shard(self.out, relative, data, np.arange(len(users)), seqs, self.records_per_sample))
+        for start in range(0, len(users), self.instances_per_shard):
+            rows = np.arange(start, min(start + self.instances_per_shard, len(users)))
+            relative = f"{task}/{split}-{len(self.shards[task, split]):06d}.tar"
+            self.shards[task, split].append(
+                _write_shard(self.out, relative, data, rows, seqs, self.records_per_sample))
         self.buffers[task, split], self.buffered[task, split] = [], 0
 
     def close(self, source: dict[str, Any]) -> Manifest:

@@ -18,6 +18,7 @@ are skipped and counted in the manifest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,17 @@ class TaskFile:
         return cls(name, kind, path)
 
 
+def _number(token: str) -> float | None:
+    try:
+        number = float(token)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _sorted_ids(tokens: set[str]) -> dict[str, int]:
-    order = sorted(tokens, key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
+    """Ids in sorted order: numbers numerically, then other tokens as strings."""
+    order = sorted(tokens, key=lambda t: (0, _number(t), t) if _number(t) is not None else (1, 0.0, t))
     return {t: i for i, t in enumerate(order)}
 
 
@@ -96,6 +106,8 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
             checker.bad(label, task.path, line_no, "no target", "no target after ',,'")
         elif task.kind == "class" and len(wanted) != 1:
             checker.bad(label, task.path, line_no, "several labels", f"expected one label, got {len(wanted)}")
+        elif all(t == PAD for t in tokens):
+            checker.bad(label, task.path, line_no, "empty sequence", "the source is only padding")
         elif unknown := [t for t in tokens if t != PAD and t not in vocab]:
             checker.bad(label, task.path, line_no, "token not in T1",
                         f"source token '{unknown[0]}' is not in the pretraining vocabulary")

@@ -52,3 +52,23 @@ def test_same_seed_same_shards(tmp_path):
     shas = [[sh.sha256 for s in t.splits.values() for sh in s.shards] for m in (a, b) for t in m.tasks]
     assert shas[: len(a.tasks)] == shas[len(a.tasks):]
     assert Manifest.load(str(tmp_path / "a")).source["spec"]["num_items"] == 4000
+
+
+def test_streaming_writer_caps_shards_and_checks_ids(tmp_path):
+    import pytest
+
+    from data_tools.shards import StreamingDatasetWriter, StreamTask
+
+    tasks = [StreamTask("t1", "sequence", 50), StreamTask("click", "item", 7)]
+    writer = StreamingDatasetWriter(str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0, instances_per_shard=100)
+    seqs = np.tile(np.arange(1, 5, dtype=np.int32), (1000, 1))
+    writer.add("t1", seqs, np.arange(1000))  # one chunk far larger than a shard
+    with pytest.raises(ValueError, match=r"task 'click': targets must lie in 0\.\.6, got 0\.\.7"):
+        writer.add("click", seqs[:3], np.arange(3), np.array([0, 7, 1]))
+    with pytest.raises(ValueError, match=r"task 't1': item ids must lie in 0\.\.49"):
+        writer.add("t1", seqs[:2] + 60, np.arange(2))
+    writer.add("click", seqs[:3], np.arange(3), np.array([0, 6, 1]))
+    manifest = writer.close({})
+    shards = [sh for s in manifest.task("t1").splits.values() for sh in s.shards]
+    assert sum(sh.num_instances for sh in shards) == 1000 and max(sh.num_instances for sh in shards) <= 100
+    assert manifest.load_train_counts("t1")[1] == 0 and manifest.load_train_counts("t1")[2:5].sum() > 0

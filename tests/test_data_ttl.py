@@ -57,6 +57,7 @@ def test_ttl_cli_writes_shards(tmp_path):
          "clicks.csv: token not in T1"),
         ("clicks", "0,0,a7,b2,c9,,", r"clicks\.csv line 2: no target after ',,'", "clicks.csv: no target"),
         ("age", "0,0,a7,b2,c9,,3,4", r"age\.csv line 2: expected one label, got 2", "age.csv: several labels"),
+        ("age", "0,0,0,0,0,,3", r"age\.csv line 2: the source is only padding", "age.csv: empty sequence"),
     ],
 )
 def test_ttl_bad_rows_name_file_and_line(tmp_path, which, bad, message, reason):
@@ -73,3 +74,10 @@ def test_task_spec_errors():
     assert TaskFile.parse("click=item:a/b.csv") == TaskFile("click", "item", "a/b.csv")
     with pytest.raises(ValueError, match="NAME=item:PATH or NAME=class:PATH"):
         TaskFile.parse("click=items:a.csv")
+
+
+def test_numeric_labels_sort_numerically(tmp_path):
+    age = ["0,0,a7,b2,c9,,-1", "x1,a7,c9,c9,b2,,2.5", "0,0,0,b2,b2,,10"]
+    pretrain, tasks = write(tmp_path, age=age)
+    _, data, _, _ = read_ttl(pretrain, tasks, seq_len=5)
+    assert data[2].class_names == ["-1", "2.5", "10"] and data[2].targets.tolist() == [0, 1, 2]

@@ -67,6 +67,8 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
         ({"variants": {"v": {"tasks": ["click", "t1"]}}}, r"key 'variants\.v\.tasks': must start with 't1'"),
         ({"variants": {"v": {"overrides": ["train.nope=1"]}}}, r"variant 'v', method 'conure'.*train\.nope"),
         ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+        ({"seeds": [0, 0]}, r"key 'seeds' must list distinct seeds"),
+        ({"methods": []}, r"key 'methods' must list at least one method"),
     ],
 )
 def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
@@ -74,3 +76,12 @@ def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_experiment(path)
     assert str(path) in str(info.value)
+
+
+def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path):
+    path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
+    out = tmp_path / "out"
+    conure("experiment", "--config", str(path), "--out", str(out))
+    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "click"]}})
+    with pytest.raises(AssertionError, match=r"holds a run of \(method, seed, tasks\) = \('conure', 0, \['t1', 'gender'\]\)"):
+        conure("experiment", "--config", str(path), "--out", str(out))

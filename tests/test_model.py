@@ -78,3 +78,17 @@ def test_scores_cover_all_candidates():
     assert model(seq, "c").shape == (5, 4)
     loss_sum, count = model(seq, "a", torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long))
     assert loss_sum.ndim == 0 and count == 5
+
+
+def test_reset_parameters_reinitialises_every_parameter():
+    torch.manual_seed(5)
+    net = NextItNet(40, 8, 3, [1, 2])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net.reset_parameters(0.02)
+    for block in net.blocks:
+        for norm in (block.norm1, block.norm2):
+            assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
+        assert torch.equal(block.conv1.bias, torch.zeros(8))
+    assert torch.equal(net.embedding.weight[0], torch.zeros(8)) and net.embedding.weight.abs().max() < 0.2
