@@ -48,8 +48,14 @@ class MaskedModel(nn.Module):
             self._frozen[name] = frozen.to(weight.device)
 
     def trainable_mask(self, name: str) -> torch.Tensor | None:
-        """None in the dense view: the whole tensor is trainable."""
+        """None in the dense view, or for a tensor without ownership: all of it is trainable."""
         return self._trainable.get(name)
+
+    def trainable_part(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a parameter or a value shaped like it) with the entries this phase may not
+        train set to zero."""
+        mask = self.trainable_mask(name)
+        return tensor if mask is None else torch.where(mask, tensor, 0.0)
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())

@@ -46,11 +46,7 @@ def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: floa
         return None
     total = None
     for name, param in trainable.items():
-        inner = name.removeprefix("model.")
-        mask = masked.trainable_mask(inner) if inner in masked.ownership.owners else None
-        if mask is not None:
-            param = torch.where(mask, param, 0.0)
-        term = param.float().pow(2).sum()
+        term = masked.trainable_part(name.removeprefix("model."), param).float().pow(2).sum()
         total = term if total is None else total + term
     return 0.5 * l2 * total
 
@@ -130,8 +126,7 @@ class TorchEngine:
             self.sparse()
             if self.l2:
                 for name, param in self.sparse.params.items():
-                    mask = self.masked.trainable_mask(name.removeprefix("model."))
-                    weight = param.detach() if mask is None else torch.where(mask, param.detach(), 0.0)
+                    weight = self.masked.trainable_part(name.removeprefix("model."), param.detach())
                     param.grad.add_(weight, alpha=self.l2)
         self.optimizer.step()
         return local_mean
