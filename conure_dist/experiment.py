@@ -37,6 +37,7 @@ import yaml
 
 from conure_dist.config import METHODS, ConfigError, RunConfig, load_config
 from conure_dist.dist import DistInfo
+from conure_dist.report import before_prune_diagonal
 from conure_dist.train.checkpoint import join
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,8 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
 
 def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
     """A Conure report seen as Conure-: each task scored before its own pruning and retraining."""
-    matrix = [list(row) for row in report["matrix"]]
-    for i, task in enumerate(report["tasks"]):
-        matrix[i][i] = report["before_prune"][task["name"]]
+    names = [t["name"] for t in report["tasks"]]
+    matrix = before_prune_diagonal(report["matrix"], names, report["before_prune"])
     return {**report, "method": "conure_minus", "matrix": matrix}
 
 

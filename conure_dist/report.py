@@ -19,11 +19,10 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
     """``storage``: ``num_backbones`` and ``stored_parameters`` (what serving every task keeps)."""
     k = cfg.train.topk
     metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
-    matrix = [list(row) for row in state.matrix]
-    before_prune = {name: m[metric[name]] for name, m in getattr(state, "before_prune", {}).items()}
-    if cfg.method.name == "conure_minus":  # each task as it was before its own pruning
-        for i, row in enumerate(matrix):
-            row[i] = before_prune.get(infos[i].name, row[i])
+    before_prune = {name: m[metric[name]] for name, m in state.before_prune.items()}
+    matrix = state.matrix
+    if cfg.method.name == "conure_minus":
+        matrix = before_prune_diagonal(matrix, [t.name for t in infos], before_prune)
     return {
         "method": cfg.method.name,
         "tasks": [{"name": t.name, "kind": t.kind, "primary_metric": metric[t.name]} for t in infos],
@@ -46,6 +45,15 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
         "seed": cfg.seed,
         "data_root": cfg.data.root,
     }
+
+
+def before_prune_diagonal(matrix: list[list[float | None]], names: list[str],
+                          before_prune: dict[str, float]) -> list[list[float | None]]:
+    """Conure-'s matrix from Conure's: each task scored as it was before its own pruning."""
+    out = [list(row) for row in matrix]
+    for i, row in enumerate(out):
+        row[i] = before_prune.get(names[i], row[i])
+    return out
 
 
 def write_report(report: dict[str, Any], out: str) -> None:
