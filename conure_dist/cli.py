@@ -107,16 +107,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.config import load_config
-    from conure_dist.dist import init_distributed, shutdown_distributed
+    from conure_dist.dist import process_group
     from conure_dist.report import format_table
     from conure_dist.run import run_method
 
     cfg = load_config(args.config, args.overrides)
-    dist = init_distributed(cfg.dist)
-    try:
+    with process_group(cfg.dist) as dist:
         report = run_method(cfg, args.out, dist, resume=args.resume)
-    finally:
-        shutdown_distributed(dist)
     if dist.is_main:
         print(format_table(report))
         print(f"report: {args.out.rstrip('/')}/report.json")
@@ -125,15 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
-    from conure_dist.dist import init_distributed, shutdown_distributed
+    from conure_dist.dist import process_group
     from conure_dist.experiment import format_markdown, load_experiment, run_experiment
 
     experiment = load_experiment(args.config)
-    dist = init_distributed(DistConfig())
-    try:
+    with process_group(DistConfig()) as dist:
         summary = run_experiment(experiment, args.out, dist)
-    finally:
-        shutdown_distributed(dist)
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
@@ -154,23 +148,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
     from conure_dist.continual.views import MaskedModel
     from conure_dist.data.manifest import Manifest
-    from conure_dist.dist import init_distributed, shutdown_distributed
+    from conure_dist.dist import process_group
     from conure_dist.train.evaluate import evaluate_task
 
     ckpt, model, ownership = _load(args.ckpt)
     manifest = Manifest.load(args.data_root or ckpt.meta["data_root"])
-    dist = init_distributed(DistConfig())
-    masked = MaskedModel(model.to(dist.device), ownership)
     train_cfg = ckpt.meta["config"]["train"]
     results: dict[str, Any] = {}
     finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
-    try:
+    with process_group(DistConfig()) as dist:
+        masked = MaskedModel(model.to(dist.device), ownership)
         for index, name in enumerate(finished):
             masked.set_view("infer", index + 1)
             results[name] = evaluate_task(masked, manifest, manifest.task(name), args.split,
                                           train_cfg["eval_batch_size"], train_cfg["topk"], dist)
-    finally:
-        shutdown_distributed(dist)
     if not dist.is_main:
         return 0
     if args.json:

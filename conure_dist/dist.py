@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,3 +85,13 @@ def _restart_store() -> tdist.Store:
 def shutdown_distributed(info: DistInfo) -> None:
     if info.backend is not None and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(cfg: DistConfig) -> Iterator[DistInfo]:
+    """``init_distributed`` for the body of a ``with``; the group is left afterwards, also on errors."""
+    info = init_distributed(cfg)
+    try:
+        yield info
+    finally:
+        shutdown_distributed(info)
