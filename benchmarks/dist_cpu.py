@@ -21,19 +21,16 @@ import torch.distributed as tdist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from conure_dist.config import load_config
-from conure_dist.continual.ownership import TaskOwnership
-from conure_dist.continual.views import MaskedModel
 from conure_dist.data.stream import iter_batches
-from conure_dist.dist import init_distributed, shutdown_distributed
-from conure_dist.run import Trainer, build_model, check_tasks, prepare_data, task_specs
+from conure_dist.dist import process_group
+from conure_dist.run import Trainer, build_trainer, phase_parameters
 from conure_dist.train.engine import TorchEngine
-from conure_dist.train.logger import JsonlLogger
 
 
 def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
     info, task_cfg, dist = trainer.infos[task_index], trainer.cfg.tasks[task_index], trainer.dist
     trainer.masked.set_view("train", task_index + 1)
-    trainable = trainer.trainable_parameters(task_index, "train")
+    trainable = phase_parameters(trainer.model, info.name, task_index == 0)
     engine = TorchEngine(trainer.masked, trainable, task_cfg.lr, task_cfg.l2, dist, "fp32",
                          row_sparse=[f"model.{n}" for n in trainer.model.item_table_names()])
     reduced, sparse = [0], [0]
@@ -76,24 +73,18 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here (rank 0)")
     args = parser.parse_args()
     cfg = load_config(args.config, ["train.progress=false"])
-    dist = init_distributed(cfg.dist)
-    manifest = prepare_data(cfg, dist)
-    infos = check_tasks(cfg, manifest)
-    model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
-    ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
-    masked = MaskedModel(model, ownership)
-    trainer = Trainer(cfg, dist, manifest, infos, model, masked, JsonlLogger("/dev/null", enabled=False))
-    results = {"world_size": dist.world_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "config": args.config, "t1": measure(trainer, 0, args.steps)}
-    trainer.prune(0, cfg.tasks[0].prune_ratio)
-    results["later"] = measure(trainer, 1, args.steps)
+    with process_group(cfg.dist) as dist:
+        trainer = build_trainer(cfg, None, dist)
+        results = {"world_size": dist.world_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "config": args.config, "t1": measure(trainer, 0, args.steps)}
+        trainer.prune(0, cfg.tasks[0].prune_ratio)
+        results["later"] = measure(trainer, 1, args.steps)
     if dist.is_main:
         text = json.dumps(results, indent=1)
         print(text)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    shutdown_distributed(dist)
 
 
 if __name__ == "__main__":

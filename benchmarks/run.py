@@ -49,6 +49,7 @@ from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.run import phase_parameters
 from conure_dist.train.engine import TorchEngine, autocast_context
 from conure_dist.train.metrics import target_ranks
 from conure_dist.train.samplers import SharedNegativeSampler
@@ -90,18 +91,6 @@ def build(sizes: Sizes, fast: bool, device: torch.device) -> tuple[ConureModel, 
     return model, MaskedModel(model, ownership)
 
 
-def trainable(model: ConureModel, task: str, first: bool) -> dict[str, torch.nn.Parameter]:
-    wanted = set(model.prunable_names()) | set(model.head_names(task))
-    if first:
-        wanted |= set(model.shared_names())
-    out = {}
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
-        if name in wanted:
-            out[f"model.{name}"] = param
-    return out
-
-
 def random_sequences(n: int, sizes: Sizes, g: torch.Generator) -> torch.Tensor:
     """Zipf-like item ids (popular items small), 1..items-1."""
     ranks = torch.rand(n, sizes.seq_len, generator=g).pow(3.0)
@@ -126,7 +115,7 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     out: dict[str, float] = {}
 
     masked.set_view("train", 1)
-    engine = TorchEngine(masked, trainable(model, "t1", True), 1e-3, 0.02, dist, sizes.precision)
+    engine = TorchEngine(masked, phase_parameters(model, "t1", True), 1e-3, 0.02, dist, sizes.precision)
     seq = random_sequences(sizes.t1_batch, sizes, g).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,7 +128,7 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     weights = dict(model.named_parameters())
     ownership.prune(1, {n: weights[n] for n in ownership.names}, 0.7)
     masked.set_view("train", 2)
-    engine = TorchEngine(masked, trainable(model, "later", False), 1e-4, 0.02, dist, sizes.precision)
+    engine = TorchEngine(masked, phase_parameters(model, "later", False), 1e-4, 0.02, dist, sizes.precision)
     seq = random_sequences(sizes.later_batch, sizes, g).to(device)
     target = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
     negative = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
@@ -167,7 +156,7 @@ def probe_t1_memory(sizes: Sizes, fast: bool) -> dict[str, float]:
     device, dist = torch.device("cpu"), DistInfo(0, 1, 0, torch.device("cpu"), None)
     model, masked = build(sizes, fast, device)
     masked.set_view("train", 1)
-    engine = TorchEngine(masked, trainable(model, "t1", True), 1e-3, 0.02, dist, "fp32")
+    engine = TorchEngine(masked, phase_parameters(model, "t1", True), 1e-3, 0.02, dist, "fp32")
     g = torch.Generator().manual_seed(1)
     sampler = SharedNegativeSampler(sizes.items, NEGATIVE_FRACTION)
     seq = random_sequences(sizes.t1_batch, sizes, g)
@@ -224,7 +213,7 @@ def _comm_worker(rank: int, init: str, sizes: Sizes, steps: int, results: dict) 
         dist = DistInfo(rank, 2, rank, torch.device("cpu"), "gloo")
         model, masked = build(sizes, True, dist.device)
         masked.set_view("train", 1)
-        engine = TorchEngine(masked, trainable(model, "t1", True), 1e-3, 0.02, dist, "fp32",
+        engine = TorchEngine(masked, phase_parameters(model, "t1", True), 1e-3, 0.02, dist, "fp32",
                              row_sparse=[f"model.{n}" for n in model.item_table_names()])
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own sequences
         shared = torch.Generator().manual_seed(7)  # negatives shared by the global batch

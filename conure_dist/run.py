@@ -191,26 +191,6 @@ class Trainer:
     masked: MaskedModel
     logger: JsonlLogger
 
-    # -- parameters of a phase --------------------------------------------------------------
-    def trainable_parameters(self, task_index: int, mode: str) -> dict[str, nn.Parameter]:
-        """T1's train phase trains the whole backbone; every other phase only the prunable
-        kernels (through the view's masks) and the task's own head."""
-        name = self.infos[task_index].name
-        wanted = self.model.prunable_names() + self.model.head_names(name)
-        if task_index == 0 and mode == "train":
-            wanted += self.model.shared_names()
-        return self.select_parameters(wanted)
-
-    def select_parameters(self, names: list[str]) -> dict[str, nn.Parameter]:
-        """Exactly the named model parameters become trainable."""
-        wanted = set(names)
-        out = {}
-        for pname, param in self.model.named_parameters():
-            param.requires_grad_(pname in wanted)
-            if pname in wanted:
-                out[f"model.{pname}"] = param
-        return out
-
     # -- one phase ---------------------------------------------------------------------------
     def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
                   save_mid: Callable[[PhaseProgress, dict, Engine], None] | None = None, *,
@@ -231,7 +211,10 @@ class Trainer:
         if global_batch % self.dist.world_size:
             raise ValueError(f"tasks.{task_index}.batch_size={global_batch} is not divisible by "
                              f"the world size {self.dist.world_size}")
-        trainable = self.trainable_parameters(task_index, mode) if dense is None else self.select_parameters(dense)
+        if dense is None:
+            trainable = phase_parameters(self.model, info.name, task_index == 0 and mode == "train")
+        else:
+            trainable = select_parameters(self.model, dense)
         engine = build_engine(self.masked, trainable, task_cfg.lr, task_cfg.l2, self.dist, self.cfg.dist,
                               per_rank_batch=global_batch // self.dist.world_size,
                               row_sparse=[f"model.{n}" for n in self.model.item_table_names()])
@@ -359,6 +342,26 @@ class Trainer:
         return task_checksum(self.masked.ownership, self.model.state_dict(), task_index + 1, extra)
 
 
+def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:
+    """What a Conure phase trains: T1's train phase (``first_phase``) the whole backbone; every
+    other phase only the prunable kernels (through the view's masks) and the task's own head."""
+    wanted = model.prunable_names() + model.head_names(task)
+    if first_phase:
+        wanted += model.shared_names()
+    return select_parameters(model, wanted)
+
+
+def select_parameters(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """Exactly the named parameters become trainable; keyed as the MaskedModel names them."""
+    wanted = set(names)
+    out = {}
+    for pname, param in model.named_parameters():
+        param.requires_grad_(pname in wanted)
+        if pname in wanted:
+            out[f"model.{pname}"] = param
+    return out
+
+
 def hash_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
 
@@ -390,15 +393,16 @@ def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
             "num_weights": cap.total}
 
 
-def build_trainer(cfg: RunConfig, out: str, dist: DistInfo) -> Trainer:
-    """Data (generated if missing), model, empty ownership records and logger of a run."""
+def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
+    """Data (generated if missing), model, empty ownership records and logger of a run (no log
+    without ``out``)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
     model = build_model(cfg, manifest.num_seq_items, task_specs(infos)).to(dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
-    logger = JsonlLogger(join(out, "log.jsonl"), enabled=dist.is_main)
+    logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
     return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)
 
 
