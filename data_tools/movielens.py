@@ -40,7 +40,7 @@ import fsspec
 import numpy as np
 
 from conure_dist.data.manifest import Manifest, join_url
-from data_tools.rows import RowChecker, read_text
+from data_tools.rows import RowChecker, numbers_first, parse_number, read_text
 from data_tools.shards import TaskData, write_dataset
 from data_tools.split import DEFAULT_FRACTIONS
 
@@ -94,14 +94,6 @@ def _parse_int(value: str) -> int | None:
         return None
 
 
-def _parse_float(value: str) -> float | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if np.isfinite(number) else None
-
-
 def _ratings(columns: list[list[float]]) -> _Ratings:
     user, item, rating, timestamp = columns
     return _Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
@@ -153,7 +145,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
             checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
             continue
         user, item, timestamp = _parse_int(fields[0]), _parse_int(fields[1]), _parse_int(fields[3])
-        rating = _parse_float(fields[2])
+        rating = parse_number(fields[2])
         bad = [f"{n} '{v.strip()}'" for n, v, x in zip(("userId", "movieId", "timestamp"), (fields[0], fields[1], fields[3]),
                                                        (user, item, timestamp), strict=True) if x is None]
         if bad:
@@ -213,7 +205,7 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_R
     values: list[tuple[float, float]] = []
     for line_no, fields in rows:
         user, item = fields[where["user_id"]].strip(), fields[where["item_id"]].strip()
-        rating, timestamp = _parse_float(fields[where["rating"]]), _parse_float(fields[where["timestamp"]])
+        rating, timestamp = parse_number(fields[where["rating"]]), parse_number(fields[where["timestamp"]])
         if not user or not item:
             checker.bad(label, path, line_no, "empty id", "empty user_id or item_id")
         elif rating is None or timestamp is None:
@@ -408,10 +400,6 @@ def _like_task(
     return task, int((~has_t1).sum())
 
 
-def _occupation_order(name: str) -> tuple[int, int, str]:
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
 def _profile_tasks(
     profiles: dict[int, _Profile], fields: tuple[str, ...], t1_users: np.ndarray
 ) -> tuple[list[TaskData], int]:
@@ -419,7 +407,7 @@ def _profile_tasks(
     with_t1 = set(t1_users.tolist())
     kept = [u for u in sorted(profiles) if u in with_t1]
     rows = np.searchsorted(t1_users, np.asarray(kept, dtype=np.int64)).astype(np.int64)
-    occupations = sorted({p.occupation for p in profiles.values() if p.occupation}, key=_occupation_order)
+    occupations = sorted({p.occupation for p in profiles.values() if p.occupation}, key=numbers_first)
     labels = {
         "gender": lambda: ([GENDERS.index(profiles[u].gender) for u in kept], list(GENDERS)),
         "age": lambda: (

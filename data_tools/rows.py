@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import fsspec
@@ -31,3 +32,18 @@ def read_text(url: str) -> tuple[str, str]:
         raise FileNotFoundError(f"input file not found: {url}") from exn
     # latin-1 never fails to decode; the raw files are ASCII apart from free text (titles).
     return data.decode("latin-1"), hashlib.sha256(data).hexdigest()
+
+
+def parse_number(text: str) -> float | None:
+    """The finite number ``text`` spells, or None."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def numbers_first(token: str) -> tuple[int, float, str]:
+    """Sort key of label tokens: numbers in numeric order, then the other tokens as strings."""
+    number = parse_number(token)
+    return (0, number, token) if number is not None else (1, 0.0, token)

@@ -18,14 +18,13 @@ are skipped and counted in the manifest.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
-from data_tools.rows import RowChecker, read_text
+from data_tools.rows import RowChecker, numbers_first, read_text
 from data_tools.shards import TaskData, write_dataset
 from data_tools.split import DEFAULT_FRACTIONS
 
@@ -50,18 +49,9 @@ class TaskFile:
         return cls(name, kind, path)
 
 
-def _number(token: str) -> float | None:
-    try:
-        number = float(token)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _sorted_ids(tokens: set[str]) -> dict[str, int]:
     """Ids in sorted order: numbers numerically, then other tokens as strings."""
-    order = sorted(tokens, key=lambda t: (0, _number(t), t) if _number(t) is not None else (1, 0.0, t))
-    return {t: i for i, t in enumerate(order)}
+    return {t: i for i, t in enumerate(sorted(tokens, key=numbers_first))}
 
 
 def _read_pretrain(path: str, seq_len: int, checker: RowChecker) -> tuple[list[list[str]], str]:
