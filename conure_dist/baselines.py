@@ -54,7 +54,8 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
     logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, method=method)
     state = RunState()
     backbone = _backbone_names(model)
-    served: dict[str, dict[str, torch.Tensor]] = {}  # task -> backbone it is served by (own copies)
+    served: dict[str, dict[str, torch.Tensor]] = {}  # task -> its own backbone copy (OWN_BACKBONE methods)
+    metric_names = [primary_metric_name(t.kind, cfg.train.topk) for t in infos]
     for i, (task_cfg, info) in enumerate(zip(cfg.tasks, infos, strict=True)):
         head = model.head_names(info.name)
         if i == 0:
@@ -75,27 +76,25 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
             names, joint = head + model.patch_names(info.name), 0.0
         else:
             raise ValueError(f"method '{method}' is not a baseline")
-        t1_head = {n: p.detach().clone() for n, p in model.heads[infos[0].name].state_dict().items()}
+        joint_head = method == "mtl" and i > 0  # T1's head trained jointly belongs to task i's model copy
+        t1_head = {n: p.detach().clone() for n, p in model.heads[infos[0].name].state_dict().items()} \
+            if joint_head else None
         state.history.append(trainer.run_phase(i, "train", task_cfg, dense=names, joint_weight=joint))
-        if method == "mtl" and i > 0:  # T1's head trained jointly belongs to task i's model copy
+        if joint_head:
             model.heads[infos[0].name].load_state_dict(t1_head)
-        if i == 0 or method in OWN_BACKBONE:
+        if method in OWN_BACKBONE:
             served[info.name] = _backbone_state(model)
         if info.name not in state.reference:
             state.reference[info.name] = reference_metrics(manifest, info, "test", cfg.train.topk)
-        current = _backbone_state(model)
+        # finetune serves every task with the current backbone; finesmax and peterrec never
+        # change T1's. The others load each task's own copy, ending with task i's.
         row = {}
         for j in range(i + 1):
-            task = infos[j].name
-            if method in OWN_BACKBONE or (method in ("finesmax", "peterrec") and j > 0):
-                model.backbone.load_state_dict(served[task if method in OWN_BACKBONE else infos[0].name])
-            else:
-                model.backbone.load_state_dict(current)
+            if method in OWN_BACKBONE:
+                model.backbone.load_state_dict(served[infos[j].name])
             masked.set_view("dense", j + 1)
-            row[task] = evaluate_task(masked, manifest, infos[j], "test", cfg.train.eval_batch_size,
-                                      cfg.train.topk, dist)
-        model.backbone.load_state_dict(current)
-        metric_names = [primary_metric_name(t.kind, cfg.train.topk) for t in infos]
+            row[infos[j].name] = evaluate_task(masked, manifest, infos[j], "test", cfg.train.eval_batch_size,
+                                               cfg.train.topk, dist)
         state.metrics.append(row)
         state.matrix.append([row[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(infos)])
         logger.log("task_done", task=info.name, test=row[info.name])
