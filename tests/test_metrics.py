@@ -13,6 +13,15 @@ def test_ranks_count_strictly_higher_scores():
     assert target_ranks(scores, torch.tensor([2, 3])).tolist() == [1, 3]
 
 
+def test_tied_scores_never_flatter_the_target():
+    # Ties are broken by the lower id, as the popularity reference breaks them: a constant
+    # scorer ranks each target at its id, not first.
+    scores = torch.zeros(3, 6)
+    assert target_ranks(scores, torch.tensor([0, 2, 5])).tolist() == [0, 2, 5]
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert target_ranks(scores, torch.tensor([3])).tolist() == [2]  # behind the higher 2 and the tied 1, 2
+
+
 def test_mrr_hr_ndcg_by_hand():
     ranks = torch.tensor([0, 1, 4, 5, 100])
     m = finalize(ranking_sums(ranks, k=5), k=5)
