@@ -123,6 +123,10 @@ class ModelConfig:
     prune_embedding: bool = False
     """Also partition the item embedding between tasks like the conv kernels (the paper's
     embedding pruning); otherwise it trains in T1 only and is shared frozen."""
+    head_prior: bool = True
+    """Item and class heads start as their task's trivial predictor (popularity ranking, class
+    prior, from the train split's label counts) and learn the personal part from there; the
+    validation check before the first epoch keeps that start when no epoch beats it."""
 
     def validate(self, prefix: str) -> None:
         _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")

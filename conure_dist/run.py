@@ -228,6 +228,15 @@ class Trainer:
         if resume is not None:
             progress, best_state = resume.progress, resume.best_state
             engine.load_state_dict(resume.engine_state(engine))
+        if resume is None:
+            # The starting point competes too: a phase whose epochs all validate worse than where
+            # it began (a fresh head at its prior, a pruned task before retraining) keeps it.
+            valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
+                                  self.cfg.train.topk, self.dist)
+            progress.epochs_log.append({"epoch": 0, "loss": None, "valid": valid})
+            self.logger.log("epoch", task=info.name, phase=mode, epoch=0, loss=None, valid=valid)
+            progress.best_value = valid[metric]
+            best_state = {n: p.detach().clone() for n, p in trainable.items()}
         every = self.cfg.train.checkpoint_every_steps
         while progress.epoch < epochs:
             epoch = progress.epoch
@@ -400,7 +409,11 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
         torch.set_num_threads(cfg.train.num_threads)
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
-    model = build_model(cfg, manifest.num_seq_items, task_specs(infos)).to(dist.device)
+    model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
+    if cfg.model.head_prior:
+        for info in infos[1:]:
+            model.init_head_prior(info.name, torch.from_numpy(manifest.load_train_counts(info.name)))
+    model = model.to(dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
     return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)

@@ -24,7 +24,7 @@ def reports(tmp_path_factory):
     path = tiny_config(tmp, TASKS)
     out = {}
     for method in ("conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl"):
-        cfg = load_config(str(path), [f"method.name={method}", "tasks.0.epochs=3", "tasks.*.lr=0.01"])
+        cfg = load_config(str(path), [f"method.name={method}", "tasks.*.epochs=3", "tasks.*.lr=0.01"])
         out[method] = run_method(cfg, str(tmp / method), CPU)
         assert json.loads((tmp / method / "report.json").read_text())["method"] == method
     return out

@@ -112,6 +112,12 @@ class ConureModel(nn.Module):
             loss_sum = loss_sum + weight * other_sum * (count / other_count.clamp(min=1))
         return loss_sum, count
 
+    def init_head_prior(self, task: str, train_counts: torch.Tensor) -> None:
+        """Start an item or class head as its task's trivial predictor (see the heads)."""
+        if self.kinds[task] == "sequence":
+            raise ValueError(f"task '{task}': the sequence head has no prior start")
+        self.heads[task].init_prior(train_counts)
+
     def _last_hidden(self, seq_BL: torch.Tensor, patches: nn.ModuleList | None) -> torch.Tensor:
         if self.fast:
             return self.backbone(seq_BL, last_only=True, patches=patches)

@@ -69,6 +69,13 @@ class ItemHead(nn.Module):
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return hidden_NC @ self.weight.T + self.bias
 
+    @torch.no_grad()
+    def init_prior(self, train_counts_V: torch.Tensor) -> None:
+        """Start as the popularity ranker: bias log(1 + count), zero item vectors. The user
+        vector then learns only how a user departs from the crowd."""
+        self.weight.zero_()
+        self.bias.copy_(torch.log1p(train_counts_V.to(self.bias)))
+
 
 class ClassHead(nn.Module):
     """Profile classification (gender, age, ...) with cross-entropy."""
@@ -82,3 +89,11 @@ class ClassHead(nn.Module):
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden_NC)
+
+    @torch.no_grad()
+    def init_prior(self, train_counts_C: torch.Tensor) -> None:
+        """Start as the class prior (add-one smoothed log frequencies, zero weights): the loss
+        starts at the labels' entropy instead of wherever random logits put it."""
+        counts = train_counts_C.to(self.linear.bias) + 1.0
+        self.linear.weight.zero_()
+        self.linear.bias.copy_(torch.log(counts / counts.sum()))
