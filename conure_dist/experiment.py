@@ -209,8 +209,17 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dic
                             "reference": runs[0]["reference"], "seeds": [r["seed"] for r in runs],
                             "wall_seconds": _mean_std([r["wall_seconds"] for r in runs])}
         variants[variant] = rows
-    return {"experiment": str(experiment.path), "base": str(experiment.base), "overrides": experiment.overrides,
+    return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
             "seeds": experiment.seeds, "variants": variants, "wall_seconds": round(wall_seconds, 1)}
+
+
+def _shown(path: Path) -> str:
+    """A path as the results show it: relative to the working directory when inside it, so that
+    tables written from a checkout name its files, not the machine's."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _cell(stat: dict[str, float]) -> str:

@@ -5,7 +5,8 @@
   forgotten), annotated with the score itself;
 * ``VARIANT_tasks.png``: per task, each method's score when learned (mean, std as error bar);
 * ``VARIANT_storage.png``: parameters stored to serve every task against the mean relative score
-  over the tasks after T1 (1 = the best method on every task).
+  over the tasks after T1 (1 = the best method on every task); only for variants that compare
+  several methods.
 """
 
 from __future__ import annotations
@@ -95,5 +96,7 @@ def storage(rows: dict[str, Any], variant: str, out: str) -> str:
 def write_plots(summary: dict[str, Any], out: str) -> list[str]:
     paths = []
     for variant, rows in summary["variants"].items():
-        paths += [forgetting(rows, variant, out), per_task(rows, variant, out), storage(rows, variant, out)]
+        paths += [forgetting(rows, variant, out), per_task(rows, variant, out)]
+        if len(rows) > 1:
+            paths.append(storage(rows, variant, out))
     return paths

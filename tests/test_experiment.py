@@ -52,6 +52,7 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
     for name in ("main_forgetting", "main_tasks", "main_storage", "no_click_forgetting"):
         png = (out / "plots" / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not (out / "plots" / "no_click_storage.png").exists()  # one method: nothing to compare
     # A second call reuses every finished run and gives the same summary.
     (out / "results.json").unlink()
     again = conure("experiment", "--config", str(path), "--out", str(out))
@@ -85,3 +86,12 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path):
     write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "click"]}})
     with pytest.raises(AssertionError, match=r"holds a run of \(method, seed, tasks\) = \('conure', 0, \['t1', 'gender'\]\)"):
         conure("experiment", "--config", str(path), "--out", str(out))
+
+
+def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
+    from conure_dist.experiment import _shown
+
+    (tmp_path / "configs").mkdir()
+    monkeypatch.chdir(tmp_path / "configs")
+    assert _shown(tmp_path / "configs" / "ml100k.yaml") == "ml100k.yaml"
+    assert _shown(tmp_path / "elsewhere.yaml") == str(tmp_path / "elsewhere.yaml")
