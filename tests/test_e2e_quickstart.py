@@ -92,6 +92,11 @@ def test_audit_passes_then_fails_on_a_changed_frozen_weight(quickstart_run, tmp_
     assert main(["audit", "--ckpt", str(out), "--json"]) == 0
     audited = json.loads(capsys.readouterr().out)
     assert audited["ok"] and set(audited["tasks"]) == {t["name"] for t in report["tasks"]}
+    # The checkpoints folder itself names the same newest checkpoint.
+    assert main(["audit", "--ckpt", str(out / "checkpoints"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == audited
+    assert main(["audit", "--ckpt", str(tmp_path)]) != 0
+    assert "no committed checkpoint at" in capsys.readouterr().err
 
     final = sorted((out / "checkpoints").iterdir())[-1]
     tampered = tmp_path / final.name

@@ -147,16 +147,20 @@ class Checkpointer:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """Accept a run directory (newest committed checkpoint inside) or a checkpoint folder."""
+    """Accept a checkpoint folder, or the newest committed checkpoint of a run directory or of
+    its ``checkpoints`` folder."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(posixpath.join(fs_path, COMMIT)):
         return path
     folders = []
-    ckpt_root = posixpath.join(fs_path, "checkpoints")
-    if fs.exists(ckpt_root):
-        folders = sorted(p for p in fs.ls(ckpt_root, detail=False) if fs.exists(posixpath.join(p, COMMIT)))
+    for root in (posixpath.join(fs_path, "checkpoints"), fs_path):
+        if fs.isdir(root):
+            folders = sorted(p for p in fs.ls(root, detail=False) if fs.exists(posixpath.join(p, COMMIT)))
+        if folders:
+            break
     if not folders:
-        raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT} and checkpoints/*/{COMMIT})")
+        raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
+                              f"checkpoints/*/{COMMIT})")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return folders[-1] if protocol in ("file", "local") else f"{protocol}://{folders[-1]}"
 
