@@ -179,6 +179,10 @@ class TrainConfig:
     """Global batch size for evaluation."""
     topk: int = 5
     """Cut-off of MRR@k, HR@k and NDCG@k."""
+    class_selection: Literal["nll", "acc"] = "nll"
+    """What picks a class task's best validation epoch: its mean cross-entropy (``nll``: moves
+    with every user's probability, where accuracy on a small validation split moves in steps of
+    one user) or its accuracy. Item and sequence tasks use their MRR@k."""
     log_every: int = 50
     """Log the training loss every this many optimizer steps."""
     progress: bool = True

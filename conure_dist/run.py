@@ -17,7 +17,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from conure_dist.config import RunConfig, TaskConfig
+from conure_dist.config import RunConfig, TaskConfig, TrainConfig
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
@@ -223,7 +223,7 @@ class Trainer:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         draw = self._negative_drawer(info, global_batch)
         joint = self._joint_batches(self.cfg.tasks[0].batch_size) if joint_weight else None
-        metric = primary_metric_name(info.kind, self.cfg.train.topk)
+        select = selection_score(info.kind, self.cfg.train)
         progress, best_state = PhaseProgress(mode=mode), None
         if resume is not None:
             progress, best_state = resume.progress, resume.best_state
@@ -235,7 +235,7 @@ class Trainer:
                                   self.cfg.train.topk, self.dist)
             progress.epochs_log.append({"epoch": 0, "loss": None, "valid": valid})
             self.logger.log("epoch", task=info.name, phase=mode, epoch=0, loss=None, valid=valid)
-            progress.best_value = valid[metric]
+            progress.best_value = select(valid)
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
         every = self.cfg.train.checkpoint_every_steps
         while progress.epoch < epochs:
@@ -271,8 +271,8 @@ class Trainer:
             entry = {"epoch": epoch + 1, "loss": progress.loss_total / max(progress.step, 1), "valid": valid}
             progress.epochs_log.append(entry)
             self.logger.log("epoch", task=info.name, phase=mode, **entry)
-            if valid[metric] > progress.best_value:
-                progress.best_value = valid[metric]
+            if select(valid) > progress.best_value:
+                progress.best_value = select(valid)
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
             progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
             resume = None
@@ -349,6 +349,15 @@ class Trainer:
         if task_index == 0:
             extra += self.model.shared_names()
         return task_checksum(self.masked.ownership, self.model.state_dict(), task_index + 1, extra)
+
+
+def selection_score(kind: str, train: TrainConfig) -> Callable[[dict[str, float]], float]:
+    """What picks a phase's best validation epoch (higher is better): the primary metric, or for
+    class tasks with ``train.class_selection: nll`` the negated mean cross-entropy."""
+    if kind == "class" and train.class_selection == "nll":
+        return lambda valid: -valid["nll"]
+    metric = primary_metric_name(kind, train.topk)
+    return lambda valid: valid[metric]
 
 
 def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:

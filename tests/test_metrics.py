@@ -39,10 +39,12 @@ def test_sums_compose_across_shards():
     assert parts == pytest.approx(whole)
 
 
-def test_accuracy():
+def test_accuracy_and_cross_entropy():
     scores = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
     m = finalize(accuracy_sums(scores, torch.tensor([1, 1, 1])), 5)
     assert m["acc"] == pytest.approx(2 / 3)
+    log_p = [s[1] - math.log(math.exp(s[0]) + math.exp(s[1])) for s in scores.tolist()]
+    assert m["nll"] == pytest.approx(-sum(log_p) / 3)
 
 
 def test_empty_split_is_an_error():

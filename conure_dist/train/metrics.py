@@ -35,7 +35,8 @@ def ranking_sums(ranks_N: torch.Tensor, k: int) -> dict[str, float]:
 
 def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, float]:
     predicted = scores_NC.argmax(dim=1)
-    return {"acc": (predicted == target_N).double().sum().item(), "count": float(target_N.numel())}
+    nll = torch.nn.functional.cross_entropy(scores_NC.double(), target_N, reduction="sum").item()
+    return {"acc": (predicted == target_N).double().sum().item(), "nll": nll, "count": float(target_N.numel())}
 
 
 def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
