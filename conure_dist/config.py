@@ -193,7 +193,8 @@ class TrainConfig:
     """torch intra-op threads on CPU (None: torch's default)."""
     deterministic: bool = True
     """Deterministic kernels (``torch.use_deterministic_algorithms``): the same config and seed
-    give the same weights. Multi-threaded CPU gradient scatters otherwise add in varying order.
+    give the same weights (for the same thread count: CPU kernels split their sums by threads).
+    Multi-threaded CPU gradient scatters otherwise add in varying order.
     Ops without a deterministic kernel only warn; turn off for top GPU speed."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
