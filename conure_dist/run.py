@@ -225,18 +225,26 @@ class Trainer:
         joint = self._joint_batches(self.cfg.tasks[0].batch_size) if joint_weight else None
         select = selection_score(info.kind, self.cfg.train)
         progress, best_state = PhaseProgress(mode=mode), None
+
+        def validate(epoch: int, loss: float | None) -> None:
+            """Score the current parameters on the validation split; keep them if best so far."""
+            nonlocal best_state
+            valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
+                                  self.cfg.train.topk, self.dist)
+            entry = {"epoch": epoch, "loss": loss, "valid": valid}
+            progress.epochs_log.append(entry)
+            self.logger.log("epoch", task=info.name, phase=mode, **entry)
+            if select(valid) > progress.best_value:
+                progress.best_value = select(valid)
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+
         if resume is not None:
             progress, best_state = resume.progress, resume.best_state
             engine.load_state_dict(resume.engine_state(engine))
-        if resume is None:
+        else:
             # The starting point competes too: a phase whose epochs all validate worse than where
             # it began (a fresh head at its prior, a pruned task before retraining) keeps it.
-            valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
-                                  self.cfg.train.topk, self.dist)
-            progress.epochs_log.append({"epoch": 0, "loss": None, "valid": valid})
-            self.logger.log("epoch", task=info.name, phase=mode, epoch=0, loss=None, valid=valid)
-            progress.best_value = select(valid)
-            best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            validate(0, None)
         every = self.cfg.train.checkpoint_every_steps
         while progress.epoch < epochs:
             epoch = progress.epoch
@@ -266,14 +274,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
                 if every and save_mid and progress.step % every == 0 and progress.step < steps:
                     save_mid(progress, {"generator": generator.get_state(), "best": best_state or {}}, engine)
-            valid = evaluate_task(self.masked, self.manifest, info, "valid", self.cfg.train.eval_batch_size,
-                                  self.cfg.train.topk, self.dist)
-            entry = {"epoch": epoch + 1, "loss": progress.loss_total / max(progress.step, 1), "valid": valid}
-            progress.epochs_log.append(entry)
-            self.logger.log("epoch", task=info.name, phase=mode, **entry)
-            if select(valid) > progress.best_value:
-                progress.best_value = select(valid)
-                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            validate(epoch + 1, progress.loss_total / max(progress.step, 1))
             progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
             resume = None
         if best_state:
