@@ -230,6 +230,9 @@ class DistConfig:
     """Process-group backend; auto = NCCL on GPU, gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device; auto = CUDA when available."""
+    compile: Literal["auto", "always", "never"] = "auto"
+    """``torch.compile`` the backbone and the hot element-wise kernels (T1's streamed softmax,
+    exact ranking); auto = on CUDA only. Same math; several times faster on a GPU."""
     row_sparse: bool = True
     """DDP: exchange the gradients of the item tables (T1's embedding and softmax) row-sparsely,
     only the rows some rank touched, instead of in DDP's dense buckets."""

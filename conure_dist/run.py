@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
+from conure_dist import compiled
 from conure_dist.config import RunConfig, TaskConfig, TrainConfig
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.continual.views import MaskedModel
@@ -424,6 +425,9 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
         for info in infos[1:]:
             model.init_head_prior(info.name, torch.from_numpy(manifest.load_train_counts(info.name)))
     model = model.to(dist.device)
+    compiled.set_enabled(compiled.resolve(cfg.dist.compile, dist.device))
+    if compiled.enabled():
+        compiled.compile_model(model)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
     return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)

@@ -5,11 +5,18 @@ against S = 20% of the vocabulary (25,600 x 129,000 for the paper's TTL batch), 
 the model itself. The plain path materializes that [N, S] matrix (and its fp32 copy, and the
 softmax, and their gradients). Here the forward pass keeps one running log-sum-exp per row and
 the backward pass recomputes each chunk's logits, so the extra memory is one [N, chunk] block.
+
+The element-wise work on each block (bias, accidental-hit mask, log-sum-exp; in backward the
+softmax and its column sums) is in two ``@hot`` functions: with compilation on
+(``conure_dist.compiled``) each becomes one fused kernel that reads the block once, instead of a
+dozen eager passes over it; the matrix products around them stay cuBLAS's.
 """
 
 from __future__ import annotations
 
 import torch
+
+from conure_dist.compiled import hot
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -23,11 +30,13 @@ class _NegativeLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk):  # noqa: D102
         dtype = _compute_dtype(hidden_NC.device, hidden_NC.dtype)
-        lse = torch.full(hidden_NC.shape[:1], float("-inf"), device=hidden_NC.device, dtype=torch.float32)
         h = hidden_NC.to(dtype)
+        parts = []
         for start in range(0, weight_SC.shape[0], chunk):
-            logits = _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype)
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+            stop = min(start + chunk, weight_SC.shape[0])
+            logits = h @ weight_SC[start:stop].to(dtype).T
+            parts.append(chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N))
+        lse = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
         ctx.save_for_backward(hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return lse
@@ -42,26 +51,39 @@ class _NegativeLogSumExp(torch.autograd.Function):
         safe_lse = torch.where(finite, lse, 0.0)
         scale = torch.where(finite, grad_lse_N.float(), 0.0)
         grad_hidden = torch.zeros(hidden_NC.shape, device=hidden_NC.device, dtype=torch.float32)
-        grad_weight = torch.zeros(weight_SC.shape, device=weight_SC.device, dtype=torch.float32)
-        grad_bias = torch.zeros(bias_S.shape, device=bias_S.device, dtype=torch.float32)
+        grad_weight = torch.empty(weight_SC.shape, device=weight_SC.device, dtype=torch.float32)
+        grad_bias = torch.empty(bias_S.shape, device=bias_S.device, dtype=torch.float32)
         for start in range(0, weight_SC.shape[0], chunk):
             stop = min(start + chunk, weight_SC.shape[0])
-            logits = _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype)
-            # d lse / d logit = softmax; -inf logits (masked hits) get exactly zero.
-            probs = torch.exp(logits - safe_lse[:, None]) * scale[:, None]
-            p = probs.to(dtype)
-            grad_hidden += (p @ weight_SC[start:stop].to(dtype)).float()
+            w = weight_SC[start:stop].to(dtype)
+            logits = h @ w.T
+            p, grad_bias[start:stop] = chunk_softmax_grad(logits, bias_S[start:stop], negatives_S[start:stop],
+                                                          target_N, safe_lse, scale)
+            grad_hidden += (p @ w).float()
             grad_weight[start:stop] = (p.T @ h).float()
-            grad_bias[start:stop] = probs.sum(0)
         return (grad_hidden.to(hidden_NC.dtype), grad_weight.to(weight_SC.dtype), grad_bias.to(bias_S.dtype),
                 None, None, None)
 
 
-def _chunk_logits(h, weight_SC, bias_S, negatives_S, target_N, start, chunk, dtype) -> torch.Tensor:
-    stop = min(start + chunk, weight_SC.shape[0])
-    logits = (h @ weight_SC[start:stop].to(dtype).T).float() + bias_S[start:stop].float()
-    hit = negatives_S[None, start:stop] == target_N[:, None]
-    return logits.masked_fill(hit, float("-inf"))
+def _masked_logits(logits_NS, bias_S, negatives_S, target_N) -> torch.Tensor:
+    """fp32 logits plus bias, with each row's accidental hit (its own target) at -inf."""
+    x = logits_NS.float() + bias_S.float()
+    return x.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
+
+
+@hot
+def chunk_logsumexp(logits_NS, bias_S, negatives_S, target_N) -> torch.Tensor:
+    """fp32 [N]: log-sum-exp of one block of negatives' logits (matmul output, no bias yet)."""
+    return torch.logsumexp(_masked_logits(logits_NS, bias_S, negatives_S, target_N), dim=1)
+
+
+@hot
+def chunk_softmax_grad(logits_NS, bias_S, negatives_S, target_N, lse_N, scale_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d logits of one block (the softmax over all negatives times the row's incoming
+    gradient; masked hits get exactly zero), in the logits' dtype, and its fp32 column sums (the
+    bias gradient)."""
+    probs = torch.exp(_masked_logits(logits_NS, bias_S, negatives_S, target_N) - lse_N[:, None]) * scale_N[:, None]
+    return probs.to(logits_NS.dtype), probs.sum(0)
 
 
 def negative_logsumexp(

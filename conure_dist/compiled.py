@@ -1,0 +1,79 @@
+"""``torch.compile`` where it pays: the backbone and a few hot element-wise functions.
+
+On a GPU the T1 step, a later task's step and exact evaluation spend most of their time in
+element-wise passes over large tensors (the streamed softmax's [rows, chunk] logits, the
+[users, items] scores of evaluation, the activations of 16 conv layers). Compiling fuses those
+passes into single kernels; the matrix products stay cuBLAS's. The math is the same functions
+run eagerly on CPU and in the tests.
+
+The switch is process-wide (``set_enabled``): a run turns it on from ``dist.compile``, the
+benchmarks turn it on for the fast path only. Functions marked ``@hot`` are small and compiled on
+first use with dynamic shapes, so the varying row counts of T1 (padding) do not recompile them.
+The backbone is compiled with static shapes: each input shape (a phase's batch, its last smaller
+batch, evaluation) builds its graph once, in seconds, where one dynamic-shape graph of the
+16-layer stack took minutes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_enabled = False
+RECOMPILE_LIMIT = 32
+"""Graphs per compiled function: the backbone sees full sequences (T1), last-position windows of
+two lengths, training and inference views, and a smaller last batch of each."""
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def resolve(setting: str, device: torch.device) -> bool:
+    """``dist.compile``: ``auto`` compiles on CUDA only (on CPU the compile time outweighs it)."""
+    return setting == "always" or (setting == "auto" and device.type == "cuda")
+
+
+def hot(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` compiled while compilation is enabled, eagerly otherwise."""
+    compiled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _enabled:
+            return fn(*args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True))
+        return compiled[0](*args, **kwargs)
+
+    wrapper.eager = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+COMPILED_SOFTMAX_CHUNK = 32768
+"""Negatives per block of T1's streamed softmax when its element-wise work is one fused kernel:
+larger blocks mean fewer, fuller matrix products (about 2 GB of bf16 logits per block at the
+paper's T1 batch of 256 x 100 positions)."""
+
+
+def compile_model(model: nn.Module) -> None:
+    """Compile a ``ConureModel``'s backbone in place (parameter names and checkpoints are
+    unchanged) and widen its streamed softmax blocks.
+
+    The ownership view swaps the conv kernels in on every forward (``functional_call``); the
+    compiled graph takes them as inputs, so the swap does not recompile.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.backbone.compile(dynamic=False)
+    for head in model.heads.values():
+        if getattr(head, "chunk", None):
+            head.chunk = max(head.chunk, COMPILED_SOFTMAX_CHUNK)
