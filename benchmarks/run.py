@@ -22,7 +22,9 @@ training engine the runs use (masked views, Adam, L2), after warm-up steps:
   T1 batch of 32; ``t1_dense_allreduce_bytes``: a dense all-reduce of the same tables.
 
 The plain path is ``ConureModel(fast=False)``: full hidden states for every task and
-materialized sampled-softmax logits.
+materialized sampled-softmax logits, eager. The fast path is also compiled where ``--compile``
+says (default: on CUDA, as runs do with ``dist.compile: auto``); ``*_warmup_s`` are the warm-up
+steps' seconds, compilation included.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from conure_dist import compiled
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
@@ -82,10 +85,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build(sizes: Sizes, fast: bool, device: torch.device) -> tuple[ConureModel, MaskedModel]:
+def build(sizes: Sizes, fast: bool, device: torch.device, compile_on: bool = False) -> tuple[ConureModel, MaskedModel]:
     torch.manual_seed(0)
     specs = [TaskSpec("t1", "sequence", sizes.items), TaskSpec("later", "item", sizes.later_items)]
     model = ConureModel(sizes.items, specs, sizes.channels, 3, sizes.dilations, fast=fast).to(device)
+    compiled.set_enabled(compile_on)
+    if compile_on:
+        compiled.compile_model(model)
     names = model.prunable_names()
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in names})
     return model, MaskedModel(model, ownership)
@@ -97,10 +103,16 @@ def random_sequences(n: int, sizes: Sizes, g: torch.Generator) -> torch.Tensor:
     return (ranks * (sizes.items - 1)).long().clamp(max=sizes.items - 2) + 1
 
 
-def time_steps(step, steps: int, device: torch.device, warmup: int = 3) -> float:
+def time_steps(step, steps: int, device: torch.device, warmup: int = 3, out: dict | None = None,
+               key: str = "") -> float:
+    """Seconds per step after ``warmup`` steps (whose time, compilation included, goes to
+    ``out[key + "_warmup_s"]``)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
+    if out is not None:
+        out[f"{key}_warmup_s"] = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -108,8 +120,9 @@ def time_steps(step, steps: int, device: torch.device, warmup: int = 3) -> float
     return (time.perf_counter() - start) / steps
 
 
-def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInfo) -> dict[str, float]:
-    model, masked = build(sizes, fast, device)
+def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInfo,
+                   compile_on: bool = False) -> dict[str, float]:
+    model, masked = build(sizes, fast, device, compile_on)
     g = torch.Generator().manual_seed(1)
     sampler = SharedNegativeSampler(sizes.items, NEGATIVE_FRACTION)
     out: dict[str, float] = {}
@@ -119,7 +132,8 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.t1_batch, sizes, g).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(lambda: engine.train_step(seq, "t1", None, sampler.sample(g).to(device)), sizes.steps, device)
+    seconds = time_steps(lambda: engine.train_step(seq, "t1", None, sampler.sample(g).to(device)), sizes.steps, device,
+                         out=out, key="t1")
     out["t1_seq_per_s"] = sizes.t1_batch / seconds
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -132,7 +146,8 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.later_batch, sizes, g).to(device)
     target = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
     negative = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
-    seconds = time_steps(lambda: engine.train_step(seq, "later", target, negative), sizes.steps, device)
+    seconds = time_steps(lambda: engine.train_step(seq, "later", target, negative), sizes.steps, device,
+                         out=out, key="later")
     out["later_seq_per_s"] = sizes.later_batch / seconds
 
     masked.set_view("infer", 1)
@@ -145,8 +160,23 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
             scores = masked(seq, "t1")
         target_ranks(scores, seq[:, -1]).sum().item()
 
-    out["eval_users_per_s"] = sizes.eval_batch / time_steps(evaluate, max(3, sizes.steps // 3), device, warmup=1)
+    out["eval_users_per_s"] = sizes.eval_batch / time_steps(evaluate, max(3, sizes.steps // 3), device, warmup=2,
+                                                            out=out, key="eval")
     return out
+
+
+def bench_plain(sizes: Sizes, device: torch.device, dist: DistInfo, report: dict) -> dict[str, float]:
+    """The plain path's figures; ``{}`` (and ``plain_error`` in the report) when they do not fit on
+    the GPU: the plain T1 step holds every sampled logit of the batch at once."""
+    try:
+        return bench_training(sizes, False, device, dist)
+    except torch.cuda.OutOfMemoryError as error:
+        report["plain_error"] = str(error).splitlines()[0]
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {}
 
 
 def probe_t1_memory(sizes: Sizes, fast: bool) -> dict[str, float]:
@@ -249,6 +279,8 @@ def main() -> None:
     parser.add_argument("--later-batch", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", choices=["auto", "always", "never"], default="auto",
+                        help="torch.compile on the fast path, as dist.compile (auto: on CUDA only)")
     parser.add_argument("--loader-sequences", type=int, default=200_000)
     parser.add_argument("--comm-items", type=int, help="T1 vocabulary of the 2-process communication run")
     parser.add_argument("--memory-items", type=int, default=646_000,
@@ -272,13 +304,15 @@ def main() -> None:
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "sizes": sizes.__dict__.copy(),
     }
-    plain = bench_training(sizes, False, device, dist)
-    fast = bench_training(sizes, True, device, dist)
+    plain = bench_plain(sizes, device, dist, report)
+    report["compile"] = compiled.resolve(args.compile, device)
+    fast = bench_training(sizes, True, device, dist, report["compile"])
+    report.update(fast)
     for key, value in plain.items():
         report[f"{key}_plain"] = value
-    report.update(fast)
     for key in ("t1_seq_per_s", "later_seq_per_s", "eval_users_per_s"):
-        report[f"{key}_speedup"] = fast[key] / plain[key]
+        if key in plain:
+            report[f"{key}_speedup"] = fast[key] / plain[key]
     if device.type == "cpu":
         report["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cpu" and "memory" not in args.skip:
