@@ -3,8 +3,8 @@
 A T1 step scores every position of every sequence against the shared negatives: N = B*L rows
 against S = 20% of the vocabulary (25,600 x 129,000 for the paper's TTL batch), far more than
 the model itself. The plain path materializes that [N, S] matrix (and its fp32 copy, and the
-softmax, and their gradients). Here the forward pass keeps one running log-sum-exp per row and
-the backward pass recomputes each chunk's logits, so the extra memory is one [N, chunk] block.
+softmax, and their gradients). Here the forward pass keeps one log-sum-exp per row and chunk
+and the backward pass recomputes each chunk's logits, so the extra memory is one [N, chunk] block.
 
 The element-wise work on each block (bias, accidental-hit mask, log-sum-exp; in backward the
 softmax and its column sums) is in two ``@hot`` functions: with compilation on
