@@ -145,6 +145,7 @@ def _load(ckpt_arg: str):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every finished task; under torchrun the split is sharded over ranks."""
+    from conure_dist import compiled
     from conure_dist.config import DistConfig
     from conure_dist.continual.views import MaskedModel
     from conure_dist.data.manifest import Manifest
@@ -157,6 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
     with process_group(DistConfig()) as dist:
+        # Evaluate as the run did: compiled where its dist.compile would compile on this device.
+        compiled.set_enabled(compiled.resolve(ckpt.meta["config"]["dist"].get("compile", "auto"), dist.device))
+        if compiled.enabled():
+            compiled.compile_model(model)
         masked = MaskedModel(model.to(dist.device), ownership)
         for index, name in enumerate(finished):
             masked.set_view("infer", index + 1)

@@ -17,12 +17,14 @@ batch, evaluation) builds its graph once, in seconds, where one dynamic-shape gr
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 _enabled = False
 RECOMPILE_LIMIT = 32
 """Graphs per compiled function: the backbone sees full sequences (T1), last-position windows of
@@ -39,8 +41,18 @@ def enabled() -> bool:
 
 
 def resolve(setting: str, device: torch.device) -> bool:
-    """``dist.compile``: ``auto`` compiles on CUDA only (on CPU the compile time outweighs it)."""
-    return setting == "always" or (setting == "auto" and device.type == "cuda")
+    """``dist.compile``: ``auto`` compiles on CUDA GPUs that Triton supports (compute capability
+    7.0 or later); on CPU the compile time outweighs what it saves."""
+    if setting != "auto":
+        return setting == "always"
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    if has_triton() and torch.cuda.get_device_capability(device) >= (7, 0):
+        return True
+    log.warning("dist.compile=auto: no Triton for %s, running eagerly", torch.cuda.get_device_name(device))
+    return False
 
 
 def hot(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,8 +73,8 @@ def hot(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 COMPILED_SOFTMAX_CHUNK = 32768
 """Negatives per block of T1's streamed softmax when its element-wise work is one fused kernel:
-larger blocks mean fewer, fuller matrix products (about 2 GB of bf16 logits per block at the
-paper's T1 batch of 256 x 100 positions)."""
+larger blocks mean fewer, fuller matrix products. At the paper's T1 batch of 256 x 100 positions
+a block's logits (and, in backward, its softmax) take 1.7 GB each in bf16, 3.4 GB in fp32."""
 
 
 def compile_model(model: nn.Module) -> None:
@@ -70,8 +82,11 @@ def compile_model(model: nn.Module) -> None:
     unchanged) and widen its streamed softmax blocks.
 
     The ownership view swaps the conv kernels in on every forward (``functional_call``); the
-    compiled graph takes them as inputs, so the swap does not recompile.
+    compiled graph takes them as inputs, so the swap does not recompile. Graphs of earlier models
+    (an experiment runs many in one process) are dropped first, so they do not count towards the
+    recompile limit, past which new shapes would silently run eagerly.
     """
+    torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.backbone.compile(dynamic=False)
     for head in model.heads.values():

@@ -441,13 +441,16 @@ def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         # Deterministic mode also fills every torch.empty with NaN, which touches each page of
         # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
         torch.utils.deterministic.fill_uninitialized_memory = False
-    if cfg.method.name in ("conure", "conure_minus"):
-        return run_conure(cfg, out, dist, resume)
-    if resume:
+    if resume and cfg.method.name not in ("conure", "conure_minus"):
         raise ValueError(f"--resume: method '{cfg.method.name}' keeps no checkpoints; only Conure runs resume")
     from conure_dist.baselines import run_baseline
 
-    return run_baseline(cfg, out, dist)
+    try:
+        if cfg.method.name in ("conure", "conure_minus"):
+            return run_conure(cfg, out, dist, resume)
+        return run_baseline(cfg, out, dist)
+    finally:
+        compiled.set_enabled(False)  # build_trainer turned it on for this run only
 
 
 def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:

@@ -21,9 +21,19 @@ SPECS = [TaskSpec("t1", "sequence", 60), TaskSpec("clicks", "item", 25)]
 
 @pytest.fixture
 def compiling():
+    torch._dynamo.reset()  # count this test's graphs only
     compiled.set_enabled(True)
     yield
     compiled.set_enabled(False)
+    torch._dynamo.reset()
+
+
+def _two_sum_ranks(scores_NV, target_N):
+    """The rank as two separate counts: strictly higher scores, then ties with a lower id."""
+    target_scores = scores_NV.gather(1, target_N[:, None])
+    ids = torch.arange(scores_NV.shape[1])
+    tied_before = (scores_NV == target_scores) & (ids[None, :] < target_N[:, None])
+    return (scores_NV > target_scores).sum(dim=1) + tied_before.sum(dim=1)
 
 
 def _softmax_case(seed: int):
@@ -58,7 +68,7 @@ def test_compiled_softmax_kernels_and_ranks_match_eager(compiling):
         for got, want in zip(_lse_and_grads(case, chunk), eager, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(target_ranks(scores, target), eager_ranks)
-    assert torch.equal(eager_ranks, target_ranks.eager(scores, target))
+    assert torch.equal(eager_ranks, _two_sum_ranks(scores, target))
     assert counters["stats"]["unique_graphs"] >= graphs + 3  # the two softmax kernels and the ranks ran compiled
 
 
@@ -72,7 +82,7 @@ def test_compiled_backbone_keeps_names_and_matches_eager_under_views(compiling):
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in names})
     weights = dict(model.named_parameters())
     ownership.prune(1, {n: weights[n] for n in names}, 0.6)
-    compiled.compile_model(model)
+    compiled.compile_model(model)  # resets dynamo: count from here
     assert list(model.state_dict()) == keys
     assert model.heads["t1"].chunk == compiled.COMPILED_SOFTMAX_CHUNK
 
@@ -96,8 +106,11 @@ def test_compiled_backbone_keeps_names_and_matches_eager_under_views(compiling):
             for got, want in zip(*grads, strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=task)
         else:
+            graphs = counters["stats"]["unique_graphs"]
             with torch.no_grad():
                 got, want = views[0](seq, task), views[1](seq, task)
+            # Inference runs no @hot function: a new graph here is the backbone's.
+            assert counters["stats"]["unique_graphs"] == graphs + 1, task
             keep = torch.isfinite(want)  # T1's padding id scores -inf
             assert torch.equal(keep, torch.isfinite(got))
             torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5, msg=task)

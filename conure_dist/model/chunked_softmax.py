@@ -36,7 +36,10 @@ class _NegativeLogSumExp(torch.autograd.Function):
             stop = min(start + chunk, weight_SC.shape[0])
             logits = h @ weight_SC[start:stop].to(dtype).T
             parts.append(chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N))
-        lse = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+        if parts:
+            lse = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+        else:  # no negatives at all
+            lse = torch.full(hidden_NC.shape[:1], float("-inf"), device=hidden_NC.device)
         ctx.save_for_backward(hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return lse
