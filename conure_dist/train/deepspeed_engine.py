@@ -68,7 +68,9 @@ class DeepSpeedEngine:
         self.dist = dist
         self.trainable = trainable
         self.l2 = l2
-        optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0)
+        # As TorchEngine's: no weight decay (the L2 penalty is in the loss), fused on CUDA.
+        optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0,
+                                     fused=True if dist.device.type == "cuda" else None)
         self.sharded_state = cfg.zero_stage > 0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=masked,
