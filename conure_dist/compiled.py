@@ -6,7 +6,7 @@ element-wise passes over large tensors (the streamed softmax's [rows, chunk] log
 passes into single kernels; the matrix products stay cuBLAS's. The math is the same functions
 run eagerly on CPU and in the tests.
 
-The switch is process-wide (``set_enabled``): a run turns it on from ``dist.compile``, the
+The switch is process-wide (``use``, ``set_enabled``): a run turns it on from ``dist.compile``, the
 benchmarks turn it on for the fast path only. Functions marked ``@hot`` are small and compiled on
 first use with dynamic shapes, so the varying row counts of T1 (padding) do not recompile them.
 The backbone is compiled with static shapes: each input shape (a phase's batch, its last smaller
@@ -67,7 +67,6 @@ def hot(fn: Callable[..., Any]) -> Callable[..., Any]:
             compiled.append(torch.compile(fn, dynamic=True))
         return compiled[0](*args, **kwargs)
 
-    wrapper.eager = fn  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -75,6 +74,13 @@ COMPILED_SOFTMAX_CHUNK = 32768
 """Negatives per block of T1's streamed softmax when its element-wise work is one fused kernel:
 larger blocks mean fewer, fuller matrix products. At the paper's T1 batch of 256 x 100 positions
 a block's logits (and, in backward, its softmax) take 1.7 GB each in bf16, 3.4 GB in fp32."""
+
+
+def use(model: nn.Module, on: bool) -> None:
+    """Turn the process-wide switch to ``on`` and, when on, compile ``model`` (``compile_model``)."""
+    set_enabled(on)
+    if on:
+        compile_model(model)
 
 
 def compile_model(model: nn.Module) -> None:
