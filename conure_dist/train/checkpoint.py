@@ -131,10 +131,7 @@ class Checkpointer:
     # -- reading -------------------------------------------------------------------------
     def committed(self) -> list[str]:
         """Committed checkpoint folders, oldest first."""
-        if not self.fs.exists(self.fs_root):
-            return []
-        folders = sorted(p for p in self.fs.ls(self.fs_root, detail=False))
-        return [p for p in folders if self.fs.exists(posixpath.join(p, COMMIT))]
+        return committed_folders(self.fs, self.fs_root)
 
     def latest_valid(self) -> Checkpoint | None:
         """The newest committed checkpoint whose parts all match their checksums."""
@@ -146,18 +143,20 @@ class Checkpointer:
         return None
 
 
+def committed_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The folders directly under ``root`` that hold a ``COMMIT`` file, oldest (by name) first."""
+    if not fs.isdir(root):
+        return []
+    return sorted(p for p in fs.ls(root, detail=False) if fs.exists(posixpath.join(p, COMMIT)))
+
+
 def resolve_checkpoint(path: str) -> str:
     """Accept a checkpoint folder, or the newest committed checkpoint of a run directory or of
     its ``checkpoints`` folder."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(posixpath.join(fs_path, COMMIT)):
         return path
-    folders = []
-    for root in (posixpath.join(fs_path, "checkpoints"), fs_path):
-        if fs.isdir(root):
-            folders = sorted(p for p in fs.ls(root, detail=False) if fs.exists(posixpath.join(p, COMMIT)))
-        if folders:
-            break
+    folders = committed_folders(fs, posixpath.join(fs_path, "checkpoints")) or committed_folders(fs, fs_path)
     if not folders:
         raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
                               f"checkpoints/*/{COMMIT})")
