@@ -235,8 +235,9 @@ class Trainer:
             entry = {"epoch": epoch, "loss": loss, "valid": valid}
             progress.epochs_log.append(entry)
             self.logger.log("epoch", task=info.name, phase=mode, **entry)
-            if select(valid) > progress.best_value:
-                progress.best_value = select(valid)
+            score = select(valid)
+            if score > progress.best_value:
+                progress.best_value = score
                 best_state = {n: p.detach().clone() for n, p in trainable.items()}
 
         if resume is not None:
