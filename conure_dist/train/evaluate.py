@@ -17,13 +17,18 @@ def _targets(task: TaskInfo, seq: torch.Tensor, target: torch.Tensor | None) -> 
     return seq[:, -1] if task.kind == "sequence" else target
 
 
-def _reduce(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
+def _sum_keys(kind: str) -> tuple[str, ...]:
+    return ("acc", "nll", "count") if kind == "class" else ("mrr", "hr", "ndcg", "count")
+
+
+def _reduce(sums: dict[str, float], keys: tuple[str, ...], dist: DistInfo) -> dict[str, float]:
+    """Sum over ranks. Every rank sends the same keys, zeros where it saw no instance, and the
+    tensor lives on the rank's device (an NCCL group reduces CUDA tensors only)."""
     if not dist.is_distributed:
         return sums
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    values = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=dist.device)
     tdist.all_reduce(values)
-    return dict(zip(keys, values.tolist(), strict=True))
+    return dict(zip(keys, values.cpu().tolist(), strict=True))
 
 
 @torch.no_grad()
@@ -50,7 +55,7 @@ def evaluate_task(
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return finalize(_reduce(sums, dist), k)
+    return finalize(_reduce(sums, _sum_keys(task.kind), dist), k)
 
 
 @torch.no_grad()

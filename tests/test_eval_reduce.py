@@ -1,0 +1,37 @@
+"""Evaluation sums over a real 2-process gloo group, where one rank saw no instance at all."""
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from conure_dist.dist import DistInfo
+from conure_dist.train.evaluate import _reduce, _sum_keys
+from conure_dist.train.metrics import finalize
+
+pytestmark = pytest.mark.multiprocess
+WORLD = 2
+
+
+def _worker(rank: int, init: str, results: dict) -> None:
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        dist = DistInfo(rank, WORLD, rank, torch.device("cpu"), "gloo")
+        # Rank 0 holds both instances of a tiny split (stride partition); rank 1 holds none.
+        item = {"mrr": 1.5, "hr": 2.0, "ndcg": 1.6309297535714575, "count": 2.0} if rank == 0 else {}
+        klass = {"acc": 1.0, "nll": 0.75, "count": 2.0} if rank == 0 else {}
+        results[rank] = (finalize(_reduce(item, _sum_keys("item"), dist), 5),
+                         finalize(_reduce(klass, _sum_keys("class"), dist), 5))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_rank_without_instances_still_reduces(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'store'}", results), nprocs=WORLD, join=True)
+    expected_item = {"mrr@5": 0.75, "hr@5": 1.0, "ndcg@5": 1.6309297535714575 / 2, "count": 2}
+    expected_class = {"acc": 0.5, "nll": 0.375, "count": 2}
+    for rank in range(WORLD):
+        item, klass = results[rank]
+        assert item == pytest.approx(expected_item) and item["count"] == 2
+        assert klass == pytest.approx(expected_class)
