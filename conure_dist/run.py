@@ -279,6 +279,7 @@ class Trainer:
             validate(epoch + 1, progress.loss_total / max(progress.step, 1))
             progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
             resume = None
+        engine.close()
         if best_state:
             with torch.no_grad():
                 for name, param in trainable.items():

@@ -90,6 +90,17 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
+    def close(self) -> None:
+        """Unhook this phase's engine from the model. DeepSpeed's forward hooks on the module and
+        ZeRO's gradient hooks on the parameters would otherwise keep every earlier phase's engine,
+        optimizer state included, alive, and its gradient hooks running, for the rest of the run."""
+        self.engine.destroy()
+        for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+            hook = getattr(self.engine, name, None)
+            if hook is not None:
+                hook.remove()
+                setattr(self.engine, name, None)
+
     def load_state_dict(self, state: dict) -> None:
         if self.sharded_state:
             # ZeRO loads from a list indexed by data-parallel rank; only ours is needed.

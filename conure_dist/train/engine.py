@@ -28,6 +28,8 @@ class Engine(Protocol):
     def train_step(self, *inputs: object) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def close(self) -> None:
+        """Release what the engine hooked into the model when its phase ends."""
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -139,6 +141,9 @@ class TorchEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        """Nothing to release: DDP's wrapper and the optimizer go with this object."""
 
 
 def build_engine(
