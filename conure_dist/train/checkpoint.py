@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import fsspec
 import torch
 import torch.distributed as tdist
+from fsspec.implementations.local import LocalFileSystem
 
 from conure_dist.dist import DistInfo
 
@@ -51,7 +53,8 @@ class Checkpoint:
     def read_part(self, name: str, weights_only: bool = True) -> Any:
         """Load one further part (phase state, optimizer state), verified against COMMIT."""
         data = _read_verified(self.fs, self.path, name, self.digests[name])
-        return torch.load(io.BytesIO(data), weights_only=weights_only)
+        # On CPU whatever device rank 0 saved from: every rank places what it needs itself.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
 
 
 def optimizer_part_name(rank: int, sharded: bool) -> str:
@@ -70,11 +73,20 @@ def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _write_commit(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write the commit marker in one step: an object store's PUT is atomic, a local file is
+    written aside and renamed, so a kill can never leave a torn marker that looks committed."""
+    if isinstance(fs, LocalFileSystem):
+        aside = f"{path}.partial"
+        _write_bytes(fs, aside, data)
+        os.replace(aside, path)
+    else:
+        _write_bytes(fs, path, data)
+
+
 def join(base: str, *parts: str) -> str:
     if "://" in base:
         return posixpath.join(base, *parts)
-    import os
-
     return os.path.join(base, *parts)
 
 
@@ -117,7 +129,7 @@ class Checkpointer:
             tdist.all_gather_object(gathered, digests)
             digests = {k: v for part in gathered for k, v in (part or {}).items()}
         if self.dist.is_main:
-            _write_bytes(self.fs, posixpath.join(path, COMMIT), json.dumps({"files": digests}).encode())
+            _write_commit(self.fs, posixpath.join(path, COMMIT), json.dumps({"files": digests}).encode())
             self._delete_old()
         if self.dist.is_distributed:
             tdist.barrier()
@@ -185,14 +197,22 @@ def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> C
     commit_path = posixpath.join(path, COMMIT)
     if not fs.exists(commit_path):
         raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
-    digests = json.loads(fs.cat_file(commit_path))["files"]
+    try:
+        digests = json.loads(fs.cat_file(commit_path))["files"]
+        if not isinstance(digests, dict):
+            raise TypeError("'files' is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{commit_path} is unreadable ({type(exc).__name__}: {exc})") from None
     for fname in (*MAIN_PARTS, *digests):
         if fname not in digests or not fs.exists(posixpath.join(path, fname)):
             raise CheckpointError(f"{posixpath.join(path, fname)} is missing")
     data = {fname: _read_verified(fs, path, fname, digests[fname]) for fname in MAIN_PARTS}
-    meta = json.loads(data["meta.json"])
+    try:
+        meta = json.loads(data["meta.json"])
+    except ValueError as exc:
+        raise CheckpointError(f"{posixpath.join(path, 'meta.json')} is not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
-    model = torch.load(io.BytesIO(data["model.pt"]), weights_only=True)
-    ownership = torch.load(io.BytesIO(data["ownership.pt"]), weights_only=True)
+    model = torch.load(io.BytesIO(data["model.pt"]), map_location="cpu", weights_only=True)
+    ownership = torch.load(io.BytesIO(data["ownership.pt"]), map_location="cpu", weights_only=True)
     return Checkpoint(path=path, model=model, ownership=ownership, meta=meta, fs=fs, digests=digests)

@@ -1,0 +1,39 @@
+"""The checkpointer on its own: commits and torn commit markers."""
+
+import json
+
+import pytest
+import torch
+
+from conure_dist.dist import DistInfo
+from conure_dist.train.checkpoint import COMMIT, Checkpointer, CheckpointError, load_checkpoint
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
+
+
+def _save(ckpt: Checkpointer, index: int, value: float) -> str:
+    return ckpt.save(index, f"t1-step{index}", {"w": torch.full((3,), value)}, {"w": torch.zeros(3, dtype=torch.uint8)},
+                     {"index": index}, main_parts={"phase.pt": {"best": {"w": torch.full((3,), value)}}})
+
+
+def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CPU, keep=3)
+    _save(ckpt, 0, 1.0)
+    newest = _save(ckpt, 1, 2.0)
+    assert not list(tmp_path.glob("checkpoints/*/*.partial"))  # the marker was renamed into place
+    commit = tmp_path / "checkpoints" / "00001-t1-step1" / COMMIT
+    commit.write_bytes(commit.read_bytes()[:20])  # a marker cut short, as a kill mid-write would leave it
+    with pytest.raises(CheckpointError, match=f"{newest}/{COMMIT} is unreadable"):
+        load_checkpoint(newest)
+    good = ckpt.latest_valid()
+    assert good is not None and good.meta["index"] == 0 and torch.equal(good.model["w"], torch.ones(3))
+
+
+def test_a_commit_marker_without_its_file_list_is_an_error(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CPU)
+    path = _save(ckpt, 0, 1.0)
+    (tmp_path / "checkpoints" / "00000-t1-step0" / COMMIT).write_text(json.dumps({"files": ["model.pt"]}))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    assert ckpt.latest_valid() is None
+
