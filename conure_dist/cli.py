@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--data-root", help="shards to evaluate on (default: the run's data.root)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pr = sub.add_parser("predict", help="top-k items or the class of a task for given sequences")
+    pr = sub.add_parser("predict", help="top-k items or the class of a task for given sequences (for the "
+                                          "sequence task: the items that follow the whole sequence)")
     pr.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     pr.add_argument("--task", required=True)
     pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]} (default: the task's test split)")
@@ -206,12 +207,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         batch = next(iter(iter_batches(manifest, args.task, "test", args.limit, shuffle=False, seed=0, epoch=0)))
         seqs = batch.seq
+    kind = model.kinds[args.task]
+    if kind == "sequence":
+        # A sequence task scores the position after seq[:, :-1] (in evaluation the last item is
+        # the target); a placeholder after the history makes it score what follows all of it.
+        seqs = torch.nn.functional.pad(seqs, (0, 1))
     masked = MaskedModel(model, ownership)
     masked.set_view("infer", names.index(args.task) + 1)
     masked.eval()
     with torch.no_grad():
         scores = masked(seqs, args.task).float()
-    kind = model.kinds[args.task]
     for row in scores:
         if kind == "class":
             print(json.dumps({"class": int(row.argmax()), "scores": [round(v, 5) for v in row.tolist()]}))

@@ -78,6 +78,12 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and all(x["class"] in (0, 1) for x in lines)
+    # The sequence task recommends what follows the whole history: its last item counts.
+    seqs.write_text('{"seq": [5, 6, 7, 8, 9]}\n{"seq": [5, 6, 7, 8, 21]}\n{"seq": [6, 7, 8, 21]}\n')
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--input", str(seqs), "--k", "5"]) == 0
+    first, second, shorter = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert first["scores"] != second["scores"] and len(first["items"]) == 5
+    assert shorter != second  # a different history, with the same last item
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
