@@ -93,7 +93,7 @@ def test_deepspeed_json_extras_cannot_contradict_the_run_config(tmp_path):
                                          deepspeed_config=str(zero2)))
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["overlap_comm"] is True
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     with pytest.raises(ValueError, match="'zero_optimization.stage' is 2 but dist.zero_stage is 1"):
         deepspeed_config(16, DistConfig(engine="deepspeed", zero_stage=1, deepspeed_config=str(zero2)))
     bad = tmp_path / "bad.json"

@@ -25,6 +25,7 @@ PHASES = 3
 
 
 def _worker(rank: int, init: str, results: dict) -> None:
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     logging.disable(logging.WARNING)
@@ -40,7 +41,7 @@ def _worker(rank: int, init: str, results: dict) -> None:
     DeepSpeedZeroOptimizer.process_gradients = counted
     try:
         torch.manual_seed(0)
-        model = ConureModel(40, [TaskSpec("t1", "sequence", 40)], 8, 3, [1, 2])
+        model = ConureModel(40, [TaskSpec("t1", "sequence", 40), TaskSpec("gender", "class", 2)], 8, 3, [1, 2])
         masked = MaskedModel(model, TaskOwnership.empty(
             {n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}))
         masked.set_view("train", 1)
@@ -58,7 +59,13 @@ def _worker(rank: int, init: str, results: dict) -> None:
             del engine
             gc.collect()
             alive.append(sum(ref() is not None for ref in refs))
-        results[0] = (alive, per_step, len(masked._forward_hooks) + len(masked._forward_pre_hooks))
+        # In bf16 (autocast) every gradient is still exchanged in fp32, as under DDP.
+        bf16 = DistConfig(engine="deepspeed", zero_stage=2, precision="bf16",
+                          deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"))
+        engine = build_engine(masked, phase_parameters(model, "t1", False), 1e-2, 0.0, dist, bf16, per_rank_batch=8)
+        comm = {str(get_comm_dtype(p)) for p in model.parameters()}
+        engine.close()
+        results[0] = (alive, per_step, len(masked._forward_hooks) + len(masked._forward_pre_hooks), comm)
     finally:
         DeepSpeedZeroOptimizer.process_gradients = reduce
         tdist.destroy_process_group()
@@ -67,7 +74,8 @@ def _worker(rank: int, init: str, results: dict) -> None:
 def test_closed_deepspeed_engines_are_released(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(f"file://{tmp_path / 'store'}", results), nprocs=1, join=True)
-    alive, per_step, hooks = results[0]
+    alive, per_step, hooks, comm = results[0]
+    assert comm == {"torch.float32"}
     assert alive == [0] * PHASES
     # One ZeRO optimizer reduces each trainable kernel and head tensor per step, in every phase.
     assert len(per_step) == PHASES and all(len(calls) == 1 for calls in per_step)

@@ -47,7 +47,10 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig) -> dict:
         "steps_per_print": base.get("steps_per_print", 1 << 30),
     }
     if cfg.precision == "bf16":
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # No module is "lower-precision safe": DeepSpeed would otherwise reduce the gradients of
+        # every Linear/Conv parameter in bf16 (ignoring communication_data_type), where DDP
+        # reduces fp32 gradients.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return config
 
 
