@@ -158,7 +158,8 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
                     log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
                 else:
                     log.info("%s/%s/seed%d: running", variant.name, method, seed)
-                    report = run_method(cfg, run_out, dist)
+                    # A Conure run interrupted earlier continues from its last checkpoint.
+                    report = run_method(cfg, run_out, dist, resume=method in ("conure", "conure_minus"))
                 reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
         if "conure_minus" in methods and "conure" in methods:
             reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]

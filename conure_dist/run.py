@@ -465,6 +465,10 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         restored = restore(checkpointer, model, ownership, [t.name for t in infos], dist)
         if restored is not None:
             state, phase_resume = restored
+    elif checkpointer.committed():
+        raise ValueError(f"{checkpointer.root} already holds checkpoints of a run: add --resume to continue it, "
+                         "or choose another --out")
+    state.num_checkpoints = max(state.num_checkpoints, checkpointer.last_index())
     elapsed_before = state.wall_seconds
     logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, resume=resume, task_index=state.task_index,
                stage=state.stage)
@@ -545,7 +549,7 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
     tasks in the same order; tasks listed after them are new and continue the sequence."""
     ckpt = checkpointer.latest_valid()
     if ckpt is None:
-        log.info("no valid checkpoint under %s: starting fresh", checkpointer.root)
+        log.info("no committed checkpoint under %s: starting fresh", checkpointer.root)
         return None
     saved = [t["name"] for t in ckpt.meta["tasks"]]
     if task_names[: len(saved)] != saved:

@@ -35,5 +35,16 @@ def test_a_commit_marker_without_its_file_list_is_an_error(tmp_path):
     (tmp_path / "checkpoints" / "00000-t1-step0" / COMMIT).write_text(json.dumps({"files": ["model.pt"]}))
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(path)
-    assert ckpt.latest_valid() is None
+    # Committed, but none intact: an error rather than a fresh start that would delete them.
+    with pytest.raises(CheckpointError, match="no committed checkpoint under .* is intact: .*00000-t1-step0/COMMIT"):
+        ckpt.latest_valid()
+
+
+def test_nothing_committed_is_a_fresh_start_and_indices_keep_growing(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CPU)
+    assert ckpt.latest_valid() is None and ckpt.last_index() == 0
+    (tmp_path / "checkpoints" / "00007-t1-step7").mkdir(parents=True)  # a save cut short before its commit
+    assert ckpt.latest_valid() is None and ckpt.last_index() == 7
+    _save(ckpt, 3, 1.0)
+    assert ckpt.last_index() == 7 and len(ckpt.committed()) == 1
 

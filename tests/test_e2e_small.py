@@ -39,6 +39,19 @@ def test_resume_skips_a_corrupted_checkpoint(tmp_path):
     (newest / "model.pt").write_bytes(b"garbage")
     again = run_conure(cfg, str(tmp_path / "r"), CPU, resume=True)
     assert again["matrix"] == first["matrix"]
+    # The redone work is saved under indices after the broken folder's: the newest name is the
+    # newest checkpoint.
+    folders = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert folders[-1].endswith("click-done") and int(folders[-1][:5]) > int(newest.name[:5])
+
+
+def test_a_fresh_run_refuses_an_out_dir_holding_checkpoints(tmp_path):
+    cfg = load_config(tiny_config(tmp_path, TASKS[:1]))
+    run_conure(cfg, str(tmp_path / "r"), CPU)
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="already holds checkpoints of a run: add --resume"):
+        run_conure(cfg, str(tmp_path / "r"), CPU)
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):

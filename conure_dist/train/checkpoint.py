@@ -145,13 +145,28 @@ class Checkpointer:
         """Committed checkpoint folders, oldest first."""
         return committed_folders(self.fs, self.fs_root)
 
+    def last_index(self) -> int:
+        """The highest index of any folder here, committed or not (0 when there is none): new
+        checkpoints take higher ones, so that name order stays time order after a fallback."""
+        if not self.fs.isdir(self.fs_root):
+            return 0
+        names = (posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.fs_root, detail=False))
+        return max((int(n[:5]) for n in names if n[:5].isdigit()), default=0)
+
     def latest_valid(self) -> Checkpoint | None:
-        """The newest committed checkpoint whose parts all match their checksums."""
-        for path in reversed(self.committed()):
+        """The newest committed checkpoint whose parts all match their checksums; None when
+        nothing was ever committed. Committed checkpoints that all fail their checks are an
+        error: starting over would let retention delete them along with the run's progress."""
+        committed = self.committed()
+        problems = []
+        for path in reversed(committed):
             try:
                 return load_checkpoint(path, fs=self.fs)
             except CheckpointError as exc:
                 log.warning("skipping checkpoint: %s", exc)
+                problems.append(str(exc))
+        if committed:
+            raise CheckpointError(f"no committed checkpoint under {self.root} is intact: " + "; ".join(problems))
         return None
 
 
