@@ -253,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from conure_dist.config import ConfigError
-    from conure_dist.run import CapacityError
+    from conure_dist.run import CapacityError, DivergedError
     from conure_dist.train.checkpoint import CheckpointError
 
     try:
         code = COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError, DivergedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -12,6 +12,7 @@ config means the same optimization on any number of processes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -351,8 +352,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"key '{key}': expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -68,6 +69,10 @@ class PhaseResume:
 
 class CapacityError(RuntimeError):
     """No free conv weights are left for a new task."""
+
+
+class DivergedError(RuntimeError):
+    """A training loss became NaN or infinite."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +275,11 @@ class Trainer:
                     t1_seq, t1_negatives = joint(generator)
                     loss = engine.train_step(seq, info.name, target, draw(generator),
                                              (self.infos[0].name, t1_seq, t1_negatives, joint_weight))
-                progress.loss_total += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DivergedError(f"task '{info.name}' ({mode} phase, epoch {epoch + 1}, step {progress.step + 1}): "
+                                        f"the training loss is {value}; lower tasks.{task_index}.lr")
+                progress.loss_total += value
                 progress.step += 1
                 if progress.step % self.cfg.train.log_every == 0:
                     bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")

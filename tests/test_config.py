@@ -67,6 +67,8 @@ def test_overrides_dotted_indexed_and_star(tmp_path):
         ("tasks:\n  - {name: t1}\n  - {name: t1}\n", [], "listed twice"),
         ("tasks: []\n", [], "needs at least one task"),
         (BASE, ["train.progress"], "not of the form key=value"),
+        (BASE, ["tasks.0.lr=.inf"], "key 'tasks.0.lr': expected a finite number"),
+        (BASE, ["train.bpr_rho=.nan"], "key 'train.bpr_rho': expected a finite number"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path, text, overrides, message):

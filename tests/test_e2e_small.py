@@ -83,6 +83,14 @@ def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_a_diverging_loss_stops_the_run_naming_task_and_phase(tmp_path, capsys):
+    path = tiny_config(tmp_path, TASKS[:1])
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "nan"), "tasks.0.lr=1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "error: task 't1' (train phase, epoch 1, step" in err and "lower tasks.0.lr" in err
+    assert not (tmp_path / "nan" / "report.json").exists()
+
+
 def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     cfg = load_config(tiny_config(tmp_path, TASKS))
     run_conure(cfg, str(tmp_path / "p"), CPU)

@@ -47,6 +47,16 @@ def test_accuracy_and_cross_entropy():
     assert m["nll"] == pytest.approx(-sum(log_p) / 3)
 
 
+def test_nan_scores_never_score():
+    """A diverged model's NaN scores rank the target last and count as wrong, never as hits."""
+    nan = float("nan")
+    scores = torch.tensor([[nan, nan, nan, nan], [0.1, nan, 0.5, 0.2]])
+    assert target_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 3]
+    assert target_ranks(scores, torch.tensor([2])[:1].expand(2)).tolist()[1] == 0
+    m = finalize(accuracy_sums(torch.tensor([[nan, nan], [nan, 1.0], [0.0, 1.0]]), torch.tensor([0, 1, 1])), 5)
+    assert m["acc"] == pytest.approx(1 / 3)
+
+
 def test_empty_split_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         finalize({"mrr": 0.0, "count": 0.0}, 5)

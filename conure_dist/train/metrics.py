@@ -17,11 +17,12 @@ ITEM_METRICS = ("mrr", "hr", "ndcg")
 def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among all candidates under a strict order: by score, ties
     broken by the lower id (as the popularity reference breaks them), so tied scores can never
-    flatter a model. With compilation on, one fused pass over the scores."""
+    flatter a model. A NaN target score ranks last. With compilation on, one fused pass over the
+    scores."""
     target_scores = scores_NV.gather(1, target_N[:, None])
     ids = torch.arange(scores_NV.shape[1], device=scores_NV.device)
     before = (scores_NV > target_scores) | ((scores_NV == target_scores) & (ids[None, :] < target_N[:, None]))
-    return before.sum(dim=1)
+    return torch.where(target_scores[:, 0].isnan(), scores_NV.shape[1] - 1, before.sum(dim=1))
 
 
 def ranking_sums(ranks_N: torch.Tensor, k: int) -> dict[str, float]:
@@ -37,9 +38,10 @@ def ranking_sums(ranks_N: torch.Tensor, k: int) -> dict[str, float]:
 
 
 def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, float]:
-    predicted = scores_NC.argmax(dim=1)
+    # A row with a NaN score is wrong whatever argmax picks.
+    correct = (scores_NC.argmax(dim=1) == target_N) & ~scores_NC.isnan().any(dim=1)
     nll = torch.nn.functional.cross_entropy(scores_NC.double(), target_N, reduction="sum").item()
-    return {"acc": (predicted == target_N).double().sum().item(), "nll": nll, "count": float(target_N.numel())}
+    return {"acc": correct.double().sum().item(), "nll": nll, "count": float(target_N.numel())}
 
 
 def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
