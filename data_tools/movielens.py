@@ -26,8 +26,9 @@ Recipe (the Conure paper's MovieLens setup), the same for every layout:
   all seven are kept even when empty so class ids mean the same on every variant. Occupations are
   the distinct values found (numbers in numeric order, then names in sorted order).
 
-Malformed rows raise ``ValueError`` naming the file and 1-based line; with ``skip_bad_rows`` they
-are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
+Malformed rows, and a rating repeating an earlier row's user and item (it could land in both the
+training and the test split), raise ``ValueError`` naming the file and 1-based line; with
+``skip_bad_rows`` they are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class _Ratings:
     item: np.ndarray
     rating: np.ndarray
     timestamp: np.ndarray
+    line: np.ndarray
+    """1-based line of each row in its file."""
+
+    def take(self, rows: np.ndarray) -> _Ratings:
+        return _Ratings(self.user[rows], self.item[rows], self.rating[rows], self.timestamp[rows], self.line[rows])
 
 
 @dataclass(frozen=True)
@@ -94,15 +100,37 @@ def _parse_int(value: str) -> int | None:
         return None
 
 
-def _ratings(columns: list[list[float]]) -> _Ratings:
+def _ratings(columns: list[list[float]], lines: list[int]) -> _Ratings:
     user, item, rating, timestamp = columns
     return _Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
-                    np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64))
+                    np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64),
+                    np.asarray(lines, dtype=np.int64))
+
+
+def _drop_duplicates(label: str, path: str, ratings: _Ratings, checker: RowChecker) -> _Ratings:
+    """A user rates an item once. A repeated (user, item) row is a bad row: kept, it could put
+    the same instance in both the training and the test split."""
+    key = ratings.user * (int(ratings.item.max()) + 1) + ratings.item
+    order = np.argsort(key, kind="stable")  # equal keys stay in file order
+    repeat_sorted = np.r_[False, key[order[1:]] == key[order[:-1]]]
+    if not repeat_sorted.any():
+        return ratings
+    # The row that each row repeats: the first of its run of equal keys.
+    run_start = np.maximum.accumulate(np.where(repeat_sorted, 0, np.arange(len(order))))
+    first = np.empty_like(order)
+    first[order] = order[run_start]
+    repeat = np.zeros(len(key), dtype=bool)
+    repeat[order] = repeat_sorted
+    for row in np.flatnonzero(repeat):  # in file order
+        checker.bad(label, path, int(ratings.line[row]), "duplicate rating",
+                    f"the same user and item as line {int(ratings.line[first[row]])} (each user rates an item once)")
+    return ratings.take(np.flatnonzero(~repeat))
 
 
 def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowChecker) -> _Ratings:
     """``u.data`` / ``ratings.dat``: user, item, whole-star rating 1..5, timestamp; all integers."""
     columns: list[list[float]] = [[], [], [], []]
+    lines: list[int] = []
     names = ("user id", "item id", "rating", "timestamp")
     shown = "tab" if sep == "\t" else f"'{sep}'"
     for line_no, fields in _rows(text, sep):
@@ -123,9 +151,10 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
             continue
         for column, value in zip(columns, ints, strict=True):
             column.append(value)
+        lines.append(line_no)
     if not columns[0]:
         raise ValueError(f"{path}: no valid ratings")
-    return _ratings(columns)
+    return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
 CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
@@ -135,6 +164,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
     """``ratings.csv`` (MovieLens-20M/25M/32M, latest): header, then half-star ratings 0.5..5."""
     label = "ratings.csv"
     columns: list[list[float]] = [[], [], [], []]
+    lines: list[int] = []
     rows = _rows(text, ",")
     first = next(rows, None)
     if first is None or [f.strip() for f in first[1]] != CSV_HEADER:
@@ -156,9 +186,10 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
             continue
         for column, value in zip(columns, (user, item, rating, timestamp), strict=True):
             column.append(value)
+        lines.append(line_no)
     if not columns[0]:
         raise ValueError(f"{path}: no valid ratings")
-    return _ratings(columns)
+    return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
 def _recbole_rows(
@@ -203,6 +234,7 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_R
     users: list[str] = []
     items: list[str] = []
     values: list[tuple[float, float]] = []
+    lines: list[int] = []
     for line_no, fields in rows:
         user, item = fields[where["user_id"]].strip(), fields[where["item_id"]].strip()
         rating, timestamp = parse_number(fields[where["rating"]]), parse_number(fields[where["timestamp"]])
@@ -218,12 +250,13 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_R
             users.append(user)
             items.append(item)
             values.append((rating, timestamp))
+            lines.append(line_no)
     if not users:
         raise ValueError(f"{path}: no valid ratings")
     user_ids, item_ids = _TokenIds(users), _TokenIds(items)
     ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
-                        [v[0] for v in values], [v[1] for v in values]])
-    return ratings, user_ids
+                        [v[0] for v in values], [v[1] for v in values]], lines)
+    return _drop_duplicates(label, path, ratings, checker), user_ids
 
 
 @dataclass

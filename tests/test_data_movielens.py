@@ -143,6 +143,12 @@ GOOD = "1\t10\t3\t500"
         ),
         (
             "u.data",
+            "1\t10\t5\t900",
+            r"u\.data line 2: the same user and item as line 1",
+            "u.data: duplicate rating",
+        ),
+        (
+            "u.data",
             "1\t10\t0\t500",
             r"u\.data line 2: rating 0 outside 1\.\.5",
             "u.data: rating outside 1..5",
