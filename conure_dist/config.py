@@ -24,7 +24,18 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string; configs are full of such numbers, so accept them."""
+    """YAML 1.1 reads ``1e-3`` as a string; configs are full of such numbers, so accept them.
+    A key given twice in one mapping is an error (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -62,8 +73,9 @@ class SyntheticDataConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.num_users >= 10, f"{prefix}.num_users", f"must be >= 10, got {self.num_users}")
-        _check(self.num_items >= 10, f"{prefix}.num_items", f"must be >= 10, got {self.num_items}")
+        _check(self.num_items >= 20, f"{prefix}.num_items", f"must be >= 20 (two per planted genre), got {self.num_items}")
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
+        _check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -103,9 +115,10 @@ class DataConfig:
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
         _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
         _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
-        _check(len(self.split) == 3 and all(f >= 0 for f in self.split) and self.split[0] > 0
-               and abs(sum(self.split) - 1) < 1e-9, f"{prefix}.split",
-               f"must be three fractions (train > 0, valid, test) summing to 1, got {self.split}")
+        # Every split is needed: train to learn, valid to pick the best epoch, test to report.
+        _check(len(self.split) == 3 and all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
+               f"{prefix}.split", f"must be three fractions > 0 (train, valid, test) summing to 1, got {self.split}")
+        _check(self.split_seed >= 0, f"{prefix}.split_seed", f"must be >= 0, got {self.split_seed}")
         self.synthetic.validate(f"{prefix}.synthetic")
 
 
@@ -247,6 +260,8 @@ class DistConfig:
             _check(self.engine == "deepspeed", f"{prefix}.zero_stage", "needs dist.engine: deepspeed")
         if self.deepspeed_config is not None:
             _check(self.engine == "deepspeed", f"{prefix}.deepspeed_config", "needs dist.engine: deepspeed")
+            _check(Path(self.deepspeed_config).is_file(), f"{prefix}.deepspeed_config",
+                   f"no such file: {self.deepspeed_config}")
 
 
 METHODS = ("conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl")
@@ -292,6 +307,7 @@ class RunConfig:
         self.train.validate("train")
         self.dist.validate("dist")
         self.method.validate("method")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
         _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")
         names = [t.name for t in self.tasks]
@@ -356,6 +372,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"key '{key}': expected a string, got {value!r} (YAML reads yes/no/on/off as "
+                              "true/false: quote the value)")
         if not isinstance(value, str):
             raise ConfigError(f"key '{key}': expected a string, got {value!r}")
         return value
@@ -380,7 +399,15 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), _yaml_load(raw) if raw != "" else ""
+    if raw == "":
+        return key.split("."), ""
+    try:
+        value = _yaml_load(raw)
+    except yaml.YAMLError:
+        return key.split("."), raw  # not YAML (e.g. '@x', '[1'): a plain string, checked by type
+    if isinstance(value, str) and "#" in raw:
+        value = raw.strip()  # YAML would drop ' #...' as a comment: a path may contain it
+    return key.split("."), value
 
 
 def _set_dotted(tree: Any, path: list[str], value: Any, full_key: str) -> None:
@@ -415,8 +442,20 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         cfg = _build(RunConfig, tree, "")
         cfg.validate()
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}{_from_override(str(exc), overrides)}") from None
     return cfg
+
+
+def _from_override(message: str, overrides: list[str]) -> str:
+    """' (set by the override K=V)' when the key an error names came from the command line."""
+    named = re.search(r"key '([^']+)'", message)
+    if named is None:
+        return ""
+    for text in reversed(overrides):  # the last override of a key wins
+        pattern = re.escape(text.split("=", 1)[0]).replace(r"\*", r"\d+")
+        if re.fullmatch(pattern + r"(\..+)?", named.group(1)):
+            return f" (set by the override '{text}')"
+    return ""
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -425,9 +464,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = _yaml_load(path.read_text())
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

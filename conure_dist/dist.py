@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from conure_dist.config import DistConfig
+from conure_dist.config import ConfigError, DistConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("dist.device is 'cuda' but no CUDA device is available")
+            raise ConfigError("key 'dist.device': is 'cuda' but no CUDA device is available (use auto or cpu)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

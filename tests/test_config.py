@@ -68,6 +68,15 @@ def test_overrides_dotted_indexed_and_star(tmp_path):
         ("tasks: []\n", [], "needs at least one task"),
         (BASE, ["train.progress"], "not of the form key=value"),
         (BASE, ["tasks.0.lr=.inf"], "key 'tasks.0.lr': expected a finite number"),
+        (BASE, ["train.topk=[1"], "key 'train.topk': expected an integer, got '[1' (set by the override 'train.topk=[1')"),
+        (BASE, ["tasks.*.prune_ratio=1.5"], "key 'tasks.0.prune_ratio': must be in [0, 1), got 1.5 (set by the "
+                                            "override 'tasks.*.prune_ratio=1.5')"),
+        (BASE, ["tasks.1.name=no"], "got False (YAML reads yes/no/on/off as true/false: quote the value)"),
+        (BASE, ["seed=-3"], "key 'seed': must be >= 0"),
+        (BASE, ["data.split=[0.9,0.0,0.1]"], "key 'data.split': must be three fractions > 0"),
+        (BASE, ["data.synthetic.num_items=15"], "key 'data.synthetic.num_items': must be >= 20"),
+        (BASE, ["dist.engine=deepspeed", "dist.deepspeed_config=nope.json"], "key 'dist.deepspeed_config': no such file"),
+        ("seed: 5\nseed: 7\n" + BASE, [], "key 'seed' is given twice (first on line 1)"),
         (BASE, ["train.bpr_rho=.nan"], "key 'train.bpr_rho': expected a finite number"),
     ],
 )
@@ -79,11 +88,24 @@ def test_errors_name_key_and_file(tmp_path, text, overrides, message):
     assert message in str(info.value)
 
 
+def test_override_values_that_are_not_yaml_stay_text(tmp_path):
+    path = _write(tmp_path, BASE)
+    cfg = load_config(path, ["data.root=@shards", "data.source_dir=/data/ml 100k #2"])
+    assert cfg.data.root == "@shards" and cfg.data.source_dir == "/data/ml 100k #2"
+    in_file = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.topk=0"])
+    assert "set by the override 'train.topk=0'" in str(info.value) and in_file.train.topk == 5
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "tasks: [\n"))
+    (tmp_path / "latin.yaml").write_bytes(b"# caf\xe9\n" + BASE.encode())
+    with pytest.raises(ConfigError, match=r"latin\.yaml: not UTF-8 text"):
+        load_config(tmp_path / "latin.yaml")
 
 
 def test_deepspeed_json_extras_cannot_contradict_the_run_config(tmp_path):
@@ -102,3 +124,14 @@ def test_deepspeed_json_extras_cannot_contradict_the_run_config(tmp_path):
     bad.write_text('{"train_batch_size": 64}')
     with pytest.raises(ValueError, match="bad.json: key 'train_batch_size' is set by the run config"):
         deepspeed_config(16, DistConfig(engine="deepspeed", deepspeed_config=str(bad)))
+
+
+def test_cuda_without_a_cuda_device_names_the_key(monkeypatch):
+    import torch
+
+    from conure_dist.config import DistConfig
+    from conure_dist.dist import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="key 'dist.device': is 'cuda' but no CUDA device"):
+        init_distributed(DistConfig(device="cuda"))
