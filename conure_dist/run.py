@@ -100,13 +100,26 @@ def prepare_data(cfg: RunConfig, dist: DistInfo) -> Manifest:
         )
     manifest = Manifest.load(root)
     if cfg.data.source != "none":
-        want = {"train": cfg.data.split[0], "valid": cfg.data.split[1], "test": cfg.data.split[2],
-                "seed": cfg.data.split_seed}
-        have = {k: manifest.split.get(k) for k in want}
-        if have != want:
-            raise ValueError(f"data.root={root} holds shards split as {have}, but the config asks for {want} "
-                             "(data.split, data.split_seed); point data.root to another directory")
+        differ = {key: (have, want) for key, (have, want) in _built_with(cfg, manifest).items() if have != want}
+        if differ:
+            listed = ", ".join(f"{key}={want} (the shards have {have})" for key, (have, want) in differ.items())
+            raise ValueError(f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
+                             "point data.root to another directory, or delete it to rebuild")
     return manifest
+
+
+def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]]:
+    """Config key -> (what the shards were built with, what the config asks for)."""
+    d = cfg.data
+    pairs = {"data.split": ([manifest.split.get(k) for k in ("train", "valid", "test")], list(d.split)),
+             "data.split_seed": (manifest.split.get("seed"), d.split_seed)}
+    if d.source == "synthetic":
+        spec = manifest.source.get("spec", {})
+        for key in ("num_users", "num_items", "seq_len", "seed"):
+            pairs[f"data.synthetic.{key}"] = (spec.get(key), getattr(d.synthetic, key))
+    else:
+        pairs["data.seq_len"] = (manifest.seq_len, d.seq_len)
+    return pairs
 
 
 def generate_shards(cfg: RunConfig) -> Manifest:
@@ -135,6 +148,10 @@ def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
         if (i == 0) != (info.kind == "sequence"):
             raise ValueError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
                              f"'{task.name}' is of kind '{info.kind}'")
+        empty = [split for split in ("train", "valid", "test") if info.splits[split].num_instances == 0]
+        if empty:
+            raise ValueError(f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
+                             f"data.root={cfg.data.root}; it needs more data or larger data.split fractions")
         infos.append(info)
     return infos
 

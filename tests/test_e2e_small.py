@@ -8,7 +8,7 @@ from helpers import tiny_config
 from conure_dist.cli import main
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.run import CapacityError, run_conure
+from conure_dist.run import CapacityError, prepare_data, run_conure
 from conure_dist.train.checkpoint import COMMIT
 
 pytestmark = pytest.mark.slow
@@ -89,6 +89,19 @@ def test_a_diverging_loss_stops_the_run_naming_task_and_phase(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: task 't1' (train phase, epoch 1, step" in err and "lower tasks.0.lr" in err
     assert not (tmp_path / "nan" / "report.json").exists()
+
+
+def test_shards_built_otherwise_and_empty_splits_fail_before_training(tmp_path):
+    run_conure(load_config(tiny_config(tmp_path, TASKS[:1])), str(tmp_path / "a"), CPU)
+    other = load_config(tiny_config(tmp_path, TASKS[:1]), ["data.synthetic.num_users=500", "data.split_seed=4"])
+    with pytest.raises(ValueError, match=r"built otherwise than this config asks: data.split_seed=4 \(the shards "
+                                         r"have 0\), data.synthetic.num_users=500 \(the shards have 400\)"):
+        prepare_data(other, CPU)
+    few = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "few")),
+                      ["data.synthetic.num_users=10", "data.split=[0.8,0.01,0.19]"])
+    with pytest.raises(ValueError, match=r"tasks.0: task 't1' has no valid instances under data.root=.*few"):
+        run_conure(few, str(tmp_path / "b"), CPU)
+    assert not (tmp_path / "b" / "checkpoints").exists()
 
 
 def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
