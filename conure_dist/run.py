@@ -488,7 +488,7 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
     checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints)
     state, phase_resume = RunState(), None
     if resume:
-        restored = restore(checkpointer, model, ownership, [t.name for t in infos], dist)
+        restored = restore(checkpointer, model, ownership, cfg, dist)
         if restored is not None:
             state, phase_resume = restored
     elif checkpointer.committed():
@@ -569,7 +569,32 @@ def finish_run(trainer: Trainer, state: RunState, storage: dict[str, int], out: 
     return report
 
 
-def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership, task_names: list[str],
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree and isinstance(tree[0], dict):
+        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
+    """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
+    settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
+    saved, now = _flat(ckpt.meta["config"]), _flat(cfg.to_dict())
+    finished = len(ckpt.meta["tasks"])
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
+                     and not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished))
+    model = [k for k in changed if k.startswith("model.")]
+    if model:
+        raise ValueError(f"{ckpt.path}: --resume needs the checkpoint's model, but "
+                         + ", ".join(f"{k} is {now.get(k)} (checkpoint: {saved.get(k)})" for k in model))
+    relevant = [k for k in changed if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
+    if relevant:
+        log.warning("resuming with settings that differ from the checkpoint's: %s",
+                    ", ".join(f"{k}={now.get(k)} (was {saved.get(k)})" for k in relevant))
+
+
+def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership, cfg: RunConfig,
             dist: DistInfo) -> tuple[RunState, PhaseResume | None] | None:
     """Load the newest valid checkpoint. The configured tasks must start with the checkpoint's
     tasks in the same order; tasks listed after them are new and continue the sequence."""
@@ -577,10 +602,12 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
     if ckpt is None:
         log.info("no committed checkpoint under %s: starting fresh", checkpointer.root)
         return None
+    task_names = [t.name for t in cfg.tasks]
     saved = [t["name"] for t in ckpt.meta["tasks"]]
     if task_names[: len(saved)] != saved:
         raise ValueError(f"{ckpt.path}: the checkpoint's tasks {saved} are not the first tasks of the config "
                          f"{task_names}; a resumed run may only append tasks")
+    check_resumed_config(ckpt, cfg)
     new_heads = {n for n in model.state_dict() if n.split(".")[:2] in [["heads", t] for t in task_names[len(saved):]]}
     missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
     if unexpected or set(missing) != new_heads:

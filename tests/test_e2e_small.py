@@ -67,6 +67,17 @@ def test_resume_refuses_a_different_task_order(tmp_path):
         run_conure(other, str(tmp_path / "o"), CPU, resume=True)
 
 
+def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplog):
+    path = tiny_config(tmp_path, TASKS[:1])
+    first = run_conure(load_config(path), str(tmp_path / "m"), CPU)
+    with pytest.raises(ValueError, match=r"--resume needs the checkpoint's model, but model.channels is 8 "
+                                         r"\(checkpoint: 16\)"):
+        run_conure(load_config(path, ["model.channels=8"]), str(tmp_path / "m"), CPU, resume=True)
+    again = run_conure(load_config(path, ["seed=9", "tasks.0.lr=0.1"]), str(tmp_path / "m"), CPU, resume=True)
+    assert again["matrix"] == first["matrix"]
+    assert "differ from the checkpoint's: seed=9 (was 3), tasks.0.lr=0.1 (was 0.003)" in caplog.text
+
+
 def test_a_task_without_free_capacity_is_refused(tmp_path):
     cfg = load_config(tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)]))
     with pytest.raises(CapacityError, match="cannot start: every conv weight is owned"):
