@@ -14,6 +14,13 @@ import torch
 log = logging.getLogger("conure_dist")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert raw data into WebDataset shards + manifest")
     kinds = data.add_subparsers(dest="source", required=True)
@@ -71,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", required=True)
     pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]} (default: the task's test split)")
     pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
-    pr.add_argument("--k", type=int, default=5)
-    pr.add_argument("--limit", type=int, default=10, help="sequences taken from the test split without --input")
+    pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence (item and sequence tasks)")
+    pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input")
     au = sub.add_parser("audit", help="verify that no finished task's frozen weights changed")
     au.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
@@ -149,12 +156,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from conure_dist import compiled
     from conure_dist.config import DistConfig
     from conure_dist.continual.views import MaskedModel
-    from conure_dist.data.manifest import Manifest
     from conure_dist.dist import process_group
     from conure_dist.train.evaluate import evaluate_task
 
     ckpt, model, ownership = _load(args.ckpt)
-    manifest = Manifest.load(args.data_root or ckpt.meta["data_root"])
+    manifest = _manifest_for(ckpt, args.data_root)
     train_cfg = ckpt.meta["config"]["train"]
     results: dict[str, Any] = {}
     finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
@@ -177,33 +183,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_sequences(path: str, seq_len: int) -> list[list[int]]:
+def _manifest_for(ckpt, data_root: str | None):
+    """The run's manifest, or the one at ``data_root`` if it describes the checkpoint's tasks."""
+    from conure_dist.data.manifest import Manifest
+
+    root = data_root or ckpt.meta["data_root"]
+    manifest = Manifest.load(root)
+    differ = [("num_seq_items", manifest.num_seq_items, ckpt.meta["num_seq_items"]),
+              ("seq_len", manifest.seq_len, ckpt.meta["seq_len"])]
+    for spec in ckpt.meta["tasks"]:
+        try:
+            info = manifest.task(spec["name"])
+        except ValueError:
+            differ.append((f"task '{spec['name']}'", "missing", "present"))
+            continue
+        differ += [(f"task '{spec['name']}' kind", info.kind, spec["kind"]),
+                   (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"])]
+    wrong = [f"{key} is {have} there, {want} in the checkpoint" for key, have, want in differ if have != want]
+    if wrong:
+        raise ValueError(f"{root}: these shards do not match the checkpoint {ckpt.path}: {'; '.join(wrong)}")
+    return manifest
+
+
+def _read_sequences(path: str, seq_len: int, num_items: int) -> list[list[int]]:
+    """Histories from a JSONL file, one ``{"seq": [T1 item ids]}`` per line, oldest first."""
     seqs = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path} line {line_no}"
             try:
-                seq = [int(x) for x in json.loads(line)["seq"]]
+                seq = json.loads(line)["seq"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path} line {line_no}: expected {{\"seq\": [item ids]}}: {exc}") from None
+                raise ValueError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
+            if not isinstance(seq, list) or not all(type(x) is int for x in seq):
+                raise ValueError(f"{where}: 'seq' must be a list of integer item ids, got {seq!r}")
+            outside = [x for x in seq if not 0 <= x < num_items]
+            if outside:
+                raise ValueError(f"{where}: item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
+            if not any(seq):
+                raise ValueError(f"{where}: the sequence has no item (0 is padding)")
             seqs.append(([0] * seq_len + seq)[-seq_len:])
+    if not seqs:
+        raise ValueError(f"{path}: no sequence in the file")
     return seqs
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from conure_dist.continual.views import MaskedModel
-    from conure_dist.data.manifest import Manifest
     from conure_dist.data.stream import iter_batches
 
     ckpt, model, ownership = _load(args.ckpt)
     names = [s["name"] for s in ckpt.meta["tasks"]]
+    if args.task not in names:
+        raise ValueError(f"--task: no task '{args.task}' in {ckpt.path} (its tasks: {', '.join(names)})")
     if args.task not in ckpt.meta["state"]["task_checksums"]:
-        raise SystemExit(f"task '{args.task}' is not finished in this checkpoint (finished: "
-                         f"{sorted(ckpt.meta['state']['task_checksums'])})")
-    manifest = Manifest.load(args.data_root or ckpt.meta["data_root"]) if not args.input else None
+        raise ValueError(f"--task: task '{args.task}' is not finished in {ckpt.path} (finished: "
+                         f"{', '.join(n for n in names if n in ckpt.meta['state']['task_checksums'])})")
+    manifest = _manifest_for(ckpt, args.data_root) if not args.input else None
     if args.input:
-        seqs = torch.tensor(_read_sequences(args.input, int(ckpt.meta["seq_len"])), dtype=torch.long)
+        seqs = torch.tensor(_read_sequences(args.input, int(ckpt.meta["seq_len"]), int(ckpt.meta["num_seq_items"])),
+                            dtype=torch.long)
     else:
         batch = next(iter(iter_batches(manifest, args.task, "test", args.limit, shuffle=False, seed=0, epoch=0)))
         seqs = batch.seq

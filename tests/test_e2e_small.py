@@ -129,6 +129,25 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     first, second, shorter = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert first["scores"] != second["scores"] and len(first["items"]) == 5
     assert shorter != second  # a different history, with the same last item
+    for bad, message in [('{"seq": [1, 2, 99999]}', "in.jsonl line 1: item ids [99999] are outside the T1 vocabulary"),
+                         ('{"seq": [3, -5]}', "in.jsonl line 1: item ids [-5] are outside"),
+                         ('{"seq": [1.7, 2]}', "in.jsonl line 1: 'seq' must be a list of integer item ids"),
+                         ('{"seq": [0, 0]}', "in.jsonl line 1: the sequence has no item"),
+                         ("", "in.jsonl: no sequence in the file")]:
+        seqs.write_text(bad + "\n")
+        assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--input", str(seqs)]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "nope", "--input", str(seqs)]) == 2
+    err = capsys.readouterr().err
+    assert "--task: no task 'nope'" in err and "(its tasks: t1, click, gender)" in err
+    with pytest.raises(SystemExit):
+        main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--k", "0"])
+    assert "--k: must be >= 1, got 0" in capsys.readouterr().err
+    # Shards that do not describe the checkpoint's tasks are refused by name.
+    other = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "other")), ["data.synthetic.num_items=80"])
+    prepare_data(other, CPU)
+    assert main(["eval", "--ckpt", str(tmp_path / "p"), "--data-root", str(tmp_path / "other")]) == 2
+    assert "do not match the checkpoint" in (err := capsys.readouterr().err) and "num_seq_items is 81 there, 61 in" in err
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
