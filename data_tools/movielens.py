@@ -29,6 +29,7 @@ Recipe (the Conure paper's MovieLens setup), the same for every layout:
 Malformed rows, and a rating repeating an earlier row's user and item (it could land in both the
 training and the test split), raise ``ValueError`` naming the file and 1-based line; with
 ``skip_bad_rows`` they are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
+A ratings or profile file left without any valid row is an error naming the file.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import fsspec
 import numpy as np
 
 from conure_dist.data.manifest import Manifest, join_url
-from data_tools.rows import RowChecker, numbers_first, parse_number, read_text
+from data_tools.rows import RowChecker, numbers_first, parse_int, parse_number, read_text
 from data_tools.shards import TaskData, write_dataset
 from data_tools.split import DEFAULT_FRACTIONS
 
@@ -93,13 +94,6 @@ def _rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
             yield line_no, line.split(sep)
 
 
-def _parse_int(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
 def _ratings(columns: list[list[float]], lines: list[int]) -> _Ratings:
     user, item, rating, timestamp = columns
     return _Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
@@ -137,7 +131,7 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
         if len(fields) != 4:
             checker.bad(label, path, line_no, "wrong field count", f"expected 4 {shown}-separated fields, got {len(fields)}")
             continue
-        values = [_parse_int(v) for v in fields]
+        values = [parse_int(v) for v in fields]
         missing = [f"{n} '{v.strip()}'" for n, v, x in zip(names, fields, values, strict=True) if x is None]
         if missing:
             checker.bad(label, path, line_no, "non-integer field", f"non-integer {', '.join(missing)}")
@@ -174,7 +168,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
         if len(fields) != 4:
             checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
             continue
-        user, item, timestamp = _parse_int(fields[0]), _parse_int(fields[1]), _parse_int(fields[3])
+        user, item, timestamp = parse_int(fields[0]), parse_int(fields[1]), parse_int(fields[3])
         rating = parse_number(fields[2])
         bad = [f"{n} '{v.strip()}'" for n, v, x in zip(("userId", "movieId", "timestamp"), (fields[0], fields[1], fields[3]),
                                                        (user, item, timestamp), strict=True) if x is None]
@@ -224,7 +218,7 @@ class _TokenIds:
 
     def __init__(self, tokens: list[str]) -> None:
         unique = sorted(set(tokens))
-        self.numeric = all(t.isdigit() for t in unique)
+        self.numeric = all(t.isascii() and t.isdigit() for t in unique)  # isdigit() alone takes '²'
         self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
 
 
@@ -272,7 +266,7 @@ class _ProfileReader:
     def add(self, line_no: int, user: int | None, user_raw: str, age_raw: str | None, gender: str | None,
             occupation: str | None) -> None:
         bad = self.checker.bad
-        age = None if age_raw is None else _parse_int(age_raw)
+        age = None if age_raw is None else parse_int(age_raw)
         if user is None or (age_raw is not None and age is None):
             shown = user_raw if user is None else age_raw
             bad(self.label, self.path, line_no, "non-integer field",
@@ -291,6 +285,12 @@ class _ProfileReader:
         else:
             self.profiles[user] = _Profile(age, gender, occupation)
 
+    def finish(self) -> dict[int, _Profile]:
+        """The profiles; a file without any valid row is an error (its tasks would have no class)."""
+        if not self.profiles:
+            raise ValueError(f"{self.path}: no valid user rows")
+        return self.profiles
+
     def _ratings_file(self) -> str:
         return {"u.user": "u.data", "users.dat": "ratings.dat"}.get(self.label, "the .inter file")
 
@@ -305,9 +305,9 @@ def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: 
         if len(fields) != 5:
             checker.bad(label, path, line_no, "wrong field count", f"expected 5 '{sep}'-separated fields, got {len(fields)}")
             continue
-        reader.add(line_no, _parse_int(fields[0]), fields[0], fields[age_at], fields[gender_at].strip(),
+        reader.add(line_no, parse_int(fields[0]), fields[0], fields[age_at], fields[gender_at].strip(),
                    fields[occupation_at].strip())
-    return reader.profiles
+    return reader.finish()
 
 
 def _read_recbole_profiles(path: str, text: str, checker: RowChecker, rated: set[int],
@@ -318,10 +318,10 @@ def _read_recbole_profiles(path: str, text: str, checker: RowChecker, rated: set
     reader = _ProfileReader(label, path, checker, rated)
     for line_no, fields in rows:
         token = fields[where["user_id"]].strip()
-        user = user_ids.ids.get(token, _parse_int(token) if user_ids.numeric else -1)
+        user = user_ids.ids.get(token, parse_int(token) if user_ids.numeric else -1)
         get = {f: (fields[where[f]].strip() if f in where else None) for f in ("age", "gender", "occupation")}
         reader.add(line_no, user, token, get["age"], get["gender"], get["occupation"])
-    return reader.profiles, present
+    return reader.finish(), present
 
 
 LAYOUT_FILES = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import fsspec
@@ -23,19 +24,36 @@ class RowChecker:
         self.counts[key] = self.counts.get(key, 0) + 1
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
 def read_text(url: str) -> tuple[str, str]:
-    """File contents and their sha256 (for the source record)."""
+    """File contents, without a leading UTF-8 byte-order mark, and the sha256 of the raw bytes
+    (for the source record)."""
     try:
         with fsspec.open(url, "rb") as f:
             data = f.read()
     except FileNotFoundError as exn:
         raise FileNotFoundError(f"input file not found: {url}") from exn
-    # latin-1 never fails to decode; the raw files are ASCII apart from free text (titles).
-    return data.decode("latin-1"), hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()
+    # Editors that save UTF-8 may put a BOM first; decoded as latin-1 it would glue 'ï»¿' onto
+    # the first field. latin-1 never fails to decode; the raw files are ASCII apart from free
+    # text (titles).
+    return data.removeprefix(_UTF8_BOM).decode("latin-1"), sha
+
+
+def parse_int(text: str) -> int | None:
+    """The integer ``text`` spells (ASCII digits, optional sign, surrounding whitespace), or None.
+    Stricter than ``int()``, which also takes ``1_0`` for 10."""
+    stripped = text.strip()
+    return int(stripped) if _INT.fullmatch(stripped) else None
 
 
 def parse_number(text: str) -> float | None:
-    """The finite number ``text`` spells, or None."""
+    """The finite number ``text`` spells, or None (``float()`` would take ``4_5`` for 45)."""
+    if "_" in text:
+        return None
     try:
         number = float(text)
     except ValueError:

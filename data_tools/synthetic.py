@@ -72,29 +72,47 @@ class SyntheticSpec:
     """Std of the noise added to the standardised taste score before bracketing."""
 
     def __post_init__(self) -> None:
+        # Each check with the bound it enforces. Every genre needs 2 T1 items (an item's
+        # successor is another item of its genre) and 1 item in each target catalogue.
         checks = {
-            "num_users": self.num_users >= 10,
-            "num_genres": self.num_genres >= 2,
-            "num_items": self.num_items >= 2 * self.num_genres,
-            "click_items": self.click_items >= self.num_genres,
-            "like_items": self.like_items >= self.num_genres,
-            "seq_len": self.seq_len >= 3,
-            "seed": self.seed >= 0,
-            "stay_prob": 0 <= self.stay_prob <= 1,
-            "successor_prob": 0 <= self.successor_prob <= 1,
-            "min_history": 0 < self.min_history <= 1,
-            "max_clicks": self.max_clicks >= 1,
-            "max_likes": self.max_likes >= 1,
-            "recent_prob": 0 <= self.recent_prob <= 1,
-            "recent_window": self.recent_window >= 1,
+            "num_users": (self.num_users >= 10, ">= 10"),
+            "num_genres": (self.num_genres >= 2, ">= 2"),
+            "num_items": (
+                self.num_items >= 2 * self.num_genres,
+                f">= 2 * num_genres = {2 * self.num_genres}",
+            ),
+            "click_items": (
+                self.click_items >= self.num_genres,
+                f">= num_genres = {self.num_genres}",
+            ),
+            "like_items": (
+                self.like_items >= self.num_genres,
+                f">= num_genres = {self.num_genres}",
+            ),
+            "seq_len": (self.seq_len >= 3, ">= 3"),
+            "seed": (self.seed >= 0, ">= 0"),
+            "taste_concentration": (self.taste_concentration > 0, "> 0"),
+            "stay_prob": (0 <= self.stay_prob <= 1, "in [0, 1]"),
+            "successor_prob": (0 <= self.successor_prob <= 1, "in [0, 1]"),
+            "zipf_exponent": (self.zipf_exponent >= 0, ">= 0"),
+            "target_zipf_exponent": (self.target_zipf_exponent >= 0, ">= 0"),
+            "min_history": (0 < self.min_history <= 1, "in (0, 1]"),
+            "max_clicks": (self.max_clicks >= 1, ">= 1"),
+            "max_likes": (self.max_likes >= 1, ">= 1"),
+            "recent_prob": (0 <= self.recent_prob <= 1, "in [0, 1]"),
+            "recent_window": (
+                1 <= self.recent_window <= self.seq_len,
+                f"in [1, seq_len = {self.seq_len}]",
+            ),
+            "age_noise": (self.age_noise >= 0, ">= 0"),
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [
+            f"{name}={getattr(self, name)}: must be {bound}"
+            for name, (ok, bound) in checks.items()
+            if not ok
+        ]
         if bad:
-            values = ", ".join(f"{name}={getattr(self, name)}" for name in bad)
-            raise ValueError(
-                f"invalid SyntheticSpec: {values} (need num_items >= 2*num_genres >= 4, "
-                "catalogues >= num_genres, seq_len >= 3, probabilities in [0, 1])"
-            )
+            raise ValueError(f"invalid SyntheticSpec: {'; '.join(bad)}")
 
 
 @dataclass(frozen=True)

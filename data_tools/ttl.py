@@ -112,6 +112,8 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
 def read_ttl(pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100,
              skip_bad_rows: bool = False) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
     """Parse the TTL files into (t1_seqs, tasks, source, skipped_rows)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len (--seq-len) must be >= 2, got {seq_len}")
     names = ["t1", *(t.name for t in tasks)]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be distinct (and not 't1'): {names}")

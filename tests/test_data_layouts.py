@@ -3,6 +3,7 @@ recipe as ML-100K, layout detection, and errors that name the file and line."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,10 @@ GOOD_INTER = ["user_id:token\titem_id:token\trating:float\ttimestamp:float", "1\
          "ratings.csv: bad rating"),
         ("csv", "ratings.csv", "1,abc,4.0,9", r"ratings\.csv line 3: non-integer movieId 'abc'",
          "ratings.csv: non-integer field"),
+        ("csv", "ratings.csv", "1_0,30,4.0,9", r"ratings\.csv line 3: non-integer userId '1_0'",
+         "ratings.csv: non-integer field"),
+        ("csv", "ratings.csv", "1,30,0_5,9", r"ratings\.csv line 3: rating '0_5' is not one of 0\.5, 1\.0",
+         "ratings.csv: bad rating"),
         ("csv", "ratings.csv", "1,30,4.0", r"ratings\.csv line 3: expected 4 comma-separated fields, got 3",
          "ratings.csv: wrong field count"),
         ("csv", "ratings.csv", "1,10,5.0,9", r"ratings\.csv line 3: the same user and item as line 2",
@@ -141,6 +146,8 @@ GOOD_INTER = ["user_id:token\titem_id:token\trating:float\ttimestamp:float", "1\
         ("recbole", "toy.inter", "1\t10\t5\t9", r"toy\.inter line 3: the same user and item as line 2",
          "toy.inter: duplicate rating"),
         ("recbole", "toy.inter", "1\t30\tfive\t9", r"toy\.inter line 3: non-numeric rating 'five'",
+         "toy.inter: non-numeric field"),
+        ("recbole", "toy.inter", "1\t30\t4\t1_0", r"toy\.inter line 3: non-numeric timestamp '1_0'",
          "toy.inter: non-numeric field"),
         ("recbole", "toy.inter", "1\t30\t4", r"toy\.inter line 3: expected 4 tab-separated fields, got 3",
          "toy.inter: wrong field count"),
@@ -183,3 +190,31 @@ def test_bad_headers_are_errors_even_when_skipping(tmp_path, layout, header, mes
         src = write_recbole(tmp_path, [header, "1\t10\t1"], users=False)
     with pytest.raises(ValueError, match=message):
         read_movielens(str(src), skip_bad_rows=True)
+
+
+@pytest.mark.parametrize("layout", ["ml-1m", "csv", "recbole"])
+def test_utf8_bom_is_not_part_of_the_header_or_first_row(tmp_path, layout):
+    writer = {"ml-1m": write_ml1m, "csv": write_csv, "recbole": write_recbole}[layout]
+    t1_ref, tasks_ref, _, _ = read_movielens(str(writer(tmp_path / "ref")))
+    src = writer(tmp_path / "bom")
+    for path in src.iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    for skip in (False, True):
+        t1, tasks, source, skipped = read_movielens(str(src), skip_bad_rows=skip)
+        assert skipped == {}
+        np.testing.assert_array_equal(t1, t1_ref)
+        assert [t.users.tolist() for t in tasks] == [t.users.tolist() for t in tasks_ref]
+        assert {name: f["sha256"] for name, f in source["files"].items()} == {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("layout", "file", "users"),
+    [("ml-1m", "users.dat", []), ("ml-1m", "users.dat", ["7::F::25::3::1"]),
+     ("recbole", "toy.user", USERS_RECBOLE[:1])],
+)
+def test_profile_file_without_valid_rows_names_it(tmp_path, layout, file, users):
+    src = write_ml1m(tmp_path, users=users) if layout == "ml-1m" else write_recbole(tmp_path, users=users)
+    with pytest.raises(ValueError, match="no valid user rows") as info:
+        read_movielens(str(src), skip_bad_rows=True)
+    assert str(info.value) == f"{src / file}: no valid user rows"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
 from data_tools.movielens import AGE_BRACKETS, read_ml100k, write_movielens
+from data_tools.rows import parse_int
 from data_tools.split import split_sizes
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -137,6 +139,12 @@ GOOD = "1\t10\t3\t500"
         ),
         (
             "u.data",
+            "1_0\t10\t3\t500",
+            r"u\.data line 2: non-integer user id '1_0'",
+            "u.data: non-integer field",
+        ),
+        (
+            "u.data",
             "1\t10\t6\t500",
             r"u\.data line 2: rating 6 outside 1\.\.5",
             "u.data: rating outside 1..5",
@@ -163,6 +171,12 @@ GOOD = "1\t10\t3\t500"
             "u.user",
             "2|old|F|writer|1",
             r"u\.user line 2: non-integer age 'old'",
+            "u.user: non-integer field",
+        ),
+        (
+            "u.user",
+            "2|3_0|F|writer|1",
+            r"u\.user line 2: non-integer age '3_0'",
             "u.user: non-integer field",
         ),
         (
@@ -229,6 +243,42 @@ def test_no_low_ratings_is_an_error(tmp_path: Path) -> None:
     src = write_files(tmp_path, ["1\t10\t5\t1"], ["1|17|M|student|1"])
     with pytest.raises(ValueError, match="no user has a rating below 4"):
         read_ml100k(str(src))
+
+
+def test_integers_are_digits_with_an_optional_sign() -> None:
+    assert [parse_int(t) for t in ("196", " 7 ", "+3", "-2", "007")] == [196, 7, 3, -2, 7]
+    # int() would take the first two as 10 and 2.
+    assert [parse_int(t) for t in ("1_0", "²", "", "1.0", "1 0", "0x1")] == [None] * 6
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_utf8_bom_is_not_part_of_the_first_row(tmp_path: Path, skip: bool) -> None:
+    t1_ref, tasks_ref, source_ref, _ = read_ml100k(str(write_files(tmp_path / "ref")))
+    src = write_files(tmp_path / "bom")
+    for name in ("u.data", "u.user"):
+        (src / name).write_bytes(b"\xef\xbb\xbf" + (src / name).read_bytes())
+    t1, tasks, source, skipped = read_ml100k(str(src), skip_bad_rows=skip)
+    assert skipped == {}
+    np.testing.assert_array_equal(t1, t1_ref)
+    for task, ref in zip(tasks, tasks_ref, strict=True):
+        assert task.users.tolist() == ref.users.tolist(), task.name
+    for name in ("u.data", "u.user"):
+        assert source["files"][name]["valid_rows"] == source_ref["files"][name]["valid_rows"]
+        raw = (src / name).read_bytes()  # the record hashes the file as it is, BOM included
+        assert source["files"][name]["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("users", "skip"),
+    [([], False), (["", "  "], False), (["9|20|M|none|3"], True), (["1|17|M|student"], True)],
+)
+def test_profile_file_without_valid_rows(tmp_path: Path, users: list[str], skip: bool) -> None:
+    src = write_files(tmp_path, users=users)
+    if not users:
+        (src / "u.user").write_bytes(b"")
+    with pytest.raises(ValueError, match="no valid user rows") as info:
+        read_ml100k(str(src), skip_bad_rows=skip)
+    assert str(info.value) == f"{src / 'u.user'}: no valid user rows"
 
 
 def _reference_counts(src: Path) -> dict[str, int]:

@@ -216,8 +216,30 @@ def test_write_synthetic(tmp_path: Path) -> None:
     assert again.to_json() == manifest.to_json()
 
 
-def test_spec_validation() -> None:
-    with pytest.raises(ValueError, match="num_items=5"):
-        SyntheticSpec(num_items=5)
-    with pytest.raises(ValueError, match="stay_prob=1.5"):
-        SyntheticSpec(stay_prob=1.5)
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num_items": 5}, r"num_items=5: must be >= 2 \* num_genres = 20"),
+        ({"num_items": 15}, r"num_items=15: must be >= 2 \* num_genres = 20"),
+        ({"num_users": 5}, r"num_users=5: must be >= 10"),
+        ({"stay_prob": 1.5}, r"stay_prob=1\.5: must be in \[0, 1\]"),
+        ({"click_items": 9}, r"click_items=9: must be >= num_genres = 10"),
+        ({"seq_len": 5, "recent_window": 6}, r"recent_window=6: must be in \[1, seq_len = 5\]"),
+        ({"taste_concentration": 0.0}, r"taste_concentration=0\.0: must be > 0"),
+        ({"zipf_exponent": -1}, r"zipf_exponent=-1: must be >= 0"),
+        ({"age_noise": -0.1}, r"age_noise=-0\.1: must be >= 0"),
+        (
+            {"num_genres": 1, "seq_len": 2},
+            r"^invalid SyntheticSpec: num_genres=1: must be >= 2; seq_len=2: must be >= 3$",
+        ),
+    ],
+)
+def test_spec_validation_states_the_bound(values: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SyntheticSpec(**values)
+
+
+def test_spec_bounds_are_what_the_generator_needs() -> None:
+    """The smallest accepted spec generates; a genre of one T1 item would be its own successor."""
+    t1, _, _ = generate(SyntheticSpec(num_users=10, num_items=20, seq_len=3, recent_window=3))
+    assert t1.shape == (10, 3) and (t1[:, -1] > 0).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from helpers import conure
@@ -81,3 +83,26 @@ def test_numeric_labels_sort_numerically(tmp_path):
     pretrain, tasks = write(tmp_path, age=age)
     _, data, _, _ = read_ttl(pretrain, tasks, seq_len=5)
     assert data[2].class_names == ["-1", "2.5", "10"] and data[2].targets.tolist() == [0, 1, 2]
+
+
+def test_utf8_bom_is_not_a_token(tmp_path):
+    (tmp_path / "ref").mkdir()
+    t1_ref, data_ref, _, _ = read_ttl(*write(tmp_path / "ref"), seq_len=5)
+    pretrain, tasks = write(tmp_path)
+    for path in (tmp_path / "pretrain.csv", tmp_path / "clicks.csv", tmp_path / "age.csv"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    for skip in (False, True):
+        t1_seqs, data, source, skipped = read_ttl(pretrain, tasks, seq_len=5, skip_bad_rows=skip)
+        assert skipped == {}
+        np.testing.assert_array_equal(t1_seqs, t1_ref)
+        assert [d.targets is None or d.targets.tolist() for d in data] == [
+            d.targets is None or d.targets.tolist() for d in data_ref]
+        raw = (tmp_path / "pretrain.csv").read_bytes()  # hashed as it is, BOM included
+        assert source["files"]["pretrain.csv"]["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize("seq_len", [0, 1, -3])
+def test_seq_len_below_two_is_an_error(tmp_path, seq_len):
+    pretrain, tasks = write(tmp_path)
+    with pytest.raises(ValueError, match=rf"^seq_len \(--seq-len\) must be >= 2, got {seq_len}$"):
+        read_ttl(pretrain, tasks, seq_len=seq_len)
