@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+import fsspec
 import torch
 
 log = logging.getLogger("conure_dist")
@@ -120,6 +121,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.run import run_method
 
     cfg = load_config(args.config, args.overrides)
+    fs, out = fsspec.core.url_to_fs(args.out)
+    if fs.exists(out) and not fs.isdir(out):
+        raise ValueError(f"--out {args.out} is a file; the run needs a directory")
     with process_group(cfg.dist) as dist:
         report = run_method(cfg, args.out, dist, resume=args.resume)
     if dist.is_main:

@@ -230,10 +230,7 @@ class Trainer:
         epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
         self.masked.set_view("dense" if dense is not None else mode, task_id)
         self.masked.train()
-        global_batch = task_cfg.batch_size
-        if global_batch % self.dist.world_size:
-            raise ValueError(f"tasks.{task_index}.batch_size={global_batch} is not divisible by "
-                             f"the world size {self.dist.world_size}")
+        global_batch = task_cfg.batch_size  # divisible by the world size (build_trainer checked)
         if dense is None:
             trainable = phase_parameters(self.model, info.name, task_index == 0 and mode == "train")
         else:
@@ -446,6 +443,10 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     without ``out``)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
+        if task.batch_size % dist.world_size:
+            raise ValueError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
+                             f"{dist.world_size}")
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
     model = build_model(cfg, manifest.num_seq_items, task_specs(infos))

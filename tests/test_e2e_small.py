@@ -94,6 +94,20 @@ def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_batch_sizes_and_out_are_checked_before_any_compute(tmp_path, capsys):
+    from conure_dist.run import build_trainer
+
+    cfg = load_config(tiny_config(tmp_path, TASKS), ["tasks.2.batch_size=33"])
+    two_ranks = DistInfo(0, 2, 0, __import__("torch").device("cpu"), "gloo")  # no group is needed to refuse
+    with pytest.raises(ValueError, match="tasks.2.batch_size=33 is not divisible by the world size 2"):
+        build_trainer(cfg, None, two_ranks)
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(tmp_path / "file")]) == 2
+    assert "--out " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_diverging_loss_stops_the_run_naming_task_and_phase(tmp_path, capsys):
     path = tiny_config(tmp_path, TASKS[:1])
     assert main(["run", "--config", str(path), "--out", str(tmp_path / "nan"), "tasks.0.lr=1e30"]) == 2
