@@ -469,7 +469,8 @@ def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
         torch.utils.deterministic.fill_uninitialized_memory = False
     if resume and cfg.method.name not in ("conure", "conure_minus"):
-        raise ValueError(f"--resume: method '{cfg.method.name}' keeps no checkpoints; only Conure runs resume")
+        # The launch scripts always pass --resume; a baseline has nothing to resume from.
+        log.warning("--resume: method '%s' keeps no checkpoints; it runs from the start", cfg.method.name)
     from conure_dist.baselines import run_baseline
 
     try:
