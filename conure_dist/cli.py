@@ -1,4 +1,4 @@
-"""Command line: ``conure data|run|eval|predict|audit`` (also ``python -m conure_dist``)."""
+"""Command line: ``conure data|run|experiment|eval|predict|audit`` (also ``python -m conure_dist``)."""
 
 from __future__ import annotations
 
@@ -70,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="directory or URL: runs/, results.json, table.md, plots/")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
     ev.add_argument("--data-root", help="shards to evaluate on (default: the run's data.root)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr = sub.add_parser("predict", help="top-k items or the class of a task for given sequences (for the "
                                           "sequence task: the items that follow the whole sequence)")
     pr.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
-    pr.add_argument("--task", required=True)
+    pr.add_argument("--task", required=True, help="a finished task of the checkpoint, e.g. t1, click, gender")
     pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]} (default: the task's test split)")
     pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
-    pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence (item and sequence tasks)")
-    pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input")
+    pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence, for item and sequence tasks (default: 5)")
+    pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input (default: 10)")
     au = sub.add_parser("audit", help="verify that no finished task's frozen weights changed")
     au.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
@@ -205,7 +205,7 @@ def _manifest_for(ckpt, data_root: str | None):
                    (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"])]
     wrong = [f"{key} is {have} there, {want} in the checkpoint" for key, have, want in differ if have != want]
     if wrong:
-        raise ValueError(f"{root}: these shards do not match the checkpoint {ckpt.path}: {'; '.join(wrong)}")
+        raise ValueError(f"{root}: these shards do not match the checkpoint {ckpt.url}: {'; '.join(wrong)}")
     return manifest
 
 
@@ -241,9 +241,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ckpt, model, ownership = _load(args.ckpt)
     names = [s["name"] for s in ckpt.meta["tasks"]]
     if args.task not in names:
-        raise ValueError(f"--task: no task '{args.task}' in {ckpt.path} (its tasks: {', '.join(names)})")
+        raise ValueError(f"--task: no task '{args.task}' in {ckpt.url} (its tasks: {', '.join(names)})")
     if args.task not in ckpt.meta["state"]["task_checksums"]:
-        raise ValueError(f"--task: task '{args.task}' is not finished in {ckpt.path} (finished: "
+        raise ValueError(f"--task: task '{args.task}' is not finished in {ckpt.url} (finished: "
                          f"{', '.join(n for n in names if n in ckpt.meta['state']['task_checksums'])})")
     manifest = _manifest_for(ckpt, args.data_root) if not args.input else None
     if args.input:
@@ -279,13 +279,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     results = audit_checkpoint(ckpt)
     ok = all(r.ok for r in results) and bool(results)
     if args.json:
-        print(json.dumps({"checkpoint": ckpt.path, "ok": ok,
+        print(json.dumps({"checkpoint": ckpt.url, "ok": ok,
                           "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok}
                                     for r in results}}, indent=1))
     else:
         for r in results:
             print(f"{r.task:14s} {'ok' if r.ok else 'CHANGED'}  {r.recomputed[:16]}")
-        print(f"audit {'passed' if ok else 'FAILED'}: {ckpt.path}")
+        print(f"audit {'passed' if ok else 'FAILED'}: {ckpt.url}")
     return 0 if ok else 1
 
 

@@ -141,7 +141,7 @@ def _runs_of(methods: list[str]) -> list[str]:
 def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str, Any]:
     from conure_dist.run import run_method
 
-    start = time.perf_counter()
+    start, reused_seconds = time.perf_counter(), 0.0
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for variant in experiment.variants:
         methods = variant.methods or experiment.methods
@@ -155,6 +155,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
                     with fsspec.open(report_path) as f:
                         report = json.load(f)
                     _check_reused(report, cfg, report_path)
+                    reused_seconds += report["wall_seconds"]
                     log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
                 else:
                     log.info("%s/%s/seed%d: running", variant.name, method, seed)
@@ -164,7 +165,8 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
         if "conure_minus" in methods and "conure" in methods:
             reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
         reports[variant.name] = {m: reports[variant.name][m] for m in methods}
-    summary = summarize(experiment, reports, time.perf_counter() - start)
+    # Runs reused from an earlier invocation count with the time they took then.
+    summary = summarize(experiment, reports, time.perf_counter() - start + reused_seconds)
     if dist.is_main:
         write_results(summary, out)
     return summary

@@ -44,7 +44,7 @@ def test_run_lives_in_s3_and_resumes_after_the_local_directory_is_gone(s3_endpoi
               if '"start"' in x]
     assert starts[-1]["task_index"] == 2, "the second run resumed at the last task"
     audit = json.loads(conure("audit", "--ckpt", out, "--json", cwd=work).stdout)
-    assert audit["ok"]
+    assert audit["ok"] and audit["checkpoint"].startswith("s3://")
 
     # Credentials never reach logs, reports or checkpoints.
     import os

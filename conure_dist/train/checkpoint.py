@@ -47,6 +47,11 @@ class Checkpoint:
     fs: fsspec.AbstractFileSystem
     digests: dict[str, str]
 
+    @property
+    def url(self) -> str:
+        """The folder as the user gives it: with its protocol (``s3://``) where not local."""
+        return _url(self.fs, self.path)
+
     def has_part(self, name: str) -> bool:
         return name in self.digests
 
@@ -187,8 +192,12 @@ def resolve_checkpoint(path: str) -> str:
     if not folders:
         raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
                               f"checkpoints/*/{COMMIT})")
+    return _url(fs, folders[-1])
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return folders[-1] if protocol in ("file", "local") else f"{protocol}://{folders[-1]}"
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
