@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "sequence task: the items that follow the whole sequence)")
     pr.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     pr.add_argument("--task", required=True, help="a finished task of the checkpoint, e.g. t1, click, gender")
-    pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]} (default: the task's test split)")
+    pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]}, oldest first (default: the task's "
+                    "test split)")
+    pr.add_argument("--raw-ids", action="store_true",
+                    help="--input holds the source's raw item ids (e.g. MovieLens movie ids), not T1 ids")
     pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
     pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence, for item and sequence tasks (default: 5)")
     pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input (default: 10)")
@@ -209,8 +212,10 @@ def _manifest_for(ckpt, data_root: str | None):
     return manifest
 
 
-def _read_sequences(path: str, seq_len: int, num_items: int) -> list[list[int]]:
-    """Histories from a JSONL file, one ``{"seq": [T1 item ids]}`` per line, oldest first."""
+def _read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] | None = None) -> list[list[int]]:
+    """Histories from a JSONL file, one ``{"seq": [T1 item ids]}`` per line, oldest first; with
+    ``raw_ids`` (the T1 vocabulary) the ids are the source's raw item ids."""
+    index = None if raw_ids is None else {raw: i for i, raw in enumerate(raw_ids) if i}
     seqs = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -221,6 +226,13 @@ def _read_sequences(path: str, seq_len: int, num_items: int) -> list[list[int]]:
                 seq = json.loads(line)["seq"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
+            if index is not None:
+                if not isinstance(seq, list) or not all(isinstance(x, (str, int)) and type(x) is not bool for x in seq):
+                    raise ValueError(f"{where}: 'seq' must be a list of raw item ids, got {seq!r}")
+                unknown = [x for x in seq if str(x) not in index]
+                if unknown:
+                    raise ValueError(f"{where}: raw item ids {unknown[:5]} are not in the T1 vocabulary")
+                seq = [index[str(x)] for x in seq]
             if not isinstance(seq, list) or not all(type(x) is int for x in seq):
                 raise ValueError(f"{where}: 'seq' must be a list of integer item ids, got {seq!r}")
             outside = [x for x in seq if not 0 <= x < num_items]
@@ -245,13 +257,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.task not in ckpt.meta["state"]["task_checksums"]:
         raise ValueError(f"--task: task '{args.task}' is not finished in {ckpt.url} (finished: "
                          f"{', '.join(n for n in names if n in ckpt.meta['state']['task_checksums'])})")
-    manifest = _manifest_for(ckpt, args.data_root) if not args.input else None
+    try:
+        manifest = _manifest_for(ckpt, args.data_root)
+    except FileNotFoundError:
+        if not args.input or args.raw_ids:
+            raise
+        manifest = None  # sequences given and the shards gone: internal ids only
+    t1_vocab = manifest.load_vocab(names[0]) if manifest is not None else None
+    if args.raw_ids and t1_vocab is None:
+        raise ValueError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
+                         "their raw ids already, or were converted before vocabularies were recorded)")
+    users: list[str | int | None]
     if args.input:
-        seqs = torch.tensor(_read_sequences(args.input, int(ckpt.meta["seq_len"]), int(ckpt.meta["num_seq_items"])),
-                            dtype=torch.long)
+        rows = _read_sequences(args.input, int(ckpt.meta["seq_len"]), int(ckpt.meta["num_seq_items"]),
+                               t1_vocab if args.raw_ids else None)
+        seqs, users = torch.tensor(rows, dtype=torch.long), [None] * len(rows)
     else:
         batch = next(iter(iter_batches(manifest, args.task, "test", args.limit, shuffle=False, seed=0, epoch=0)))
+        raw_users = manifest.load_users()
         seqs = batch.seq
+        users = [raw_users[u] if raw_users else u for u in batch.user.tolist()]
     kind = model.kinds[args.task]
     if kind == "sequence":
         # A sequence task scores the position after seq[:, :-1] (in evaluation the last item is
@@ -262,12 +287,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     masked.eval()
     with torch.no_grad():
         scores = masked(seqs, args.task).float()
-    for row in scores:
+    info = manifest.task(args.task) if manifest is not None else None
+    vocab = manifest.load_vocab(args.task) if manifest is not None and kind != "class" else None
+    for user, row in zip(users, scores, strict=True):
+        out: dict[str, Any] = {} if user is None else {"user": user}
         if kind == "class":
-            print(json.dumps({"class": int(row.argmax()), "scores": [round(v, 5) for v in row.tolist()]}))
+            label = int(row.argmax())
+            out["class"] = label
+            if info is not None and info.class_names:
+                out["label"] = info.class_names[label]
+            out["scores"] = [round(v, 5) for v in row.tolist()]
         else:
             top = torch.topk(row, min(args.k, row.numel()))
-            print(json.dumps({"items": top.indices.tolist(), "scores": [round(v, 5) for v in top.values.tolist()]}))
+            out["items"] = top.indices.tolist()
+            if vocab is not None:
+                out["raw_items"] = [vocab[i] for i in out["items"]]
+            out["scores"] = [round(v, 5) for v in top.values.tolist()]
+        print(json.dumps(out))
     return 0
 
 

@@ -86,6 +86,12 @@ class _Source:
     profiles: dict[int, _Profile]
     files: dict[str, dict[str, Any]]
     profile_fields: tuple[str, ...]
+    tokens: dict[str, dict[int, str]] = field(default_factory=dict)
+    """Where ids were numbered from tokens (RecBole): 'user' / 'item' -> id -> raw token."""
+
+    def raw(self, kind: str, ids: np.ndarray) -> list[str]:
+        names = self.tokens.get(kind)
+        return [names[i] for i in ids.tolist()] if names else [str(i) for i in ids.tolist()]
 
 
 def _rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
@@ -222,7 +228,7 @@ class _TokenIds:
         self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
 
 
-def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_Ratings, _TokenIds]:
+def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_Ratings, _TokenIds, _TokenIds]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id", "item_id", "rating", "timestamp"), checker)
     users: list[str] = []
@@ -250,7 +256,7 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_R
     user_ids, item_ids = _TokenIds(users), _TokenIds(items)
     ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
                         [v[0] for v in values], [v[1] for v in values]], lines)
-    return _drop_duplicates(label, path, ratings, checker), user_ids
+    return _drop_duplicates(label, path, ratings, checker), user_ids, item_ids
 
 
 @dataclass
@@ -383,13 +389,15 @@ def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
         ratings, profiles, profile_fields = _read_csv_ratings(path, text, checker), {}, ()
     elif layout == "recbole":
         path, text = load(_only(src_dir, ".inter", required=True))
-        ratings, user_ids = _read_recbole_ratings(path, text, checker)
+        ratings, user_ids, item_ids = _read_recbole_ratings(path, text, checker)
         user_url = _only(src_dir, ".user", required=False)
         profiles, profile_fields = {}, ()
         if user_url is not None:
             path, text = load(user_url)
             profiles, profile_fields = _read_recbole_profiles(path, text, checker, set(np.unique(ratings.user).tolist()),
                                                               user_ids)
+        tokens = {kind: {i: t for t, i in ids.ids.items()} for kind, ids in (("user", user_ids), ("item", item_ids))}
+        return _Source(layout, ratings, profiles, files, profile_fields, tokens)
     else:
         raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
     return _Source(layout, ratings, profiles, files, profile_fields)
@@ -415,9 +423,10 @@ def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _like_task(
-    name: str, ratings: _Ratings, low: float, high: float, t1_users: np.ndarray
+    name: str, parsed: _Source, low: float, high: float, t1_users: np.ndarray
 ) -> tuple[TaskData, int]:
     """Item task over the ratings in [low, high); also returns how many were dropped (no T1)."""
+    ratings = parsed.ratings
     chosen = np.flatnonzero((ratings.rating >= low) & (ratings.rating < high))
     has_t1 = np.isin(ratings.user[chosen], t1_users)
     chosen = chosen[has_t1]
@@ -429,6 +438,7 @@ def _like_task(
         users=np.searchsorted(t1_users, ratings.user[chosen]).astype(np.int64),
         targets=np.searchsorted(vocab, ratings.item[chosen]).astype(np.int64),
         num_items=max(len(vocab), 1),
+        vocab=parsed.raw("item", vocab) if len(vocab) else None,
     )
     return task, int((~has_t1).sum())
 
@@ -479,8 +489,8 @@ def read_movielens(
         raise ValueError(
             f"{join_url(src_dir, ratings_file)}: no user has a rating below {LOW_RATING}, so there is no T1 sequence"
         )
-    like4, dropped4 = _like_task("like4", ratings, 4, 5, t1_users)
-    like5, dropped5 = _like_task("like5", ratings, 5, 6, t1_users)
+    like4, dropped4 = _like_task("like4", parsed, 4, 5, t1_users)
+    like5, dropped5 = _like_task("like5", parsed, 5, 6, t1_users)
     profile_tasks, dropped_profiles = _profile_tasks(profiles, parsed.profile_fields, t1_users)
     t1 = TaskData(
         "t1",
@@ -489,6 +499,7 @@ def read_movielens(
         np.arange(len(t1_users), dtype=np.int64),
         None,
         num_items=len(t1_vocab) + 1,
+        vocab=["", *parsed.raw("item", t1_vocab)],
     )
     source = {
         "src": src_dir,
@@ -506,6 +517,7 @@ def read_movielens(
         "users_without_t1": len(rated) - len(t1_users),
         "users_without_profile": len(set(t1_users.tolist()) - set(profiles)) if parsed.profile_fields else None,
         "dropped_instances": {"like4": dropped4, "like5": dropped5, "profile": dropped_profiles},
+        "user_ids": parsed.raw("user", t1_users),  # moved out to users.json by write_movielens
     }
     return t1_seqs, [t1, like4, like5, *profile_tasks], source, dict(checker.counts)
 
@@ -532,8 +544,10 @@ def write_movielens(
     """Convert the MovieLens release under ``src`` into shards + manifest under ``out``;
     ``seed`` seeds the split."""
     t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout)
+    user_ids = source.pop("user_ids")
     return write_dataset(
         out,
+        user_ids=user_ids,
         dataset=f"movielens-{source['layout']}",
         t1_seqs=t1_seqs,
         tasks=tasks,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class TaskData:
     """Sequence task: T1 vocabulary incl. pad; item task: its own vocabulary size."""
     num_classes: int | None = None
     class_names: list[str] | None = None
+    vocab: list[str] | None = None
+    """Raw id of each item id (index 0 of T1: padding, ''); None where the ids are the raw ids."""
 
     @property
     def num_instances(self) -> int:
@@ -80,8 +83,10 @@ def write_dataset(
     split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
+    user_ids: list[str] | None = None,
 ) -> Manifest:
-    """Split every task, write its shards and train counts, then the manifest; return it."""
+    """Split every task, write its shards and train counts, then the manifest; return it.
+    ``user_ids``: the raw user id of each T1 row, recorded for predictions."""
     check_fractions(split)
     fractions = (float(split[0]), float(split[1]), float(split[2]))
     if instances_per_shard < 1 or records_per_sample < 1:
@@ -93,7 +98,11 @@ def write_dataset(
         raise ValueError(f"split seed must be non-negative, got {seed}")
     validate_tasks(np.asarray(t1_seqs), tasks)
     t1_seqs = np.ascontiguousarray(t1_seqs, dtype=np.int32)  # ids were range-checked above
+    if user_ids is not None and len(user_ids) != len(t1_seqs):
+        raise ValueError(f"user_ids has {len(user_ids)} entries for {len(t1_seqs)} T1 rows")
     _remove_old_manifest(out)
+    if user_ids is not None:
+        _write_bytes(join_url(out, "users.json"), json.dumps([str(u) for u in user_ids]).encode())
     infos = tuple(
         _write_task(out, i, task, t1_seqs, seed, fractions, instances_per_shard, records_per_sample)
         for i, task in enumerate(tasks)
@@ -106,6 +115,7 @@ def write_dataset(
         source=source,
         skipped_rows=dict(skipped_rows),
         tasks=infos,
+        users=None if user_ids is None else "users.json",
     )
     manifest.save()
     return manifest
@@ -210,6 +220,12 @@ def _write_task(
     }
     counts_path = f"{task.name}/train_counts.npy"
     _write_bytes(join_url(out, counts_path), _npy_bytes(train_counts(task, indices["train"])))
+    vocab_path = None
+    if task.vocab is not None:
+        if len(task.vocab) != task.num_items:
+            raise ValueError(f"task '{task.name}': vocab has {len(task.vocab)} ids for num_items={task.num_items}")
+        vocab_path = f"{task.name}/vocab.json"
+        _write_bytes(join_url(out, vocab_path), json.dumps([str(v) for v in task.vocab]).encode())
     return TaskInfo(
         name=task.name,
         kind=task.kind,  # type: ignore[arg-type]
@@ -218,6 +234,7 @@ def _write_task(
         class_names=tuple(task.class_names) if task.class_names is not None else None,
         train_counts=counts_path,
         splits=splits,
+        vocab=vocab_path,
     )
 
 

@@ -145,13 +145,13 @@ def read_ttl(pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100,
         label_ids = _sorted_ids(set(labels))
         arrays = (np.asarray(users, dtype=np.int64), np.asarray([label_ids[x] for x in labels], dtype=np.int64))
         if task.kind == "item":
-            out.append(TaskData(task.name, "item", None, *arrays, num_items=len(label_ids)))
+            out.append(TaskData(task.name, "item", None, *arrays, num_items=len(label_ids), vocab=list(label_ids)))
         else:
             out.append(TaskData(task.name, "class", None, *arrays, num_classes=len(label_ids),
                                 class_names=list(label_ids)))
     t1_seqs = np.asarray(table, dtype=np.int32)
     t1 = TaskData("t1", "sequence", t1_seqs[: len(pre_rows)], np.arange(len(pre_rows), dtype=np.int64), None,
-                  num_items=len(ids) + 1)
+                  num_items=len(ids) + 1, vocab=["", *vocab])
     source = {"pretrain": pretrain, "tasks": {t.name: {"kind": t.kind, "path": t.path} for t in tasks},
               "files": files, "seq_len": seq_len, "num_t1_users": len(pre_rows),
               "input_only_rows": len(table) - len(pre_rows)}

@@ -351,3 +351,30 @@ def test_real_ml100k(tmp_path: Path) -> None:
         ]
     )
     assert np.bincount(ages, minlength=7).min() > 0  # every ML-1M bracket occurs in ML-100K
+
+
+def test_real_ml100k_records_raw_ids(tmp_path: Path) -> None:
+    """Every T1 row maps back, through users.json and t1's vocab, to that user's most recent
+    30 ratings below 4 stars in u.data; like5 targets map back to 5-star movies of their user."""
+    if not ML100K.is_dir():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (shared data directory absent)")
+    manifest = write_movielens(str(ML100K), str(tmp_path / "ml"), seed=0)
+    users, t1_vocab, like5_vocab = manifest.load_users(), manifest.load_vocab("t1"), manifest.load_vocab("like5")
+    assert len(users) == 941 and t1_vocab[0] == "" and len(t1_vocab) == manifest.num_seq_items
+    assert manifest.load_vocab("gender") is None and len(like5_vocab) == manifest.task("like5").num_items
+    with open(ML100K / "u.data", newline="") as f:
+        rows = [tuple(map(int, r)) for r in csv.reader(f, delimiter="\t")]
+    low: dict[str, list[tuple[int, int, str]]] = {}
+    fives: dict[str, set[str]] = {}
+    for line, (user, item, rating, stamp) in enumerate(rows):
+        if rating < 4:
+            low.setdefault(str(user), []).append((stamp, line, str(item)))
+        elif rating == 5:
+            fives.setdefault(str(user), set()).add(str(item))
+    for batch in iter_batches(manifest, "t1", "test", 512, shuffle=False, seed=0, epoch=0):
+        for row, seq in zip(batch.user.tolist(), batch.seq.tolist(), strict=True):
+            user = users[row]
+            assert [t1_vocab[i] for i in seq if i] == [item for _, _, item in sorted(low[user])[-30:]], user
+    batch = next(iter(iter_batches(manifest, "like5", "test", 512, shuffle=False, seed=0, epoch=0)))
+    for row, target in zip(batch.user.tolist(), batch.target.tolist(), strict=True):
+        assert like5_vocab[target] in fives[users[row]]

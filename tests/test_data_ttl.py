@@ -47,6 +47,10 @@ def test_ttl_cli_writes_shards(tmp_path):
     assert [t.name for t in manifest.tasks] == ["t1", "click", "age"] and manifest.dataset == "ttl"
     assert manifest.num_seq_items == 5 and manifest.seq_len == 5
     assert sum(manifest.task("click").splits[s].num_instances for s in ("train", "valid", "test")) == 4
+    # The tokens behind the ids, for predictions in the source's terms.
+    assert manifest.load_vocab("t1") == ["", "a7", "b2", "c9", "x1"]
+    assert manifest.load_vocab("click") == ["k1", "k20", "k5"] and manifest.load_vocab("age") is None
+    assert manifest.load_users() is None  # TTL rows carry no user id
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 from conure_dist.cli import main
 from conure_dist.config import load_config
+from conure_dist.data.manifest import Manifest
 from conure_dist.dist import DistInfo
 from conure_dist.run import CapacityError, prepare_data, run_conure
 from conure_dist.train.checkpoint import COMMIT
@@ -165,6 +166,35 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
+
+
+ML100K = REPO.parent / "shared" / "data" / "ml-100k"
+
+
+def test_predict_speaks_the_sources_raw_ids(tmp_path, capsys):
+    if not ML100K.is_dir():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (shared data directory absent)")
+    path = tiny_config(tmp_path, [("t1", 0.5), ("like5", 0.5), ("gender", 0.5)],
+                       data={"root": str(tmp_path / "ml"), "source": "movielens", "source_dir": str(ML100K)})
+    run_conure(load_config(path, ["train.max_steps_per_epoch=5"]), str(tmp_path / "run"), CPU)
+    manifest = Manifest.load(str(tmp_path / "ml"))
+    t1_vocab, like5_vocab = manifest.load_vocab("t1"), manifest.load_vocab("like5")
+    raw, ids = tmp_path / "raw.jsonl", tmp_path / "ids.jsonl"
+    raw.write_text(json.dumps({"seq": [t1_vocab[5], int(t1_vocab[9]), t1_vocab[2]]}) + "\n")
+    ids.write_text(json.dumps({"seq": [5, 9, 2]}) + "\n")
+    predict = ["predict", "--ckpt", str(tmp_path / "run"), "--task", "like5", "--k", "4"]
+    assert main([*predict, "--input", str(raw), "--raw-ids"]) == 0
+    assert main([*predict, "--input", str(ids)]) == 0
+    by_raw, by_id = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert by_raw == by_id and by_raw["raw_items"] == [like5_vocab[i] for i in by_raw["items"]]
+    raw.write_text('{"seq": ["no-such-movie"]}\n')
+    assert main([*predict, "--input", str(raw), "--raw-ids"]) == 2
+    assert "raw.jsonl line 1: raw item ids ['no-such-movie'] are not in the T1 vocabulary" in capsys.readouterr().err
+    # From the test split: each line names its user by the source's id, classes by their name.
+    assert main(["predict", "--ckpt", str(tmp_path / "run"), "--task", "gender", "--limit", "3"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    users = set(manifest.load_users())
+    assert len(lines) == 3 and all(x["user"] in users and x["label"] == "FM"[x["class"]] for x in lines)
 
 
 def _drop_commits_after(out, keep_last_matching: str) -> str:

@@ -74,6 +74,9 @@ class TaskInfo:
     train_counts: str
     """Relative path of an int64 ``.npy`` with target frequencies in the train split."""
     splits: dict[str, SplitInfo] = field(hash=False)
+    vocab: str | None = None
+    """Relative path of a JSON list with the raw id (a string) of each output id, index 0 of T1
+    being padding; None where the ids are the raw ids (synthetic data) or for class tasks."""
 
     @property
     def num_outputs(self) -> int:
@@ -95,6 +98,9 @@ class Manifest:
     source: dict[str, Any] = field(hash=False)
     skipped_rows: dict[str, int] = field(hash=False)
     tasks: tuple[TaskInfo, ...]
+    users: str | None = None
+    """Relative path of a JSON list with the raw user id of each T1 row (the ``user`` of every
+    instance); None where the source has no user ids."""
 
     @property
     def path(self) -> str:
@@ -140,7 +146,30 @@ class Manifest:
             )
         return counts
 
+    def load_vocab(self, task: str) -> list[str] | None:
+        """The raw id of each output id of ``task``, or None where the manifest records none."""
+        info = self.task(task)
+        return None if info.vocab is None else self._load_ids(info.vocab, info.num_outputs)
+
+    def load_users(self) -> list[str] | None:
+        """The raw user id of each T1 row, or None where the manifest records none."""
+        return None if self.users is None else self._load_ids(self.users, None)
+
+    def _load_ids(self, relative: str, length: int | None) -> list[str]:
+        url = join_url(self.root, relative)
+        try:
+            with fsspec.open(url, "r") as f:
+                ids = json.load(f)
+        except FileNotFoundError as exn:
+            raise ValueError(f"{url} is missing (listed in {self.path})") from exn
+        except json.JSONDecodeError as exn:
+            raise ValueError(f"{url}: invalid JSON ({exn})") from exn
+        if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids) or length not in (None, len(ids)):
+            raise ValueError(f"{url}: expected a list of {length or 'the'} raw ids (strings)")
+        return ids
+
     def to_json(self) -> dict[str, Any]:
+        extra = {} if self.users is None else {"users": self.users}
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -149,6 +178,7 @@ class Manifest:
             "split": dict(self.split),
             "source": self.source,
             "skipped_rows": dict(self.skipped_rows),
+            **extra,
             "tasks": [_task_to_json(t) for t in self.tasks],
         }
 
@@ -205,6 +235,7 @@ def _task_to_json(task: TaskInfo) -> dict[str, Any]:
         "num_items": task.num_items,
         "num_classes": task.num_classes,
         "class_names": None if task.class_names is None else list(task.class_names),
+        **({} if task.vocab is None else {"vocab": task.vocab}),
         "train_counts": task.train_counts,
         "splits": {
             name: {"num_instances": s.num_instances, "shards": [vars(shard) for shard in s.shards]}
@@ -282,6 +313,7 @@ def _parse_manifest(f: _Fields, root: str) -> Manifest:
         source=f.get("source", dict),
         skipped_rows=dict(skipped),
         tasks=tasks,
+        users=f.get("users", str) if "users" in f.raw else None,  # absent before version 1 recorded it
     )
 
 
@@ -329,6 +361,7 @@ def _parse_task(f: _Fields) -> TaskInfo:
         class_names=None if class_names is None else tuple(class_names),
         train_counts=f.get("train_counts", str),
         splits={name: _parse_split(splits_f.child(name)) for name in SPLITS},
+        vocab=f.get("vocab", str) if "vocab" in f.raw else None,
     )
 
 
