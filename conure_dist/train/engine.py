@@ -58,14 +58,18 @@ def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo)
 
     Data parallelism averages gradients over ranks, so each rank divides its sum by the global
     count / world size: the averaged gradient is then exactly that of the global batch mean,
-    whatever the number of examples (e.g. non-padding positions) on each rank.
+    whatever the number of examples (e.g. non-padding positions) on each rank. The same
+    exchange tells every rank whether some rank's loss is not finite: then every rank's logged
+    mean is NaN, so that all of them stop at the same step.
     """
     count = count.detach().to(torch.float64)
     local_mean = loss_sum.detach() / count.clamp(min=1)
     if dist.is_distributed:
-        total = count.clone()
+        total = torch.stack([count, (~torch.isfinite(local_mean)).to(torch.float64)])
         tdist.all_reduce(total)
-        return loss_sum * (dist.world_size / total.clamp(min=1)).to(loss_sum.dtype), local_mean
+        if total[1] > 0:
+            local_mean = torch.full_like(local_mean, float("nan"))
+        return loss_sum * (dist.world_size / total[0].clamp(min=1)).to(loss_sum.dtype), local_mean
     return loss_sum / count.clamp(min=1).to(loss_sum.dtype), local_mean
 
 

@@ -1,4 +1,7 @@
-"""Evaluation sums over a real 2-process gloo group, where one rank saw no instance at all."""
+"""What every rank must agree on, over a real 2-process gloo group: evaluation sums when one rank
+saw no instance, and a non-finite loss on one rank only."""
+
+import math
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from conure_dist.dist import DistInfo
+from conure_dist.train.engine import normalized_loss
 from conure_dist.train.evaluate import _reduce, _sum_keys
 from conure_dist.train.metrics import finalize
 
@@ -20,8 +24,11 @@ def _worker(rank: int, init: str, results: dict) -> None:
         # Rank 0 holds both instances of a tiny split (stride partition); rank 1 holds none.
         item = {"mrr": 1.5, "hr": 2.0, "ndcg": 1.6309297535714575, "count": 2.0} if rank == 0 else {}
         klass = {"acc": 1.0, "nll": 0.75, "count": 2.0} if rank == 0 else {}
+        # Rank 1's batch diverged: both ranks must see it, so that both stop at this step.
+        loss_sum = torch.tensor(float("inf") if rank == 1 else 3.0)
+        _, logged = normalized_loss(loss_sum, torch.tensor(2 + rank), dist)
         results[rank] = (finalize(_reduce(item, _sum_keys("item"), dist), 5),
-                         finalize(_reduce(klass, _sum_keys("class"), dist), 5))
+                         finalize(_reduce(klass, _sum_keys("class"), dist), 5), logged.item())
     finally:
         tdist.destroy_process_group()
 
@@ -32,6 +39,7 @@ def test_a_rank_without_instances_still_reduces(tmp_path):
     expected_item = {"mrr@5": 0.75, "hr@5": 1.0, "ndcg@5": 1.6309297535714575 / 2, "count": 2}
     expected_class = {"acc": 0.5, "nll": 0.375, "count": 2}
     for rank in range(WORLD):
-        item, klass = results[rank]
+        item, klass, logged = results[rank]
+        assert math.isnan(logged)
         assert item == pytest.approx(expected_item) and item["count"] == 2
         assert klass == pytest.approx(expected_class)
