@@ -405,8 +405,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = _yaml_load(raw)
     except yaml.YAMLError:
         return key.split("."), raw  # not YAML (e.g. '@x', '[1'): a plain string, checked by type
-    if isinstance(value, str) and "#" in raw:
-        value = raw.strip()  # YAML would drop ' #...' as a comment: a path may contain it
+    if isinstance(value, str) and " #" in raw and raw.strip()[:1] not in "\"'":
+        value = raw.strip()  # YAML would drop an unquoted ' #...' as a comment: a path may contain it
     return key.split("."), value
 
 

@@ -92,6 +92,8 @@ def test_override_values_that_are_not_yaml_stay_text(tmp_path):
     path = _write(tmp_path, BASE)
     cfg = load_config(path, ["data.root=@shards", "data.source_dir=/data/ml 100k #2"])
     assert cfg.data.root == "@shards" and cfg.data.source_dir == "/data/ml 100k #2"
+    quoted = load_config(path, ['data.root="runs/#1"', "data.source_dir='a #b'"])
+    assert quoted.data.root == "runs/#1" and quoted.data.source_dir == "a #b"
     in_file = load_config(path)
     with pytest.raises(ConfigError) as info:
         load_config(path, ["train.topk=0"])
