@@ -110,16 +110,16 @@ def _ratings(columns: list[list[float]], lines: list[int]) -> _Ratings:
 def _drop_duplicates(label: str, path: str, ratings: _Ratings, checker: RowChecker) -> _Ratings:
     """A user rates an item once. A repeated (user, item) row is a bad row: kept, it could put
     the same instance in both the training and the test split."""
-    key = ratings.user * (int(ratings.item.max()) + 1) + ratings.item
-    order = np.argsort(key, kind="stable")  # equal keys stay in file order
-    repeat_sorted = np.r_[False, key[order[1:]] == key[order[:-1]]]
+    order = np.lexsort((ratings.item, ratings.user))  # stable: equal pairs stay in file order
+    user, item = ratings.user[order], ratings.item[order]
+    repeat_sorted = np.r_[False, (user[1:] == user[:-1]) & (item[1:] == item[:-1])]
     if not repeat_sorted.any():
         return ratings
-    # The row that each row repeats: the first of its run of equal keys.
+    # The row that each row repeats: the first of its run of equal pairs.
     run_start = np.maximum.accumulate(np.where(repeat_sorted, 0, np.arange(len(order))))
     first = np.empty_like(order)
     first[order] = order[run_start]
-    repeat = np.zeros(len(key), dtype=bool)
+    repeat = np.zeros(len(order), dtype=bool)
     repeat[order] = repeat_sorted
     for row in np.flatnonzero(repeat):  # in file order
         checker.bad(label, path, int(ratings.line[row]), "duplicate rating",
@@ -180,6 +180,9 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
                                                        (user, item, timestamp), strict=True) if x is None]
         if bad:
             checker.bad(label, path, line_no, "non-integer field", f"non-integer {', '.join(bad)}")
+            continue
+        if user < 1 or item < 1:
+            checker.bad(label, path, line_no, "non-positive id", f"ids must be >= 1, got userId {user}, movieId {item}")
             continue
         if rating is None or not 0.5 <= rating <= 5 or rating * 2 != int(rating * 2):
             checker.bad(label, path, line_no, "bad rating", f"rating '{fields[2].strip()}' is not one of 0.5, 1.0, ..., 5.0")

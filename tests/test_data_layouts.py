@@ -143,6 +143,8 @@ GOOD_INTER = ["user_id:token\titem_id:token\trating:float\ttimestamp:float", "1\
          "ratings.csv: wrong field count"),
         ("csv", "ratings.csv", "1,10,5.0,9", r"ratings\.csv line 3: the same user and item as line 2",
          "ratings.csv: duplicate rating"),
+        ("csv", "ratings.csv", "2,-1,4.0,9", r"ratings\.csv line 3: ids must be >= 1, got userId 2, movieId -1",
+         "ratings.csv: non-positive id"),
         ("recbole", "toy.inter", "1\t10\t5\t9", r"toy\.inter line 3: the same user and item as line 2",
          "toy.inter: duplicate rating"),
         ("recbole", "toy.inter", "1\t30\tfive\t9", r"toy\.inter line 3: non-numeric rating 'five'",
