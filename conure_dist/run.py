@@ -583,7 +583,8 @@ def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
     """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
     settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
     saved, now = _flat(ckpt.meta["config"]), _flat(cfg.to_dict())
-    finished = len(ckpt.meta["tasks"])
+    state = ckpt.meta["state"]
+    finished = state["task_index"] + (state["stage"] != "start")  # the task under way counts too
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
                      and not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished))
     model = [k for k in changed if k.startswith("model.")]

@@ -77,6 +77,15 @@ def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplo
     again = run_conure(load_config(path, ["seed=9", "tasks.0.lr=0.1"]), str(tmp_path / "m"), CPU, resume=True)
     assert again["matrix"] == first["matrix"]
     assert "differ from the checkpoint's: seed=9 (was 3), tasks.0.lr=0.1 (was 0.003)" in caplog.text
+    # Settings of a task not reached yet are free to change; those of the task under way warn.
+    three = tiny_config(tmp_path, TASKS, name="three.yaml")
+    run_conure(load_config(three), str(tmp_path / "n"), CPU)
+    _drop_commits_after(tmp_path / "n", "click-trained")
+    caplog.clear()
+    run_conure(load_config(three, ["tasks.1.retrain_epochs=2", "tasks.2.lr=0.01"]), str(tmp_path / "n"), CPU,
+               resume=True)
+    assert "differ from the checkpoint's: tasks.1.retrain_epochs=2 (was 1)" in caplog.text
+    assert "tasks.2.lr" not in caplog.text
 
 
 def test_a_task_without_free_capacity_is_refused(tmp_path):
