@@ -589,8 +589,9 @@ def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
                      and not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished))
     model = [k for k in changed if k.startswith("model.")]
     if model:
-        raise ValueError(f"{ckpt.path}: --resume needs the checkpoint's model, but "
-                         + ", ".join(f"{k} is {now.get(k)} (checkpoint: {saved.get(k)})" for k in model))
+        raise ValueError(f"{ckpt.path}: the run's checkpoints hold another model ("
+                         + ", ".join(f"{k} is {now.get(k)}, the checkpoint's {saved.get(k)}" for k in model)
+                         + "); resume with the checkpoint's model.* settings, or write to another directory")
     relevant = [k for k in changed if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
     if relevant:
         log.warning("resuming with settings that differ from the checkpoint's: %s",

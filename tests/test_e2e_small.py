@@ -71,8 +71,8 @@ def test_resume_refuses_a_different_task_order(tmp_path):
 def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplog):
     path = tiny_config(tmp_path, TASKS[:1])
     first = run_conure(load_config(path), str(tmp_path / "m"), CPU)
-    with pytest.raises(ValueError, match=r"--resume needs the checkpoint's model, but model.channels is 8 "
-                                         r"\(checkpoint: 16\)"):
+    with pytest.raises(ValueError, match=r"checkpoints hold another model \(model.channels is 8, the checkpoint's "
+                                         r"16\); resume with the checkpoint's model"):
         run_conure(load_config(path, ["model.channels=8"]), str(tmp_path / "m"), CPU, resume=True)
     again = run_conure(load_config(path, ["seed=9", "tasks.0.lr=0.1"]), str(tmp_path / "m"), CPU, resume=True)
     assert again["matrix"] == first["matrix"]
