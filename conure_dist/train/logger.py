@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ class JsonlLogger:
     def log(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n"
+        line = json.dumps(_finite({"time": round(time.time(), 3), "event": event, **fields}), allow_nan=False) + "\n"
         if self.local:
             self.fs.makedirs(self.fs._parent(self.fs_path), exist_ok=True)
             with self.fs.open(self.fs_path, "a") as f:
@@ -37,3 +38,15 @@ class JsonlLogger:
         if self.enabled and not self.local:
             with self.fs.open(self.fs_path, "w") as f:
                 f.write("".join(self.lines))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers (a diverged loss would make the line
+    unreadable to strict parsers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
