@@ -48,3 +48,19 @@ def test_nothing_committed_is_a_fresh_start_and_indices_keep_growing(tmp_path):
     _save(ckpt, 3, 1.0)
     assert ckpt.last_index() == 7 and len(ckpt.committed()) == 1
 
+
+
+def test_retention_keeps_intact_checkpoints_past_a_broken_one(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CPU, keep=2)
+    for index in range(3):
+        _save(ckpt, index, float(index))
+    names = lambda: [p.rsplit("/", 1)[-1] for p in ckpt.committed()]  # noqa: E731
+    assert names() == ["00001-t1-step1", "00002-t1-step2"]
+    (tmp_path / "checkpoints" / "00002-t1-step2" / "model.pt").write_bytes(b"garbage")
+    resumed = Checkpointer(str(tmp_path), CPU, keep=2)
+    assert resumed.latest_valid().meta["index"] == 1
+    _save(resumed, 3, 3.0)
+    # Two intact checkpoints (1 and 3): the broken one does not push 1 out.
+    assert names() == ["00001-t1-step1", "00002-t1-step2", "00003-t1-step3"]
+    _save(resumed, 4, 4.0)
+    assert names() == ["00003-t1-step3", "00004-t1-step4"]

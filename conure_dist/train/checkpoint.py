@@ -101,6 +101,8 @@ class Checkpointer:
         self.fs, self.fs_root = fsspec.core.url_to_fs(self.root)
         self.dist = dist
         self.keep = keep
+        self.broken: set[str] = set()
+        """Committed folders that failed their checks when resuming (not counted as kept)."""
 
     # -- writing -------------------------------------------------------------------------
     def save(
@@ -141,9 +143,16 @@ class Checkpointer:
         return path
 
     def _delete_old(self) -> None:
-        committed = self.committed()
-        for old in committed[: -self.keep]:
-            self.fs.rm(old, recursive=True)
+        """Keep the newest ``keep`` intact checkpoints and delete every older one. Checkpoints
+        that failed their checks on resume do not count as kept (names sort in time order)."""
+        intact = [p for p in self.committed() if p not in self.broken]
+        if len(intact) <= self.keep:
+            return
+        oldest_kept = intact[-self.keep]
+        for old in self.committed():
+            if old < oldest_kept:
+                self.fs.rm(old, recursive=True)
+                self.broken.discard(old)
 
     # -- reading -------------------------------------------------------------------------
     def committed(self) -> list[str]:
@@ -170,6 +179,7 @@ class Checkpointer:
             except CheckpointError as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 problems.append(str(exc))
+                self.broken.add(path)
         if committed:
             raise CheckpointError(f"no committed checkpoint under {self.root} is intact: " + "; ".join(problems))
         return None
