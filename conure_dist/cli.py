@@ -259,10 +259,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          f"{', '.join(n for n in names if n in ckpt.meta['state']['task_checksums'])})")
     try:
         manifest = _manifest_for(ckpt, args.data_root)
-    except FileNotFoundError:
+    except OSError as exc:  # shards gone or unreachable
         if not args.input or args.raw_ids:
             raise
-        manifest = None  # sequences given and the shards gone: internal ids only
+        logging.getLogger(__name__).warning("no manifest (%s): predictions use T1 ids only", exc)
+        manifest = None
     t1_vocab = manifest.load_vocab(names[0]) if manifest is not None else None
     if args.raw_ids and t1_vocab is None:
         raise ValueError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "

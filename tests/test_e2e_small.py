@@ -1,6 +1,7 @@
 """Small end-to-end runs: resume, appending tasks, capacity refusal, crash-safe checkpoints."""
 
 import json
+import shutil
 
 import pytest
 from helpers import REPO, tiny_config
@@ -175,6 +176,14 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
+    # Given its sequences, predict needs no shards: with the data gone it still answers.
+    seqs.write_text('{"seq": [1, 2, 3]}\n')
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 0
+    with_data = json.loads(capsys.readouterr().out)
+    shutil.rmtree(tmp_path / "data")
+    assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert without == {k: v for k, v in with_data.items() if k != "label"} and with_data["label"] in ("F", "M")
 
 
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
