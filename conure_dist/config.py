@@ -213,7 +213,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
     keep_checkpoints: int = 2
-    """Committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
+    """Intact committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
