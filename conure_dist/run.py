@@ -498,8 +498,9 @@ def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
                          "or choose another --out")
     state.num_checkpoints = max(state.num_checkpoints, checkpointer.last_index())
     elapsed_before = state.wall_seconds
+    position = None if state.phase is None else {"epoch": state.phase["epoch"], "step": state.phase["step"]}
     logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, resume=resume, task_index=state.task_index,
-               stage=state.stage)
+               stage=state.stage, position=position)
 
     def save(tag: str, main_parts: dict | None = None, rank_parts: dict | None = None) -> None:
         state.wall_seconds = elapsed_before + time.perf_counter() - start

@@ -30,8 +30,15 @@ def test_resume_after_a_lost_checkpoint_and_appending_tasks_match_an_uninterrupt
     (last / COMMIT).unlink()
     # Resume with a third task appended: redoes click from its trained checkpoint, then gender.
     resumed = run_conure(load_config(tiny_config(tmp_path, TASKS)), str(tmp_path / "b"), CPU, resume=True)
+    assert _last_start(tmp_path / "b") == {"resume": True, "task_index": 1, "stage": "trained", "position": None}
     assert resumed["matrix"] == full["matrix"]
     assert resumed["task_checksums"] == full["task_checksums"]
+
+
+def _last_start(out) -> dict:
+    """Where the newest run in ``out`` began: its log's last start record."""
+    starts = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"event": "start"' in x]
+    return {k: starts[-1][k] for k in ("resume", "task_index", "stage", "position")}
 
 
 def test_resume_skips_a_corrupted_checkpoint(tmp_path):
@@ -40,6 +47,7 @@ def test_resume_skips_a_corrupted_checkpoint(tmp_path):
     newest = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
     (newest / "model.pt").write_bytes(b"garbage")
     again = run_conure(cfg, str(tmp_path / "r"), CPU, resume=True)
+    assert _last_start(tmp_path / "r")["stage"] == "trained"  # from click's trained checkpoint, not from scratch
     assert again["matrix"] == first["matrix"]
     # The redone work is saved under indices after the broken folder's: the newest name is the
     # newest checkpoint.
@@ -59,7 +67,8 @@ def test_a_fresh_run_refuses_an_out_dir_holding_checkpoints(tmp_path):
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     cfg = load_config(tiny_config(tmp_path, TASKS[:1]))
     report = run_conure(cfg, str(tmp_path / "fresh"), CPU, resume=True)
-    assert len(report["matrix"]) == 1
+    assert _last_start(tmp_path / "fresh") == {"resume": True, "task_index": 0, "stage": "start", "position": None}
+    assert len(report["matrix"]) == 1 and report["matrix"][0][0] > report["reference"]["t1"]
 
 
 def test_resume_refuses_a_different_task_order(tmp_path):
@@ -235,5 +244,8 @@ def test_resume_inside_a_phase_restores_step_optimizer_rng_and_data_position(tmp
     kept = _drop_commits_after(out, f"click-{phase}-e2-s")
     assert f"-{phase}-e2-s" in kept, kept
     resumed = run_conure(cfg, str(out), CPU, resume=True)
+    step = int(kept.rsplit("-s", 1)[1])
+    assert _last_start(out) == {"resume": True, "task_index": 1, "stage": f"in_{phase}",
+                                "position": {"epoch": 1, "step": step}}
     assert resumed["matrix"] == clean["matrix"]
     assert resumed["task_checksums"] == clean["task_checksums"]
