@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -284,6 +285,15 @@ def test_ranks_cycle_when_their_part_runs_out(many: Manifest) -> None:
         for r in range(4)
     ]
     assert all(sizes == [32] * 5 for _, _, _, sizes in ranks)
+    # Before cycling, the ranks share one pass over the split: every instance exactly once.
+    users, targets, _, _ = collect(iter_batches(many, "click", "valid", 1000, shuffle=False, seed=0, epoch=0))
+    split = Counter(zip(users.tolist(), targets.tolist(), strict=True))
+    n = sum(split.values())
+    assert n < 4 * 5 * 32  # small enough that every rank cycles
+    first_pass = Counter()
+    for rank, (u, t, _, _) in enumerate(ranks):
+        first_pass.update(list(zip(u.tolist(), t.tolist(), strict=True))[: len(range(rank, n, 4))])
+    assert first_pass == split
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

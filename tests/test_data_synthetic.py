@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,8 @@ def default_data() -> tuple[np.ndarray, list[TaskData]]:
     return t1, tasks
 
 
-def test_generation_is_fast_and_deterministic() -> None:
-    start = time.perf_counter()
+def test_generation_is_deterministic() -> None:
     t1, tasks, source = generate(SyntheticSpec())
-    assert time.perf_counter() - start < 5.0
     t1_again, tasks_again, source_again = generate(SyntheticSpec())
     np.testing.assert_array_equal(t1, t1_again)
     for a, b in zip(tasks, tasks_again, strict=True):

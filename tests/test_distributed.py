@@ -82,8 +82,8 @@ def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, p
     extra = [f"dist.deepspeed_config={REPO / 'configs/deepspeed' / f'zero{stage}.json'}"] if stage else []
     conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
            f"data.root={tmp_path / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-           "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", f"dist.engine={engine}", f"dist.zero_stage={stage}",
-           f"dist.precision={precision}", *extra, nproc=2)
+           "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", "tasks.*.l2=0.01", f"dist.engine={engine}",
+           f"dist.zero_stage={stage}", f"dist.precision={precision}", *extra, nproc=2)
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == engine and report["world_size"] == 2 and report["precision"] == precision
     _matrix_keeps_old_tasks(report)
@@ -91,9 +91,13 @@ def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, p
     assert audit["ok"] and set(audit["tasks"]) == {t["name"] for t in report["tasks"]}
     # Frozen weights did not move between the end of T1 and the end of the run.
     t1_done, final = checkpoint(out, "t1-done"), checkpoint(out, "age-done")
+    # With an L2 penalty on, so neither it nor the optimizer may touch them.
     for name, owner in t1_done.ownership.items():
         kept = owner == 1
         assert torch.equal(final.model[name][kept], t1_done.model[name][kept])
+        assert not torch.equal(final.model[name][~kept], t1_done.model[name][~kept])  # later tasks trained
+    shared = [n for n in t1_done.model if n.startswith("backbone.") and n not in t1_done.ownership]
+    assert shared and all(torch.equal(final.model[n], t1_done.model[n]) for n in shared)
 
 
 def _workers(launcher: psutil.Process) -> list[psutil.Process]:

@@ -1,4 +1,4 @@
-"""The quick start, end to end through the CLI: report, no forgetting, audit, resume."""
+"""The quick start, end to end through the CLI: report, no forgetting, audit, eval and predict."""
 
 import io
 import json

@@ -61,7 +61,7 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
     assert rerun["variants"] == summary["variants"]
     # The reused runs count with the time they took: the total is not the few seconds of reuse.
     ran = sum(json.loads(p.read_text())["wall_seconds"] for p in (out / "runs").rglob("report.json"))
-    assert ran <= rerun["wall_seconds"] < ran + 30
+    assert rerun["wall_seconds"] >= round(ran, 1) > 0
 
 
 @pytest.mark.parametrize(

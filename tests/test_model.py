@@ -74,6 +74,15 @@ def test_scores_cover_all_candidates():
     seq = torch.randint(1, 30, (5, 6))
     t1 = model(seq, "t1")
     assert t1.shape == (5, 30) and torch.isinf(t1[:, 0]).all()
+    # Scores are the head applied to the last position's state (for T1: of the sequence minus
+    # its last item, the target in evaluation); padding id 0 never ranks.
+    with torch.no_grad():
+        last = model.backbone(seq[:, :-1])[:, -1]
+        head = model.heads["t1"]
+        torch.testing.assert_close(t1[:, 1:], (last @ head.weight.T + head.bias)[:, 1:])
+        state = model.backbone(seq)[:, -1]
+        torch.testing.assert_close(model(seq, "a"), state @ model.heads["a"].weight.T + model.heads["a"].bias)
+        torch.testing.assert_close(model(seq, "c"), model.heads["c"].linear(state))
     assert model(seq, "a").shape == (5, 11)
     assert model(seq, "c").shape == (5, 4)
     loss_sum, count = model(seq, "a", torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long))
@@ -90,5 +99,8 @@ def test_reset_parameters_reinitialises_every_parameter():
     for block in net.blocks:
         for norm in (block.norm1, block.norm2):
             assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
-        assert torch.equal(block.conv1.bias, torch.zeros(8))
+        for conv in (block.conv1, block.conv2):
+            assert torch.equal(conv.bias, torch.zeros(8))
+            # Fresh normal weights (std 1/sqrt(fan-in) = 0.2 here), no longer centred on +1.
+            assert conv.weight.mean().abs() < 0.1 and 0.1 < conv.weight.std() < 0.3
     assert torch.equal(net.embedding.weight[0], torch.zeros(8)) and net.embedding.weight.abs().max() < 0.2
