@@ -458,6 +458,15 @@ def _from_override(message: str, overrides: list[str]) -> str:
     return ""
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as ``{dotted key: value}`` (``tasks.0.lr``), lists of mappings indexed."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree and isinstance(tree[0], dict):
+        return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML preset, apply ``key=value`` overrides and validate."""
     path = Path(path)

@@ -35,9 +35,9 @@ from typing import Any
 import fsspec
 import yaml
 
-from conure_dist.config import METHODS, ConfigError, RunConfig, load_config
+from conure_dist.config import METHODS, ConfigError, RunConfig, flatten, load_config
 from conure_dist.dist import DistInfo
-from conure_dist.report import before_prune_diagonal
+from conure_dist.report import before_prune_diagonal, before_prune_last
 from conure_dist.train.checkpoint import join
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if "base" not in data:
         raise ConfigError(f"{path}: key 'base' (the run config) is required")
     base = (path.parent / str(data["base"])).resolve()
-    methods = _list_of(data.get("methods", ["conure"]), str, "methods", path)
+    methods = _distinct(_list_of(data.get("methods", ["conure"]), str, "methods", path), "methods", path)
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"{path}: key 'methods': unknown method '{m}', expected some of {list(METHODS)}")
@@ -95,10 +95,11 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ConfigError(f"{path}: key 'variants.{name}': expected a mapping with tasks, overrides, methods")
         variant = Variant(str(name), spec.get("tasks"), spec.get("overrides", []), spec.get("methods"))
         if variant.tasks is not None:
-            _list_of(variant.tasks, str, f"variants.{name}.tasks", path)
+            _distinct(_list_of(variant.tasks, str, f"variants.{name}.tasks", path), f"variants.{name}.tasks", path)
         _list_of(variant.overrides, str, f"variants.{name}.overrides", path)
         if variant.methods is not None:
-            for m in _list_of(variant.methods, str, f"variants.{name}.methods", path):
+            for m in _distinct(_list_of(variant.methods, str, f"variants.{name}.methods", path),
+                               f"variants.{name}.methods", path):
                 if m not in METHODS:
                     raise ConfigError(f"{path}: key 'variants.{name}.methods': unknown method '{m}'")
         variants.append(variant)
@@ -113,6 +114,13 @@ def load_experiment(path: str | Path) -> Experiment:
         for method in variant.methods or methods:
             run_config(experiment, variant, method, experiment.seeds[0])
     return experiment
+
+
+def _distinct(values: list[str], key: str, path: Path) -> list[str]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: key '{key}': {repeated} listed twice")
+    return values
 
 
 def run_config(experiment: Experiment, variant: Variant, method: str, seed: int) -> RunConfig:
@@ -172,6 +180,11 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
     return summary
 
 
+# Settings that change how a run is carried out or shown, not its results.
+NOT_RESULTS = ("train.progress", "train.num_threads", "train.keep_checkpoints", "train.checkpoint_every_steps",
+               "train.log_every", "train.eval_batch_size", "dist.compile")
+
+
 def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     """A finished run is reused only if it ran what the experiment asks for now."""
     ran = (report.get("method"), report.get("seed"), [t["name"] for t in report["tasks"]])
@@ -179,13 +192,22 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     if ran != want:
         raise ValueError(f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
                          f"for {want}; delete it or use another --out")
+    if "config" not in report:
+        log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
+        return
+    saved, now = flatten(report["config"]), flatten(cfg.to_dict())
+    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in NOT_RESULTS)
+    if differ:
+        shown = ", ".join(f"{k}={now.get(k)} (the run: {saved.get(k)})" for k in differ)
+        raise ValueError(f"{path} holds a run made with other settings: {shown}; delete it or use another --out")
 
 
 def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
     """A Conure report seen as Conure-: each task scored before its own pruning and retraining."""
     names = [t["name"] for t in report["tasks"]]
     matrix = before_prune_diagonal(report["matrix"], names, report["before_prune"])
-    return {**report, "method": "conure_minus", "matrix": matrix}
+    test_metrics = before_prune_last(report["test_metrics"], names[: len(matrix)], report.get("before_prune_metrics", {}))
+    return {**report, "method": "conure_minus", "matrix": matrix, "test_metrics": test_metrics}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -20,21 +20,23 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
     k = cfg.train.topk
     metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
     before_prune = {name: m[metric[name]] for name, m in state.before_prune.items()}
-    matrix = state.matrix
+    matrix, test_metrics = state.matrix, dict(state.metrics[-1]) if state.metrics else {}
     if cfg.method.name == "conure_minus":
         matrix = before_prune_diagonal(matrix, [t.name for t in infos], before_prune)
+        test_metrics = before_prune_last(test_metrics, [t.name for t in infos][: len(matrix)], state.before_prune)
     return {
         "method": cfg.method.name,
         "tasks": [{"name": t.name, "kind": t.kind, "primary_metric": metric[t.name]} for t in infos],
         "matrix": matrix,
         "before_prune": before_prune,
+        "before_prune_metrics": state.before_prune,
         "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
         "capacity": [
             {"task": c["task"], "owned_fraction": sum(c["owned_fraction"].values()), "free_fraction": c["free_fraction"],
              "owned_by_task": c["owned_fraction"]}
             for c in state.capacity
         ],
-        "test_metrics": state.metrics[-1] if state.metrics else {},
+        "test_metrics": test_metrics,
         "reference_metrics": state.reference,
         "task_checksums": state.task_checksums,
         **(storage or {}),
@@ -44,6 +46,7 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
         "precision": cfg.dist.precision,
         "seed": cfg.seed,
         "data_root": cfg.data.root,
+        "config": cfg.to_dict(),
     }
 
 
@@ -53,6 +56,16 @@ def before_prune_diagonal(matrix: list[list[float | None]], names: list[str],
     out = [list(row) for row in matrix]
     for i, row in enumerate(out):
         row[i] = before_prune.get(names[i], row[i])
+    return out
+
+
+def before_prune_last(test_metrics: dict[str, Any], names: list[str],
+                      before_prune: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Conure-'s final test metrics from Conure's: the last task as it was before its pruning
+    (the earlier tasks read the same pruned weights under both)."""
+    out = dict(test_metrics)
+    if names and names[-1] in before_prune:
+        out[names[-1]] = before_prune[names[-1]]
     return out
 
 

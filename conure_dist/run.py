@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from conure_dist import compiled
-from conure_dist.config import RunConfig, TaskConfig, TrainConfig
+from conure_dist.config import RunConfig, TaskConfig, TrainConfig, flatten
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
@@ -572,18 +572,10 @@ def finish_run(trainer: Trainer, state: RunState, storage: dict[str, int], out: 
     return report
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list) and tree and isinstance(tree[0], dict):
-        return {k: v for i, value in enumerate(tree) for k, v in _flat(value, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: tree}
-
-
 def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
     """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
     settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
-    saved, now = _flat(ckpt.meta["config"]), _flat(cfg.to_dict())
+    saved, now = flatten(ckpt.meta["config"]), flatten(cfg.to_dict())
     state = ckpt.meta["state"]
     finished = state["task_index"] + (state["stage"] != "start")  # the task under way counts too
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)

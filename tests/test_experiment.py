@@ -74,6 +74,9 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
         ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
         ({"seeds": [0, 0]}, r"key 'seeds' must list distinct seeds"),
         ({"methods": []}, r"key 'methods' must list at least one method"),
+        ({"methods": ["finetune", "finetune"]}, r"key 'methods': \['finetune'\] listed twice"),
+        ({"variants": {"v": {"tasks": ["t1", "click", "click"]}}}, r"key 'variants\.v\.tasks': \['click'\] listed twice"),
+        ({"variants": {"v": {"methods": ["stl", "stl"]}}}, r"key 'variants\.v\.methods': \['stl'\] listed twice"),
     ],
 )
 def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
@@ -90,6 +93,14 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path):
     write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "click"]}})
     with pytest.raises(AssertionError, match=r"holds a run of \(method, seed, tasks\) = \('conure', 0, \['t1', 'gender'\]\)"):
         conure("experiment", "--config", str(path), "--out", str(out))
+    # Same tasks, other settings: refused too, naming them; settings that do not change results are free.
+    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
+                     overrides=["tasks.0.epochs=2", "tasks.2.lr=0.05"])  # gender: tasks.1 of the run
+    with pytest.raises(AssertionError, match=r"made with other settings: tasks\.1\.lr=0\.05 \(the run: 0\.003\)"):
+        conure("experiment", "--config", str(path), "--out", str(out))
+    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
+                     overrides=["tasks.0.epochs=2", "train.eval_batch_size=64"])
+    assert "report exists, not run again" in conure("experiment", "--config", str(path), "--out", str(out)).stderr
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
