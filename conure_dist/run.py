@@ -449,6 +449,11 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
                              f"{dist.world_size}")
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
+    if cfg.data.partition == "range":
+        for i, info in enumerate(infos):
+            if info.splits["train"].num_instances < dist.world_size:
+                raise ValueError(f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
+                                 f"instances for {dist.world_size} ranks: too few for data.partition=range")
     model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
     if cfg.model.head_prior:
         for info in infos[1:]:

@@ -265,6 +265,20 @@ def test_num_steps_is_exact_on_every_rank(request: pytest.FixtureRequest, layout
     assert len(np.unique(first)) == len(first) == epoch_steps * world_size * per_rank
 
 
+def test_range_partition_refuses_more_ranks_than_instances(many: Manifest) -> None:
+    """Some rank's range would be empty: a repeating stream over it would never yield a batch."""
+    n = many.split_info("click", "valid").num_instances
+    with pytest.raises(ValueError, match=f"click/valid has {n} instances for {n + 1} ranks: too few for "
+                                         "data.partition=range"):
+        iter_batches(many, "click", "valid", 1, shuffle=False, seed=0, epoch=0, rank=0, world_size=n + 1,
+                     num_steps=1, partition="range")
+    # stride serves the same ranks: every one of them gets its batch.
+    for rank in (0, n):
+        batches = list(iter_batches(many, "click", "valid", 1, shuffle=False, seed=0, epoch=0, rank=rank,
+                                    world_size=n + 1, num_steps=1, partition="stride"))
+        assert [len(b.user) for b in batches] == [1]
+
+
 def test_ranks_cycle_when_their_part_runs_out(many: Manifest) -> None:
     """world_size larger than the data per rank: every rank still yields exactly num_steps batches."""
     ranks = [

@@ -182,6 +182,12 @@ def iter_batches(
         raise ValueError(
             f"cannot draw {num_steps} steps from {task}/{split}: the split has no instances"
         )
+    if num_steps is not None and plan.partition == "range" and plan.num_instances < world_size:
+        # Some rank's range would be empty and a repeating stream over it would never yield.
+        raise ValueError(
+            f"{task}/{split} has {plan.num_instances} instances for {world_size} ranks: too few "
+            "for data.partition=range; use stride (or auto)"
+        )
     instances = _rank_stream(plan, repeat=num_steps is not None)
     pipeline = wds.DataPipeline(
         lambda: instances,
@@ -285,8 +291,8 @@ def _open_shards(
                 data = f.read()
         except FileNotFoundError as exn:
             raise ShardError(f"shard {url}: missing") from exn
-        except OSError as exn:
-            raise ShardError(f"shard {url}: cannot be read ({exn})") from exn
+        except Exception as exn:  # OSError, and object-store clients' own errors (botocore's)
+            raise ShardError(f"shard {url}: cannot be read ({type(exn).__name__}: {exn})") from exn
         if len(data) != info.num_bytes:
             raise ShardError(
                 f"shard {url}: {len(data)} bytes, the manifest says {info.num_bytes} (truncated?)"
