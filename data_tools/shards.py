@@ -171,6 +171,9 @@ def _check_task(task: TaskData, num_users: int) -> None:
     users = np.asarray(task.users)
     if users.ndim != 1 or (len(users) and (users.min() < 0 or users.max() >= num_users)):
         raise ValueError(f"{where}: users must be a 1-D array of T1 rows in 0..{num_users - 1}")
+    if task.vocab is not None and (task.kind == "class" or len(task.vocab) != task.num_items):
+        raise ValueError(f"{where}: vocab has {len(task.vocab)} ids for num_items={task.num_items}"
+                         + (" (class tasks name their classes in class_names)" if task.kind == "class" else ""))
     if task.kind == "sequence":
         return
     if task.seqs is not None:
@@ -221,9 +224,7 @@ def _write_task(
     counts_path = f"{task.name}/train_counts.npy"
     _write_bytes(join_url(out, counts_path), _npy_bytes(train_counts(task, indices["train"])))
     vocab_path = None
-    if task.vocab is not None:
-        if len(task.vocab) != task.num_items:
-            raise ValueError(f"task '{task.name}': vocab has {len(task.vocab)} ids for num_items={task.num_items}")
+    if task.vocab is not None:  # its length was checked by validate_tasks
         vocab_path = f"{task.name}/vocab.json"
         _write_bytes(join_url(out, vocab_path), json.dumps([str(v) for v in task.vocab]).encode())
     return TaskInfo(
@@ -239,10 +240,12 @@ def _write_task(
 
 
 def train_counts(task: TaskData, train_indices: np.ndarray) -> np.ndarray:
-    """Frequencies of what the model predicts in the train split (int64, one per output).
+    """Target frequencies in the train split (int64, one per output): the popularity that the
+    trivial reference ranks by and that item and class heads start from.
 
-    For the sequence task that is every non-pad item at positions 1..L-1 (position 0 is never a
-    prediction target); for item and class tasks it is the targets.
+    For the sequence task these are the non-pad items at positions 1..L-1, a sequence's first
+    item included (the loss skips it as a target, having only padding before it); for item and
+    class tasks the targets.
     """
     if task.kind == "sequence":
         assert task.seqs is not None and task.num_items is not None
@@ -364,9 +367,10 @@ class StreamingDatasetWriter:
     """Writes shards while instances arrive in chunks, with memory bounded by the open shards.
 
     Each instance goes to train/valid/test by its own random draw (seeded by the split seed, the
-    task and the chunk), so split sizes are close to, not exactly at, the fractions. A (task,
-    split) buffer is written out as a shard whenever it holds ``instances_per_shard`` instances;
-    ``close`` writes the remainders, the train counts and, last, the manifest.
+    task and the chunk), so split sizes are close to, not exactly at, the fractions. Whenever a
+    (task, split) buffer holds ``instances_per_shard`` instances, its full shards are written and
+    the rest stays buffered; ``close`` writes the remainders, the train counts and, last, the
+    manifest.
     """
 
     def __init__(self, out: str, *, dataset: str, tasks: list[StreamTask], seq_len: int, seed: int,
@@ -375,6 +379,9 @@ class StreamingDatasetWriter:
         check_fractions(split)
         if not tasks or tasks[0].kind != "sequence" or any(t.kind == "sequence" for t in tasks[1:]):
             raise ValueError("the first task, and only it, must be the sequence task")
+        if seed < 0 or instances_per_shard < 1 or records_per_sample < 1:  # before anything is removed
+            raise ValueError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
+                             f"{seed}, {instances_per_shard}, {records_per_sample}")
         self.out, self.dataset, self.tasks, self.seq_len, self.seed = out, dataset, tasks, seq_len, seed
         self.fractions = tuple(float(f) for f in split)
         self.instances_per_shard, self.records_per_sample = instances_per_shard, records_per_sample
@@ -420,27 +427,33 @@ class StreamingDatasetWriter:
             if self.buffered[task, split] >= self.instances_per_shard:
                 self._flush(task, split)
 
-    def _flush(self, task: str, split: str) -> None:
-        """Write the buffer as shards of at most ``instances_per_shard`` instances."""
+    def _flush(self, task: str, split: str, final: bool = False) -> None:
+        """Write the buffer's full shards of ``instances_per_shard`` instances and keep the rest,
+        or with ``final`` write the rest too."""
         parts = self.buffers[task, split]
         if not parts:
             return
         seqs = np.concatenate([p[0] for p in parts])
         users = np.concatenate([p[1] for p in parts])
         targets = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        size = self.instances_per_shard
+        written = len(users) if final else len(users) // size * size
         data = TaskData(task, "sequence" if targets is None else "item", seqs, users, targets)
-        for start in range(0, len(users), self.instances_per_shard):
-            rows = np.arange(start, min(start + self.instances_per_shard, len(users)))
+        for start in range(0, written, size):
+            rows = np.arange(start, min(start + size, written))
             relative = f"{task}/{split}-{len(self.shards[task, split]):06d}.tar"
             self.shards[task, split].append(
                 _write_shard(self.out, relative, data, rows, seqs, self.records_per_sample))
-        self.buffers[task, split], self.buffered[task, split] = [], 0
+        # Copies: views would keep the whole concatenated buffer alive.
+        rest = (seqs[written:].copy(), users[written:].copy(), None if targets is None else targets[written:].copy())
+        self.buffers[task, split] = [rest] if written < len(users) else []
+        self.buffered[task, split] = len(users) - written
 
     def close(self, source: dict[str, Any]) -> Manifest:
         infos = []
         for task in self.tasks:
             for split in SPLIT_NAMES:
-                self._flush(task.name, split)
+                self._flush(task.name, split, final=True)
             counts = self.counts[task.name]
             if task.kind == "sequence":
                 counts[0] = 0

@@ -43,8 +43,13 @@ class TTLSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_items < 2 * self.num_genres or self.num_users < 1 or self.seq_len < 2:
-            raise ValueError(f"invalid TTLSpec: {self}")
+        bounds = {"num_items": (self.num_items >= 2 * self.num_genres, f">= 2 * num_genres = {2 * self.num_genres}"),
+                  "click_items": (self.click_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
+                  "thumbsup_items": (self.thumbsup_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
+                  "num_users": (self.num_users >= 1, ">= 1"), "seq_len": (self.seq_len >= 2, ">= 2")}
+        bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in bounds.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid TTLSpec: {'; '.join(bad)}")
 
 
 class _Catalogue:

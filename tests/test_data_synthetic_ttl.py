@@ -72,3 +72,46 @@ def test_streaming_writer_caps_shards_and_checks_ids(tmp_path):
     shards = [sh for s in manifest.task("t1").splits.values() for sh in s.shards]
     assert sum(sh.num_instances for sh in shards) == 1000 and max(sh.num_instances for sh in shards) <= 100
     assert manifest.load_train_counts("t1")[1] == 0 and manifest.load_train_counts("t1")[2:5].sum() > 0
+
+
+def test_streaming_writer_writes_full_shards_until_the_last(tmp_path):
+    """Chunks of 150 instances into shards of 100: full shards, only each split's last one short."""
+    from data_tools.shards import StreamingDatasetWriter, StreamTask
+
+    tasks = [StreamTask("t1", "sequence", 50)]
+    writer = StreamingDatasetWriter(str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0,
+                                    split=(0.9, 0.05, 0.05), instances_per_shard=100)
+    seqs = np.tile(np.arange(1, 5, dtype=np.int32), (150, 1))
+    for chunk in range(8):
+        writer.add("t1", seqs, np.arange(150 * chunk, 150 * (chunk + 1)))
+    manifest = writer.close({})
+    for split in manifest.task("t1").splits.values():
+        sizes = [sh.num_instances for sh in split.shards]
+        assert sizes and all(size == 100 for size in sizes[:-1]) and 0 < sizes[-1] <= 100, sizes
+    assert sum(s.num_instances for s in manifest.task("t1").splits.values()) == 1200
+    users = np.concatenate([read_all(manifest, "t1")[s][2] for s in ("train", "valid", "test")])
+    assert sorted(users.tolist()) == list(range(1200))
+
+
+def test_bad_writer_arguments_leave_an_existing_root_alone(tmp_path):
+    import pytest
+
+    from data_tools.shards import StreamingDatasetWriter, StreamTask, TaskData, write_dataset
+
+    root = tmp_path / "root"
+    manifest = write_synthetic_ttl(str(root), SPEC, chunk_users=1000)
+    tasks = [StreamTask("t1", "sequence", 50)]
+    with pytest.raises(ValueError, match="instances_per_shard >= 1"):
+        StreamingDatasetWriter(str(root), dataset="x", tasks=tasks, seq_len=4, seed=0, instances_per_shard=0)
+    t1 = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.int32)
+    bad_vocab = [TaskData("t1", "sequence", t1, np.arange(2), None, num_items=6, vocab=["", "a"])]
+    with pytest.raises(ValueError, match="task 't1': vocab has 2 ids for num_items=6"):
+        write_dataset(str(root), dataset="x", t1_seqs=t1, tasks=bad_vocab, seed=0, source={}, skipped_rows={})
+    assert Manifest.load(str(root)) == manifest  # the old dataset is still there, whole
+
+
+def test_ttl_spec_states_the_bounds():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"click_items=10: must be >= num_genres = 40; seq_len=1: must be >= 2"):
+        TTLSpec(num_users=10, num_items=100, seq_len=1, num_genres=40, click_items=10, thumbsup_items=50)
