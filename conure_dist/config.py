@@ -458,13 +458,20 @@ def _from_override(message: str, overrides: list[str]) -> str:
     return ""
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A config as ``{dotted key: value}`` (``tasks.0.lr``), lists of mappings indexed."""
     if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
     if isinstance(tree, list) and tree and isinstance(tree[0], dict):
-        return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}{i}.").items()}
+        return {k: v for i, value in enumerate(tree) for k, v in _flatten(value, f"{prefix}{i}.").items()}
     return {prefix[:-1]: tree}
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value in ``before``, value in ``after``) wherever two configs (as
+    ``to_dict`` gives them) differ, in key order."""
+    old, new = _flatten(before), _flatten(after)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -35,9 +35,9 @@ from typing import Any
 import fsspec
 import yaml
 
-from conure_dist.config import METHODS, ConfigError, RunConfig, flatten, load_config
+from conure_dist.config import METHODS, ConfigError, RunConfig, config_changes, load_config
 from conure_dist.dist import DistInfo
-from conure_dist.report import before_prune_diagonal, before_prune_last
+from conure_dist.report import as_conure_minus
 from conure_dist.train.checkpoint import join
 
 log = logging.getLogger(__name__)
@@ -195,19 +195,10 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     if "config" not in report:
         log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
         return
-    saved, now = flatten(report["config"]), flatten(cfg.to_dict())
-    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in NOT_RESULTS)
+    differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in config_changes(report["config"], cfg.to_dict()).items()
+              if k not in NOT_RESULTS]
     if differ:
-        shown = ", ".join(f"{k}={now.get(k)} (the run: {saved.get(k)})" for k in differ)
-        raise ValueError(f"{path} holds a run made with other settings: {shown}; delete it or use another --out")
-
-
-def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
-    """A Conure report seen as Conure-: each task scored before its own pruning and retraining."""
-    names = [t["name"] for t in report["tasks"]]
-    matrix = before_prune_diagonal(report["matrix"], names, report["before_prune"])
-    test_metrics = before_prune_last(report["test_metrics"], names[: len(matrix)], report.get("before_prune_metrics", {}))
-    return {**report, "method": "conure_minus", "matrix": matrix, "test_metrics": test_metrics}
+        raise ValueError(f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out")
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -19,16 +19,11 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
     """``storage``: ``num_backbones`` and ``stored_parameters`` (what serving every task keeps)."""
     k = cfg.train.topk
     metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
-    before_prune = {name: m[metric[name]] for name, m in state.before_prune.items()}
-    matrix, test_metrics = state.matrix, dict(state.metrics[-1]) if state.metrics else {}
-    if cfg.method.name == "conure_minus":
-        matrix = before_prune_diagonal(matrix, [t.name for t in infos], before_prune)
-        test_metrics = before_prune_last(test_metrics, [t.name for t in infos][: len(matrix)], state.before_prune)
-    return {
+    report = {
         "method": cfg.method.name,
         "tasks": [{"name": t.name, "kind": t.kind, "primary_metric": metric[t.name]} for t in infos],
-        "matrix": matrix,
-        "before_prune": before_prune,
+        "matrix": state.matrix,
+        "before_prune": {name: m[metric[name]] for name, m in state.before_prune.items()},
         "before_prune_metrics": state.before_prune,
         "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
         "capacity": [
@@ -36,7 +31,7 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
              "owned_by_task": c["owned_fraction"]}
             for c in state.capacity
         ],
-        "test_metrics": test_metrics,
+        "test_metrics": state.metrics[-1] if state.metrics else {},
         "reference_metrics": state.reference,
         "task_checksums": state.task_checksums,
         **(storage or {}),
@@ -48,25 +43,22 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistIn
         "data_root": cfg.data.root,
         "config": cfg.to_dict(),
     }
+    return as_conure_minus(report) if cfg.method.name == "conure_minus" else report
 
 
-def before_prune_diagonal(matrix: list[list[float | None]], names: list[str],
-                          before_prune: dict[str, float]) -> list[list[float | None]]:
-    """Conure-'s matrix from Conure's: each task scored as it was before its own pruning."""
-    out = [list(row) for row in matrix]
-    for i, row in enumerate(out):
-        row[i] = before_prune.get(names[i], row[i])
-    return out
-
-
-def before_prune_last(test_metrics: dict[str, Any], names: list[str],
-                      before_prune: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Conure-'s final test metrics from Conure's: the last task as it was before its pruning
-    (the earlier tasks read the same pruned weights under both)."""
-    out = dict(test_metrics)
-    if names and names[-1] in before_prune:
-        out[names[-1]] = before_prune[names[-1]]
-    return out
+def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
+    """A Conure report seen as Conure-: each task scored as it was before its own pruning and
+    retraining (the matrix's diagonal and the last task's final test metrics; earlier tasks read
+    the same pruned weights under both)."""
+    names = [t["name"] for t in report["tasks"]]
+    matrix = [list(row) for row in report["matrix"]]
+    for i, row in enumerate(matrix):
+        row[i] = report["before_prune"].get(names[i], row[i])
+    test_metrics = dict(report["test_metrics"])
+    last = names[len(matrix) - 1] if matrix else None
+    if last in report.get("before_prune_metrics", {}):
+        test_metrics[last] = report["before_prune_metrics"][last]
+    return {**report, "method": "conure_minus", "matrix": matrix, "test_metrics": test_metrics}
 
 
 def write_report(report: dict[str, Any], out: str) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from conure_dist import compiled
-from conure_dist.config import RunConfig, TaskConfig, TrainConfig, flatten
+from conure_dist.config import RunConfig, TaskConfig, TrainConfig, config_changes
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
@@ -580,20 +580,18 @@ def finish_run(trainer: Trainer, state: RunState, storage: dict[str, int], out: 
 def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
     """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
     settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
-    saved, now = flatten(ckpt.meta["config"]), flatten(cfg.to_dict())
     state = ckpt.meta["state"]
     finished = state["task_index"] + (state["stage"] != "start")  # the task under way counts too
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
-                     and not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished))
-    model = [k for k in changed if k.startswith("model.")]
+    changed = {k: v for k, v in config_changes(ckpt.meta["config"], cfg.to_dict()).items()
+               if not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished)}
+    model = [f"{k} is {now}, the checkpoint's {saved}" for k, (saved, now) in changed.items() if k.startswith("model.")]
     if model:
-        raise ValueError(f"{ckpt.path}: the run's checkpoints hold another model ("
-                         + ", ".join(f"{k} is {now.get(k)}, the checkpoint's {saved.get(k)}" for k in model)
-                         + "); resume with the checkpoint's model.* settings, or write to another directory")
-    relevant = [k for k in changed if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
+        raise ValueError(f"{ckpt.path}: the run's checkpoints hold another model ({', '.join(model)}); "
+                         "resume with the checkpoint's model.* settings, or write to another directory")
+    relevant = [f"{k}={now} (was {saved})" for k, (saved, now) in changed.items()
+                if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
     if relevant:
-        log.warning("resuming with settings that differ from the checkpoint's: %s",
-                    ", ".join(f"{k}={now.get(k)} (was {saved.get(k)})" for k in relevant))
+        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(relevant))
 
 
 def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwnership, cfg: RunConfig,
