@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from conure_dist.dist import DistInfo
 from conure_dist.train.engine import normalized_loss
-from conure_dist.train.evaluate import _reduce, _sum_keys
-from conure_dist.train.metrics import finalize
+from conure_dist.train.evaluate import _reduce
+from conure_dist.train.metrics import finalize, sum_keys
 
 pytestmark = pytest.mark.multiprocess
 WORLD = 2
@@ -27,8 +27,8 @@ def _worker(rank: int, init: str, results: dict) -> None:
         # Rank 1's batch diverged: both ranks must see it, so that both stop at this step.
         loss_sum = torch.tensor(float("inf") if rank == 1 else 3.0)
         _, logged = normalized_loss(loss_sum, torch.tensor(2 + rank), dist)
-        results[rank] = (finalize(_reduce(item, _sum_keys("item"), dist), 5),
-                         finalize(_reduce(klass, _sum_keys("class"), dist), 5), logged.item())
+        results[rank] = (finalize(_reduce(item, sum_keys("item"), dist), 5),
+                         finalize(_reduce(klass, sum_keys("class"), dist), 5), logged.item())
     finally:
         tdist.destroy_process_group()
 

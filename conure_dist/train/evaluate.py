@@ -10,15 +10,11 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
-from conure_dist.train.metrics import accuracy_sums, finalize, ranking_sums, target_ranks
+from conure_dist.train.metrics import accuracy_sums, finalize, ranking_sums, sum_keys, target_ranks
 
 
 def _targets(task: TaskInfo, seq: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     return seq[:, -1] if task.kind == "sequence" else target
-
-
-def _sum_keys(kind: str) -> tuple[str, ...]:
-    return ("acc", "nll", "count") if kind == "class" else ("mrr", "hr", "ndcg", "count")
 
 
 def _reduce(sums: dict[str, float], keys: tuple[str, ...], dist: DistInfo) -> dict[str, float]:
@@ -55,7 +51,7 @@ def evaluate_task(
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return finalize(_reduce(sums, _sum_keys(task.kind), dist), k)
+    return finalize(_reduce(sums, sum_keys(task.kind), dist), k)
 
 
 @torch.no_grad()

@@ -44,6 +44,11 @@ def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, 
     return {"acc": correct.double().sum().item(), "nll": nll, "count": float(target_N.numel())}
 
 
+def sum_keys(kind: str) -> tuple[str, ...]:
+    """The sums ``accuracy_sums`` (class tasks) or ``ranking_sums`` (the others) return."""
+    return ("acc", "nll", "count") if kind == "class" else (*ITEM_METRICS, "count")
+
+
 def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
     """Turn accumulated sums into means, named with the cut-off (``mrr@5``)."""
     count = sums.get("count", 0.0)
