@@ -20,7 +20,9 @@ def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path):
     ckpt = Checkpointer(str(tmp_path), CPU, keep=3)
     _save(ckpt, 0, 1.0)
     newest = _save(ckpt, 1, 2.0)
-    assert not list(tmp_path.glob("checkpoints/*/*.partial"))  # the marker was renamed into place
+    # The marker was renamed into place: nothing but the parts and COMMIT is left in the folder.
+    assert {p.name for p in (tmp_path / "checkpoints" / "00001-t1-step1").iterdir()} == {
+        "model.pt", "ownership.pt", "meta.json", "phase.pt", COMMIT}
     commit = tmp_path / "checkpoints" / "00001-t1-step1" / COMMIT
     commit.write_bytes(commit.read_bytes()[:20])  # a marker cut short, as a kill mid-write would leave it
     with pytest.raises(CheckpointError, match=f"{newest}/{COMMIT} is unreadable"):

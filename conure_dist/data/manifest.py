@@ -184,13 +184,7 @@ class Manifest:
 
     def save(self) -> None:
         """Write ``manifest.json`` under ``root``; atomically where the filesystem allows it."""
-        text = json.dumps(self.to_json(), indent=1)
-        if is_local(self.path):
-            _write_local_atomic(fsspec.core.url_to_fs(self.path)[1], text)
-        else:
-            # Object stores make a single PUT visible all at once, so a plain write is atomic there.
-            with fsspec.open(self.path, "w") as f:
-                f.write(text)
+        write_atomic(self.path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, root: str) -> Manifest:
@@ -212,10 +206,21 @@ def manifest_exists(root: str) -> bool:
     return bool(fs.exists(path))
 
 
+def write_atomic(url: str, text: str) -> None:
+    """Write a small text file so that a reader sees the old file or the whole new one, never a
+    part: on local disk it is written aside and renamed; object stores make a single PUT visible
+    all at once, so a plain write is atomic there."""
+    if is_local(url):
+        _write_local_atomic(fsspec.core.url_to_fs(url)[1], text)
+    else:
+        with fsspec.open(url, "w") as f:
+            f.write(text)
+
+
 def _write_local_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -24,8 +24,8 @@ from typing import Any
 import fsspec
 import torch
 import torch.distributed as tdist
-from fsspec.implementations.local import LocalFileSystem
 
+from conure_dist.data.manifest import write_atomic
 from conure_dist.dist import DistInfo
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,6 @@ def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_commit(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write the commit marker in one step: an object store's PUT is atomic, a local file is
-    written aside and renamed, so a kill can never leave a torn marker that looks committed."""
-    if isinstance(fs, LocalFileSystem):
-        aside = f"{path}.partial"
-        _write_bytes(fs, aside, data)
-        os.replace(aside, path)
-    else:
-        _write_bytes(fs, path, data)
-
-
 def join(base: str, *parts: str) -> str:
     if "://" in base:
         return posixpath.join(base, *parts)
@@ -136,7 +125,8 @@ class Checkpointer:
             tdist.all_gather_object(gathered, digests)
             digests = {k: v for part in gathered for k, v in (part or {}).items()}
         if self.dist.is_main:
-            _write_commit(self.fs, posixpath.join(path, COMMIT), json.dumps({"files": digests}).encode())
+            # Atomic, so a kill can never leave a torn marker that looks committed.
+            write_atomic(_url(self.fs, posixpath.join(path, COMMIT)), json.dumps({"files": digests}))
             self._delete_old()
         if self.dist.is_distributed:
             tdist.barrier()
@@ -145,11 +135,12 @@ class Checkpointer:
     def _delete_old(self) -> None:
         """Keep the newest ``keep`` intact checkpoints and delete every older one. Checkpoints
         that failed their checks on resume do not count as kept (names sort in time order)."""
-        intact = [p for p in self.committed() if p not in self.broken]
+        committed = self.committed()
+        intact = [p for p in committed if p not in self.broken]
         if len(intact) <= self.keep:
             return
         oldest_kept = intact[-self.keep]
-        for old in self.committed():
+        for old in committed:
             if old < oldest_kept:
                 self.fs.rm(old, recursive=True)
                 self.broken.discard(old)
