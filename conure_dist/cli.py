@@ -262,7 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except OSError as exc:  # shards gone or unreachable
         if not args.input or args.raw_ids:
             raise
-        logging.getLogger(__name__).warning("no manifest (%s): predictions use T1 ids only", exc)
+        log.warning("no manifest (%s): predictions use T1 ids only", exc)
         manifest = None
     t1_vocab = manifest.load_vocab(names[0]) if manifest is not None else None
     if args.raw_ids and t1_vocab is None:

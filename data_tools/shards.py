@@ -87,15 +87,8 @@ def write_dataset(
 ) -> Manifest:
     """Split every task, write its shards and train counts, then the manifest; return it.
     ``user_ids``: the raw user id of each T1 row, recorded for predictions."""
-    check_fractions(split)
+    _check_writer_args(split, seed, instances_per_shard, records_per_sample)
     fractions = (float(split[0]), float(split[1]), float(split[2]))
-    if instances_per_shard < 1 or records_per_sample < 1:
-        raise ValueError(
-            f"instances_per_shard and records_per_sample must be >= 1, "
-            f"got {instances_per_shard}, {records_per_sample}"
-        )
-    if seed < 0:
-        raise ValueError(f"split seed must be non-negative, got {seed}")
     validate_tasks(np.asarray(t1_seqs), tasks)
     t1_seqs = np.ascontiguousarray(t1_seqs, dtype=np.int32)  # ids were range-checked above
     if user_ids is not None and len(user_ids) != len(t1_seqs):
@@ -119,6 +112,15 @@ def write_dataset(
     )
     manifest.save()
     return manifest
+
+
+def _check_writer_args(split: tuple[float, float, float], seed: int, instances_per_shard: int,
+                       records_per_sample: int) -> None:
+    """What both writers check before they remove anything."""
+    check_fractions(split)
+    if seed < 0 or instances_per_shard < 1 or records_per_sample < 1:
+        raise ValueError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
+                         f"{seed}, {instances_per_shard}, {records_per_sample}")
 
 
 def validate_tasks(t1_seqs: np.ndarray, tasks: list[TaskData]) -> None:
@@ -376,12 +378,9 @@ class StreamingDatasetWriter:
     def __init__(self, out: str, *, dataset: str, tasks: list[StreamTask], seq_len: int, seed: int,
                  split: tuple[float, float, float] = DEFAULT_FRACTIONS, instances_per_shard: int = 50_000,
                  records_per_sample: int = 256) -> None:
-        check_fractions(split)
+        _check_writer_args(split, seed, instances_per_shard, records_per_sample)
         if not tasks or tasks[0].kind != "sequence" or any(t.kind == "sequence" for t in tasks[1:]):
             raise ValueError("the first task, and only it, must be the sequence task")
-        if seed < 0 or instances_per_shard < 1 or records_per_sample < 1:  # before anything is removed
-            raise ValueError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
-                             f"{seed}, {instances_per_shard}, {records_per_sample}")
         self.out, self.dataset, self.tasks, self.seq_len, self.seed = out, dataset, tasks, seq_len, seed
         self.fractions = tuple(float(f) for f in split)
         self.instances_per_shard, self.records_per_sample = instances_per_shard, records_per_sample
