@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from conure_dist.train.checkpoint import join  # noqa: E402
+from conure_dist.fs import join  # noqa: E402
 
 
 def _save(fig: plt.Figure, out: str, name: str) -> str:

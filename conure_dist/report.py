@@ -10,7 +10,7 @@ import fsspec
 from conure_dist.config import RunConfig
 from conure_dist.data.manifest import TaskInfo
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint import join
+from conure_dist.fs import join
 from conure_dist.train.metrics import primary_metric_name
 
 

@@ -35,9 +35,9 @@ from conure_dist.data.manifest import (
     ShardInfo,
     SplitInfo,
     TaskInfo,
-    is_local,
     join_url,
 )
+from conure_dist.fs import is_local
 from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES, check_fractions, split_indices
 
 assert FORMAT_VERSION == 1, "update the writer together with the manifest format"

@@ -9,13 +9,13 @@ be copied or moved (for example from local disk to S3) without rewriting it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import fsspec
 import numpy as np
+
+from conure_dist.fs import join_url, write_atomic
 
 TaskKind = Literal["sequence", "item", "class"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
@@ -23,24 +23,6 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "conure-shards"
 FORMAT_VERSION = 1
-
-
-def join_url(root: str, relative: str) -> str:
-    """``root`` joined with a relative ``a/b`` path; keeps ``s3://`` and other protocols intact."""
-    if "://" in root:
-        return root.rstrip("/") + "/" + relative
-    return os.path.join(root, *relative.split("/"))
-
-
-def is_local(url: str) -> bool:
-    """True for plain paths and ``file://`` URLs, the only places where atomic renames exist."""
-    fs, _ = fsspec.core.url_to_fs(url)
-    return "file" in _protocols(fs)
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
 @dataclass(frozen=True)
@@ -204,33 +186,6 @@ class Manifest:
 def manifest_exists(root: str) -> bool:
     fs, path = fsspec.core.url_to_fs(join_url(root, MANIFEST_NAME))
     return bool(fs.exists(path))
-
-
-def write_atomic(url: str, text: str) -> None:
-    """Write a small text file so that a reader sees the old file or the whole new one, never a
-    part: on local disk it is written aside and renamed; object stores make a single PUT visible
-    all at once, so a plain write is atomic there."""
-    if is_local(url):
-        _write_local_atomic(fsspec.core.url_to_fs(url)[1], text)
-    else:
-        with fsspec.open(url, "w") as f:
-            f.write(text)
-
-
-def _write_local_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _task_to_json(task: TaskInfo) -> dict[str, Any]:

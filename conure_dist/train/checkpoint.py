@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,8 @@ import fsspec
 import torch
 import torch.distributed as tdist
 
-from conure_dist.data.manifest import write_atomic
 from conure_dist.dist import DistInfo
+from conure_dist.fs import join, url_of, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class Checkpoint:
     @property
     def url(self) -> str:
         """The folder as the user gives it: with its protocol (``s3://``) where not local."""
-        return _url(self.fs, self.path)
+        return url_of(self.fs, self.path)
 
     def has_part(self, name: str) -> bool:
         return name in self.digests
@@ -76,12 +75,6 @@ def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
     with fs.open(path, "wb") as f:
         f.write(data)
     return hashlib.sha256(data).hexdigest()
-
-
-def join(base: str, *parts: str) -> str:
-    if "://" in base:
-        return posixpath.join(base, *parts)
-    return os.path.join(base, *parts)
 
 
 class Checkpointer:
@@ -126,7 +119,7 @@ class Checkpointer:
             digests = {k: v for part in gathered for k, v in (part or {}).items()}
         if self.dist.is_main:
             # Atomic, so a kill can never leave a torn marker that looks committed.
-            write_atomic(_url(self.fs, posixpath.join(path, COMMIT)), json.dumps({"files": digests}))
+            write_atomic(url_of(self.fs, posixpath.join(path, COMMIT)), json.dumps({"files": digests}))
             self._delete_old()
         if self.dist.is_distributed:
             tdist.barrier()
@@ -193,12 +186,7 @@ def resolve_checkpoint(path: str) -> str:
     if not folders:
         raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
                               f"checkpoints/*/{COMMIT})")
-    return _url(fs, folders[-1])
-
-
-def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return url_of(fs, folders[-1])
 
 
 def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
