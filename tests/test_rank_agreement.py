@@ -9,8 +9,8 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from conure_dist.dist import DistInfo
-from conure_dist.train.engine import normalized_loss
 from conure_dist.train.evaluate import _reduce
+from conure_dist.train.loss import normalized_loss
 from conure_dist.train.metrics import finalize, sum_keys
 
 pytestmark = pytest.mark.multiprocess

@@ -15,7 +15,7 @@ from torch import nn
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
-from conure_dist.train.engine import training_loss
+from conure_dist.train.loss import training_loss
 
 FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")

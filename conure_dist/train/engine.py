@@ -7,17 +7,16 @@ a phase in which a weight was trainable into one where it is frozen.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Protocol
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
+from conure_dist.train.loss import autocast_context, training_loss
 from conure_dist.train.sparse_sync import RowSparseAllReduce
 
 
@@ -30,56 +29,6 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
     def close(self) -> None:
         """Release what the engine hooked into the model when its phase ends."""
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float) -> torch.Tensor | None:
-    """0.5 * l2 * ||w||^2 over the entries trainable in this phase (the paper's regularizer).
-
-    Prunable tensors are masked first, so the penalty's gradient on a frozen entry is exactly
-    zero: it moves no frozen weight, under any engine.
-    """
-    if l2 == 0.0:
-        return None
-    total = None
-    for name, param in trainable.items():
-        term = masked.trainable_part(name.removeprefix("model."), param).float().pow(2).sum()
-        total = term if total is None else total + term
-    return 0.5 * l2 * total
-
-
-def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss to back-propagate, and the local mean for logging.
-
-    Data parallelism averages gradients over ranks, so each rank divides its sum by the global
-    count / world size: the averaged gradient is then exactly that of the global batch mean,
-    whatever the number of examples (e.g. non-padding positions) on each rank. The same
-    exchange tells every rank whether some rank's loss is not finite: then every rank's logged
-    mean is NaN, so that all of them stop at the same step.
-    """
-    count = count.detach().to(torch.float64)
-    local_mean = loss_sum.detach() / count.clamp(min=1)
-    if dist.is_distributed:
-        total = torch.stack([count, (~torch.isfinite(local_mean)).to(torch.float64)])
-        tdist.all_reduce(total)
-        if total[1] > 0:
-            local_mean = torch.full_like(local_mean, float("nan"))
-        return loss_sum * (dist.world_size / total[0].clamp(min=1)).to(loss_sum.dtype), local_mean
-    return loss_sum / count.clamp(min=1).to(loss_sum.dtype), local_mean
-
-
-def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, dist: DistInfo,
-                  loss_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What every engine back-propagates (normalized loss plus masked L2 over ``trainable``),
-    and the logged mean."""
-    loss, local_mean = normalized_loss(loss_sum, count, dist)
-    penalty = l2_penalty(masked, trainable, l2)
-    return (loss if penalty is None else loss + penalty), local_mean
 
 
 class TorchEngine:
