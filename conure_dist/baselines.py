@@ -28,6 +28,7 @@ import torch
 from conure_dist.config import RunConfig
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
+from conure_dist.run import RunState, build_trainer, finish_run
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 
@@ -45,8 +46,6 @@ def _backbone_state(model: ConureModel) -> dict[str, torch.Tensor]:
 
 def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
     """Run ``cfg.method`` over the configured tasks; return the report (also written to ``out``)."""
-    from conure_dist.run import RunState, build_trainer, finish_run
-
     method = cfg.method.name
     start = time.perf_counter()
     trainer = build_trainer(cfg, out, dist)

@@ -37,8 +37,8 @@ import yaml
 
 from conure_dist.config import METHODS, ConfigError, RunConfig, config_changes, load_config
 from conure_dist.dist import DistInfo
+from conure_dist.fs import join
 from conure_dist.report import as_conure_minus
-from conure_dist.train.checkpoint import join
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _runs_of(methods: list[str]) -> list[str]:
 
 
 def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str, Any]:
-    from conure_dist.run import run_method
+    from conure_dist.methods import run_method
 
     start, reused_seconds = time.perf_counter(), 0.0
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}

@@ -25,8 +25,9 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
 from conure_dist.data.stream import iter_batches, num_steps_per_epoch
 from conure_dist.dist import DistInfo
+from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import Checkpoint, Checkpointer, join, optimizer_part_name
+from conure_dist.train.checkpoint import Checkpoint, Checkpointer, optimizer_part_name
 from conure_dist.train.engine import Engine, TorchEngine, build_engine
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 from conure_dist.train.logger import JsonlLogger
@@ -463,27 +464,6 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
     return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)
-
-
-def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Conure (``method.name`` conure or conure_minus), or one of the baselines it is compared with."""
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every torch.empty with NaN, which touches each page of
-        # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    if resume and cfg.method.name not in ("conure", "conure_minus"):
-        # The launch scripts always pass --resume; a baseline has nothing to resume from.
-        log.warning("--resume: method '%s' keeps no checkpoints; it runs from the start", cfg.method.name)
-    from conure_dist.baselines import run_baseline
-
-    try:
-        if cfg.method.name in ("conure", "conure_minus"):
-            return run_conure(cfg, out, dist, resume)
-        return run_baseline(cfg, out, dist)
-    finally:
-        compiled.set_enabled(False)  # build_trainer turned it on for this run only
 
 
 def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:

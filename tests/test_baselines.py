@@ -11,7 +11,7 @@ from helpers import conure, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.run import run_method
+from conure_dist.methods import run_method
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)

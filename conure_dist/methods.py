@@ -1,0 +1,53 @@
+"""The registry of training methods: Conure (and Conure-, the same loop reported before pruning)
+and the baselines it is compared with. ``conure run`` and ``conure experiment`` dispatch here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from conure_dist import compiled
+from conure_dist.baselines import run_baseline
+from conure_dist.config import METHODS as CONFIG_METHODS
+from conure_dist.config import RunConfig
+from conure_dist.dist import DistInfo
+from conure_dist.run import run_conure
+
+log = logging.getLogger(__name__)
+
+MethodRunner = Callable[[RunConfig, str, DistInfo, bool], dict[str, Any]]
+
+
+def _baseline(cfg: RunConfig, out: str, dist: DistInfo, resume: bool) -> dict[str, Any]:
+    return run_baseline(cfg, out, dist)
+
+
+METHODS: dict[str, MethodRunner] = {
+    "conure": run_conure,
+    "conure_minus": run_conure,
+    **{name: _baseline for name in ("finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl")},
+}
+
+
+def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Conure (``method.name`` conure or conure_minus), or one of the baselines it is compared with."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN, which touches each page of
+        # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if resume and cfg.method.name not in ("conure", "conure_minus"):
+        # The launch scripts always pass --resume; a baseline has nothing to resume from.
+        log.warning("--resume: method '%s' keeps no checkpoints; it runs from the start", cfg.method.name)
+    try:
+        return METHODS[cfg.method.name](cfg, out, dist, resume)
+    finally:
+        compiled.set_enabled(False)  # build_trainer turned it on for this run only
+
+
+assert set(METHODS) == set(CONFIG_METHODS), "the registry and config.METHODS list the same methods"
