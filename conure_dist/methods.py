@@ -26,10 +26,11 @@ def _baseline(cfg: RunConfig, out: str, dist: DistInfo, resume: bool) -> dict[st
     return run_baseline(cfg, out, dist)
 
 
+CONURE_METHODS = ("conure", "conure_minus")
+"""The methods that run the Conure loop (and keep checkpoints); every other one is a baseline."""
+
 METHODS: dict[str, MethodRunner] = {
-    "conure": run_conure,
-    "conure_minus": run_conure,
-    **{name: _baseline for name in ("finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl")},
+    name: run_conure if name in CONURE_METHODS else _baseline for name in CONFIG_METHODS
 }
 
 
@@ -41,13 +42,10 @@ def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
         # Deterministic mode also fills every torch.empty with NaN, which touches each page of
         # large lazily-used buffers (DeepSpeed's gradient buckets): keep them untouched.
         torch.utils.deterministic.fill_uninitialized_memory = False
-    if resume and cfg.method.name not in ("conure", "conure_minus"):
+    if resume and cfg.method.name not in CONURE_METHODS:
         # The launch scripts always pass --resume; a baseline has nothing to resume from.
         log.warning("--resume: method '%s' keeps no checkpoints; it runs from the start", cfg.method.name)
     try:
         return METHODS[cfg.method.name](cfg, out, dist, resume)
     finally:
         compiled.set_enabled(False)  # build_trainer turned it on for this run only
-
-
-assert set(METHODS) == set(CONFIG_METHODS), "the registry and config.METHODS list the same methods"
