@@ -92,19 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.source == "synthetic":
-        from data_tools.synthetic import SyntheticSpec, write_synthetic
+        from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
 
         spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed)
         manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
                                    instances_per_shard=args.instances_per_shard)
     elif args.source == "ttl":
-        from data_tools.ttl import TaskFile, write_ttl
+        from conure_dist.data.sources.ttl import TaskFile, write_ttl
 
         manifest = write_ttl(args.pretrain, [TaskFile.parse(t) for t in args.task], args.out, seq_len=args.seq_len,
                              seed=args.seed, skip_bad_rows=args.skip_bad_rows,
                              instances_per_shard=args.instances_per_shard)
     else:
-        from data_tools.movielens import write_movielens
+        from conure_dist.data.sources.movielens import write_movielens
 
         manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
                                    skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard)

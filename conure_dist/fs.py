@@ -7,24 +7,34 @@ writing small files atomically.
 from __future__ import annotations
 
 import os
-import posixpath
 import tempfile
 
 import fsspec
 
 
 def join(base: str, *parts: str) -> str:
-    """``base`` joined with ``parts``; keeps ``s3://`` and other protocols intact."""
+    """``base`` (a local path or an fsspec URL) joined with relative ``a/b`` ``parts``.
+
+    Every part is a path relative to ``base`` with ``/`` separators; empty components are
+    dropped (``a//b`` is ``a/b``). A part that is absolute (starts with ``/``) or a URL raises
+    :class:`ValueError` instead of silently replacing ``base``.
+
+    For a URL (``s3://bucket/prefix``, ``memory://``) one ``/`` is put between ``base`` and the
+    parts unless ``base`` already ends with ``/``, so the protocol stays intact even for a bare
+    root: ``join("memory://", "x") == "memory://x"``, ``join("s3://b", "x") == "s3://b/x"``,
+    ``join("s3://b/", "x") == "s3://b/x"``. A local path is joined with :func:`os.path.join`
+    (the platform's separator). With nothing to add, ``base`` comes back unchanged.
+    """
+    names = []
+    for part in parts:
+        if part.startswith("/") or "://" in part:
+            raise ValueError(f"cannot join {part!r} to {base!r}: the parts must be relative paths")
+        names.extend(name for name in part.split("/") if name)
+    if not names:
+        return base
     if "://" in base:
-        return posixpath.join(base, *parts)
-    return os.path.join(base, *parts)
-
-
-def join_url(root: str, relative: str) -> str:
-    """``root`` joined with a relative ``a/b`` path; keeps ``s3://`` and other protocols intact."""
-    if "://" in root:
-        return root.rstrip("/") + "/" + relative
-    return os.path.join(root, *relative.split("/"))
+        return base + ("" if base.endswith("/") else "/") + "/".join(names)
+    return os.path.join(base, *names)
 
 
 def is_local(url: str) -> bool:

@@ -126,13 +126,13 @@ def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]
 def generate_shards(cfg: RunConfig) -> Manifest:
     shard_args = {"instances_per_shard": cfg.data.instances_per_shard, "split": tuple(cfg.data.split)}
     if cfg.data.source == "synthetic":
-        from data_tools.synthetic import SyntheticSpec, write_synthetic
+        from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
 
         s = cfg.data.synthetic
         spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed)
         log.info("generating synthetic shards under %s", cfg.data.root)
         return write_synthetic(cfg.data.root, spec, split_seed=cfg.data.split_seed, **shard_args)
-    from data_tools.movielens import write_movielens
+    from conure_dist.data.sources.movielens import write_movielens
 
     log.info("converting MovieLens from %s to shards under %s", cfg.data.source_dir, cfg.data.root)
     return write_movielens(cfg.data.source_dir, cfg.data.root, seq_len=cfg.data.seq_len, seed=cfg.data.split_seed,

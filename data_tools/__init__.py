@@ -1,0 +1,1 @@
+"""Command-line entry points (``python -m data_tools.X``); the converters live in ``conure_dist.data.sources``."""

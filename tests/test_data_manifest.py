@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conure_dist.data.manifest import Manifest, join_url, manifest_exists
-from data_tools.shards import TaskData, write_dataset
-from data_tools.split import split_indices
+from conure_dist.data.manifest import Manifest, manifest_exists
+from conure_dist.data.sources.shards import TaskData, write_dataset
+from conure_dist.data.sources.split import split_indices
+from conure_dist.fs import join
 
 
 def tiny_tasks() -> tuple[np.ndarray, list[TaskData]]:
@@ -104,14 +105,31 @@ def test_memory_filesystem_round_trip() -> None:
 @pytest.mark.parametrize(
     ("root", "expected"),
     [
+        ("memory://", "memory://t1/train_counts.npy"),
+        ("memory://a", "memory://a/t1/train_counts.npy"),
+        ("s3://bucket", "s3://bucket/t1/train_counts.npy"),
+        ("s3://bucket/", "s3://bucket/t1/train_counts.npy"),
         ("s3://bucket/prefix", "s3://bucket/prefix/t1/train_counts.npy"),
         ("s3://bucket/prefix/", "s3://bucket/prefix/t1/train_counts.npy"),
-        ("memory://a", "memory://a/t1/train_counts.npy"),
-        ("/data/x", os.path.join("/data/x", "t1", "train_counts.npy")),
+        ("file:///", "file:///t1/train_counts.npy"),
+        ("/tmp/x", "/tmp/x/t1/train_counts.npy"),
+        ("/tmp/x/", "/tmp/x/t1/train_counts.npy"),
+        ("a/b", "a/b/t1/train_counts.npy"),
+        ("", "t1/train_counts.npy"),
     ],
 )
-def test_join_url(root: str, expected: str) -> None:
-    assert join_url(root, "t1/train_counts.npy") == expected
+def test_join(root: str, expected: str) -> None:
+    assert join(root, "t1/train_counts.npy") == expected
+    assert join(root, "t1", "train_counts.npy") == expected
+    assert join(root, "t1//", "train_counts.npy") == expected
+    assert join(root) == root
+
+
+@pytest.mark.parametrize("part", ["/abs/x", "s3://other/x", "memory://y"])
+def test_join_refuses_parts_that_are_not_relative(part: str) -> None:
+    for root in ("memory://", "s3://bucket", "/tmp/x", "a/b"):
+        with pytest.raises(ValueError, match="must be relative"):
+            join(root, part)
 
 
 def test_shard_urls_are_absolute(tmp_path: Path) -> None:

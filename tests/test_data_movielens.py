@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.data.sources.movielens import AGE_BRACKETS, read_ml100k, write_movielens
+from conure_dist.data.sources.rows import parse_int
+from conure_dist.data.sources.split import split_sizes
 from conure_dist.data.stream import iter_batches
-from data_tools.movielens import AGE_BRACKETS, read_ml100k, write_movielens
-from data_tools.rows import parse_int
-from data_tools.split import split_sizes
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 

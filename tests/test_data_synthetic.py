@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.data.sources.shards import TaskData
+from conure_dist.data.sources.split import split_indices, split_sizes
+from conure_dist.data.sources.synthetic import SyntheticSpec, generate, write_synthetic
 from conure_dist.data.stream import iter_batches
-from data_tools.shards import TaskData
-from data_tools.split import split_indices, split_sizes
-from data_tools.synthetic import SyntheticSpec, generate, write_synthetic
 
 TOP_K = 10
 

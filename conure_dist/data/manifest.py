@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import fsspec
 import numpy as np
 
-from conure_dist.fs import join_url, write_atomic
+from conure_dist.fs import join, write_atomic
 
 TaskKind = Literal["sequence", "item", "class"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
@@ -86,7 +86,7 @@ class Manifest:
 
     @property
     def path(self) -> str:
-        return join_url(self.root, MANIFEST_NAME)
+        return join(self.root, MANIFEST_NAME)
 
     @property
     def num_seq_items(self) -> int:
@@ -110,12 +110,12 @@ class Manifest:
 
     def shard_urls(self, task: str, split: str) -> list[str]:
         """Absolute shard URLs of (task, split), in manifest order."""
-        return [join_url(self.root, s.url) for s in self.split_info(task, split).shards]
+        return [join(self.root, s.url) for s in self.split_info(task, split).shards]
 
     def load_train_counts(self, task: str) -> np.ndarray:
         """Target frequencies of the train split (int64, one entry per output)."""
         info = self.task(task)
-        url = join_url(self.root, info.train_counts)
+        url = join(self.root, info.train_counts)
         try:
             with fsspec.open(url, "rb") as f:
                 counts = np.load(f, allow_pickle=False)
@@ -138,7 +138,7 @@ class Manifest:
         return None if self.users is None else self._load_ids(self.users, None)
 
     def _load_ids(self, relative: str, length: int | None) -> list[str]:
-        url = join_url(self.root, relative)
+        url = join(self.root, relative)
         try:
             with fsspec.open(url, "r") as f:
                 ids = json.load(f)
@@ -170,7 +170,7 @@ class Manifest:
 
     @classmethod
     def load(cls, root: str) -> Manifest:
-        path = join_url(root, MANIFEST_NAME)
+        path = join(root, MANIFEST_NAME)
         try:
             with fsspec.open(path, "r") as f:
                 text = f.read()
@@ -184,7 +184,7 @@ class Manifest:
 
 
 def manifest_exists(root: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(join_url(root, MANIFEST_NAME))
+    fs, path = fsspec.core.url_to_fs(join(root, MANIFEST_NAME))
     return bool(fs.exists(path))
 
 
@@ -348,6 +348,5 @@ __all__ = [
     "SplitInfo",
     "TaskInfo",
     "TaskKind",
-    "join_url",
     "manifest_exists",
 ]

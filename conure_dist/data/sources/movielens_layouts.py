@@ -1,36 +1,6 @@
-"""MovieLens in its public layouts -> Conure tasks.
-
-Layouts, recognized from the files in the source directory (``detect_layout``):
-
-* ``ml-100k``: GroupLens' ``u.data`` (tab-separated user, item, rating, timestamp) and ``u.user``
-  (``id|age|gender|occupation|zip``);
-* ``ml-1m``: ``ratings.dat`` and ``users.dat`` (``::``-separated; age is already a bracket code,
-  occupation a number 0-20);
-* ``csv``: MovieLens-20M/25M/32M and the "latest" releases, ``ratings.csv`` with the header
-  ``userId,movieId,rating,timestamp`` (half-star ratings; no demographics);
-* ``recbole``: RecBole atomic files, one ``*.inter`` with typed header fields ``user_id``,
-  ``item_id``, ``rating``, ``timestamp`` and optionally a ``*.user`` with ``age``, ``gender``,
-  ``occupation`` (non-numeric tokens are numbered in sorted order).
-
-Recipe (the Conure paper's MovieLens setup), the same for every layout:
-
-* Each user's ratings are ordered by timestamp; ties keep the order of the rows in the file.
-* ``t1`` (sequence): the user's most recent ``seq_len`` ratings below 4 stars, left-padded with 0.
-  T1 item ids are remapped to 1..V-1 in the order of the raw ids, over the items that appear in
-  some T1 sequence. Users without any rating below 4 have no T1 sequence; all their later-task
-  instances are dropped (counted in ``source["users_without_t1"]``).
-* ``like4`` / ``like5`` (item tasks): one instance per rating in [4, 5) / of 5 stars (with whole
-  stars: exactly 4 / 5); each task has its own vocabulary 0..n-1 (raw ids in order).
-* Profile tasks wherever the layout has demographics: ``gender`` (F, M), ``age`` and
-  ``occupation``. Age uses the MovieLens-1M brackets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+;
-  all seven are kept even when empty so class ids mean the same on every variant. Occupations are
-  the distinct values found (numbers in numeric order, then names in sorted order).
-
-Malformed rows, and a rating repeating an earlier row's user and item (it could land in both the
-training and the test split), raise ``ValueError`` naming the file and 1-based line; with
-``skip_bad_rows`` they are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
-A ratings or profile file left without any valid row is an error naming the file.
-"""
+"""Reading MovieLens in its public layouts (listed in ``movielens``): layout detection and the
+rating and profile readers, which check every row (see ``movielens`` for how bad rows are
+handled); ``movielens`` turns what they read into Conure tasks."""
 
 from __future__ import annotations
 
@@ -41,16 +11,10 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from conure_dist.data.manifest import Manifest, join_url
-from data_tools.rows import RowChecker, numbers_first, parse_int, parse_number, read_text
-from data_tools.shards import TaskData, write_dataset
-from data_tools.split import DEFAULT_FRACTIONS
+from conure_dist.data.sources.rows import RowChecker, parse_int, parse_number, read_text
+from conure_dist.fs import join
 
-AGE_LIMITS: tuple[int, ...] = (18, 25, 35, 45, 50, 56)
-AGE_BRACKETS: tuple[str, ...] = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 GENDERS: tuple[str, ...] = ("F", "M")
-LOW_RATING = 4
-"""Ratings strictly below this form T1."""
 
 
 @dataclass
@@ -366,7 +330,7 @@ def _only(src_dir: str, suffix: str, required: bool) -> str | None:
         if required:
             raise FileNotFoundError(f"{src_dir}: no {suffix} file")
         return None
-    return join_url(src_dir, found[0])
+    return join(src_dir, found[0])
 
 
 def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
@@ -380,15 +344,15 @@ def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
     profile_fields: tuple[str, ...] = ("gender", "age", "occupation")
     if layout in ("ml-100k", "ml-1m"):
         data_name, user_name, sep = ("u.data", "u.user", "\t") if layout == "ml-100k" else ("ratings.dat", "users.dat", "::")
-        path, text = load(join_url(src_dir, data_name))
+        path, text = load(join(src_dir, data_name))
         ratings = _read_int_ratings(data_name, path, text, sep, checker)
         rated = set(np.unique(ratings.user).tolist())
-        path, text = load(join_url(src_dir, user_name))
+        path, text = load(join(src_dir, user_name))
         order = (1, 2, 3) if layout == "ml-100k" else (2, 1, 3)
         profiles = _read_delimited_profiles(user_name, path, text, "|" if layout == "ml-100k" else "::", order,
                                             checker, rated)
     elif layout == "csv":
-        path, text = load(join_url(src_dir, "ratings.csv"))
+        path, text = load(join(src_dir, "ratings.csv"))
         ratings, profiles, profile_fields = _read_csv_ratings(path, text, checker), {}, ()
     elif layout == "recbole":
         path, text = load(_only(src_dir, ".inter", required=True))
@@ -404,160 +368,3 @@ def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
     else:
         raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
     return _Source(layout, ratings, profiles, files, profile_fields)
-
-
-def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """T1 sequences [num_t1_users, seq_len], their raw user ids (sorted) and T1 raw item ids."""
-    rows = np.arange(len(ratings.user))
-    order = np.lexsort((rows, ratings.timestamp, ratings.user))  # by user, then time, then file row
-    low = order[ratings.rating[order] < LOW_RATING]
-    users, items = ratings.user[low], ratings.item[low]
-    t1_users, starts, counts = np.unique(users, return_index=True, return_counts=True)
-    # Position of each rating counted from the user's most recent one (0 = most recent).
-    from_end = np.repeat(starts + counts, counts) - 1 - np.arange(len(users))
-    keep = from_end < seq_len
-    kept_items = items[keep]
-    vocab = np.unique(kept_items)
-    seqs = np.zeros((len(t1_users), seq_len), dtype=np.int32)
-    seqs[np.searchsorted(t1_users, users[keep]), seq_len - 1 - from_end[keep]] = (
-        np.searchsorted(vocab, kept_items) + 1
-    )
-    return seqs, t1_users, vocab
-
-
-def _like_task(
-    name: str, parsed: _Source, low: float, high: float, t1_users: np.ndarray
-) -> tuple[TaskData, int]:
-    """Item task over the ratings in [low, high); also returns how many were dropped (no T1)."""
-    ratings = parsed.ratings
-    chosen = np.flatnonzero((ratings.rating >= low) & (ratings.rating < high))
-    has_t1 = np.isin(ratings.user[chosen], t1_users)
-    chosen = chosen[has_t1]
-    vocab = np.unique(ratings.item[chosen])
-    task = TaskData(
-        name,
-        "item",
-        None,
-        users=np.searchsorted(t1_users, ratings.user[chosen]).astype(np.int64),
-        targets=np.searchsorted(vocab, ratings.item[chosen]).astype(np.int64),
-        num_items=max(len(vocab), 1),
-        vocab=parsed.raw("item", vocab) if len(vocab) else None,
-    )
-    return task, int((~has_t1).sum())
-
-
-def _profile_tasks(
-    profiles: dict[int, _Profile], fields: tuple[str, ...], t1_users: np.ndarray
-) -> tuple[list[TaskData], int]:
-    """gender, age, occupation tasks (those in ``fields``) over users with a profile and a T1 sequence."""
-    with_t1 = set(t1_users.tolist())
-    kept = [u for u in sorted(profiles) if u in with_t1]
-    rows = np.searchsorted(t1_users, np.asarray(kept, dtype=np.int64)).astype(np.int64)
-    occupations = sorted({p.occupation for p in profiles.values() if p.occupation}, key=numbers_first)
-    labels = {
-        "gender": lambda: ([GENDERS.index(profiles[u].gender) for u in kept], list(GENDERS)),
-        "age": lambda: (
-            [int(np.searchsorted(AGE_LIMITS, profiles[u].age, side="right")) for u in kept],
-            list(AGE_BRACKETS),
-        ),
-        "occupation": lambda: ([occupations.index(profiles[u].occupation) for u in kept], occupations),
-    }
-    tasks = []
-    for name in ("gender", "age", "occupation"):
-        if name in fields:
-            ids, names = labels[name]()
-            tasks.append(TaskData(name, "class", None, rows, np.asarray(ids, dtype=np.int64),
-                                  num_classes=len(names), class_names=names))
-    return tasks, len(profiles) - len(kept)
-
-
-def read_movielens(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False, layout: str | None = None
-) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
-    """Parse a MovieLens release under ``src_dir`` (layout detected unless given) into
-    (t1_seqs, tasks, source, skipped_rows)."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    checker = RowChecker(skip_bad_rows)
-    layout = layout or detect_layout(src_dir)
-    parsed = _read_source(src_dir, layout, checker)
-    ratings, profiles = parsed.ratings, parsed.profiles
-    ratings_file, *profile_file = parsed.files
-    parsed.files[ratings_file]["valid_rows"] = len(ratings.user)
-    for name in profile_file:
-        parsed.files[name]["valid_rows"] = len(profiles)
-    rated = set(np.unique(ratings.user).tolist())
-    t1_seqs, t1_users, t1_vocab = _t1_table(ratings, seq_len)
-    if len(t1_users) == 0:
-        raise ValueError(
-            f"{join_url(src_dir, ratings_file)}: no user has a rating below {LOW_RATING}, so there is no T1 sequence"
-        )
-    like4, dropped4 = _like_task("like4", parsed, 4, 5, t1_users)
-    like5, dropped5 = _like_task("like5", parsed, 5, 6, t1_users)
-    profile_tasks, dropped_profiles = _profile_tasks(profiles, parsed.profile_fields, t1_users)
-    t1 = TaskData(
-        "t1",
-        "sequence",
-        t1_seqs,
-        np.arange(len(t1_users), dtype=np.int64),
-        None,
-        num_items=len(t1_vocab) + 1,
-        vocab=["", *parsed.raw("item", t1_vocab)],
-    )
-    source = {
-        "src": src_dir,
-        "layout": layout,
-        "files": parsed.files,
-        "recipe": {
-            "seq_len": seq_len,
-            "t1": f"most recent ratings < {LOW_RATING}",
-            "like4": "4 <= rating < 5",
-            "like5": "rating == 5",
-            "age_brackets": list(AGE_BRACKETS),
-        },
-        "num_users": len(rated),
-        "num_t1_users": len(t1_users),
-        "users_without_t1": len(rated) - len(t1_users),
-        "users_without_profile": len(set(t1_users.tolist()) - set(profiles)) if parsed.profile_fields else None,
-        "dropped_instances": {"like4": dropped4, "like5": dropped5, "profile": dropped_profiles},
-        "user_ids": parsed.raw("user", t1_users),  # moved out to users.json by write_movielens
-    }
-    return t1_seqs, [t1, like4, like5, *profile_tasks], source, dict(checker.counts)
-
-
-def read_ml100k(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False
-) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
-    """``read_movielens`` for GroupLens' ML-100K files (``u.data``, ``u.user``)."""
-    return read_movielens(src_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout="ml-100k")
-
-
-def write_movielens(
-    src: str,
-    out: str,
-    *,
-    seq_len: int = 30,
-    seed: int = 0,
-    skip_bad_rows: bool = False,
-    layout: str | None = None,
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
-    instances_per_shard: int = 50_000,
-    records_per_sample: int = 256,
-) -> Manifest:
-    """Convert the MovieLens release under ``src`` into shards + manifest under ``out``;
-    ``seed`` seeds the split."""
-    t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout)
-    user_ids = source.pop("user_ids")
-    return write_dataset(
-        out,
-        user_ids=user_ids,
-        dataset=f"movielens-{source['layout']}",
-        t1_seqs=t1_seqs,
-        tasks=tasks,
-        seed=seed,
-        split=split,
-        source=source,
-        skipped_rows=skipped,
-        instances_per_shard=instances_per_shard,
-        records_per_sample=records_per_sample,
-    )

@@ -1,0 +1,1 @@
+"""Dataset converters: raw files and synthetic generators -> WebDataset shards plus manifest."""
