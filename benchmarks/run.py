@@ -90,7 +90,8 @@ def build(sizes: Sizes, fast: bool, device: torch.device, compile_on: bool = Fal
     torch.manual_seed(0)
     specs = [TaskSpec("t1", "sequence", sizes.items), TaskSpec("later", "item", sizes.later_items)]
     model = ConureModel(sizes.items, specs, sizes.channels, 3, sizes.dilations, fast=fast).to(device)
-    compiled.use(model, compile_on)
+    if compile_on:
+        compiled.compile_model(model)
     names = model.prunable_names()
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in names})
     return model, MaskedModel(model, ownership)

@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
     with process_group(DistConfig()) as dist:
         # Evaluate as the run did: compiled where its dist.compile would compile on this device.
-        compiled.use(model, compiled.resolve(ckpt.meta["config"]["dist"].get("compile", "auto"), dist.device))
+        compiled.compile_if(model, ckpt.meta["config"]["dist"].get("compile", "auto"), dist.device)
         masked = MaskedModel(model.to(dist.device), ownership)
         for index, name in enumerate(finished):
             masked.set_view("infer", index + 1)

@@ -6,9 +6,13 @@ element-wise passes over large tensors (the streamed softmax's [rows, chunk] log
 passes into single kernels; the matrix products stay cuBLAS's. The math is the same functions
 run eagerly on CPU and in the tests.
 
-The switch is process-wide (``use``, ``set_enabled``): a run turns it on from ``dist.compile``, the
-benchmarks turn it on for the fast path only. Functions marked ``@hot`` are small and compiled on
-first use with dynamic shapes, so the varying row counts of T1 (padding) do not recompile them.
+Compilation is a property of each model: ``compile_model`` compiles its backbone and marks it
+(``model.compiled``) and its streamed-softmax heads, and the ``@hot`` functions run compiled only
+for a call that asks (``compiled=True``, passed on from that mark). So two models in one process
+(an experiment's methods, a benchmark's plain and fast paths) never change each other's code
+path. A run compiles from ``dist.compile`` (``resolve``). Functions marked ``@hot`` are small and
+compiled on first use with dynamic shapes, so the varying row counts of T1 (padding) do not
+recompile them.
 The backbone is compiled with static shapes: each input shape (a phase's batch, its last smaller
 batch, evaluation) builds its graph once, in seconds, where one dynamic-shape graph of the
 16-layer stack took minutes.
@@ -25,19 +29,9 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-_enabled = False
 RECOMPILE_LIMIT = 32
 """Graphs per compiled function: the backbone sees full sequences (T1), last-position windows of
 two lengths, training and inference views, and a smaller last batch of each."""
-
-
-def set_enabled(flag: bool) -> None:
-    global _enabled
-    _enabled = flag
-
-
-def enabled() -> bool:
-    return _enabled
 
 
 def resolve(setting: str, device: torch.device) -> bool:
@@ -56,16 +50,17 @@ def resolve(setting: str, device: torch.device) -> bool:
 
 
 def hot(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` compiled while compilation is enabled, eagerly otherwise."""
-    compiled: list[Callable[..., Any]] = []
+    """``fn`` with one more keyword, ``compiled``: run compiled (built on first such call) when
+    true, eagerly otherwise."""
+    graphs: list[Callable[..., Any]] = []
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not _enabled:
-            return fn(*args, **kwargs)
+    def wrapper(*args: Any, compiled: bool = False, **kwargs: Any) -> Any:
         if not compiled:
-            compiled.append(torch.compile(fn, dynamic=True))
-        return compiled[0](*args, **kwargs)
+            return fn(*args, **kwargs)
+        if not graphs:
+            graphs.append(torch.compile(fn, dynamic=True))
+        return graphs[0](*args, **kwargs)
 
     return wrapper
 
@@ -76,16 +71,10 @@ larger blocks mean fewer, fuller matrix products. At the paper's T1 batch of 256
 a block's logits (and, in backward, its softmax) take 1.7 GB each in bf16, 3.4 GB in fp32."""
 
 
-def use(model: nn.Module, on: bool) -> None:
-    """Turn the process-wide switch to ``on`` and, when on, compile ``model`` (``compile_model``)."""
-    set_enabled(on)
-    if on:
-        compile_model(model)
-
-
 def compile_model(model: nn.Module) -> None:
     """Compile a ``ConureModel``'s backbone in place (parameter names and checkpoints are
-    unchanged) and widen its streamed softmax blocks.
+    unchanged), mark the model and its streamed-softmax heads as compiled (their ``@hot``
+    functions then run compiled) and widen the heads' blocks.
 
     The ownership view swaps the conv kernels in on every forward (``functional_call``); the
     compiled graph takes them as inputs, so the swap does not recompile. Graphs of earlier models
@@ -95,6 +84,16 @@ def compile_model(model: nn.Module) -> None:
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.backbone.compile(dynamic=False)
+    model.compiled = True
     for head in model.heads.values():
         if getattr(head, "chunk", None):
             head.chunk = max(head.chunk, COMPILED_SOFTMAX_CHUNK)
+            head.compiled = True
+
+
+def compile_if(model: nn.Module, setting: str, device: torch.device) -> bool:
+    """Compile ``model`` where ``dist.compile`` (``setting``) says so on ``device``; whether it did."""
+    on = resolve(setting, device)
+    if on:
+        compile_model(model)
+    return on

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from conure_dist import compiled
 from conure_dist.baselines import run_baseline
 from conure_dist.config import METHODS as CONFIG_METHODS
 from conure_dist.config import RunConfig
@@ -45,7 +44,4 @@ def run_method(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -
     if resume and cfg.method.name not in CONURE_METHODS:
         # The launch scripts always pass --resume; a baseline has nothing to resume from.
         log.warning("--resume: method '%s' keeps no checkpoints; it runs from the start", cfg.method.name)
-    try:
-        return METHODS[cfg.method.name](cfg, out, dist, resume)
-    finally:
-        compiled.set_enabled(False)  # build_trainer turned it on for this run only
+    return METHODS[cfg.method.name](cfg, out, dist, resume)

@@ -460,7 +460,7 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
         for info in infos[1:]:
             model.init_head_prior(info.name, torch.from_numpy(manifest.load_train_counts(info.name)))
     model = model.to(dist.device)
-    compiled.use(model, compiled.resolve(cfg.dist.compile, dist.device))
+    compiled.compile_if(model, cfg.dist.compile, dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
     return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)

@@ -7,8 +7,8 @@ softmax, and their gradients). Here the forward pass keeps one log-sum-exp per r
 and the backward pass recomputes each chunk's logits, so the extra memory is one [N, chunk] block.
 
 The element-wise work on each block (bias, accidental-hit mask, log-sum-exp; in backward the
-softmax and its column sums) is in two ``@hot`` functions: with compilation on
-(``conure_dist.compiled``) each becomes one fused kernel that reads the block once, instead of a
+softmax and its column sums) is in two ``@hot`` functions: compiled (``conure_dist.compiled``, for a compiled
+model's head) each becomes one fused kernel that reads the block once, instead of a
 dozen eager passes over it; the matrix products around them stay cuBLAS's.
 """
 
@@ -28,26 +28,27 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 class _NegativeLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk):  # noqa: D102
+    def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk, compiled):  # noqa: D102
         dtype = _compute_dtype(hidden_NC.device, hidden_NC.dtype)
         h = hidden_NC.to(dtype)
         parts = []
         for start in range(0, weight_SC.shape[0], chunk):
             stop = min(start + chunk, weight_SC.shape[0])
             logits = h @ weight_SC[start:stop].to(dtype).T
-            parts.append(chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N))
+            parts.append(chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N,
+                                         compiled=compiled))
         if parts:
             lse = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
         else:  # no negatives at all
             lse = torch.full(hidden_NC.shape[:1], float("-inf"), device=hidden_NC.device)
         ctx.save_for_backward(hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.compiled = chunk, dtype, compiled
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse_N):  # noqa: D102
         hidden_NC, weight_SC, bias_S, negatives_S, target_N, lse = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
+        chunk, dtype, compiled = ctx.chunk, ctx.dtype, ctx.compiled
         h = hidden_NC.to(dtype)
         # Rows whose every negative was an accidental hit have lse = -inf and no gradient.
         finite = torch.isfinite(lse)
@@ -61,11 +62,11 @@ class _NegativeLogSumExp(torch.autograd.Function):
             w = weight_SC[start:stop].to(dtype)
             logits = h @ w.T
             p, grad_bias[start:stop] = chunk_softmax_grad(logits, bias_S[start:stop], negatives_S[start:stop],
-                                                          target_N, safe_lse, scale)
+                                                          target_N, safe_lse, scale, compiled=compiled)
             grad_hidden += (p @ w).float()
             grad_weight[start:stop] = (p.T @ h).float()
         return (grad_hidden.to(hidden_NC.dtype), grad_weight.to(weight_SC.dtype), grad_bias.to(bias_S.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def _masked_logits(logits_NS, bias_S, negatives_S, target_N) -> torch.Tensor:
@@ -96,12 +97,14 @@ def negative_logsumexp(
     negatives_S: torch.Tensor,
     target_N: torch.Tensor,
     chunk: int = 8192,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """fp32 [N]: log sum_j exp(h_n . w_j + b_j) over the negatives j that are not row n's target.
 
     ``weight_SC`` and ``bias_S`` are the negatives' rows (gathered, so gradients flow back to the
     table through the gather); ``negatives_S`` their ids, used to mask accidental hits.
+    ``compiled`` runs each block's element-wise work as one compiled kernel.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _NegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk)
+    return _NegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk, compiled)

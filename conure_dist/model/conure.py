@@ -53,6 +53,8 @@ class ConureModel(nn.Module):
     ) -> None:
         super().__init__()
         self.fast = fast
+        self.compiled = False
+        """Set by ``conure_dist.compiled.compile_model``: the backbone and hot kernels run compiled."""
         self.prune_embedding = prune_embedding
         self.backbone = NextItNet(num_seq_items, channels, kernel_size, block_dilations, init_std)
         self.kinds: dict[str, TaskKind] = {}

@@ -29,6 +29,8 @@ class SampledSoftmaxHead(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_items))
         self.chunk = chunk
+        self.compiled = False
+        """Set by ``conure_dist.compiled.compile_model``: the streamed softmax's blocks run compiled."""
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
@@ -36,7 +38,7 @@ class SampledSoftmaxHead(nn.Module):
             # Same loss: -log softmax of the target among {target} + negatives, never
             # materializing the [N, S] logits (see chunked_softmax).
             neg_lse = negative_logsumexp(hidden_NC, self.weight[negatives_S], self.bias[negatives_S], negatives_S,
-                                         target_N, self.chunk)
+                                         target_N, self.chunk, self.compiled)
             pos = pos.float()
             return (torch.logaddexp(pos, neg_lse) - pos).sum()
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]

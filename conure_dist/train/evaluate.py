@@ -42,12 +42,13 @@ def evaluate_task(
     model.eval()
     sums: dict[str, float] = {}
     per_rank = max(1, batch_size // dist.world_size)
+    fused = getattr(model.model, "compiled", False)  # compiled models rank in one fused kernel
     for batch in iter_batches(manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0,
                               rank=dist.rank, world_size=dist.world_size):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
         scores = model(seq, task.name).float()
-        part = accuracy_sums(scores, target) if task.kind == "class" else ranking_sums(target_ranks(scores, target), k)
+        part = accuracy_sums(scores, target) if task.kind == "class" else ranking_sums(target_ranks(scores, target, compiled=fused), k)
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)

@@ -17,8 +17,8 @@ ITEM_METRICS = ("mrr", "hr", "ndcg")
 def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among all candidates under a strict order: by score, ties
     broken by the lower id (as the popularity reference breaks them), so tied scores can never
-    flatter a model. A NaN target score ranks last. With compilation on, one fused pass over the
-    scores."""
+    flatter a model. A NaN target score ranks last. Compiled (``compiled=True``), one fused pass
+    over the scores."""
     target_scores = scores_NV.gather(1, target_N[:, None])
     ids = torch.arange(scores_NV.shape[1], device=scores_NV.device)
     before = (scores_NV > target_scores) | ((scores_NV == target_scores) & (ids[None, :] < target_N[:, None]))
