@@ -23,8 +23,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from conure_dist.config import load_config
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import process_group
-from conure_dist.run import Trainer, build_trainer, phase_parameters
+from conure_dist.train.batches import negative_drawer
 from conure_dist.train.engine import TorchEngine
+from conure_dist.train.phase import phase_parameters
+from conure_dist.train.trainer import Trainer, build_trainer
 
 
 def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
@@ -40,7 +42,7 @@ def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
             return default_hooks.allreduce_hook(state, bucket)
 
         engine.module.register_comm_hook(None, counting_hook)
-    draw = trainer._negative_drawer(info, task_cfg.batch_size)
+    draw = negative_drawer(trainer.cfg, trainer.manifest, trainer.dist, info, task_cfg.batch_size)
     generator = torch.Generator().manual_seed(0)
     batches = iter_batches(trainer.manifest, info.name, "train", task_cfg.batch_size // dist.world_size,
                            shuffle=True, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size,

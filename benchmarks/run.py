@@ -52,10 +52,10 @@ from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.run import phase_parameters
 from conure_dist.train.engine import TorchEngine
 from conure_dist.train.loss import autocast_context
 from conure_dist.train.metrics import target_ranks
+from conure_dist.train.phase import phase_parameters
 from conure_dist.train.samplers import SharedNegativeSampler
 
 

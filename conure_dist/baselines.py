@@ -28,9 +28,10 @@ import torch
 from conure_dist.config import RunConfig
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
-from conure_dist.run import RunState, build_trainer, finish_run
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.state import RunState
+from conure_dist.train.trainer import build_trainer
 
 OWN_BACKBONE = {"stl", "sinmo", "mtl"}
 """Methods that keep one backbone per task."""
@@ -105,4 +106,4 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
     stored = num_backbones * backbone_size + other
     if method == "mtl":  # each task's model also keeps its jointly trained copy of T1's head
         stored += (len(infos) - 1) * sum(p.numel() for p in model.heads[infos[0].name].parameters())
-    return finish_run(trainer, state, {"num_backbones": num_backbones, "stored_parameters": stored}, out)
+    return trainer.finish(state, {"num_backbones": num_backbones, "stored_parameters": stored}, out)

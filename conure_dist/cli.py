@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 import fsspec
-import torch
 
 log = logging.getLogger("conure_dist")
 
@@ -149,36 +147,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(ckpt_arg: str):
-    from conure_dist.train.audit import model_from_checkpoint
-    from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
-
-    ckpt = load_checkpoint(resolve_checkpoint(ckpt_arg))
-    model, ownership = model_from_checkpoint(ckpt)
-    return ckpt, model, ownership
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every finished task; under torchrun the split is sharded over ranks."""
-    from conure_dist import compiled
     from conure_dist.config import DistConfig
-    from conure_dist.continual.views import MaskedModel
     from conure_dist.dist import process_group
-    from conure_dist.train.evaluate import evaluate_task
+    from conure_dist.inference import evaluate_finished, load_trained, manifest_for
 
-    ckpt, model, ownership = _load(args.ckpt)
-    manifest = _manifest_for(ckpt, args.data_root)
-    train_cfg = ckpt.meta["config"]["train"]
-    results: dict[str, Any] = {}
-    finished = [s["name"] for s in ckpt.meta["tasks"] if s["name"] in ckpt.meta["state"]["task_checksums"]]
+    run = load_trained(args.ckpt)
+    manifest = manifest_for(run.ckpt, args.data_root)
     with process_group(DistConfig()) as dist:
-        # Evaluate as the run did: compiled where its dist.compile would compile on this device.
-        compiled.compile_if(model, ckpt.meta["config"]["dist"].get("compile", "auto"), dist.device)
-        masked = MaskedModel(model.to(dist.device), ownership)
-        for index, name in enumerate(finished):
-            masked.set_view("infer", index + 1)
-            results[name] = evaluate_task(masked, manifest, manifest.task(name), args.split,
-                                          train_cfg["eval_batch_size"], train_cfg["topk"], dist)
+        results = evaluate_finished(run, manifest, args.split, dist)
     if not dist.is_main:
         return 0
     if args.json:
@@ -190,121 +168,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manifest_for(ckpt, data_root: str | None):
-    """The run's manifest, or the one at ``data_root`` if it describes the checkpoint's tasks."""
-    from conure_dist.data.manifest import Manifest
-
-    root = data_root or ckpt.meta["data_root"]
-    manifest = Manifest.load(root)
-    differ = [("num_seq_items", manifest.num_seq_items, ckpt.meta["num_seq_items"]),
-              ("seq_len", manifest.seq_len, ckpt.meta["seq_len"])]
-    for spec in ckpt.meta["tasks"]:
-        try:
-            info = manifest.task(spec["name"])
-        except ValueError:
-            differ.append((f"task '{spec['name']}'", "missing", "present"))
-            continue
-        differ += [(f"task '{spec['name']}' kind", info.kind, spec["kind"]),
-                   (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"])]
-    wrong = [f"{key} is {have} there, {want} in the checkpoint" for key, have, want in differ if have != want]
-    if wrong:
-        raise ValueError(f"{root}: these shards do not match the checkpoint {ckpt.url}: {'; '.join(wrong)}")
-    return manifest
-
-
-def _read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] | None = None) -> list[list[int]]:
-    """Histories from a JSONL file, one ``{"seq": [T1 item ids]}`` per line, oldest first; with
-    ``raw_ids`` (the T1 vocabulary) the ids are the source's raw item ids."""
-    index = None if raw_ids is None else {raw: i for i, raw in enumerate(raw_ids) if i}
-    seqs = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                seq = json.loads(line)["seq"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
-            if index is not None:
-                if not isinstance(seq, list) or not all(isinstance(x, (str, int)) and type(x) is not bool for x in seq):
-                    raise ValueError(f"{where}: 'seq' must be a list of raw item ids, got {seq!r}")
-                unknown = [x for x in seq if str(x) not in index]
-                if unknown:
-                    raise ValueError(f"{where}: raw item ids {unknown[:5]} are not in the T1 vocabulary")
-                seq = [index[str(x)] for x in seq]
-            if not isinstance(seq, list) or not all(type(x) is int for x in seq):
-                raise ValueError(f"{where}: 'seq' must be a list of integer item ids, got {seq!r}")
-            outside = [x for x in seq if not 0 <= x < num_items]
-            if outside:
-                raise ValueError(f"{where}: item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
-            if not any(seq):
-                raise ValueError(f"{where}: the sequence has no item (0 is padding)")
-            seqs.append(([0] * seq_len + seq)[-seq_len:])
-    if not seqs:
-        raise ValueError(f"{path}: no sequence in the file")
-    return seqs
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from conure_dist.continual.views import MaskedModel
-    from conure_dist.data.stream import iter_batches
+    from conure_dist.inference import load_trained, predict
 
-    ckpt, model, ownership = _load(args.ckpt)
-    names = [s["name"] for s in ckpt.meta["tasks"]]
-    if args.task not in names:
-        raise ValueError(f"--task: no task '{args.task}' in {ckpt.url} (its tasks: {', '.join(names)})")
-    if args.task not in ckpt.meta["state"]["task_checksums"]:
-        raise ValueError(f"--task: task '{args.task}' is not finished in {ckpt.url} (finished: "
-                         f"{', '.join(n for n in names if n in ckpt.meta['state']['task_checksums'])})")
-    try:
-        manifest = _manifest_for(ckpt, args.data_root)
-    except OSError as exc:  # shards gone or unreachable
-        if not args.input or args.raw_ids:
-            raise
-        log.warning("no manifest (%s): predictions use T1 ids only", exc)
-        manifest = None
-    t1_vocab = manifest.load_vocab(names[0]) if manifest is not None else None
-    if args.raw_ids and t1_vocab is None:
-        raise ValueError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
-                         "their raw ids already, or were converted before vocabularies were recorded)")
-    users: list[str | int | None]
-    if args.input:
-        rows = _read_sequences(args.input, int(ckpt.meta["seq_len"]), int(ckpt.meta["num_seq_items"]),
-                               t1_vocab if args.raw_ids else None)
-        seqs, users = torch.tensor(rows, dtype=torch.long), [None] * len(rows)
-    else:
-        batch = next(iter(iter_batches(manifest, args.task, "test", args.limit, shuffle=False, seed=0, epoch=0)))
-        raw_users = manifest.load_users()
-        seqs = batch.seq
-        users = [raw_users[u] if raw_users else u for u in batch.user.tolist()]
-    kind = model.kinds[args.task]
-    if kind == "sequence":
-        # A sequence task scores the position after seq[:, :-1] (in evaluation the last item is
-        # the target); a placeholder after the history makes it score what follows all of it.
-        seqs = torch.nn.functional.pad(seqs, (0, 1))
-    masked = MaskedModel(model, ownership)
-    masked.set_view("infer", names.index(args.task) + 1)
-    masked.eval()
-    with torch.no_grad():
-        scores = masked(seqs, args.task).float()
-    info = manifest.task(args.task) if manifest is not None else None
-    vocab = manifest.load_vocab(args.task) if manifest is not None and kind != "class" else None
-    for user, row in zip(users, scores, strict=True):
-        out: dict[str, Any] = {} if user is None else {"user": user}
-        if kind == "class":
-            label = int(row.argmax())
-            out["class"] = label
-            if info is not None and info.class_names:
-                out["label"] = info.class_names[label]
-            out["scores"] = [round(v, 5) for v in row.tolist()]
-        else:
-            top = torch.topk(row, min(args.k, row.numel()))
-            out["items"] = top.indices.tolist()
-            if vocab is not None:
-                out["raw_items"] = [vocab[i] for i in out["items"]]
-            out["scores"] = [round(v, 5) for v in top.values.tolist()]
-        print(json.dumps(out))
+    records = predict(load_trained(args.ckpt), args.task, data_root=args.data_root, input_path=args.input,
+                      raw_ids=args.raw_ids, k=args.k, limit=args.limit)
+    for record in records:
+        print(json.dumps(record))
     return 0
 
 
@@ -335,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from conure_dist.config import ConfigError
-    from conure_dist.run import CapacityError, DivergedError
     from conure_dist.train.checkpoint import CheckpointError
+    from conure_dist.train.state import CapacityError, DivergedError
 
     try:
         code = COMMANDS[args.command](args)

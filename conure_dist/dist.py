@@ -33,6 +33,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+def barrier(dist: DistInfo) -> None:
+    """Every rank meets here (nothing to do for a single process)."""
+    if dist.is_distributed:
+        tdist.barrier()
+
+
 def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda:

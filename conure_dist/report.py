@@ -12,9 +12,10 @@ from conure_dist.data.manifest import TaskInfo
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join
 from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.state import RunState
 
 
-def build_report(cfg: RunConfig, infos: list[TaskInfo], state: Any, dist: DistInfo,
+def build_report(cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: DistInfo,
                  storage: dict[str, int] | None = None) -> dict[str, Any]:
     """``storage``: ``num_backbones`` and ``stored_parameters`` (what serving every task keeps)."""
     k = cfg.train.topk

@@ -12,8 +12,10 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
 
 def _save(ckpt: Checkpointer, index: int, value: float) -> str:
-    return ckpt.save(index, f"t1-step{index}", {"w": torch.full((3,), value)}, {"w": torch.zeros(3, dtype=torch.uint8)},
-                     {"index": index}, main_parts={"phase.pt": {"best": {"w": torch.full((3,), value)}}})
+    return ckpt.save(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
+                                                "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
+                                                "meta.json": {"index": index},
+                                                "phase.pt": {"best": {"w": torch.full((3,), value)}}})
 
 
 def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -66,3 +68,32 @@ def test_retention_keeps_intact_checkpoints_past_a_broken_one(tmp_path):
     assert names() == ["00001-t1-step1", "00002-t1-step2", "00003-t1-step3"]
     _save(resumed, 4, 4.0)
     assert names() == ["00003-t1-step3", "00004-t1-step4"]
+
+
+class _Counter:
+    """A piece of state the checkpointer has never heard of: it saves and loads itself."""
+
+    def __init__(self, value: int) -> None:
+        self.value = torch.tensor([value])
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value.copy_(state["value"])
+
+
+def test_parts_are_any_objects_that_save_themselves(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ckpt = Checkpointer(str(tmp_path), CPU)
+    path = ckpt.save(1, "t1-done", {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)},
+                                    "meta.json": {"step": 7}}, rank_parts={"counter.pt": _Counter(41)})
+    loaded = load_checkpoint(path)
+    assert loaded.meta == {"format_version": 1, "step": 7}
+    assert set(loaded.digests) == {"model.pt", "ownership.pt", "meta.json", "counter.pt"}
+    assert all(torch.equal(loaded.model[k], v) for k, v in model.state_dict().items())
+    counter = _Counter(0)
+    counter.load_state_dict(loaded.read_part("counter.pt"))
+    assert counter.value.item() == 41
+    with pytest.raises(ValueError, match=r"\['meta.json'\] not given"):
+        ckpt.save(2, "t1-bad", {"model.pt": model, "ownership.pt": {}})

@@ -17,8 +17,8 @@ from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.run import phase_parameters
 from conure_dist.train.engine import build_engine
+from conure_dist.train.phase import phase_parameters
 
 pytestmark = pytest.mark.multiprocess
 PHASES = 3

@@ -10,8 +10,8 @@ import torch
 from helpers import REPO, conure, tiny_config
 
 from conure_dist.config import load_config
-from conure_dist.run import build_model
 from conure_dist.train.checkpoint import load_checkpoint
+from conure_dist.train.trainer import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]

@@ -8,10 +8,12 @@ from helpers import REPO, tiny_config
 
 from conure_dist.cli import main
 from conure_dist.config import load_config
+from conure_dist.conure import run_conure
 from conure_dist.data.manifest import Manifest
+from conure_dist.data.prepare import prepare_data
 from conure_dist.dist import DistInfo
-from conure_dist.run import CapacityError, prepare_data, run_conure
 from conure_dist.train.checkpoint import COMMIT
+from conure_dist.train.state import CapacityError
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +117,7 @@ def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
 
 
 def test_batch_sizes_and_out_are_checked_before_any_compute(tmp_path, capsys):
-    from conure_dist.run import build_trainer
+    from conure_dist.train.trainer import build_trainer
 
     cfg = load_config(tiny_config(tmp_path, TASKS), ["tasks.2.batch_size=33"])
     two_ranks = DistInfo(0, 2, 0, __import__("torch").device("cpu"), "gloo")  # no group is needed to refuse

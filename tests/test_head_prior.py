@@ -8,8 +8,8 @@ from helpers import tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.run import build_trainer
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
+from conure_dist.train.trainer import build_trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 TASKS = [("t1", 0.5), ("click", 0.5), ("like", 0.5), ("gender", 0.5), ("age", 0.5)]

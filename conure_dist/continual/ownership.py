@@ -104,6 +104,13 @@ class TaskOwnership:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: owner.clone() for name, owner in self.owners.items()}
 
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved records into these (same names and shapes) in place: the views keep them."""
+        if set(state) != set(self.owners):
+            raise ValueError(f"ownership records for {sorted(state)}, expected {sorted(self.owners)}")
+        for name, owner in state.items():
+            self.owners[name].copy_(owner)
+
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> TaskOwnership:
         return cls({name: owner.clone() for name, owner in state.items()})

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ from conure_dist.fs import join, url_of, write_atomic
 log = logging.getLogger(__name__)
 
 COMMIT = "COMMIT"
+MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
+"""Parts every checkpoint has, written by rank 0 and read by every tool."""
 FORMAT_VERSION = 1
 
 
@@ -65,9 +68,18 @@ def optimizer_part_name(rank: int, sharded: bool) -> str:
     return f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
 
 
-def _tensor_bytes(obj: Any) -> bytes:
+def _part_bytes(fname: str, obj: Any) -> bytes:
+    """What a part's file holds: its object's ``state_dict()`` (or the plain value), as JSON for
+    ``.json`` parts, else through ``torch.save`` with top-level tensors moved to the CPU."""
+    state = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    if fname.endswith(".json"):
+        if fname == "meta.json":
+            state = {"format_version": FORMAT_VERSION, **state}
+        return json.dumps(state, indent=1).encode()
+    if isinstance(state, dict):
+        state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(state, buffer)
     return buffer.getvalue()
 
 
@@ -87,32 +99,28 @@ class Checkpointer:
         """Committed folders that failed their checks when resuming (not counted as kept)."""
 
     # -- writing -------------------------------------------------------------------------
-    def save(
-        self,
-        index: int,
-        tag: str,
-        model_state: dict[str, torch.Tensor],
-        ownership_state: dict[str, torch.Tensor],
-        meta: dict[str, Any],
-        main_parts: dict[str, Any] | None = None,
-        rank_parts: dict[str, Any] | None = None,
-    ) -> str:
-        """Collective: rank 0 writes the model, ownership, meta and ``main_parts``; every rank
-        writes its ``rank_parts``; then rank 0 writes the commit marker. Returns the path."""
+    def save(self, index: int, tag: str, parts: Mapping[str, Any], rank_parts: Mapping[str, Any] | None = None) -> str:
+        """Collective: rank 0 writes ``parts`` (at least ``model.pt``, ``ownership.pt`` and
+        ``meta.json``), every rank writes its ``rank_parts``, then rank 0 writes the commit
+        marker. Returns the path.
+
+        Parts map a file name to what is saved in it: an object with ``state_dict()`` (the model,
+        the ownership records, an engine's optimizer, a phase's RNG and best parameters) or a
+        plain value. ``.json`` parts are written as JSON, the others with ``torch.save``; so a
+        new piece of state is one more entry, and the checkpointer never changes for it."""
         name = f"{index:05d}-{tag}"
         path = posixpath.join(self.fs_root, name)
         digests: dict[str, str] = {}
-        parts = {fname: _tensor_bytes(obj) for fname, obj in (rank_parts or {}).items()}
+        parts_bytes = {fname: _part_bytes(fname, obj) for fname, obj in (rank_parts or {}).items()}
         if self.dist.is_main:
-            parts.update({
-                "model.pt": _tensor_bytes({k: v.detach().cpu() for k, v in model_state.items()}),
-                "ownership.pt": _tensor_bytes({k: v.cpu() for k, v in ownership_state.items()}),
-                "meta.json": json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1).encode(),
-                **{fname: _tensor_bytes(obj) for fname, obj in (main_parts or {}).items()},
-            })
-        if parts:
+            missing = [fname for fname in MAIN_PARTS if fname not in parts]
+            if missing:
+                raise ValueError(f"a checkpoint needs the parts {list(MAIN_PARTS)}; {missing} not given")
+            parts_bytes.update({fname: _part_bytes(fname, obj) for fname, obj in parts.items()})
+        if parts_bytes:
             self.fs.makedirs(path, exist_ok=True)
-            digests = {fname: _write_bytes(self.fs, posixpath.join(path, fname), data) for fname, data in parts.items()}
+            digests = {fname: _write_bytes(self.fs, posixpath.join(path, fname), data)
+                       for fname, data in parts_bytes.items()}
         if self.dist.is_distributed:
             gathered: list[dict[str, str] | None] = [None] * self.dist.world_size
             tdist.all_gather_object(gathered, digests)
@@ -198,8 +206,6 @@ def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest:
         raise CheckpointError(f"{fpath} does not match its checksum in {COMMIT}")
     return data
 
-
-MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
 
 
 def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Checkpoint:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 
@@ -10,6 +13,11 @@ def make_generator(*seeds: int) -> torch.Generator:
     """A CPU generator seeded from several integers (run seed, task, phase, epoch...)."""
     mixed = np.random.SeedSequence(list(seeds)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(mixed) & ((1 << 63) - 1))
+
+
+def hash_seed(*parts: int) -> int:
+    """A 32-bit seed from several integers (the data order's shuffle seed)."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
 
 
 class SharedNegativeSampler:

@@ -1,0 +1,74 @@
+"""What a phase feeds its engine: this rank's share of each global batch, and its negatives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from conure_dist.config import RunConfig
+from conure_dist.data.manifest import Manifest, TaskInfo
+from conure_dist.data.stream import Batch, iter_batches, num_steps_per_epoch
+from conure_dist.dist import DistInfo
+from conure_dist.train.samplers import PopularityNegativeSampler, SharedNegativeSampler, hash_seed
+
+NegativeDrawer = Callable[[torch.Generator], torch.Tensor | None]
+
+
+def steps_per_epoch(cfg: RunConfig, manifest: Manifest, task: str, global_batch: int) -> int:
+    """Optimizer steps in one epoch of ``task``: full global batches, capped by
+    ``train.max_steps_per_epoch``."""
+    steps = max(1, num_steps_per_epoch(manifest, task, "train", global_batch, drop_last=True))
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return steps
+
+
+def train_batches(cfg: RunConfig, manifest: Manifest, dist: DistInfo, task: str, global_batch: int, *,
+                  seed: int, epoch: int, num_steps: int, start_step: int = 0) -> Iterator[Batch]:
+    """This rank's batches of one shuffled epoch over ``task``'s train split, from ``start_step``."""
+    return iter_batches(manifest, task, "train", global_batch // dist.world_size, shuffle=True, seed=seed,
+                        epoch=epoch, rank=dist.rank, world_size=dist.world_size, num_steps=num_steps,
+                        drop_last=True, shuffle_buffer=cfg.data.shuffle_buffer, partition=cfg.data.partition,
+                        start_step=start_step)
+
+
+def negative_drawer(cfg: RunConfig, manifest: Manifest, dist: DistInfo, info: TaskInfo,
+                    global_batch: int) -> NegativeDrawer:
+    """Negatives drawn for the global batch from a generator shared by all ranks; rank r takes
+    entries r, r+W, ... like its instances under the stride partition, so a step equals the
+    single-process one."""
+    if info.kind == "sequence":
+        sampler = SharedNegativeSampler(info.num_outputs, cfg.train.negative_fraction)
+        return lambda g: sampler.sample(g).to(dist.device)
+    if info.kind == "item":
+        pop = PopularityNegativeSampler(manifest.load_train_counts(info.name), cfg.train.bpr_rho)
+        rank, world = dist.rank, dist.world_size
+        return lambda g: pop.sample(global_batch, g)[rank::world].to(dist.device)
+    return lambda g: None
+
+
+class JointBatches:
+    """T1 batches (of T1's own batch size) and their negatives, cycling over T1's train split:
+    what a method that keeps training T1 alongside a later task (MTL) adds to each step."""
+
+    def __init__(self, cfg: RunConfig, manifest: Manifest, dist: DistInfo, t1: TaskInfo, global_batch: int) -> None:
+        self.cfg, self.manifest, self.dist, self.t1 = cfg, manifest, dist, t1
+        self.global_batch = global_batch
+        self.draw = negative_drawer(cfg, manifest, dist, t1, global_batch)
+        self.epoch = 0
+        self.batches: Iterator[Batch] | None = None
+
+    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self.batches is None:
+                num_steps = max(1, num_steps_per_epoch(self.manifest, self.t1.name, "train", self.global_batch,
+                                                       drop_last=True))
+                self.batches = iter(train_batches(self.cfg, self.manifest, self.dist, self.t1.name,
+                                                  self.global_batch, seed=hash_seed(self.cfg.seed, 0, 9, self.epoch),
+                                                  epoch=self.epoch, num_steps=num_steps))
+            batch = next(self.batches, None)
+            if batch is not None:
+                return batch.seq.to(self.dist.device), self.draw(generator)
+            self.epoch += 1
+            self.batches = None

@@ -1,0 +1,168 @@
+"""One phase of one task: train under the phase's view, validate after every epoch, keep the
+parameters of the best validation epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from conure_dist.config import TaskConfig, TrainConfig
+from conure_dist.model import ConureModel
+from conure_dist.train.batches import JointBatches, negative_drawer, steps_per_epoch, train_batches
+from conure_dist.train.engine import build_engine
+from conure_dist.train.evaluate import evaluate_task
+from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.samplers import hash_seed, make_generator
+from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
+
+if TYPE_CHECKING:
+    from conure_dist.train.trainer import Trainer
+
+PHASE_IDS = {"train": 0, "retrain": 1}
+
+
+def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:
+    """What a Conure phase trains: T1's train phase (``first_phase``) the whole backbone; every
+    other phase only the prunable kernels (through the view's masks) and the task's own head."""
+    wanted = model.prunable_names() + model.head_names(task)
+    if first_phase:
+        wanted += model.shared_names()
+    return select_parameters(model, wanted)
+
+
+def select_parameters(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """Exactly the named parameters become trainable; keyed as the MaskedModel names them."""
+    wanted = set(names)
+    out = {}
+    for pname, param in model.named_parameters():
+        param.requires_grad_(pname in wanted)
+        if pname in wanted:
+            out[f"model.{pname}"] = param
+    return out
+
+
+def selection_score(kind: str, train: TrainConfig) -> Callable[[dict[str, float]], float]:
+    """What picks a phase's best validation epoch (higher is better): the primary metric, or for
+    class tasks with ``train.class_selection: nll`` the negated mean cross-entropy."""
+    if kind == "class" and train.class_selection == "nll":
+        return lambda valid: -valid["nll"]
+    metric = primary_metric_name(kind, train.topk)
+    return lambda valid: valid[metric]
+
+
+class Phase:
+    """Train task ``task_index`` in ``mode`` (train or retrain) under Conure's view, or, for the
+    baselines, the parameters named in ``dense`` under the dense view (no ownership), with
+    ``joint_weight`` times T1's loss on T1 batches added to each step."""
+
+    def __init__(self, trainer: Trainer, task_index: int, mode: str, task_cfg: TaskConfig, *,
+                 dense: list[str] | None = None, joint_weight: float = 0.0) -> None:
+        cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
+        self.trainer, self.mode, self.task_index = trainer, mode, task_index
+        self.info = info = trainer.infos[task_index]
+        self.epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
+        trainer.masked.set_view("dense" if dense is not None else mode, task_index + 1)
+        trainer.masked.train()
+        self.global_batch = task_cfg.batch_size  # divisible by the world size (build_trainer checked)
+        if dense is None:
+            self.trainable = phase_parameters(model, info.name, task_index == 0 and mode == "train")
+        else:
+            self.trainable = select_parameters(model, dense)
+        self.engine = build_engine(trainer.masked, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
+                                   per_rank_batch=self.global_batch // dist.world_size,
+                                   row_sparse=[f"model.{n}" for n in model.item_table_names()])
+        self.steps = steps_per_epoch(cfg, trainer.manifest, info.name, self.global_batch)
+        self.draw = negative_drawer(cfg, trainer.manifest, dist, info, self.global_batch)
+        self.joint_weight = joint_weight
+        self.joint = JointBatches(cfg, trainer.manifest, dist, trainer.infos[0], cfg.tasks[0].batch_size) \
+            if joint_weight else None
+        self.score = selection_score(info.kind, cfg.train)
+        self.progress = PhaseProgress(mode=mode)
+        self.tensors = PhaseTensors()
+        """The epoch's generator and the best parameters so far: ``phase.pt`` of a mid-phase checkpoint."""
+
+    def run(self, resume: PhaseResume | None = None, save_mid: Callable[[Phase], None] | None = None) -> dict[str, Any]:
+        """Train every epoch (from ``resume``'s position, if given), then load the best epoch's
+        parameters and freeze the model. ``save_mid`` is called every ``train.checkpoint_every_steps``."""
+        if resume is not None:
+            self.progress, self.tensors.best = resume.progress, resume.best_state
+            self.engine.load_state_dict(resume.engine_state(self.engine))
+        else:
+            # The starting point competes too: a phase whose epochs all validate worse than where
+            # it began (a fresh head at its prior, a pruned task before retraining) keeps it.
+            self.validate(0, None)
+        while self.progress.epoch < self.epochs:
+            generator_state = resume.generator_state if resume is not None and self.progress.step > 0 else None
+            self._train_epoch(generator_state, save_mid)
+            resume = None
+        self.engine.close()
+        self._finish()
+        p = self.progress
+        return {"task": self.info.name, "phase": self.mode, "best_valid": p.best_value, "epochs": p.epochs_log}
+
+    def _train_epoch(self, generator_state: torch.Tensor | None, save_mid: Callable[[Phase], None] | None) -> None:
+        trainer, progress = self.trainer, self.progress
+        epoch = progress.epoch
+        seed = (trainer.cfg.seed, self.task_index + 1, PHASE_IDS[self.mode], epoch)
+        generator = self.tensors.generator = make_generator(*seed)
+        if generator_state is not None:
+            generator.set_state(generator_state)
+        batches = train_batches(trainer.cfg, trainer.manifest, trainer.dist, self.info.name, self.global_batch,
+                                seed=hash_seed(*seed), epoch=epoch, num_steps=self.steps, start_step=progress.step)
+        bar = tqdm(batches, total=self.steps, initial=progress.step,
+                   desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}", leave=False,
+                   disable=not (trainer.cfg.train.progress and trainer.dist.is_main))
+        every = trainer.cfg.train.checkpoint_every_steps
+        for batch in bar:
+            self._step(batch, generator)
+            if progress.step % trainer.cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
+            if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
+                save_mid(self)
+        self.validate(epoch + 1, progress.loss_total / max(progress.step, 1))
+        progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
+
+    def _step(self, batch: Any, generator: torch.Generator) -> None:
+        device = self.trainer.dist.device
+        seq = batch.seq.to(device)
+        target = None if batch.target is None else batch.target.to(device)
+        if self.joint is None:
+            loss = self.engine.train_step(seq, self.info.name, target, self.draw(generator))
+        else:
+            t1_seq, t1_negatives = self.joint(generator)
+            loss = self.engine.train_step(seq, self.info.name, target, self.draw(generator),
+                                          (self.trainer.infos[0].name, t1_seq, t1_negatives, self.joint_weight))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DivergedError(f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, step "
+                                f"{self.progress.step + 1}): the training loss is {value}; lower "
+                                f"tasks.{self.task_index}.lr")
+        self.progress.loss_total += value
+        self.progress.step += 1
+
+    def validate(self, epoch: int, loss: float | None) -> None:
+        """Score the current parameters on the validation split; keep them if best so far."""
+        trainer = self.trainer
+        valid = evaluate_task(trainer.masked, trainer.manifest, self.info, "valid", trainer.cfg.train.eval_batch_size,
+                              trainer.cfg.train.topk, trainer.dist)
+        entry = {"epoch": epoch, "loss": loss, "valid": valid}
+        self.progress.epochs_log.append(entry)
+        trainer.logger.log("epoch", task=self.info.name, phase=self.mode, **entry)
+        score = self.score(valid)
+        if score > self.progress.best_value:
+            self.progress.best_value = score
+            self.tensors.best = {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def _finish(self) -> None:
+        """Load the best epoch's parameters; nothing stays trainable."""
+        if self.tensors.best:
+            with torch.no_grad():
+                for name, param in self.trainable.items():
+                    param.copy_(self.tensors.best[name])
+        for param in self.trainer.model.parameters():
+            param.requires_grad_(False)

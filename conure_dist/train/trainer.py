@@ -1,0 +1,146 @@
+"""The pieces a run shares across its tasks (data, model, ownership, logger) and what it does
+with them: train a phase, prune, evaluate, checksum a task, report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from conure_dist import compiled
+from conure_dist.config import RunConfig, TaskConfig
+from conure_dist.continual.ownership import TaskOwnership, task_checksum
+from conure_dist.continual.views import MaskedModel
+from conure_dist.data.manifest import Manifest, TaskInfo
+from conure_dist.data.prepare import check_tasks, prepare_data
+from conure_dist.dist import DistInfo, barrier
+from conure_dist.fs import join
+from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.report import build_report, write_report
+from conure_dist.train.evaluate import evaluate_task
+from conure_dist.train.logger import JsonlLogger
+from conure_dist.train.phase import Phase
+from conure_dist.train.state import PhaseResume, RunState
+
+
+def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
+    return [TaskSpec(t.name, t.kind, t.num_outputs) for t in infos]
+
+
+def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> ConureModel:
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    patch_tasks = [s.name for s in specs[1:]] if cfg.method.name == "peterrec" else []
+    return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
+                       patch_tasks=patch_tasks, patch_dim=cfg.method.patch_dim, prune_embedding=m.prune_embedding)
+
+
+def sync_ownership(ownership: TaskOwnership, dist: DistInfo) -> None:
+    """Broadcast rank 0's ownership and stop on any checksum mismatch between ranks."""
+    if not dist.is_distributed:
+        return
+    for name in ownership.names:
+        owner = ownership.owners[name]
+        buf = owner.to(dist.device) if dist.backend == "nccl" else owner
+        tdist.broadcast(buf, src=0)
+        if buf is not owner:
+            owner.copy_(buf.cpu())
+    local = ownership.checksum()
+    gathered: list[str | None] = [None] * dist.world_size
+    tdist.all_gather_object(gathered, local)
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"ownership records differ between ranks: {gathered}")
+
+
+@dataclass
+class Trainer:
+    """Everything the phases share. Built once per run (``build_trainer``)."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    manifest: Manifest
+    infos: list[TaskInfo]
+    model: ConureModel
+    masked: MaskedModel
+    logger: JsonlLogger
+
+    @property
+    def ownership(self) -> TaskOwnership:
+        return self.masked.ownership
+
+    def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
+                  save_mid=None, *, dense: list[str] | None = None, joint_weight: float = 0.0) -> dict[str, Any]:
+        """Train one phase (``Phase``) and return its summary: best validation score, epochs."""
+        phase = Phase(self, task_index, mode, task_cfg, dense=dense, joint_weight=joint_weight)
+        return phase.run(resume, save_mid)
+
+    def prune(self, task_index: int, ratio: float) -> None:
+        """Decided on rank 0 from the fp32 weights, broadcast, then verified on every rank."""
+        ownership = self.ownership
+        if self.dist.is_main:
+            weights = dict(self.model.named_parameters())
+            ownership.prune(task_index + 1, {n: weights[n] for n in ownership.names}, ratio)
+        sync_ownership(ownership, self.dist)
+
+    def evaluate_view(self, task_index: int, mode: str, split: str = "test") -> dict[str, float]:
+        """One task's metrics under a phase's view (e.g. ``train``: before pruning)."""
+        self.masked.set_view(mode, task_index + 1)
+        return evaluate_task(self.masked, self.manifest, self.infos[task_index], split,
+                             self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
+
+    def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
+        """Tasks 0..``upto``, each under its own inference view."""
+        out = {}
+        for j in range(upto + 1):
+            self.masked.set_view("infer", j + 1)
+            out[self.infos[j].name] = evaluate_task(self.masked, self.manifest, self.infos[j], split,
+                                                    self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
+        return out
+
+    def checksum_of_task(self, task_index: int) -> str:
+        extra = self.model.head_names(self.infos[task_index].name)
+        if task_index == 0:
+            extra += self.model.shared_names()
+        return task_checksum(self.ownership, self.model.state_dict(), task_index + 1, extra)
+
+    def finish(self, state: RunState, storage: dict[str, int], out: str) -> dict[str, Any]:
+        """Write ``report.json`` (rank 0) and return the report once every rank is done."""
+        report = build_report(self.cfg, self.infos, state, self.dist, storage)
+        if self.dist.is_main:
+            write_report(report, out)
+        self.logger.log("done", wall_seconds=state.wall_seconds)
+        self.logger.flush()
+        # Every rank leaves together: no rank tears the process group down while another still
+        # finishes its last collective.
+        barrier(self.dist)
+        return report
+
+
+def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
+    """Data (generated if missing), model, empty ownership records and logger of a run (no log
+    without ``out``)."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
+        if task.batch_size % dist.world_size:
+            raise ValueError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
+                             f"{dist.world_size}")
+    manifest = prepare_data(cfg, dist)
+    infos = check_tasks(cfg, manifest)
+    if cfg.data.partition == "range":
+        for i, info in enumerate(infos):
+            if info.splits["train"].num_instances < dist.world_size:
+                raise ValueError(f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
+                                 f"instances for {dist.world_size} ranks: too few for data.partition=range")
+    model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
+    if cfg.model.head_prior:
+        for info in infos[1:]:
+            model.init_head_prior(info.name, torch.from_numpy(manifest.load_train_counts(info.name)))
+    model = model.to(dist.device)
+    compiled.compile_if(model, cfg.dist.compile, dist.device)
+    ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
+    logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
+    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)
