@@ -85,10 +85,10 @@ class DeepSpeedEngine:
 
     def train_step(self, *inputs: object) -> torch.Tensor:
         loss_sum, count = self.engine(*inputs)
-        loss, local_mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
+        loss, mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
         self.engine.backward(loss)
         self.engine.step()
-        return local_mean
+        return mean
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

@@ -77,7 +77,7 @@ class TorchEngine:
     def train_step(self, *inputs: object) -> torch.Tensor:
         with autocast_context(self.dist.device, self.precision):
             loss_sum, count = self.module(*inputs)
-        loss, local_mean = training_loss(self.masked, self.dense, self.l2, self.dist, loss_sum, count)
+        loss, mean = training_loss(self.masked, self.dense, self.l2, self.dist, loss_sum, count)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sparse is not None:
@@ -87,7 +87,7 @@ class TorchEngine:
                     weight = self.masked.trainable_part(name.removeprefix("model."), param.detach())
                     param.grad.add_(weight, alpha=self.l2)
         self.optimizer.step()
-        return local_mean
+        return mean
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

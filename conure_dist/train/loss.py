@@ -35,29 +35,28 @@ def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: floa
 
 
 def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss to back-propagate, and the local mean for logging.
+    """Loss to back-propagate, and the global batch's mean loss for logging.
 
     Data parallelism averages gradients over ranks, so each rank divides its sum by the global
     count / world size: the averaged gradient is then exactly that of the global batch mean,
     whatever the number of examples (e.g. non-padding positions) on each rank. The same
-    exchange tells every rank whether some rank's loss is not finite: then every rank's logged
-    mean is NaN, so that all of them stop at the same step.
+    exchange sums the ranks' losses, so every rank logs the global mean (what one process
+    logs), and a rank whose loss is not finite makes it non-finite everywhere: all ranks stop at the
+    same step.
     """
     count = count.detach().to(torch.float64)
-    local_mean = loss_sum.detach() / count.clamp(min=1)
     if dist.is_distributed:
-        total = torch.stack([count, (~torch.isfinite(local_mean)).to(torch.float64)])
+        total = torch.stack([count, loss_sum.detach().to(torch.float64)])
         tdist.all_reduce(total)
-        if total[1] > 0:
-            local_mean = torch.full_like(local_mean, float("nan"))
-        return loss_sum * (dist.world_size / total[0].clamp(min=1)).to(loss_sum.dtype), local_mean
-    return loss_sum / count.clamp(min=1).to(loss_sum.dtype), local_mean
+        global_mean = total[1] / total[0].clamp(min=1)
+        return loss_sum * (dist.world_size / total[0].clamp(min=1)).to(loss_sum.dtype), global_mean
+    return loss_sum / count.clamp(min=1).to(loss_sum.dtype), loss_sum.detach() / count.clamp(min=1)
 
 
 def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, dist: DistInfo,
                   loss_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What every engine back-propagates (normalized loss plus masked L2 over ``trainable``),
     and the logged mean."""
-    loss, local_mean = normalized_loss(loss_sum, count, dist)
+    loss, mean = normalized_loss(loss_sum, count, dist)
     penalty = l2_penalty(masked, trainable, l2)
-    return (loss if penalty is None else loss + penalty), local_mean
+    return (loss if penalty is None else loss + penalty), mean
