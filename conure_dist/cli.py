@@ -1,4 +1,4 @@
-"""Command line: ``conure data|run|experiment|eval|predict|audit`` (also ``python -m conure_dist``)."""
+"""Command line: ``conure data|run|experiment|eval|predict|compare|audit`` (also ``python -m conure_dist``)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
     pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence, for item and sequence tasks (default: 5)")
     pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input (default: 10)")
+    cm = sub.add_parser("compare", help="two runs side by side, epoch by epoch: same data? how far apart?")
+    cm.add_argument("runs", nargs=2, metavar="RUN", help="run directories (--out of conure run)")
+    cm.add_argument("--json", action="store_true", help="print the rows as JSON")
     au = sub.add_parser("audit", help="verify that no finished task's frozen weights changed")
     au.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
@@ -178,6 +181,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from conure_dist.compare import compare_runs, format_comparison
+
+    rows = compare_runs(*args.runs)
+    if not rows:
+        raise ValueError(f"{args.runs[0]} and {args.runs[1]} have no epoch in common")
+    print(json.dumps(rows, indent=1) if args.json else format_comparison(rows))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from conure_dist.train.audit import audit_checkpoint
     from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
@@ -197,7 +210,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"data": cmd_data, "run": cmd_run, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
-            "audit": cmd_audit}
+            "compare": cmd_compare, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

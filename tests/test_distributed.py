@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import REPO, conure, tiny_config
 
+from conure_dist.compare import compare_runs
 from conure_dist.config import load_config
 from conure_dist.train.checkpoint import load_checkpoint
 from conure_dist.train.trainer import build_model
@@ -59,19 +60,45 @@ def _matrix_keeps_old_tasks(report):
             assert row[j] == report["matrix"][j][j]
 
 
-def test_torchrun_quickstart_two_processes(tmp_path):
+def test_torchrun_quickstart_two_processes_epoch_by_epoch(tmp_path):
+    """The whole quick start on 1 and 2 processes (stride partition, one thread per process):
+    every epoch of every phase trains on the same global batches with the same negatives and
+    validates on the same instances. The parameters part only through float rounding: T1's
+    first epoch losses agree to 1e-5, and what the drift leaves of the final metrics stays
+    within what separates seeds."""
     quick = str(REPO / "configs" / "quickstart.yaml")
-    common = ["run", "--config", quick, f"data.root={tmp_path / 'data'}", "train.progress=false"]
+    common = ["run", "--config", quick, f"data.root={tmp_path / 'data'}", "train.progress=false",
+              "data.partition=stride", "train.num_threads=1"]
     conure(*common, "--out", str(tmp_path / "one"))
     conure(*common, "--out", str(tmp_path / "two"), nproc=2)
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
+    rows = compare_runs(str(tmp_path / "one"), str(tmp_path / "two"))
+    phases = {(t["name"], phase) for t in one["tasks"] for phase in ("train", "retrain")}
+    assert {(r["task"], r["phase"]) for r in rows} == phases
+    trained = [r for r in rows if r["epoch"] > 0]
+    assert len(trained) == sum(t["epochs"] + t["retrain_epochs"] for t in one["config"]["tasks"])  # all, both runs
+    assert all(r["same_data"] for r in trained), [r for r in trained if not r["same_data"]]
+    assert all(r["same_count"] for r in rows)
+    first = next(r for r in rows if r["task"] == "t1" and r["phase"] == "train" and r["epoch"] == 1)
+    assert first["loss_rel_diff"] < 1e-5, first
     _matrix_keeps_old_tasks(two)
     for j, task in enumerate(two["tasks"]):
         a, b = one["matrix"][-1][j], two["matrix"][-1][j]
         assert b > two["reference"][task["name"]], task
         assert abs(a - b) <= 0.35 * a, f"{task['name']}: 1 process {a:.4f}, 2 processes {b:.4f}"
+
+
+def test_the_data_fingerprint_tells_partitions_apart(tmp_path):
+    """Range partition gives each rank its own shards: other global batches than one process's,
+    which the fingerprint must show."""
+    path = tiny_config(tmp_path, TASKS[:1], data={"instances_per_shard": 50})
+    args = ["run", "--config", str(path), "train.max_steps_per_epoch=3", "tasks.*.retrain_epochs=0"]
+    conure(*args, "data.partition=stride", "--out", str(tmp_path / "one"))
+    conure(*args, "data.partition=range", "--out", str(tmp_path / "two"), nproc=2)
+    rows = [r for r in compare_runs(str(tmp_path / "one"), str(tmp_path / "two")) if r["epoch"] > 0]
+    assert rows and not any(r["same_data"] for r in rows)
 
 
 @pytest.mark.parametrize("engine,stage,precision", [("ddp", 0, "bf16"), ("deepspeed", 1, "fp32"),

@@ -35,17 +35,50 @@ def train_batches(cfg: RunConfig, manifest: Manifest, dist: DistInfo, task: str,
 
 def negative_drawer(cfg: RunConfig, manifest: Manifest, dist: DistInfo, info: TaskInfo,
                     global_batch: int) -> NegativeDrawer:
-    """Negatives drawn for the global batch from a generator shared by all ranks; rank r takes
-    entries r, r+W, ... like its instances under the stride partition, so a step equals the
-    single-process one."""
+    """Negatives (on the CPU) drawn for the global batch from a generator shared by all ranks:
+    T1's are shared by the whole batch; for an item task rank r takes entries r, r+W, ... like
+    its instances under the stride partition, so a step equals the single-process one."""
     if info.kind == "sequence":
         sampler = SharedNegativeSampler(info.num_outputs, cfg.train.negative_fraction)
-        return lambda g: sampler.sample(g).to(dist.device)
+        return sampler.sample
     if info.kind == "item":
         pop = PopularityNegativeSampler(manifest.load_train_counts(info.name), cfg.train.bpr_rho)
         rank, world = dist.rank, dist.world_size
-        return lambda g: pop.sample(global_batch, g)[rank::world].to(dist.device)
+        return lambda g: pop.sample(global_batch, g)[rank::world]
     return lambda g: None
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash, element-wise (wrapping int64 arithmetic, the same on every machine)."""
+    x = x ^ (x >> 31)
+    x = x * 0x5851F42D4C957F2D
+    return x ^ (x >> 29)
+
+
+def batch_digest(users: torch.Tensor, negatives: torch.Tensor | None, shared: bool, step: int,
+                 dist: DistInfo) -> torch.Tensor:
+    """This rank's part of a fingerprint of global batch ``step``: which user sits at which
+    place of the global batch (rank r's instance j at r + jW, as the stride partition lays them
+    out) and which negatives it was given (one per instance, or ``shared`` by the whole batch as
+    T1's). Parts add up over ranks (int64, wrapping), so the all-reduced sum equals the
+    single-process fingerprint exactly when the global batch and its negatives are the same.
+    Shared negatives count once, from rank 0."""
+    position = dist.rank + dist.world_size * torch.arange(len(users))
+    h = _mix(users.long() * 0x1E3779B97F4A7C15 + position * 0x632BE59BD9B4E019 + step)
+    if negatives is not None and not shared:
+        h = _mix(h + negatives.long())
+    total = _mix(h).sum()
+    if negatives is not None and shared and dist.is_main:
+        total = total + _mix(negatives.long() * 0x14D049BB133111EB + torch.arange(len(negatives)) + step).sum()
+    return total
+
+
+def format_digest(value: int) -> str:
+    """A fingerprint as 16 hex digits."""
+    return f"{value & _MASK64:016x}"
 
 
 class JointBatches:
@@ -69,6 +102,6 @@ class JointBatches:
                                                   epoch=self.epoch, num_steps=num_steps))
             batch = next(self.batches, None)
             if batch is not None:
-                return batch.seq.to(self.dist.device), self.draw(generator)
+                return batch.seq.to(self.dist.device), self.draw(generator).to(self.dist.device)
             self.epoch += 1
             self.batches = None

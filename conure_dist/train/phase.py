@@ -8,12 +8,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
 from conure_dist.config import TaskConfig, TrainConfig
 from conure_dist.model import ConureModel
-from conure_dist.train.batches import JointBatches, negative_drawer, steps_per_epoch, train_batches
+from conure_dist.train.batches import (
+    JointBatches,
+    batch_digest,
+    format_digest,
+    negative_drawer,
+    steps_per_epoch,
+    train_batches,
+)
 from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.metrics import primary_metric_name
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
     from conure_dist.train.trainer import Trainer
 
 PHASE_IDS = {"train": 0, "retrain": 1}
+_MASK64 = (1 << 64) - 1
 
 
 def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:
@@ -124,19 +133,23 @@ class Phase:
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
             if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
                 save_mid(self)
-        self.validate(epoch + 1, progress.loss_total / max(progress.step, 1))
-        progress.epoch, progress.step, progress.loss_total = epoch + 1, 0, 0.0
+        self.validate(epoch + 1, progress.loss_total / max(progress.step, 1), self._epoch_digest())
+        progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
 
     def _step(self, batch: Any, generator: torch.Generator) -> None:
-        device = self.trainer.dist.device
-        seq = batch.seq.to(device)
-        target = None if batch.target is None else batch.target.to(device)
-        if self.joint is None:
-            loss = self.engine.train_step(seq, self.info.name, target, self.draw(generator))
-        else:
+        dist = self.trainer.dist
+        seq = batch.seq.to(dist.device)
+        target = None if batch.target is None else batch.target.to(dist.device)
+        joint = ()
+        if self.joint is not None:  # drawn first: the generator's order is part of the run
             t1_seq, t1_negatives = self.joint(generator)
-            loss = self.engine.train_step(seq, self.info.name, target, self.draw(generator),
-                                          (self.trainer.infos[0].name, t1_seq, t1_negatives, self.joint_weight))
+            joint = ((self.trainer.infos[0].name, t1_seq, t1_negatives, self.joint_weight),)
+        negatives = self.draw(generator)
+        on_device = None if negatives is None else negatives.to(dist.device)
+        loss = self.engine.train_step(seq, self.info.name, target, on_device, *joint)
+        # On the CPU while the device runs the step.
+        digest = batch_digest(batch.user, negatives, self.info.kind == "sequence", self.progress.step, dist)
+        self.progress.data_digest = (self.progress.data_digest + int(digest)) & _MASK64
         value = loss.item()
         if not math.isfinite(value):
             raise DivergedError(f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, step "
@@ -145,12 +158,24 @@ class Phase:
         self.progress.loss_total += value
         self.progress.step += 1
 
-    def validate(self, epoch: int, loss: float | None) -> None:
+    def _epoch_digest(self) -> str:
+        """The epoch's data fingerprint over all ranks: equal for two runs exactly when they
+        trained on the same global batches with the same negatives, in the same order."""
+        value = self.progress.data_digest
+        dist = self.trainer.dist
+        if dist.is_distributed:
+            signed = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64,
+                                  device=dist.device)
+            tdist.all_reduce(signed)
+            value = int(signed.item())
+        return format_digest(value)
+
+    def validate(self, epoch: int, loss: float | None, data: str | None = None) -> None:
         """Score the current parameters on the validation split; keep them if best so far."""
         trainer = self.trainer
         valid = evaluate_task(trainer.masked, trainer.manifest, self.info, "valid", trainer.cfg.train.eval_batch_size,
                               trainer.cfg.train.topk, trainer.dist)
-        entry = {"epoch": epoch, "loss": loss, "valid": valid}
+        entry = {"epoch": epoch, "loss": loss, "data": data, "valid": valid}
         self.progress.epochs_log.append(entry)
         trainer.logger.log("epoch", task=self.info.name, phase=self.mode, **entry)
         score = self.score(valid)

@@ -34,6 +34,9 @@ class PhaseProgress:
     step: int = 0
     """Optimizer steps already taken in that epoch (the data position)."""
     loss_total: float = 0.0
+    data_digest: int = 0
+    """This rank's part of the epoch's data fingerprint so far (``batches.batch_digest``), as an
+    unsigned 64-bit integer."""
     best_value: float = float("-inf")
     epochs_log: list[dict[str, Any]] = field(default_factory=list)
 
