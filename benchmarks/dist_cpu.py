@@ -55,7 +55,7 @@ def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
             start = time.perf_counter()
             sparse[0] = 0
         target = None if batch.target is None else batch.target
-        engine.train_step(batch.seq, info.name, target, draw(generator))
+        engine.train_step([(batch.seq, info.name, target, draw(generator))])
         if engine.sparse is not None:
             sparse[0] += engine.sparse.bytes_last_step
     elapsed = time.perf_counter() - start

@@ -132,7 +132,7 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.t1_batch, sizes, g).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(lambda: engine.train_step(seq, "t1", None, sampler.sample(g).to(device)), sizes.steps, device,
+    seconds = time_steps(lambda: engine.train_step([(seq, "t1", None, sampler.sample(g).to(device))]), sizes.steps, device,
                          out=out, key="t1")
     out["t1_seq_per_s"] = sizes.t1_batch / seconds
     if device.type == "cuda":
@@ -146,7 +146,7 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.later_batch, sizes, g).to(device)
     target = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
     negative = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
-    seconds = time_steps(lambda: engine.train_step(seq, "later", target, negative), sizes.steps, device,
+    seconds = time_steps(lambda: engine.train_step([(seq, "later", target, negative)]), sizes.steps, device,
                          out=out, key="later")
     out["later_seq_per_s"] = sizes.later_batch / seconds
 
@@ -190,11 +190,11 @@ def probe_t1_memory(sizes: Sizes, fast: bool) -> dict[str, float]:
     g = torch.Generator().manual_seed(1)
     sampler = SharedNegativeSampler(sizes.items, NEGATIVE_FRACTION)
     seq = random_sequences(sizes.t1_batch, sizes, g)
-    engine.train_step(seq, "t1", None, sampler.sample(g))  # creates Adam's state
+    engine.train_step([(seq, "t1", None, sampler.sample(g))])  # creates Adam's state
     gc.collect()
     with open("/proc/self/statm") as f:
         resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    engine.train_step(seq, "t1", None, sampler.sample(g))
+    engine.train_step([(seq, "t1", None, sampler.sample(g))])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"steady_gb": resident / 2**30, "peak_gb": peak / 2**30}
 
@@ -251,7 +251,7 @@ def _comm_worker(rank: int, init: str, sizes: Sizes, steps: int, results: dict) 
         sent = []
         for _ in range(steps):
             seq = random_sequences(PAPER_T1_BATCH // 2, sizes, g)
-            engine.train_step(seq, "t1", None, sampler.sample(shared))
+            engine.train_step([(seq, "t1", None, sampler.sample(shared))])
             sent.append(engine.sparse.bytes_last_step)
         results[rank] = {"t1_comm_bytes_per_step": float(np.mean(sent)),
                          "t1_dense_allreduce_bytes": engine.sparse.dense_bytes()}

@@ -52,7 +52,7 @@ def _worker(rank: int, init: str, results: dict) -> None:
         for _ in range(PHASES):
             engine = build_engine(masked, phase_parameters(model, "t1", False), 1e-2, 0.0, dist, cfg, per_rank_batch=8)
             calls.clear()
-            engine.train_step(seq, "t1", None, negatives)
+            engine.train_step([(seq, "t1", None, negatives)])
             per_step.append(sorted(calls.values()))
             refs = (weakref.ref(engine.engine), weakref.ref(engine.optimizer))
             engine.close()

@@ -90,6 +90,30 @@ def test_torchrun_quickstart_two_processes_epoch_by_epoch(tmp_path):
         assert abs(a - b) <= 0.35 * a, f"{task['name']}: 1 process {a:.4f}, 2 processes {b:.4f}"
 
 
+def test_one_process_with_two_micro_batches_repeats_two_processes_bit_for_bit(tmp_path):
+    """Gradient accumulation with 2 micro-batches splits each batch as the stride partition
+    splits it over 2 ranks, and sums and scales the gradients as DDP does: the whole run, pruning
+    and best-epoch choices included, is the 2-process run."""
+    path = tiny_config(tmp_path, TASKS, train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50,
+                                               "num_threads": 1})
+    args = ["run", "--config", str(path), "data.partition=stride"]
+    conure(*args, "train.grad_accum=2", "--out", str(tmp_path / "one"))
+    conure(*args, "--out", str(tmp_path / "two"), nproc=2)
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    for key in ("task_checksums", "capacity", "matrix"):
+        assert one[key] == two[key], key
+    rows = compare_runs(str(tmp_path / "one"), str(tmp_path / "two"))
+    assert len(rows) == 3 * 2 * 2  # 3 tasks x (train, retrain) x (starting point, one epoch)
+    for row in rows:
+        assert row["loss_a"] == row["loss_b"] and row["same_data"] in (True, None), row
+        # Evaluation sums over 2 ranks add in another order: float64 rounding at most.
+        assert all(d <= 1e-12 for d in row["valid_rel_diff"].values()), row
+    final_one, final_two = checkpoint(tmp_path / "one", "gender-done"), checkpoint(tmp_path / "two", "gender-done")
+    assert final_one.model.keys() == final_two.model.keys()
+    assert all(torch.equal(final_one.model[n], final_two.model[n]) for n in final_one.model)
+
+
 def test_the_data_fingerprint_tells_partitions_apart(tmp_path):
     """Range partition gives each rank its own shards: other global batches than one process's,
     which the fingerprint must show."""

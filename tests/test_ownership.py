@@ -74,9 +74,9 @@ def _steps(masked, trainable, mode_task, steps, l2):
     for _ in range(steps):
         seq = torch.randint(1, 40, (8, 10))
         if mode_task == "b":
-            engine.train_step(seq, "b", torch.randint(0, 15, (8,)), torch.randint(0, 15, (8,)))
+            engine.train_step([(seq, "b", torch.randint(0, 15, (8,)), torch.randint(0, 15, (8,)))])
         else:
-            engine.train_step(seq, "t1", None, torch.arange(1, 40))
+            engine.train_step([(seq, "t1", None, torch.arange(1, 40))])
     return engine
 
 

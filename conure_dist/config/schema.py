@@ -167,6 +167,13 @@ class TrainConfig:
     """Show progress bars (rank 0 only)."""
     max_steps_per_epoch: int | None = None
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradient accumulation): each rank splits its share of a
+    global batch into this many strided parts and runs forward and backward on one at a time, so
+    activation memory shrinks by this factor. The update is that of world size x grad_accum
+    processes on the same global batch; 1 process with 2 micro-batches repeats 2 processes
+    (``data.partition=stride``) bit for bit. Every ``tasks.*.batch_size`` must be divisible by
+    world size x grad_accum."""
     num_threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
     deterministic: bool = True
@@ -187,6 +194,7 @@ class TrainConfig:
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         if self.max_steps_per_epoch is not None:
             _check(self.max_steps_per_epoch >= 1, f"{prefix}.max_steps_per_epoch", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", f"must be >= 1, got {self.grad_accum}")
         if self.num_threads is not None:
             _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
         if self.checkpoint_every_steps is not None:

@@ -98,10 +98,8 @@ class ConureModel(nn.Module):
             if negatives is None:
                 return head.scores(self._last_hidden(inputs, patches))
             hidden = self.backbone(inputs, patches=patches)
-            targets = seq_BL[:, 1:]
-            # Predict only real items from real context (left padding carries no signal).
-            keep = (targets != 0) & (inputs != 0)
-            loss_sum, count = head.loss(hidden[keep], targets[keep], negatives), keep.sum()
+            keep = _predicted(seq_BL)
+            loss_sum, count = head.loss(hidden[keep], seq_BL[:, 1:][keep], negatives), keep.sum()
         else:
             hidden = self._last_hidden(seq_BL, patches)
             if target_B is None:
@@ -113,6 +111,13 @@ class ConureModel(nn.Module):
             other_sum, other_count = self(other_seq, other, None, other_negatives)
             loss_sum = loss_sum + weight * other_sum * (count / other_count.clamp(min=1))
         return loss_sum, count
+
+    def example_count(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
+        """The number of examples a training batch of ``task`` holds, as ``forward`` counts them
+        (predicted positions of the sequence task, else instances), without running the model."""
+        if self.kinds[task] == "sequence":
+            return _predicted(seq_BL).sum()
+        return torch.tensor(seq_BL.shape[0], device=seq_BL.device)
 
     def init_head_prior(self, task: str, train_counts: torch.Tensor) -> None:
         """Start an item or class head as its task's trivial predictor (see the heads)."""
@@ -150,3 +155,9 @@ class ConureModel(nn.Module):
 
     def head_names(self, task: str) -> list[str]:
         return [f"heads.{task}.{n}" for n, _ in self.heads[task].named_parameters()]
+
+
+def _predicted(seq_BL: torch.Tensor) -> torch.Tensor:
+    """bool [B, L-1]: the positions the sequence task predicts: real items from real context
+    (left padding carries no signal)."""
+    return (seq_BL[:, 1:] != 0) & (seq_BL[:, :-1] != 0)

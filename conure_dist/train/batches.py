@@ -81,6 +81,26 @@ def format_digest(value: int) -> str:
     return f"{value & _MASK64:016x}"
 
 
+def micro_batches(k: int, seq: torch.Tensor, task: str, target: torch.Tensor | None, negatives: torch.Tensor | None,
+                  shared: bool, joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None) -> list[tuple]:
+    """A step's model inputs in ``k`` strided parts (part i: instances i, i+k, ...), as the
+    stride partition deals a batch to ranks (``train.grad_accum``). ``shared`` negatives (T1's)
+    go to every part; otherwise each instance keeps its own. ``joint`` (task, T1 batch, its
+    shared negatives, weight) is split alike."""
+    def part(x: torch.Tensor, i: int) -> torch.Tensor:
+        return x if k == 1 else x[i::k].contiguous()
+
+    parts = []
+    for i in range(k):
+        inputs: tuple = (part(seq, i), task, None if target is None else part(target, i),
+                         negatives if negatives is None or shared else part(negatives, i))
+        if joint is not None:
+            name, t1_seq, t1_negatives, weight = joint
+            inputs += ((name, part(t1_seq, i), t1_negatives, weight),)
+        parts.append(inputs)
+    return parts
+
+
 class JointBatches:
     """T1 batches (of T1's own batch size) and their negatives, cycling over T1's train split:
     what a method that keeps training T1 alongside a later task (MTL) adds to each step."""

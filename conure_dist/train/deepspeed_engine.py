@@ -8,6 +8,7 @@ bf16, rounding the frozen weights of earlier tasks and so changing their predict
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,14 +16,15 @@ from torch import nn
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
-from conure_dist.train.loss import training_loss
+from conure_dist.train.loss import MicroBatchLoss, training_loss
 
 FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
 
 
-def deepspeed_config(per_rank_batch: int, cfg: DistConfig) -> dict:
-    """The DeepSpeed config: ``dist.deepspeed_config`` (if any) plus what the run config fixes."""
+def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1) -> dict:
+    """The DeepSpeed config: ``dist.deepspeed_config`` (if any) plus what the run config fixes
+    (``per_rank_batch`` is the micro-batch: a rank's share of a global batch / ``grad_accum``)."""
     base: dict = {}
     if cfg.deepspeed_config:
         with open(cfg.deepspeed_config) as f:
@@ -33,7 +35,7 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig) -> dict:
         for key in FORBIDDEN_KEYS:
             if key in base:
                 raise ValueError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
-                                 "(tasks.*.batch_size, dist.precision, tasks.*.lr); remove it")
+                                 "(tasks.*.batch_size, train.grad_accum, dist.precision, tasks.*.lr); remove it")
         stage = base.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:
             raise ValueError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
@@ -41,7 +43,7 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig) -> dict:
     config = {
         **base,
         "train_micro_batch_size_per_gpu": per_rank_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {**base.get("zero_optimization", {}), "stage": cfg.zero_stage},
         "gradient_clipping": base.get("gradient_clipping", 0.0),
         "steps_per_print": base.get("steps_per_print", 1 << 30),
@@ -64,6 +66,7 @@ class DeepSpeedEngine:
         dist: DistInfo,
         cfg: DistConfig,
         per_rank_batch: int = 1,
+        grad_accum: int = 1,
     ) -> None:
         import deepspeed
 
@@ -79,16 +82,26 @@ class DeepSpeedEngine:
             model=masked,
             optimizer=optimizer,
             model_parameters=list(trainable.values()),
-            config=deepspeed_config(per_rank_batch, cfg),
+            config=deepspeed_config(per_rank_batch, cfg, grad_accum),
             dist_init_required=False,
         )
 
-    def train_step(self, *inputs: object) -> torch.Tensor:
-        loss_sum, count = self.engine(*inputs)
-        loss, mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
-        self.engine.backward(loss)
-        self.engine.step()
-        return mean
+    def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        if len(micro_batches) == 1:
+            loss_sum, count = self.engine(*micro_batches[0])
+            loss, mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
+            self.engine.backward(loss)
+            self.engine.step()
+            return mean
+        # DeepSpeed accumulates: it divides each backward by gradient_accumulation_steps and
+        # steps the optimizer (exchanging gradients) at the last micro-batch only.
+        model = self.masked.model
+        micro_loss = MicroBatchLoss([model.example_count(m[0], m[1]) for m in micro_batches], self.dist)
+        for inputs in micro_batches:
+            loss_sum, _ = self.engine(*inputs)
+            self.engine.backward(micro_loss(self.masked, self.trainable, self.l2, loss_sum))
+            self.engine.step()
+        return micro_loss.mean()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

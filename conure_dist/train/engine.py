@@ -7,6 +7,8 @@ a phase in which a weight was trainable into one where it is frozen.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -16,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
-from conure_dist.train.loss import autocast_context, training_loss
+from conure_dist.train.loss import MicroBatchLoss, autocast_context, training_loss
 from conure_dist.train.sparse_sync import RowSparseAllReduce
 
 
@@ -24,7 +26,10 @@ class Engine(Protocol):
     sharded_state: bool
     """True when every rank holds a different part of the optimizer state (ZeRO)."""
 
-    def train_step(self, *inputs: object) -> torch.Tensor: ...
+    def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        """One optimizer step over a global batch given as this rank's micro-batches (each the
+        model's training inputs; one unless gradients are accumulated); returns the global
+        batch's mean loss."""
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def close(self) -> None:
@@ -74,12 +79,15 @@ class TorchEngine:
         self.optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0,
                                           fused=True if dist.device.type == "cuda" else None)
 
-    def train_step(self, *inputs: object) -> torch.Tensor:
-        with autocast_context(self.dist.device, self.precision):
-            loss_sum, count = self.module(*inputs)
-        loss, mean = training_loss(self.masked, self.dense, self.l2, self.dist, loss_sum, count)
+    def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(micro_batches) == 1:
+            with autocast_context(self.dist.device, self.precision):
+                loss_sum, count = self.module(*micro_batches[0])
+            loss, mean = training_loss(self.masked, self.dense, self.l2, self.dist, loss_sum, count)
+            loss.backward()
+        else:
+            mean = self._accumulate(micro_batches)
         if self.sparse is not None:
             self.sparse()
             if self.l2:
@@ -88,6 +96,23 @@ class TorchEngine:
                     param.grad.add_(weight, alpha=self.l2)
         self.optimizer.step()
         return mean
+
+    def _accumulate(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        """Forward and backward one micro-batch at a time (DDP exchanges only after the last),
+        then divide the summed gradients by their number."""
+        model = self.masked.model
+        micro_loss = MicroBatchLoss([model.example_count(m[0], m[1]) for m in micro_batches], self.dist)
+        for i, inputs in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.is_distributed else self.module.no_sync()
+            with sync:
+                with autocast_context(self.dist.device, self.precision):
+                    loss_sum, _ = self.module(*inputs)
+                micro_loss(self.masked, self.dense, self.l2, loss_sum).backward()
+        for param in self.trainable.values():
+            if param.grad is not None:
+                param.grad.div_(micro_loss.k)
+        return micro_loss.mean()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
@@ -108,11 +133,13 @@ def build_engine(
     cfg: DistConfig,
     per_rank_batch: int = 1,
     row_sparse: list[str] | tuple[str, ...] = (),
+    grad_accum: int = 1,
 ) -> Engine:
     """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``;
-    ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely."""
+    ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely;
+    ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches."""
     if cfg.engine == "ddp":
         return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else ())
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch)
+    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum)

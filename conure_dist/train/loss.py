@@ -60,3 +60,34 @@ def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: f
     loss, mean = normalized_loss(loss_sum, count, dist)
     penalty = l2_penalty(masked, trainable, l2)
     return (loss if penalty is None else loss + penalty), mean
+
+
+class MicroBatchLoss:
+    """The loss of one micro-batch of a step split into ``k`` (gradient accumulation), scaled so
+    that the gradients summed over micro-batches and averaged over ranks, then divided by ``k``,
+    are those of the global batch mean: each micro-batch is treated as one of world size x k
+    data-parallel ranks. ``counts`` are the micro-batches' example counts on this rank."""
+
+    def __init__(self, counts: list[torch.Tensor], dist: DistInfo) -> None:
+        self.dist, self.k = dist, len(counts)
+        total = torch.stack([c.detach().to(torch.float64) for c in counts]).sum()
+        if dist.is_distributed:
+            tdist.all_reduce(total)
+        self.total_count = total.clamp(min=1)
+        self.scale = dist.world_size * self.k / self.total_count
+        self.loss_total = torch.zeros((), dtype=torch.float64, device=total.device)
+
+    def __call__(self, masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float,
+                 loss_sum: torch.Tensor) -> torch.Tensor:
+        """What to back-propagate for one micro-batch (its scaled loss plus the L2 penalty, as
+        every data-parallel rank adds it)."""
+        self.loss_total += loss_sum.detach().to(torch.float64)
+        penalty = l2_penalty(masked, trainable, l2)
+        loss = loss_sum * self.scale.to(loss_sum.dtype)
+        return loss if penalty is None else loss + penalty
+
+    def mean(self) -> torch.Tensor:
+        """The global batch's mean loss, once every micro-batch went through (collective)."""
+        if self.dist.is_distributed:
+            tdist.all_reduce(self.loss_total)
+        return self.loss_total / self.total_count

@@ -18,6 +18,7 @@ from conure_dist.train.batches import (
     JointBatches,
     batch_digest,
     format_digest,
+    micro_batches,
     negative_drawer,
     steps_per_epoch,
     train_batches,
@@ -84,7 +85,8 @@ class Phase:
             self.trainable = select_parameters(model, dense)
         self.engine = build_engine(trainer.masked, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
                                    per_rank_batch=self.global_batch // dist.world_size,
-                                   row_sparse=[f"model.{n}" for n in model.item_table_names()])
+                                   row_sparse=[f"model.{n}" for n in model.item_table_names()],
+                                   grad_accum=cfg.train.grad_accum)
         self.steps = steps_per_epoch(cfg, trainer.manifest, info.name, self.global_batch)
         self.draw = negative_drawer(cfg, trainer.manifest, dist, info, self.global_batch)
         self.joint_weight = joint_weight
@@ -140,13 +142,14 @@ class Phase:
         dist = self.trainer.dist
         seq = batch.seq.to(dist.device)
         target = None if batch.target is None else batch.target.to(dist.device)
-        joint = ()
+        joint = None
         if self.joint is not None:  # drawn first: the generator's order is part of the run
-            t1_seq, t1_negatives = self.joint(generator)
-            joint = ((self.trainer.infos[0].name, t1_seq, t1_negatives, self.joint_weight),)
+            joint = self.joint(generator)
         negatives = self.draw(generator)
         on_device = None if negatives is None else negatives.to(dist.device)
-        loss = self.engine.train_step(seq, self.info.name, target, on_device, *joint)
+        joint_task = None if joint is None else (self.trainer.infos[0].name, *joint, self.joint_weight)
+        loss = self.engine.train_step(micro_batches(self.trainer.cfg.train.grad_accum, seq, self.info.name, target,
+                                                    on_device, self.info.kind == "sequence", joint_task))
         # On the CPU while the device runs the step.
         digest = batch_digest(batch.user, negatives, self.info.kind == "sequence", self.progress.step, dist)
         self.progress.data_digest = (self.progress.data_digest + int(digest)) & _MASK64

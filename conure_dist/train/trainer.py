@@ -124,10 +124,12 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     without ``out``)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    parts = dist.world_size * cfg.train.grad_accum
     for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
-        if task.batch_size % dist.world_size:
+        if task.batch_size % parts:
+            accum = f" x train.grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
             raise ValueError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
-                             f"{dist.world_size}")
+                             f"{dist.world_size}{accum}")
     manifest = prepare_data(cfg, dist)
     infos = check_tasks(cfg, manifest)
     if cfg.data.partition == "range":
