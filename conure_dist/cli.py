@@ -1,4 +1,5 @@
-"""Command line: ``conure data|run|experiment|eval|predict|compare|audit`` (also ``python -m conure_dist``)."""
+"""Command line: ``conure data|run|config|experiment|eval|predict|compare|audit`` (also
+``python -m conure_dist``)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
     run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
+    cf = sub.add_parser("config", help="every config key with its type, default and meaning (with --config: "
+                                       "that preset's values, after overrides)")
+    cf.add_argument("--config", help="a YAML preset whose resolved values to show instead of the defaults")
+    cf.add_argument("--json", action="store_true", help="print the keys as JSON")
+    cf.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
     ex = sub.add_parser("experiment", help="methods x seeds (x variants): comparison table, JSON and plots")
     ex.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/ml100k_table2.yaml")
     ex.add_argument("--out", required=True, help="directory or URL: runs/, results.json, table.md, plots/")
@@ -133,6 +139,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(format_table(report))
         print(f"report: {args.out.rstrip('/')}/report.json")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from conure_dist.config import load_config
+    from conure_dist.config.describe import describe, format_keys, value_at
+
+    if args.overrides and not args.config:
+        raise ValueError("key=value overrides apply to a preset: add --config")
+    values = load_config(args.config, args.overrides).to_dict() if args.config else None
+    keys = describe()
+    if args.json:
+        print(json.dumps([{**k.__dict__, **({} if values is None else {"value": value_at(values, k.key)})}
+                          for k in keys], indent=1, default=str))
+    else:
+        print(format_keys(keys, values))
     return 0
 
 
@@ -209,7 +231,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"data": cmd_data, "run": cmd_run, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"data": cmd_data, "run": cmd_run, "config": cmd_config, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
             "compare": cmd_compare, "audit": cmd_audit}
 
 

@@ -24,24 +24,34 @@ def test_tied_scores_never_flatter_the_target():
 
 def test_mrr_hr_ndcg_by_hand():
     ranks = torch.tensor([0, 1, 4, 5, 100])
-    m = finalize(ranking_sums(ranks, k=5), k=5)
+    m = finalize(ranking_sums(ranks, k=5))
     assert m["count"] == 5
     assert m["mrr@5"] == pytest.approx((1 + 1 / 2 + 1 / 5) / 5)
     assert m["hr@5"] == pytest.approx(3 / 5)
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 5)
 
 
+def test_several_cutoffs_and_recall():
+    ranks = torch.tensor([0, 1, 4, 5, 9, 100])
+    m = finalize(ranking_sums(ranks, [5, 10]))
+    assert list(m) == ["mrr@5", "hr@5", "ndcg@5", "recall@5", "mrr@10", "hr@10", "ndcg@10", "recall@10", "count"]
+    assert m["hr@5"] == m["recall@5"] == pytest.approx(3 / 6)  # one target per example
+    assert m["hr@10"] == pytest.approx(5 / 6)
+    assert m["mrr@10"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 6 + 1 / 10) / 6)
+    assert finalize(ranking_sums(ranks, 5)) == {k: v for k, v in m.items() if k.endswith("@5") or k == "count"}
+
+
 def test_sums_compose_across_shards():
     ranks = torch.tensor([0, 3, 7, 2, 9, 1])
-    whole = finalize(ranking_sums(ranks, 5), 5)
+    whole = finalize(ranking_sums(ranks, 5))
     a, b = ranking_sums(ranks[:2], 5), ranking_sums(ranks[2:], 5)
-    parts = finalize({k: a[k] + b[k] for k in a}, 5)
+    parts = finalize({k: a[k] + b[k] for k in a})
     assert parts == pytest.approx(whole)
 
 
 def test_accuracy_and_cross_entropy():
     scores = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
-    m = finalize(accuracy_sums(scores, torch.tensor([1, 1, 1])), 5)
+    m = finalize(accuracy_sums(scores, torch.tensor([1, 1, 1])))
     assert m["acc"] == pytest.approx(2 / 3)
     log_p = [s[1] - math.log(math.exp(s[0]) + math.exp(s[1])) for s in scores.tolist()]
     assert m["nll"] == pytest.approx(-sum(log_p) / 3)
@@ -53,10 +63,10 @@ def test_nan_scores_never_score():
     scores = torch.tensor([[nan, nan, nan, nan], [0.1, nan, 0.5, 0.2]])
     assert target_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 3]
     assert target_ranks(scores, torch.tensor([2])[:1].expand(2)).tolist()[1] == 0
-    m = finalize(accuracy_sums(torch.tensor([[nan, nan], [nan, 1.0], [0.0, 1.0]]), torch.tensor([0, 1, 1])), 5)
+    m = finalize(accuracy_sums(torch.tensor([[nan, nan], [nan, 1.0], [0.0, 1.0]]), torch.tensor([0, 1, 1])))
     assert m["acc"] == pytest.approx(1 / 3)
 
 
 def test_empty_split_is_an_error():
     with pytest.raises(ValueError, match="empty"):
-        finalize({"mrr": 0.0, "count": 0.0}, 5)
+        finalize({"mrr@5": 0.0, "count": 0.0})

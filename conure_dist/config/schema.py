@@ -155,8 +155,9 @@ class TrainConfig:
     """Item tasks: rho of the static popularity negative sampler, p(rank r) ~ exp(-(r+1)/(rho*N))."""
     eval_batch_size: int = 1024
     """Global batch size for evaluation."""
-    topk: int = 5
-    """Cut-off of MRR@k, HR@k and NDCG@k."""
+    topk: int | list[int] = 5
+    """Cut-off k of MRR@k, HR@k, NDCG@k and Recall@k, or several (``[5, 10, 20]``): every one
+    is reported; the first fills the forgetting matrix and picks each phase's best epoch."""
     class_selection: Literal["nll", "acc"] = "nll"
     """What picks a class task's best validation epoch: its mean cross-entropy (``nll``: moves
     with every user's probability, where accuracy on a small validation split moves in steps of
@@ -167,6 +168,17 @@ class TrainConfig:
     """Show progress bars (rank 0 only)."""
     max_steps_per_epoch: int | None = None
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
+    patience: int | None = None
+    """Early stopping: end a phase once this many epochs in a row validated no better than its
+    best (None: train every epoch). The best epoch's parameters are kept either way."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm of the phase's trainable weights to this value before each
+    update (after the gradient exchange; frozen entries have zero gradient and stay zero)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over a phase's steps: constant ``tasks.*.lr``, or decaying linearly or on a
+    half cosine to zero by the phase's last step, after ``warmup_steps`` of linear warm-up."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``tasks.*.lr`` at the start of every phase."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (gradient accumulation): each rank splits its share of a
     global batch into this many strided parts and runs forward and backward on one at a time, so
@@ -190,7 +202,14 @@ class TrainConfig:
         _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
         _check(self.bpr_rho > 0, f"{prefix}.bpr_rho", "must be > 0")
         _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
-        _check(self.topk >= 1, f"{prefix}.topk", "must be >= 1")
+        ks = [self.topk] if isinstance(self.topk, int) else self.topk
+        _check(len(ks) >= 1 and all(k >= 1 for k in ks), f"{prefix}.topk", f"must be >= 1 (each), got {self.topk}")
+        _check(len(set(ks)) == len(ks), f"{prefix}.topk", f"lists a cut-off twice: {self.topk}")
+        if self.patience is not None:
+            _check(self.patience >= 1, f"{prefix}.patience", f"must be >= 1, got {self.patience}")
+        if self.clip_grad_norm is not None:
+            _check(self.clip_grad_norm > 0, f"{prefix}.clip_grad_norm", f"must be > 0, got {self.clip_grad_norm}")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         if self.max_steps_per_epoch is not None:
             _check(self.max_steps_per_epoch >= 1, f"{prefix}.max_steps_per_epoch", "must be >= 1")

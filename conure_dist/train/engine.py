@@ -32,6 +32,8 @@ class Engine(Protocol):
         batch's mean loss."""
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (``train.lr_schedule``)."""
     def close(self) -> None:
         """Release what the engine hooked into the model when its phase ends."""
 
@@ -56,8 +58,10 @@ class TorchEngine:
         dist: DistInfo,
         precision: str,
         row_sparse: list[str] | tuple[str, ...] = (),
+        clip_grad_norm: float | None = None,
     ) -> None:
         self.masked = masked
+        self.clip_grad_norm = clip_grad_norm
         self.dist = dist
         self.precision = precision
         self.l2 = l2
@@ -94,6 +98,9 @@ class TorchEngine:
                 for name, param in self.sparse.params.items():
                     weight = self.masked.trainable_part(name.removeprefix("model."), param.detach())
                     param.grad.add_(weight, alpha=self.l2)
+        if self.clip_grad_norm is not None:
+            grads = [p for p in self.trainable.values() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
         self.optimizer.step()
         return mean
 
@@ -120,6 +127,10 @@ class TorchEngine:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def close(self) -> None:
         """Nothing to release: DDP's wrapper and the optimizer go with this object."""
 
@@ -134,12 +145,17 @@ def build_engine(
     per_rank_batch: int = 1,
     row_sparse: list[str] | tuple[str, ...] = (),
     grad_accum: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> Engine:
     """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``;
     ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely;
     ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches."""
     if cfg.engine == "ddp":
-        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else ())
+        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else (),
+                           clip_grad_norm)
+    if clip_grad_norm is not None:
+        raise ValueError("train.clip_grad_norm with dist.engine=deepspeed: set 'gradient_clipping' in "
+                         "dist.deepspeed_config instead")
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum)

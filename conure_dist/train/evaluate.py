@@ -10,7 +10,14 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
-from conure_dist.train.metrics import accuracy_sums, finalize, ranking_sums, sum_keys, target_ranks
+from conure_dist.train.metrics import (
+    Cutoffs,
+    accuracy_sums,
+    finalize,
+    ranking_sums,
+    sum_keys,
+    target_ranks,
+)
 
 
 def _targets(task: TaskInfo, seq: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -34,7 +41,7 @@ def evaluate_task(
     task: TaskInfo,
     split: str,
     batch_size: int,
-    k: int,
+    k: Cutoffs,
     dist: DistInfo,
 ) -> dict[str, float]:
     """Metrics of ``task`` on ``split`` under the model's current view (every instance once)."""
@@ -52,7 +59,7 @@ def evaluate_task(
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return finalize(_reduce(sums, sum_keys(task.kind), dist), k)
+    return finalize(_reduce(sums, sum_keys(task.kind, k), dist))
 
 
 @torch.no_grad()
@@ -65,7 +72,7 @@ def collect_scores(model: MaskedModel, manifest: Manifest, task: TaskInfo, split
     return torch.cat(out)
 
 
-def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: int) -> dict[str, float]:
+def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs) -> dict[str, float]:
     """The trivial predictor on the same split: most popular training items, or majority class."""
     counts = manifest.load_train_counts(task.name).astype(np.int64)
     if task.kind == "sequence":
@@ -83,4 +90,4 @@ def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: int) ->
             part = ranking_sums(torch.from_numpy(rank_of[target.numpy()]), k)
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
-    return finalize(sums, k)
+    return finalize(sums)

@@ -6,11 +6,14 @@ single-process numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from conure_dist.compiled import hot
 
-ITEM_METRICS = ("mrr", "hr", "ndcg")
+ITEM_METRICS = ("mrr", "hr", "ndcg", "recall")
+Cutoffs = int | Sequence[int]
 
 
 @hot
@@ -25,16 +28,25 @@ def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tenso
     return torch.where(target_scores[:, 0].isnan(), scores_NV.shape[1] - 1, before.sum(dim=1))
 
 
-def ranking_sums(ranks_N: torch.Tensor, k: int) -> dict[str, float]:
-    """Sums over examples of MRR@k, HR@k and NDCG@k, plus the example count."""
+def cutoffs(k: Cutoffs) -> tuple[int, ...]:
+    """The cut-offs of ``train.topk`` (one, or a list whose first picks best epochs)."""
+    return (k,) if isinstance(k, int) else tuple(k)
+
+
+def ranking_sums(ranks_N: torch.Tensor, k: Cutoffs) -> dict[str, float]:
+    """Sums over examples of MRR@k, HR@k, NDCG@k and Recall@k at every cut-off, plus the example
+    count. With one held-out target per example, Recall@k (targets found / targets) equals HR@k;
+    it is reported under its own name for tables that use it."""
     ranks = ranks_N.double()
-    hit = ranks < k
-    return {
-        "mrr": torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item(),
-        "hr": hit.double().sum().item(),
-        "ndcg": torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item(),
-        "count": float(ranks.numel()),
-    }
+    sums = {}
+    for cut in cutoffs(k):
+        hit = ranks < cut
+        hits = hit.double().sum().item()
+        sums.update({f"mrr@{cut}": torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item(), f"hr@{cut}": hits,
+                     f"ndcg@{cut}": torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item(),
+                     f"recall@{cut}": hits})
+    sums["count"] = float(ranks.numel())
+    return sums
 
 
 def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, float]:
@@ -44,25 +56,24 @@ def accuracy_sums(scores_NC: torch.Tensor, target_N: torch.Tensor) -> dict[str, 
     return {"acc": correct.double().sum().item(), "nll": nll, "count": float(target_N.numel())}
 
 
-def sum_keys(kind: str) -> tuple[str, ...]:
+def sum_keys(kind: str, k: Cutoffs) -> tuple[str, ...]:
     """The sums ``accuracy_sums`` (class tasks) or ``ranking_sums`` (the others) return."""
-    return ("acc", "nll", "count") if kind == "class" else (*ITEM_METRICS, "count")
+    if kind == "class":
+        return ("acc", "nll", "count")
+    return (*(f"{name}@{cut}" for cut in cutoffs(k) for name in ITEM_METRICS), "count")
 
 
-def finalize(sums: dict[str, float], k: int) -> dict[str, float]:
-    """Turn accumulated sums into means, named with the cut-off (``mrr@5``)."""
+def finalize(sums: dict[str, float]) -> dict[str, float]:
+    """Turn accumulated sums into means (the example count stays a count)."""
     count = sums.get("count", 0.0)
     if count == 0:
         raise ValueError("cannot compute metrics over an empty split")
-    out = {}
-    for name, value in sums.items():
-        if name == "count":
-            continue
-        out[f"{name}@{k}" if name in ITEM_METRICS else name] = value / count
+    out = {name: value / count for name, value in sums.items() if name != "count"}
     out["count"] = int(count)
     return out
 
 
-def primary_metric_name(kind: str, k: int) -> str:
-    return "acc" if kind == "class" else f"mrr@{k}"
+def primary_metric_name(kind: str, k: Cutoffs) -> str:
+    """What fills the forgetting matrix and picks best epochs: accuracy, or MRR at the first cut-off."""
+    return "acc" if kind == "class" else f"mrr@{cutoffs(k)[0]}"
 

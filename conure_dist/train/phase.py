@@ -27,6 +27,7 @@ from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.samplers import hash_seed, make_generator
+from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ class Phase:
         self.engine = build_engine(trainer.masked, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
                                    per_rank_batch=self.global_batch // dist.world_size,
                                    row_sparse=[f"model.{n}" for n in model.item_table_names()],
-                                   grad_accum=cfg.train.grad_accum)
+                                   grad_accum=cfg.train.grad_accum, clip_grad_norm=cfg.train.clip_grad_norm)
+        self.lr = task_cfg.lr
         self.steps = steps_per_epoch(cfg, trainer.manifest, info.name, self.global_batch)
         self.draw = negative_drawer(cfg, trainer.manifest, dist, info, self.global_batch)
         self.joint_weight = joint_weight
@@ -107,7 +109,12 @@ class Phase:
             # The starting point competes too: a phase whose epochs all validate worse than where
             # it began (a fresh head at its prior, a pruned task before retraining) keeps it.
             self.validate(0, None)
+        patience = self.trainer.cfg.train.patience
         while self.progress.epoch < self.epochs:
+            if patience and self.progress.since_best >= patience:
+                self.trainer.logger.log("early_stop", task=self.info.name, phase=self.mode, epoch=self.progress.epoch,
+                                        best_value=self.progress.best_value)
+                break
             generator_state = resume.generator_state if resume is not None and self.progress.step > 0 else None
             self._train_epoch(generator_state, save_mid)
             resume = None
@@ -129,7 +136,13 @@ class Phase:
                    desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}", leave=False,
                    disable=not (trainer.cfg.train.progress and trainer.dist.is_main))
         every = trainer.cfg.train.checkpoint_every_steps
+        train = trainer.cfg.train
+        scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
         for batch in bar:
+            if scheduled:
+                step = epoch * self.steps + progress.step
+                self.engine.set_lr(self.lr * lr_factor(step, self.epochs * self.steps, train.lr_schedule,
+                                                       train.warmup_steps))
             self._step(batch, generator)
             if progress.step % trainer.cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
@@ -183,8 +196,10 @@ class Phase:
         trainer.logger.log("epoch", task=self.info.name, phase=self.mode, **entry)
         score = self.score(valid)
         if score > self.progress.best_value:
-            self.progress.best_value = score
+            self.progress.best_value, self.progress.since_best = score, 0
             self.tensors.best = {n: p.detach().clone() for n, p in self.trainable.items()}
+        else:
+            self.progress.since_best += 1
 
     def _finish(self) -> None:
         """Load the best epoch's parameters; nothing stays trainable."""

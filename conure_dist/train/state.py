@@ -38,6 +38,8 @@ class PhaseProgress:
     """This rank's part of the epoch's data fingerprint so far (``batches.batch_digest``), as an
     unsigned 64-bit integer."""
     best_value: float = float("-inf")
+    since_best: int = 0
+    """Validations in a row that did not beat ``best_value`` (early stopping: ``train.patience``)."""
     epochs_log: list[dict[str, Any]] = field(default_factory=list)
 
 

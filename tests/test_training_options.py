@@ -1,0 +1,90 @@
+"""Training options: learning-rate schedule, early stopping, gradient clipping, several cut-offs.
+Their defaults leave a run as it was."""
+
+import json
+
+import pytest
+import torch
+from helpers import conure, tiny_config
+
+from conure_dist.continual.ownership import TaskOwnership
+from conure_dist.continual.views import MaskedModel
+from conure_dist.dist import DistInfo
+from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.train.engine import TorchEngine
+from conure_dist.train.phase import phase_parameters
+from conure_dist.train.schedule import lr_factor
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
+TASKS = [("t1", 0.6), ("click", 0.5)]
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    assert [lr_factor(s, 10, "constant", 3) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    linear = [lr_factor(s, 10, "linear", 0) for s in range(11)]
+    assert linear[0] == 1.0 and linear[5] == pytest.approx(0.5) and linear[10] == 0.0
+    cosine = [lr_factor(s, 10, "cosine", 2) for s in range(11)]
+    assert cosine[:2] == [1 / 3, 2 / 3] and cosine[2] == 1.0 and cosine[6] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:], strict=False)) and cosine[10] == pytest.approx(0.0)
+
+
+def test_clipping_bounds_the_update_and_never_moves_frozen_weights():
+    torch.manual_seed(0)
+    model = ConureModel(40, [TaskSpec("t1", "sequence", 40)], 8, 3, [1, 2])
+    names = model.prunable_names()
+    ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in names})
+    weights = dict(model.named_parameters())
+    ownership.prune(1, {n: weights[n] for n in names}, 0.5)
+    masked = MaskedModel(model, ownership)
+    masked.set_view("retrain", 1)  # the task's kept weights train; the released ones are frozen
+    trainable = phase_parameters(model, "t1", first_phase=False)
+    engine = TorchEngine(masked, trainable, 1e-2, 0.0, CPU, "fp32", clip_grad_norm=1e-3)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    seq = torch.randint(1, 40, (8, 10))
+    engine.train_step([(seq, "t1", None, torch.arange(1, 40))])
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainable.values() if p.grad is not None))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-4)  # clipped to the bound
+    for name in names:
+        free = ownership.owners[name] == 0
+        assert torch.equal(trainable[f"model.{name}"][free], before[f"model.{name}"][free])
+
+
+def _epochs(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] in ("epoch", "early_stop")]
+
+
+def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
+    path = tiny_config(tmp_path, TASKS)
+    common = ["run", "--config", str(path), "tasks.*.epochs=6", "tasks.*.retrain_epochs=0", "tasks.*.lr=0.05"]
+    conure(*common, "--out", str(tmp_path / "all"))
+    conure(*common, "train.patience=1", "train.topk=[5,10]", "--out", str(tmp_path / "stop"))
+    full, stopped = _epochs(tmp_path / "all"), _epochs(tmp_path / "stop")
+    stops = [e for e in stopped if e["event"] == "early_stop"]
+    assert stops, "a high learning rate over 6 epochs should stop early somewhere"
+    trained = [e for e in stopped if e["event"] == "epoch"]
+    assert len(trained) < len(full)
+    for stop in stops:  # the phase stopped right after one epoch that did not beat the best
+        same = [e for e in trained if e["task"] == stop["task"] and e["phase"] == stop["phase"]]
+        assert same[-1]["epoch"] == stop["epoch"] and stop["epoch"] < 6
+    click = next(e for e in trained if e["task"] == "click" and e["epoch"] == 1)["valid"]
+    assert {"mrr@5", "mrr@10", "hr@10", "recall@10"} <= set(click) and click["hr@10"] >= click["hr@5"]
+    # The epochs before the first stop are the uninterrupted run's (patience only ends phases).
+    first = stops[0]
+    upto = [e for e in full if e["event"] == "epoch"][: trained.index(next(
+        e for e in trained if e["task"] == first["task"] and e["phase"] == first["phase"]))]
+    assert [e["loss"] for e in upto] == [e["loss"] for e in trained[: len(upto)]]
+    report = json.loads((tmp_path / "stop" / "report.json").read_text())
+    assert report["matrix"][0][0] == report["test_metrics"]["t1"]["mrr@5"]  # the first cut-off fills the matrix
+
+
+def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
+    path = tiny_config(tmp_path, TASKS[:1])
+    common = ["run", "--config", str(path), "train.max_steps_per_epoch=4", "tasks.*.retrain_epochs=0"]
+    conure(*common, "--out", str(tmp_path / "plain"))
+    conure(*common, "train.lr_schedule=constant", "train.warmup_steps=0", "--out", str(tmp_path / "same"))
+    conure(*common, "train.lr_schedule=cosine", "train.warmup_steps=2", "--out", str(tmp_path / "cosine"))
+    losses = {name: [e["loss"] for e in _epochs(tmp_path / name) if e["event"] == "epoch"]
+              for name in ("plain", "same", "cosine")}
+    assert losses["plain"] == losses["same"]
+    assert losses["cosine"][0] is None and losses["cosine"][1] != losses["plain"][1]
