@@ -97,7 +97,7 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
                                                cfg.train.topk, dist)
         state.metrics.append(row)
         state.matrix.append([row[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(infos)])
-        logger.log("task_done", task=info.name, test=row[info.name])
+        logger.log("task_done", task=info.name, test=row[info.name], global_step=trainer.global_step)
         state.task_index = i + 1
     state.wall_seconds = time.perf_counter() - start
     backbone_size = sum(p.numel() for n, p in model.named_parameters() if n in set(backbone))

@@ -121,7 +121,8 @@ class ConureRun:
                              for j, t in enumerate(trainer.infos)])
         state.capacity.append(capacity_entry(info.name, ownership))
         state.task_checksums[info.name] = trainer.checksum_of_task(i)
-        trainer.logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1])
+        trainer.logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1],
+                           global_step=trainer.global_step)
         state.task_index, state.stage, state.phase = i + 1, "start", None
         self.checkpoint(f"{info.name}-done")
 

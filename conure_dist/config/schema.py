@@ -195,6 +195,14 @@ class TrainConfig:
     Ops without a deterministic kernel only warn; turn off for top GPU speed."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
+    sinks: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Where training curves go besides ``log.jsonl`` (rank 0): TensorBoard event files under
+    ``{out}/tensorboard`` (local first, uploaded at phase ends for ``s3://`` runs), Weights &
+    Biases, MLflow. Per step: loss, sequences/s, learning rate, peak GPU memory; per epoch:
+    validation metrics; per task: test metrics and capacity."""
+    profile_steps: list[int] | None = None
+    """``[start, stop]``: run the torch profiler over the run's optimizer steps start..stop-1
+    (counted over all phases); traces and operator tables go to ``{out}/profile``."""
     keep_checkpoints: int = 2
     """Intact committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
 
@@ -209,6 +217,10 @@ class TrainConfig:
             _check(self.patience >= 1, f"{prefix}.patience", f"must be >= 1, got {self.patience}")
         if self.clip_grad_norm is not None:
             _check(self.clip_grad_norm > 0, f"{prefix}.clip_grad_norm", f"must be > 0, got {self.clip_grad_norm}")
+        if self.profile_steps is not None:
+            _check(len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1],
+                   f"{prefix}.profile_steps", f"must be [start, stop] with 0 <= start < stop, got {self.profile_steps}")
+        _check(len(set(self.sinks)) == len(self.sinks), f"{prefix}.sinks", f"lists a sink twice: {self.sinks}")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         if self.max_steps_per_epoch is not None:

@@ -14,9 +14,11 @@ class JsonlLogger:
     """Appends one JSON object per event. Object stores cannot append, so there the file is
     rewritten on :meth:`flush` (called at every checkpoint)."""
 
-    def __init__(self, path: str, enabled: bool = True) -> None:
+    def __init__(self, path: str, enabled: bool = True, sinks: list | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.sinks = sinks or []
+        """Further destinations of every event (``conure_dist.train.sinks``): TensorBoard..."""
         self.fs, self.fs_path = fsspec.core.url_to_fs(path)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.lines: list[str] = []
@@ -27,6 +29,8 @@ class JsonlLogger:
         if not self.enabled:
             return
         line = json.dumps(_finite({"time": round(time.time(), 3), "event": event, **fields}), allow_nan=False) + "\n"
+        for sink in self.sinks:
+            sink.log(event, fields)
         if self.local:
             self.fs.makedirs(self.fs._parent(self.fs_path), exist_ok=True)
             with self.fs.open(self.fs_path, "a") as f:
@@ -38,6 +42,15 @@ class JsonlLogger:
         if self.enabled and not self.local:
             with self.fs.open(self.fs_path, "w") as f:
                 f.write("".join(self.lines))
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        """Flush, and close the sinks (the run is over)."""
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _finite(value: Any) -> Any:

@@ -26,6 +26,7 @@ from conure_dist.train.batches import (
 from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.profile import StepMeter
 from conure_dist.train.samplers import hash_seed, make_generator
 from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
@@ -138,20 +139,29 @@ class Phase:
         every = trainer.cfg.train.checkpoint_every_steps
         train = trainer.cfg.train
         scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
+        meter, lr = StepMeter(self.global_batch, trainer.dist.device), self.lr
         for batch in bar:
             if scheduled:
                 step = epoch * self.steps + progress.step
-                self.engine.set_lr(self.lr * lr_factor(step, self.epochs * self.steps, train.lr_schedule,
-                                                       train.warmup_steps))
-            self._step(batch, generator)
-            if progress.step % trainer.cfg.train.log_every == 0:
+                lr = self.lr * lr_factor(step, self.epochs * self.steps, train.lr_schedule, train.warmup_steps)
+                self.engine.set_lr(lr)
+            if trainer.profiler is not None:
+                trainer.profiler.before_step(trainer.global_step)
+            meter.add(self._step(batch, generator))
+            if trainer.profiler is not None:
+                trainer.profiler.after_step(trainer.global_step)
+            trainer.global_step += 1
+            if progress.step % train.log_every == 0:
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
+                trainer.logger.log("step", task=self.info.name, phase=self.mode, epoch=epoch + 1, step=progress.step,
+                                   global_step=trainer.global_step, **meter.report(lr))
             if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
                 save_mid(self)
         self.validate(epoch + 1, progress.loss_total / max(progress.step, 1), self._epoch_digest())
         progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
 
-    def _step(self, batch: Any, generator: torch.Generator) -> None:
+    def _step(self, batch: Any, generator: torch.Generator) -> float:
+        """One optimizer step; its loss (the global batch's mean)."""
         dist = self.trainer.dist
         seq = batch.seq.to(dist.device)
         target = None if batch.target is None else batch.target.to(dist.device)
@@ -173,6 +183,7 @@ class Phase:
                                 f"tasks.{self.task_index}.lr")
         self.progress.loss_total += value
         self.progress.step += 1
+        return value
 
     def _epoch_digest(self) -> str:
         """The epoch's data fingerprint over all ranks: equal for two runs exactly when they
@@ -193,7 +204,7 @@ class Phase:
                               trainer.cfg.train.topk, trainer.dist)
         entry = {"epoch": epoch, "loss": loss, "data": data, "valid": valid}
         self.progress.epochs_log.append(entry)
-        trainer.logger.log("epoch", task=self.info.name, phase=self.mode, **entry)
+        trainer.logger.log("epoch", task=self.info.name, phase=self.mode, global_step=trainer.global_step, **entry)
         score = self.score(valid)
         if score > self.progress.best_value:
             self.progress.best_value, self.progress.since_best = score, 0

@@ -23,6 +23,8 @@ from conure_dist.report import build_report, write_report
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.phase import Phase
+from conure_dist.train.profile import StepProfiler
+from conure_dist.train.sinks import make_sinks
 from conure_dist.train.state import PhaseResume, RunState
 
 
@@ -66,6 +68,9 @@ class Trainer:
     model: ConureModel
     masked: MaskedModel
     logger: JsonlLogger
+    profiler: StepProfiler | None = None
+    global_step: int = 0
+    """Optimizer steps taken by the run so far, over all phases (the curves' x axis)."""
 
     @property
     def ownership(self) -> TaskOwnership:
@@ -112,7 +117,7 @@ class Trainer:
         if self.dist.is_main:
             write_report(report, out)
         self.logger.log("done", wall_seconds=state.wall_seconds)
-        self.logger.flush()
+        self.logger.close()
         # Every rank leaves together: no rank tears the process group down while another still
         # finishes its last collective.
         barrier(self.dist)
@@ -144,5 +149,8 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     model = model.to(dist.device)
     compiled.compile_if(model, cfg.dist.compile, dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
-    logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=dist.is_main and bool(out))
-    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger)
+    main = dist.is_main and bool(out)
+    sinks = make_sinks(cfg.train.sinks, out, cfg.to_dict()) if main else []
+    logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=main, sinks=sinks)
+    profiler = StepProfiler(*cfg.train.profile_steps, out, dist.rank) if cfg.train.profile_steps and out else None
+    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger, profiler)

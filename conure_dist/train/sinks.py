@@ -1,0 +1,158 @@
+"""Where a run's events go besides ``log.jsonl``: TensorBoard by default, Weights & Biases or
+MLflow on request, all behind one small interface (``Sink``).
+
+The JSONL logger hands every event to the sinks (rank 0 only). Each maps the events it knows to
+its own calls: per-step training figures (``step``: loss, sequences/s, learning rate, peak GPU
+memory), per-epoch validation metrics (``epoch``), and each finished task's test metrics and the
+share of conv weights every task owns (``task_done``). The x axis is the run's optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import fsspec
+
+from conure_dist.fs import is_local, join
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def log(self, event: str, fields: dict[str, Any]) -> None: ...
+    def flush(self) -> None:
+        """Make what was logged visible (called at every checkpoint and at the end)."""
+    def close(self) -> None: ...
+
+
+def scalars(event: str, fields: dict[str, Any]) -> dict[str, float]:
+    """The scalar series an event adds (tag -> value), the same for every sink."""
+    out: dict[str, float] = {}
+    task, phase = fields.get("task"), fields.get("phase")
+    if event == "step":
+        for key in ("loss", "sequences_per_s", "lr", "gpu_memory_gb"):
+            if fields.get(key) is not None:
+                out[f"train/{task}/{key}"] = fields[key]
+    elif event == "epoch":
+        if fields.get("loss") is not None:
+            out[f"epoch_loss/{task}/{phase}"] = fields["loss"]
+        out.update({f"valid/{task}/{name}": value for name, value in fields["valid"].items() if name != "count"})
+    elif event == "task_done":
+        out.update({f"test/{task}/{name}": value for name, value in fields["test"].items() if name != "count"})
+        capacity = fields.get("capacity")
+        if capacity:
+            out["capacity/free_fraction"] = capacity["free_fraction"]
+            out.update({f"capacity/owned_by_task_{k}": v for k, v in capacity["owned_fraction"].items()})
+    return out
+
+
+class TensorBoardSink:
+    """Event files under ``{out}/tensorboard``. Object stores cannot append: for an ``s3://``
+    run the files are written to a local folder and uploaded at every flush (phase ends)."""
+
+    def __init__(self, out: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = None if is_local(out) else join(out, "tensorboard")
+        self.dir = _local_path(join(out, "tensorboard")) if self.remote is None else tempfile.mkdtemp(prefix="conure-tb-")
+        self.writer = SummaryWriter(self.dir)
+
+    def log(self, event: str, fields: dict[str, Any]) -> None:
+        step = fields.get("global_step", 0)
+        for tag, value in scalars(event, fields).items():
+            self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote is not None:
+            fs, root = fsspec.core.url_to_fs(self.remote)
+            for name in os.listdir(self.dir):
+                fs.put_file(os.path.join(self.dir, name), f"{root.rstrip('/')}/{name}")
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases (``pip install wandb``; ``WANDB_MODE=offline`` works without a network)."""
+
+    def __init__(self, out: str, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
+        local = _local_path(out) if is_local(out) else tempfile.mkdtemp(prefix="conure-wandb-")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "conure_dist"), dir=local, config=config)
+        # Several events share an optimizer step: each is its own row, plotted against global_step.
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, event: str, fields: dict[str, Any]) -> None:
+        values = scalars(event, fields)
+        if values:
+            self.run.log({"global_step": fields.get("global_step", 0), **values})
+
+    def flush(self) -> None:
+        """W&B sends in the background."""
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowSink:
+    """MLflow (``pip install mlflow-skinny``), to ``MLFLOW_TRACKING_URI`` or ``{out}/mlruns``."""
+
+    def __init__(self, out: str, config: dict[str, Any]) -> None:
+        try:
+            import mlflow
+        except ImportError:
+            raise ValueError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            if not is_local(out):
+                raise ValueError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
+                                 "keeps its own tracking store; it cannot write one into an object store)")
+            # A file store needs no database; MLflow 3 keeps it (in maintenance) behind this switch.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(Path(_local_path(join(out, "mlruns"))).absolute().as_uri())
+        self.mlflow = mlflow
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "conure_dist"))
+        self.run = mlflow.start_run()
+        flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
+        for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(list(flat.items())[start:start + 100]))
+
+    def log(self, event: str, fields: dict[str, Any]) -> None:
+        values = {tag.replace("@", "_at_"): v for tag, v in scalars(event, fields).items()}
+        if values:
+            self.mlflow.log_metrics(values, step=fields.get("global_step", 0))
+
+    def flush(self) -> None:
+        """MLflow writes each call through."""
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _local_path(url: str) -> str:
+    """A local path from a local path or ``file://`` URL (made if missing)."""
+    path = fsspec.core.url_to_fs(url)[1]
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def make_sinks(names: list[str], out: str, config: dict[str, Any]) -> list[Sink]:
+    """The sinks ``train.sinks`` names, writing under the run directory ``out``."""
+    makers = {"tensorboard": lambda: TensorBoardSink(out), "wandb": lambda: WandbSink(out, config),
+              "mlflow": lambda: MLflowSink(out, config)}
+    return [makers[name]() for name in names]

@@ -1,0 +1,95 @@
+"""Training curves: TensorBoard (local and uploaded from S3 runs), MLflow and W&B through one
+sink interface, and the profiler over a step range. Every curve equals what log.jsonl says."""
+
+import json
+import os
+
+import fsspec
+import pytest
+from helpers import conure, tiny_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conure_dist.train.sinks import make_sinks
+
+TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_steps(tmp_path):
+    out = tmp_path / "run"
+    conure("run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(out), "train.log_every=2",
+           "train.sinks=[tensorboard,mlflow]", "train.profile_steps=[1,3]")
+    log, curves = _log(out), _scalars(out / "tensorboard")
+    steps = [e for e in log if e["event"] == "step"]
+    t1_steps = [e for e in steps if e["task"] == "t1"]
+    assert t1_steps and all(e["global_step"] % 2 == 0 for e in t1_steps)
+    # TensorBoard stores float32: the values equal the log's up to that rounding.
+    assert [s for s, _ in curves["train/t1/loss"]] == [e["global_step"] for e in t1_steps]
+    assert [v for _, v in curves["train/t1/loss"]] == pytest.approx([e["loss"] for e in t1_steps], rel=1e-6)
+    assert all(v > 0 for _, v in curves["train/t1/sequences_per_s"])
+    assert [v for _, v in curves["train/click/lr"]] == pytest.approx([3e-3] * len(curves["train/click/lr"]))
+    epochs = [e for e in log if e["event"] == "epoch" and e["task"] == "click"]
+    assert [v for _, v in curves["valid/click/mrr@5"]] == pytest.approx([e["valid"]["mrr@5"] for e in epochs], rel=1e-6)
+    done = {e["task"]: e for e in log if e["event"] == "task_done"}
+    assert curves["test/gender/acc"][0][1] == pytest.approx(done["gender"]["test"]["acc"], rel=1e-6)
+    assert [v for _, v in curves["capacity/free_fraction"]] == pytest.approx(
+        [done[t]["capacity"]["free_fraction"] for t, _ in TASKS], rel=1e-6)
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "conure_dist"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "valid/click/mrr_at_5")
+    assert [m.value for m in history] == pytest.approx([e["valid"]["mrr@5"] for e in epochs], rel=1e-12)
+    assert run.data.params["train.log_every"] == "2" and run.data.params["seed"] == "3"  # the config
+
+    profile = out / "profile"
+    trace = json.loads((profile / "trace-steps1-3-rank0.json").read_text())
+    assert any("aten::" in ev.get("name", "") for ev in trace["traceEvents"])
+    assert "Self CPU" in (profile / "top-ops-steps1-3-rank0.txt").read_text()
+
+
+def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):
+    out = "s3://conure-test/curves/run"
+    conure("run", "--config", str(tiny_config(tmp_path, TASKS[:2])), "--out", out, "train.log_every=2")
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    names = fs.ls("conure-test/curves/run/tensorboard")
+    assert names and all(os.path.basename(n).startswith("events.out.tfevents") for n in names)
+    local = tmp_path / "tb"
+    local.mkdir()
+    for name in names:
+        fs.get_file(name, str(local / os.path.basename(name)))
+    curves = _scalars(local)
+    assert "valid/click/mrr@5" in curves and "capacity/free_fraction" in curves  # uploaded after the last task
+
+
+def test_no_sinks_writes_no_curves(tmp_path):
+    out = tmp_path / "run"
+    conure("run", "--config", str(tiny_config(tmp_path, TASKS[:1])), "--out", str(out), "train.sinks=[]")
+    assert not (out / "tensorboard").exists() and any(e["event"] == "epoch" for e in _log(out))
+
+
+def test_wandb_offline_receives_the_same_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (sink,) = make_sinks(["wandb"], str(tmp_path), {"seed": 3})
+    sink.log("epoch", {"task": "t1", "phase": "train", "loss": 1.25, "valid": {"mrr@5": 0.5, "count": 9},
+                       "global_step": 4})
+    sink.log("step", {"task": "t1", "loss": 2.0, "lr": 0.01, "sequences_per_s": 100.0, "gpu_memory_gb": None,
+                      "global_step": 6})
+    assert sink.run.summary["valid/t1/mrr@5"] == 0.5 and sink.run.summary["train/t1/loss"] == 2.0
+    assert sink.run.config["seed"] == 3
+    sink.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
