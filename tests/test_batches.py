@@ -50,3 +50,43 @@ def test_any_change_to_the_batch_changes_the_fingerprint():
     # A rank that dealt the batch differently (range partition: contiguous halves) disagrees.
     halves = sum(int(batch_digest(part, None, False, 0, d)) for part, d in zip(users.chunk(2), _ranks(2), strict=True))
     assert format_digest(halves) != format_digest(int(batch_digest(users, None, False, 0, ONE)))
+
+
+def _batches(n):
+    from conure_dist.data.stream import Batch
+
+    for i in range(n):
+        yield Batch(torch.full((2, 3), i), torch.tensor([i, i]), torch.tensor([10 * i, 10 * i + 1]))
+
+
+def test_prefetching_keeps_the_order_and_the_values():
+    from conure_dist.train.batches import Prefetcher
+
+    direct = [(b.seq, b.target, b.user) for b in _batches(25)]
+    ahead = [(b.seq, b.target, b.user) for b in Prefetcher(_batches(25), depth=3)]
+    assert len(ahead) == 25 and all(torch.equal(x, y) for a, b in zip(direct, ahead, strict=True) for x, y in zip(a, b))
+
+
+def test_prefetching_hands_on_errors_and_stops_when_left():
+    import threading
+
+    import pytest
+
+    from conure_dist.train.batches import Prefetcher
+
+    def failing():
+        yield from _batches(2)
+        raise ValueError("shard 7 is truncated")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 7 is truncated"):
+        for batch in Prefetcher(failing(), depth=4):
+            got.append(batch)
+    assert len(got) == 2
+    reader = Prefetcher(_batches(1000), depth=2)
+    for i, _ in enumerate(reader):
+        if i == 3:
+            break  # the consumer leaves early (a diverged loss, a checkpoint-and-exit)
+    reader.close()
+    assert not reader.thread.is_alive()
+    assert not any(t.name == "conure-prefetch" and t.is_alive() for t in threading.enumerate())

@@ -88,3 +88,15 @@ def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
               for name in ("plain", "same", "cosine")}
     assert losses["plain"] == losses["same"]
     assert losses["cosine"][0] is None and losses["cosine"][1] != losses["plain"][1]
+
+
+def test_prefetching_trains_on_the_same_batches(tmp_path):
+    path = tiny_config(tmp_path, TASKS)
+    common = ["run", "--config", str(path), "train.log_every=3", "tasks.*.retrain_epochs=0"]
+    conure(*common, "data.prefetch=0", "--out", str(tmp_path / "direct"))
+    conure(*common, "data.prefetch=3", "--out", str(tmp_path / "ahead"))
+    direct, ahead = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("direct", "ahead"))
+    assert direct["task_checksums"] == ahead["task_checksums"] and direct["matrix"] == ahead["matrix"]
+    logged = [[(e["loss"], e.get("data")) for e in _epochs(tmp_path / n) if e["event"] == "epoch" and e["epoch"]]
+              for n in ("direct", "ahead")]
+    assert logged[0] == logged[1] and all(d for _, d in logged[0])

@@ -67,6 +67,10 @@ class DataConfig:
     """Seed of the train/valid/test split when shards are generated."""
     split: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
     """Train, valid and test fractions of every task's instances when shards are generated."""
+    prefetch: int | None = None
+    """Training batches read ahead on a background thread, so reading and decoding shards
+    overlaps the device's work (None: 4 on a GPU, 0 on CPU, where the thread would compete with
+    the compute threads for cores). The data order is the same either way."""
     partition: Literal["auto", "range", "stride"] = "auto"
     """How ranks share a split: ``range`` gives each rank its own shards (reads 1/W of the
     bytes), ``stride`` makes the ranks' batches together exactly the one-process global batch;
@@ -78,6 +82,8 @@ class DataConfig:
             _check(bool(self.source_dir), f"{prefix}.source_dir", "is required when source is 'movielens'")
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
         _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
+        if self.prefetch is not None:
+            _check(self.prefetch >= 0, f"{prefix}.prefetch", f"must be >= 0, got {self.prefetch}")
         _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
         # Every split is needed: train to learn, valid to pick the best epoch, test to report.
         _check(len(self.split) == 3 and all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,

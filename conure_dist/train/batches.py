@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -125,3 +127,63 @@ class JointBatches:
                 return batch.seq.to(self.dist.device), self.draw(generator).to(self.dist.device)
             self.epoch += 1
             self.batches = None
+
+
+class Prefetcher:
+    """Reads ``depth`` batches ahead on a background thread (shard reading, decoding, shuffling
+    and, for a GPU, pinning run while the device trains), in the same order. The consumer's
+    position is what it took, so checkpoints record exactly the batches trained on. Errors of
+    the reader surface in the consumer; ``close`` (or leaving the loop) stops the thread."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterable[Batch], depth: int, pin: bool = False) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.pin = pin
+        self.thread = threading.Thread(target=self._read, args=(iter(batches),), daemon=True, name="conure-prefetch")
+        self.thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, batches: Iterator[Batch]) -> None:
+        try:
+            for batch in batches:
+                if self.pin:
+                    batch = Batch(batch.seq.pin_memory(), None if batch.target is None else batch.target.pin_memory(),
+                                  batch.user)
+                if not self._put(batch):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+            return
+        self._put(self._DONE)
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def prefetched(batches: Iterable[Batch], depth: int, device: torch.device) -> Iterable[Batch]:
+    """``batches`` read ``depth`` ahead on a thread (pinned for a GPU); as they are for depth 0."""
+    return Prefetcher(batches, depth, pin=device.type == "cuda") if depth > 0 else batches
+

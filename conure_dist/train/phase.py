@@ -20,6 +20,7 @@ from conure_dist.train.batches import (
     format_digest,
     micro_batches,
     negative_drawer,
+    prefetched,
     steps_per_epoch,
     train_batches,
 )
@@ -97,6 +98,8 @@ class Phase:
             if joint_weight else None
         self.score = selection_score(info.kind, cfg.train)
         self.progress = PhaseProgress(mode=mode)
+        self.pending: list[torch.Tensor] = []
+        """Losses of the steps since the last ``_settle``, still on the device."""
         self.tensors = PhaseTensors()
         """The epoch's generator and the best parameters so far: ``phase.pt`` of a mid-phase checkpoint."""
 
@@ -133,7 +136,9 @@ class Phase:
             generator.set_state(generator_state)
         batches = train_batches(trainer.cfg, trainer.manifest, trainer.dist, self.info.name, self.global_batch,
                                 seed=hash_seed(*seed), epoch=epoch, num_steps=self.steps, start_step=progress.step)
-        bar = tqdm(batches, total=self.steps, initial=progress.step,
+        device = trainer.dist.device
+        depth = trainer.cfg.data.prefetch if trainer.cfg.data.prefetch is not None else (4 if device.type == "cuda" else 0)
+        bar = tqdm(prefetched(batches, depth, device), total=self.steps, initial=progress.step,
                    desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}", leave=False,
                    disable=not (trainer.cfg.train.progress and trainer.dist.is_main))
         every = trainer.cfg.train.checkpoint_every_steps
@@ -147,24 +152,28 @@ class Phase:
                 self.engine.set_lr(lr)
             if trainer.profiler is not None:
                 trainer.profiler.before_step(trainer.global_step)
-            meter.add(self._step(batch, generator))
+            self._step(batch, generator)
             if trainer.profiler is not None:
                 trainer.profiler.after_step(trainer.global_step)
             trainer.global_step += 1
             if progress.step % train.log_every == 0:
+                meter.add(self._settle())
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
                 trainer.logger.log("step", task=self.info.name, phase=self.mode, epoch=epoch + 1, step=progress.step,
                                    global_step=trainer.global_step, **meter.report(lr))
             if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
+                meter.add(self._settle())
                 save_mid(self)
+        meter.add(self._settle())
         self.validate(epoch + 1, progress.loss_total / max(progress.step, 1), self._epoch_digest())
         progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
 
-    def _step(self, batch: Any, generator: torch.Generator) -> float:
-        """One optimizer step; its loss (the global batch's mean)."""
+    def _step(self, batch: Any, generator: torch.Generator) -> None:
+        """One optimizer step. Its loss (the global batch's mean) stays on the device until
+        ``_settle``: no host synchronisation per step."""
         dist = self.trainer.dist
-        seq = batch.seq.to(dist.device)
-        target = None if batch.target is None else batch.target.to(dist.device)
+        seq = batch.seq.to(dist.device, non_blocking=True)
+        target = None if batch.target is None else batch.target.to(dist.device, non_blocking=True)
         joint = None
         if self.joint is not None:  # drawn first: the generator's order is part of the run
             joint = self.joint(generator)
@@ -176,14 +185,24 @@ class Phase:
         # On the CPU while the device runs the step.
         digest = batch_digest(batch.user, negatives, self.info.kind == "sequence", self.progress.step, dist)
         self.progress.data_digest = (self.progress.data_digest + int(digest)) & _MASK64
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DivergedError(f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, step "
-                                f"{self.progress.step + 1}): the training loss is {value}; lower "
-                                f"tasks.{self.task_index}.lr")
-        self.progress.loss_total += value
+        self.pending.append(loss.detach())
         self.progress.step += 1
-        return value
+
+    def _settle(self) -> list[float]:
+        """The losses of the steps since the last call, read from the device at once; a loss that
+        is not finite stops the run, naming its step (every rank sees the same global mean)."""
+        if not self.pending:
+            return []
+        values = torch.stack(self.pending).double().cpu().tolist()
+        first = self.progress.step - len(values)
+        self.pending = []
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise DivergedError(f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, "
+                                    f"step {first + i + 1}): the training loss is {value}; lower "
+                                    f"tasks.{self.task_index}.lr")
+            self.progress.loss_total += value
+        return values
 
     def _epoch_digest(self) -> str:
         """The epoch's data fingerprint over all ranks: equal for two runs exactly when they

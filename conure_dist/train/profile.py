@@ -26,9 +26,9 @@ class StepMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def add(self, loss: float) -> None:
-        self.steps += 1
-        self.loss_total += loss
+    def add(self, losses: list[float]) -> None:
+        self.steps += len(losses)
+        self.loss_total += sum(losses)
 
     def report(self, lr: float) -> dict[str, Any]:
         """The window's figures, and a new window."""
