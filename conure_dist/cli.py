@@ -1,4 +1,4 @@
-"""Command line: ``conure data|run|config|experiment|eval|predict|compare|audit`` (also
+"""Command line: ``conure data|run|experiment|eval|predict|compare|audit|export|embed|serve`` (also
 ``python -m conure_dist``)."""
 
 from __future__ import annotations
@@ -94,7 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="verify that no finished task's frozen weights changed")
     au.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
+    _add_use_commands(sub)
     return parser
+
+
+def _add_use_commands(sub: argparse._SubParsersAction) -> None:
+    """What serves the learned representations outside training: export, embed, serve."""
+    ckpt_help = "run directory, its checkpoints folder, or one checkpoint folder"
+    ex = sub.add_parser("export", help="one finished task as a self-contained inference artifact "
+                                       "(safetensors weights, a loader, a torch.export program)")
+    ex.add_argument("--ckpt", required=True, help=ckpt_help)
+    ex.add_argument("--task", required=True, help="a finished task of the checkpoint")
+    ex.add_argument("--out", required=True, help="directory to write the artifact to")
+    em = sub.add_parser("embed", help="every user's representation vector under a task's view, as NumPy shards")
+    em.add_argument("--ckpt", required=True, help=ckpt_help)
+    em.add_argument("--task", required=True, help="a finished task of the checkpoint")
+    em.add_argument("--out", required=True, help="directory or URL to write the shards to")
+    em.add_argument("--data-root", help="shards whose users to embed (default: the run's data.root)")
+    em.add_argument("--batch-size", type=_positive, default=1024, help="users per forward pass (default: 1024)")
+    em.add_argument("--users-per-shard", type=_positive, default=100_000,
+                    help="users per output shard (default: 100000)")
+    sv = sub.add_parser("serve", help="an HTTP endpoint answering every finished task for posted item sequences")
+    sv.add_argument("--ckpt", required=True, help=ckpt_help)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    sv.add_argument("--max-batch", type=_positive, default=64,
+                    help="requests answered together in one forward pass, at most (default: 64)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long a request may wait for others to batch with (default: 5)")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -213,6 +240,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from conure_dist.export import export_task
+
+    summary = export_task(args.ckpt, args.task, args.out)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from conure_dist.config import DistConfig
+    from conure_dist.dist import process_group
+    from conure_dist.embed import embed_users
+
+    with process_group(DistConfig()) as dist:
+        summary = embed_users(args.ckpt, args.task, args.out, dist, data_root=args.data_root,
+                              batch_size=args.batch_size, users_per_shard=args.users_per_shard)
+    if dist.is_main:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from conure_dist.serve import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from conure_dist.train.audit import audit_checkpoint
     from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
@@ -232,7 +287,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"data": cmd_data, "run": cmd_run, "config": cmd_config, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
-            "compare": cmd_compare, "audit": cmd_audit}
+            "compare": cmd_compare, "audit": cmd_audit, "export": cmd_export, "embed": cmd_embed,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

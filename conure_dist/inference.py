@@ -91,6 +91,77 @@ def evaluate_finished(run: TrainedRun, manifest: Manifest, split: str, dist: Dis
     return results
 
 
+SCORE_ROW_MULTIPLE = 16
+"""``score_histories`` pads its batch to a multiple of this many rows. BLAS kernels take other
+paths (another summation order) for a few rows than for many, which moves the last bits of a
+score; from 16 rows on, a row's scores on the CPU no longer depend on how many rows share the
+pass. So a history scores the same in ``conure predict`` whatever else its file holds, and in
+``conure serve`` whatever it was batched with."""
+
+
+def check_history(seq: Any, num_items: int) -> list[int]:
+    """``seq`` itself if it is a history of T1 item ids (integers in 0..num_items-1, 0 being
+    padding, at least one item); else a ValueError that says what is wrong."""
+    if not isinstance(seq, list) or not all(type(x) is int for x in seq):
+        raise ValueError(f"'seq' must be a list of integer item ids, got {seq!r}")
+    outside = [x for x in seq if not 0 <= x < num_items]
+    if outside:
+        raise ValueError(f"item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
+    if not any(seq):
+        raise ValueError("the sequence has no item (0 is padding)")
+    return seq
+
+
+def pad_history(seq: list[int], seq_len: int) -> list[int]:
+    """The model's input row for a history: its last ``seq_len`` items, left-padded with 0."""
+    return ([0] * seq_len + seq)[-seq_len:]
+
+
+def task_view(run: TrainedRun, task: str) -> MaskedModel:
+    """The model as ``task`` answers: under the task's inference view, in eval mode."""
+    masked = MaskedModel(run.model, run.ownership)
+    masked.set_view("infer", run.task_names.index(task) + 1)
+    masked.eval()
+    return masked
+
+
+def score_histories(masked: MaskedModel, task: str, seqs_BL: torch.Tensor) -> torch.Tensor:
+    """float scores [B, outputs] of ``task`` for padded history rows [B, seq_len], without
+    gradients. The batch is padded to a multiple of ``SCORE_ROW_MULTIPLE`` rows (copies of its
+    first) so that each row's scores do not depend on the batch they came in."""
+    if masked.model.kinds[task] == "sequence":
+        # A sequence task scores the position after seq[:, :-1] (in evaluation the last item is
+        # the target); a placeholder after the history makes it score what follows all of it.
+        seqs_BL = torch.nn.functional.pad(seqs_BL, (0, 1))
+    rows = seqs_BL.shape[0]
+    filler = -rows % SCORE_ROW_MULTIPLE
+    if filler:
+        seqs_BL = torch.cat([seqs_BL, seqs_BL[:1].expand(filler, -1)])
+    with torch.no_grad():
+        return masked(seqs_BL, task).float()[:rows]
+
+
+def format_record(kind: str, scores: torch.Tensor, k: int, class_names: list[str] | None = None,
+                  vocab: list[str] | None = None) -> dict[str, Any]:
+    """What ``predict`` reports for one history's scores: the class (with its name where known)
+    and every class score, or the top ``k`` items (with their raw ids where known) and scores.
+    The sequence task never lists its padding item 0 (scored -inf)."""
+    out: dict[str, Any] = {}
+    if kind == "class":
+        label = int(scores.argmax())
+        out["class"] = label
+        if class_names:
+            out["label"] = class_names[label]
+        out["scores"] = [round(v, 5) for v in scores.tolist()]
+    else:
+        top = torch.topk(scores, min(k, scores.numel() - (kind == "sequence")))
+        out["items"] = top.indices.tolist()
+        if vocab is not None:
+            out["raw_items"] = [vocab[i] for i in out["items"]]
+        out["scores"] = [round(v, 5) for v in top.values.tolist()]
+    return out
+
+
 def read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] | None = None) -> list[list[int]]:
     """Histories from a JSONL file, one ``{"seq": [T1 item ids]}`` per line, oldest first; with
     ``raw_ids`` (the T1 vocabulary) the ids are the source's raw item ids."""
@@ -112,14 +183,10 @@ def read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] |
                 if unknown:
                     raise ValueError(f"{where}: raw item ids {unknown[:5]} are not in the T1 vocabulary")
                 seq = [index[str(x)] for x in seq]
-            if not isinstance(seq, list) or not all(type(x) is int for x in seq):
-                raise ValueError(f"{where}: 'seq' must be a list of integer item ids, got {seq!r}")
-            outside = [x for x in seq if not 0 <= x < num_items]
-            if outside:
-                raise ValueError(f"{where}: item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
-            if not any(seq):
-                raise ValueError(f"{where}: the sequence has no item (0 is padding)")
-            seqs.append(([0] * seq_len + seq)[-seq_len:])
+            try:
+                seqs.append(pad_history(check_history(seq, num_items), seq_len))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
     if not seqs:
         raise ValueError(f"{path}: no sequence in the file")
     return seqs
@@ -154,31 +221,8 @@ def predict(run: TrainedRun, task: str, data_root: str | None = None, input_path
         seqs = batch.seq
         users = [raw_users[u] if raw_users else u for u in batch.user.tolist()]
     kind = run.model.kinds[task]
-    if kind == "sequence":
-        # A sequence task scores the position after seq[:, :-1] (in evaluation the last item is
-        # the target); a placeholder after the history makes it score what follows all of it.
-        seqs = torch.nn.functional.pad(seqs, (0, 1))
-    masked = MaskedModel(run.model, run.ownership)
-    masked.set_view("infer", run.task_names.index(task) + 1)
-    masked.eval()
-    with torch.no_grad():
-        scores = masked(seqs, task).float()
-    info = manifest.task(task) if manifest is not None else None
+    scores = score_histories(task_view(run, task), task, seqs)
+    class_names = manifest.task(task).class_names if manifest is not None else None
     vocab = manifest.load_vocab(task) if manifest is not None and kind != "class" else None
-    records = []
-    for user, row in zip(users, scores, strict=True):
-        out: dict[str, Any] = {} if user is None else {"user": user}
-        if kind == "class":
-            label = int(row.argmax())
-            out["class"] = label
-            if info is not None and info.class_names:
-                out["label"] = info.class_names[label]
-            out["scores"] = [round(v, 5) for v in row.tolist()]
-        else:
-            top = torch.topk(row, min(k, row.numel()))
-            out["items"] = top.indices.tolist()
-            if vocab is not None:
-                out["raw_items"] = [vocab[i] for i in out["items"]]
-            out["scores"] = [round(v, 5) for v in top.values.tolist()]
-        records.append(out)
-    return records
+    return [{**({} if user is None else {"user": user}), **format_record(kind, row, k, class_names, vocab)}
+            for user, row in zip(users, scores, strict=True)]

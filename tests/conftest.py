@@ -50,3 +50,16 @@ def s3_endpoint():
 
 
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory) -> Path:
+    """A tiny finished run of a sequence, an item and a class task (t1, click, gender), trained
+    once through the real CLI for the tests that use a trained model (export, embed, serve).
+    Tests read it; what they write goes next to it, never into it."""
+    from helpers import conure, tiny_config
+
+    tmp = tmp_path_factory.mktemp("tiny_trained")
+    conure("run", "--config", str(tiny_config(tmp, [("t1", 0.6), ("click", 0.5), ("gender", 0.5)])),
+           "--out", str(tmp / "run"))
+    return tmp / "run"

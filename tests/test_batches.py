@@ -64,7 +64,7 @@ def test_prefetching_keeps_the_order_and_the_values():
 
     direct = [(b.seq, b.target, b.user) for b in _batches(25)]
     ahead = [(b.seq, b.target, b.user) for b in Prefetcher(_batches(25), depth=3)]
-    assert len(ahead) == 25 and all(torch.equal(x, y) for a, b in zip(direct, ahead, strict=True) for x, y in zip(a, b))
+    assert len(ahead) == 25 and all(torch.equal(x, y) for a, b in zip(direct, ahead, strict=True) for x, y in zip(a, b, strict=True))
 
 
 def test_prefetching_hands_on_errors_and_stops_when_left():

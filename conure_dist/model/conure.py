@@ -112,6 +112,15 @@ class ConureModel(nn.Module):
             loss_sum = loss_sum + weight * other_sum * (count / other_count.clamp(min=1))
         return loss_sum, count
 
+    def represent(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
+        """The hidden vectors [B, C] that ``task``'s head scores for ``seq_BL``, which is read as
+        ``forward`` reads it (a sequence task drops the last position): ``forward(seq, task)``
+        without targets is ``heads[task].scores(represent(seq, task))``. ``conure embed``'s user
+        vectors."""
+        patches = self.patches[task] if task in self.patches else None
+        inputs = seq_BL[:, :-1] if self.kinds[task] == "sequence" else seq_BL
+        return self._last_hidden(inputs, patches)
+
     def example_count(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
         """The number of examples a training batch of ``task`` holds, as ``forward`` counts them
         (predicted positions of the sequence task, else instances), without running the model."""
