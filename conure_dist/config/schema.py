@@ -169,7 +169,8 @@ class TrainConfig:
     with every user's probability, where accuracy on a small validation split moves in steps of
     one user) or its accuracy. Item and sequence tasks use their MRR@k."""
     log_every: int = 50
-    """Log the training loss every this many optimizer steps."""
+    """Log the training figures (loss, sequences/s, learning rate, GPU memory) every this many
+    optimizer steps of an epoch, and at its last step."""
     progress: bool = True
     """Show progress bars (rank 0 only)."""
     max_steps_per_epoch: int | None = None

@@ -156,7 +156,7 @@ class Phase:
             if trainer.profiler is not None:
                 trainer.profiler.after_step(trainer.global_step)
             trainer.global_step += 1
-            if progress.step % train.log_every == 0:
+            if progress.step % train.log_every == 0 or progress.step == self.steps:  # and each epoch's last
                 meter.add(self._settle())
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
                 trainer.logger.log("step", task=self.info.name, phase=self.mode, epoch=epoch + 1, step=progress.step,
