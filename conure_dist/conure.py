@@ -3,7 +3,6 @@ resumable from any checkpoint, inside a phase too."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ from conure_dist.train.checkpoint import Checkpointer, optimizer_part_name
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.phase import Phase
-from conure_dist.train.resume import restore
+from conure_dist.train.resume import phase_progress_to_save, restore
 from conure_dist.train.state import CapacityError, PhaseResume, RunState
 from conure_dist.train.trainer import build_trainer, task_specs
 
@@ -65,9 +64,10 @@ class ConureRun:
         self.trainer.logger.flush()
 
     def checkpoint_phase(self, phase: Phase) -> None:
-        """A checkpoint inside a phase: its position, RNG, best parameters and optimizer state."""
+        """A checkpoint inside a phase: its position, RNG, best parameters and optimizer state
+        (rank 0's whole, or every rank's ZeRO part: either resumes on any number of processes)."""
         p = phase.progress
-        self.state.stage, self.state.phase = f"in_{phase.mode}", dataclasses.asdict(p)
+        self.state.stage, self.state.phase = f"in_{phase.mode}", phase_progress_to_save(p, self.dist)
         engine = phase.engine
         optimizer = {optimizer_part_name(self.dist.rank, engine.sharded_state): engine} \
             if engine.sharded_state or self.dist.is_main else None

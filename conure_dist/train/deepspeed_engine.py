@@ -3,12 +3,18 @@
 bf16 runs through DeepSpeed's ``torch_autocast`` mode: parameters and optimizer state stay fp32,
 only the computation is bf16. DeepSpeed's own bf16 mode would cast the module's parameters to
 bf16, rounding the frozen weights of earlier tasks and so changing their predictions.
+
+ZeRO-1/2 optimizer state saved by one number of ranks loads on another (elastic resume): see
+``reshard_zero_state``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +23,8 @@ from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.train.loss import MicroBatchLoss, training_loss
+
+log = logging.getLogger(__name__)
 
 FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
@@ -118,10 +126,161 @@ class DeepSpeedEngine:
                 setattr(self.engine, name, None)
 
     def load_state_dict(self, state: dict) -> None:
-        if self.sharded_state:
-            # ZeRO loads from a list indexed by data-parallel rank; only ours is needed.
-            parts = [None] * self.dist.world_size
-            parts[self.dist.rank] = state["optimizer"]
-            self.optimizer.load_state_dict(parts)
-        else:
+        """Load ``{"optimizer": part}`` (unsharded state, or this rank's ZeRO part saved by as
+        many ranks) or ``{"shards": SavedShards}`` (every saving rank's ZeRO part, read on
+        demand): from as many ranks in ZeRO's own rigid format, only this rank's part is read and
+        DeepSpeed loads it as saved; otherwise the parts are re-partitioned for this world."""
+        if not self.sharded_state:
             self.optimizer.load_state_dict(state["optimizer"])
+            return
+        shards: SavedShards | None = state.get("shards")
+        if shards is None:
+            own = state["optimizer"]
+        else:
+            same_world = shards.world_size == self.dist.world_size
+            own = shards.read(self.dist.rank)["optimizer"] if same_world else None
+            # DeepSpeed's own load needs every part for its elastic format (a list, not the rigid dict).
+            if own is None or not isinstance(own.get("base_optimizer_state"), dict):
+                if self.dist.is_main:
+                    log.info("re-partitioning the ZeRO optimizer state of %d ranks for %d", shards.world_size,
+                             self.dist.world_size)
+                own = reshard_zero_state(self.optimizer, shards)
+        # ZeRO loads from a list indexed by data-parallel rank; only ours is read.
+        parts: list[dict | None] = [None] * self.dist.world_size
+        parts[self.dist.rank] = own
+        self.optimizer.load_state_dict(parts)
+
+
+@dataclass(frozen=True)
+class SavedShards:
+    """A ZeRO checkpoint's optimizer parts: ``read(r)`` loads the ``{"optimizer": ...}`` that
+    rank ``r`` of the ``world_size`` ranks of the saving run wrote. Read one at a time, so that
+    re-partitioning never holds more than one old part besides this rank's new one."""
+
+    world_size: int
+    read: Callable[[int], dict]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one parameter's slice owned by this rank goes: elements ``[lp_start, lp_start +
+    numel)`` of the flattened parameter sit at ``hp_start`` of this rank's flat partition."""
+
+    group: int
+    lp_start: int
+    hp_start: int
+    numel: int
+
+
+def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
+    """This rank's part of a ZeRO-1/2 optimizer state for ``zero`` (a DeepSpeedZeroOptimizer),
+    built from the parts saved by ``shards.world_size`` ranks, in DeepSpeed's own rigid per-rank
+    format, so that ``zero.load_state_dict`` loads it as if this world had saved it.
+
+    Why it is exact: ZeRO-1/2 flattens each parameter group into one buffer, padded at the end
+    (and, with ``parameter_alignment``, after each parameter), and gives rank r the r-th equal
+    slice; every saved part names, per parameter, the fragment of its slice holding that
+    parameter (``param_slice_mappings``: name -> (start, numel), DeepSpeed's universal-checkpoint
+    map). A parameter is contiguous in the flat buffer, so its fragments in saving-rank order
+    are the flattened parameter in order. Each Adam tensor (``exp_avg``, ``exp_avg_sq``) is
+    copied fragment by fragment into the slices this rank now owns (``param._hp_mapping``: the
+    parameter's range and its place in the new partition); padding stays zero, as it is in
+    training (its gradient is zero). Scalars (``step``) and the optimizer hyper-parameters come
+    from rank 0's part. The fp32 master weights are not taken from the parts: DeepSpeed copies
+    them from the model's parameters, which are fp32 here (bf16 is autocast only), so exactly
+    the saved ones once the checkpoint's model is loaded."""
+    from deepspeed.checkpoint import constants as c
+
+    targets: dict[str, _Target] = {}
+    sizes: dict[str, int] = {}
+    for group, params in enumerate(zero.bit16_groups):
+        for param in params:
+            name = zero.param_names[param]
+            sizes[name] = param.numel()
+            mapping = param._hp_mapping
+            if mapping is not None:
+                targets[name] = _Target(group, mapping.lp_fragment_address.start, mapping.hp_fragment_address.start,
+                                        mapping.lp_fragment_address.numel)
+    partitions = zero.single_partition_of_fp32_groups
+    new: list[dict[str, Any]] = [{} for _ in partitions]
+    seen: dict[str, int] = {}
+    copied = dict.fromkeys(targets, 0)
+    first: dict | None = None
+    for rank in range(shards.world_size):
+        saved = shards.read(rank)["optimizer"]
+        if first is None:
+            first = {k: v for k, v in saved.items() if k not in (c.BASE_OPTIMIZER_STATE, c.SINGLE_PARTITION_OF_FP32_GROUPS)}
+            first["param_groups"] = _param_groups(saved, zero, c)
+        mappings = saved.get(c.PARAM_SLICE_MAPPINGS)
+        if mappings is None:
+            raise ValueError(f"the checkpoint's ZeRO state (DeepSpeed {saved.get(c.DS_VERSION)}) does not map its "
+                             f"partitions to parameters: resume it on the {shards.world_size} processes that saved it")
+        if len(mappings) != len(partitions):
+            raise ValueError(f"the checkpoint's ZeRO state has {len(mappings)} parameter groups, this optimizer "
+                             f"{len(partitions)}")
+        for group, mapping in enumerate(mappings):
+            flat, scalars = _group_state(saved, group, c)
+            for key, value in scalars.items():
+                new[group].setdefault(key, value)
+            for name, address in mapping.items():
+                begin = seen.get(name, 0)
+                seen[name] = end = begin + address.numel
+                target = targets.get(name)
+                if target is None:
+                    continue
+                if target.group != group:
+                    raise ValueError(f"the checkpoint's ZeRO state has {name} in parameter group {group}, "
+                                     f"this optimizer in group {target.group}")
+                lo, hi = max(begin, target.lp_start), min(end, target.lp_start + target.numel)
+                if lo >= hi:
+                    continue
+                for key, values in flat.items():
+                    dst = new[group].setdefault(key, torch.zeros(partitions[group].numel(), dtype=values.dtype))
+                    dst[target.hp_start + lo - target.lp_start: target.hp_start + hi - target.lp_start].copy_(
+                        values[address.start + lo - begin: address.start + hi - begin])
+                copied[name] += hi - lo
+        del saved
+    wrong = sorted(n for n in sizes if seen.get(n, 0) != sizes[n]) + sorted(set(seen) - set(sizes))
+    if wrong:
+        raise ValueError(f"the checkpoint's ZeRO state does not cover the same parameters as this phase: {wrong}")
+    assert all(copied[n] == t.numel for n, t in targets.items()), "a fragment of this rank's partition was not filled"
+    assert first is not None
+    param_groups = first.pop("param_groups")
+    ids = [g["params"][0] for g in param_groups]
+    return {
+        **first,
+        c.BASE_OPTIMIZER_STATE: {"state": {i: state for i, state in zip(ids, new, strict=True) if state},
+                                 "param_groups": param_groups},
+        c.SINGLE_PARTITION_OF_FP32_GROUPS: [p.detach().clone() for p in partitions],
+        c.GROUP_PADDINGS: list(zero.groups_padding),
+        c.PARTITION_COUNT: list(zero.partition_count),
+        c.PARAM_SLICE_MAPPINGS: zero._param_slice_mappings,
+        **({c.PARAM_ALIGNMENT_PADDINGS: zero.round_robin_bit16_padding}
+           if hasattr(zero, "round_robin_bit16_padding") else {}),
+    }
+
+
+def _param_groups(saved: dict, zero: Any, c: Any) -> list[dict]:
+    """The base optimizer's parameter groups (one flat parameter each) with their
+    hyper-parameters: a rigid part's own (as DeepSpeed's same-size load restores them); an
+    elastic part (``zero_optimization.elastic_checkpoint``) saves none, so this optimizer's."""
+    base = saved[c.BASE_OPTIMIZER_STATE]
+    return base["param_groups"] if isinstance(base, dict) else zero.optimizer.state_dict()["param_groups"]
+
+
+def _group_state(saved: dict, group: int, c: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One group's saved base-optimizer state: the tensors laid out like the rank's flat slice
+    (Adam's moments; padded in a rigid part, without padding in an elastic one) and the rest
+    (``step``)."""
+    base = saved[c.BASE_OPTIMIZER_STATE]
+    lean = saved[c.SINGLE_PARTITION_OF_FP32_GROUPS][group].numel()
+    if isinstance(base, dict):
+        state = base["state"].get(base["param_groups"][group]["params"][0], {})
+        lengths = {lean + saved[c.GROUP_PADDINGS][group]}
+    else:
+        state = dict(base[group])
+        if c.BASE_OPTIMIZER_STATE_STEP in saved:
+            state.setdefault("step", saved[c.BASE_OPTIMIZER_STATE_STEP])
+        lengths = {lean}
+    flat = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() in lengths}
+    return flat, {k: v for k, v in state.items() if k not in flat}

@@ -1,17 +1,32 @@
 """Continuing a run from its newest intact checkpoint: model, ownership, progress and, for a
-checkpoint taken inside a phase, the optimizer, RNG and best-epoch state."""
+checkpoint taken inside a phase, the optimizer, RNG and best-epoch state.
+
+Any checkpoint resumes on any number of processes (elastic resume). Batch sizes are global and
+the phase's step counts global batches, so the data position carries over; the optimizer state
+is whole under DDP (rank 0's ``optimizer.pt``), and ZeRO's per-rank parts are re-partitioned
+for the new world (``deepspeed_engine.reshard_zero_state``). Only switching between a sharded
+(ZeRO-1/2) and a whole (DDP, ZeRO-0) optimizer state inside a phase is refused.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
+
+import torch
+import torch.distributed as tdist
 
 from conure_dist.config import RunConfig, config_changes
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
 from conure_dist.train.checkpoint import Checkpoint, Checkpointer, optimizer_part_name
+from conure_dist.train.deepspeed_engine import SavedShards
 from conure_dist.train.engine import Engine, TorchEngine
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState
+
+_MASK64 = (1 << 64) - 1
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +75,95 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
     for row in state.matrix:
         row.extend([None] * (len(task_names) - len(row)))
     log.info("resumed from %s at task %d (%s)", ckpt.path, state.task_index, state.stage)
+    if state.stage.startswith("in_"):
+        check_phase_resumable(ckpt, cfg, dist)
     return state, phase_resume_from(ckpt, state, dist)
 
 
+def _sharded(engine: str, zero_stage: int) -> bool:
+    return engine == "deepspeed" and zero_stage > 0
+
+
+def check_phase_resumable(ckpt: Checkpoint, cfg: RunConfig, dist: DistInfo) -> None:
+    """Before any work: refuse a mid-phase checkpoint whose optimizer state this run's engine
+    cannot take (sharded by ZeRO-1/2 vs whole), and say what a change of world size does to the
+    data of the epoch under way."""
+    message = _layout_mismatch(ckpt, _sharded(cfg.dist.engine, cfg.dist.zero_stage))
+    if message:
+        raise ValueError(message)
+    saved_world = ckpt.meta["world_size"]
+    if saved_world == dist.world_size:
+        return
+    log.info("resuming inside a phase on %d processes from a checkpoint of %d", dist.world_size, saved_world)
+    saved_partition = ckpt.meta["config"].get("data", {}).get("partition", "auto")
+    # One process reads the one global stream whatever the partition; several read it strided
+    # (stride) or each its own range of it (range; auto picks range when a split has at least as
+    # many shards as processes), and then the global batches depend on the number of processes.
+    if (saved_world > 1 and saved_partition != "stride") or (dist.world_size > 1 and cfg.data.partition != "stride"):
+        log.warning("resuming inside a phase on %d processes from a checkpoint of %d with data.partition=%s "
+                    "(the checkpoint's run: %s): with range partitioning each rank's share of the data depends on "
+                    "the number of processes, so the rest of this epoch draws other batches than the "
+                    "uninterrupted run would (some instances twice, some not at all); later epochs are whole. "
+                    "data.partition=stride repeats the uninterrupted run's batches on any number of processes",
+                    dist.world_size, saved_world, cfg.data.partition, saved_partition)
+
+
+def _layout_mismatch(ckpt: Checkpoint, sharded_now: bool) -> str | None:
+    """Why this run's engine cannot take the checkpoint's optimizer state, or None."""
+    sharded = not ckpt.has_part("optimizer.pt")
+    if sharded == sharded_now:
+        return None
+    saved = ckpt.meta["config"].get("dist", {})
+    described = f"dist.engine={saved.get('engine', 'ddp')} dist.zero_stage={saved.get('zero_stage', 0)}"
+    return (f"{ckpt.path}: this checkpoint, taken inside a phase, holds the optimizer state "
+            f"{'sharded by ZeRO-1/2' if sharded else 'whole (DDP or ZeRO-0)'} ({described}), and this run's "
+            f"engine keeps it {'sharded' if sharded_now else 'whole'}: resume it with {described} (on any "
+            "number of processes), or change engines from a checkpoint taken between phases")
+
+
+def phase_progress_to_save(progress: PhaseProgress, dist: DistInfo) -> dict[str, Any]:
+    """A phase's position as a mid-phase checkpoint keeps it (collective): every rank's part of
+    the epoch's data fingerprint summed, since only rank 0 writes it; ``phase_resume_from``
+    gives the sum back to rank 0 alone, so that the epoch's fingerprint comes out right on any
+    number of processes. The loss total is the global batches' and the same on every rank."""
+    saved = dataclasses.asdict(progress)
+    if dist.is_distributed:
+        value = progress.data_digest
+        signed = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64,
+                              device=dist.device)
+        tdist.all_reduce(signed)  # int64 sums wrap, as the parts' own sums do
+        saved["data_digest"] = int(signed.item()) & _MASK64
+    return saved
+
+
 def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> PhaseResume | None:
-    """The optimizer, RNG and best-epoch state of a checkpoint taken inside a phase."""
+    """The optimizer, RNG and best-epoch state of a checkpoint taken inside a phase, for any
+    number of processes. An unsharded optimizer state is read whole; a ZeRO one is handed to the
+    engine as every saving rank's part (read on demand): the engine reads only its own when
+    the world size is the same and re-partitions them otherwise."""
     if not state.stage.startswith("in_"):
         return None
-    if ckpt.meta["world_size"] != dist.world_size and not ckpt.has_part("optimizer.pt"):
-        raise ValueError(f"{ckpt.path}: its optimizer state is sharded over {ckpt.meta['world_size']} ranks; "
-                         f"resume it with the same number of processes (not {dist.world_size})")
+    assert state.phase is not None
     tensors = ckpt.read_part("phase.pt")
+    progress = PhaseProgress(**state.phase)
+    if not dist.is_main:
+        # The saved fingerprint is the sum of every saving rank's part (rank 0's own part in
+        # checkpoints written before that): it counts once, on rank 0.
+        progress.data_digest = 0
 
     def engine_state(engine: Engine) -> dict:
+        message = _layout_mismatch(ckpt, engine.sharded_state)
+        if message:
+            raise ValueError(message)
+        if not engine.sharded_state:
+            return ckpt.read_part("optimizer.pt", weights_only=isinstance(engine, TorchEngine))
+
         # DeepSpeed's ZeRO state holds Python objects besides tensors; it is our own
         # checksummed file, so it is loaded without the weights-only restriction.
-        name = optimizer_part_name(dist.rank, engine.sharded_state)
-        return ckpt.read_part(name, weights_only=isinstance(engine, TorchEngine))
+        def read(rank: int) -> dict:
+            return ckpt.read_part(optimizer_part_name(rank, True), weights_only=False)
 
-    return PhaseResume(progress=PhaseProgress(**state.phase), generator_state=tensors["generator"],
+        return {"shards": SavedShards(ckpt.meta["world_size"], read)}
+
+    return PhaseResume(progress=progress, generator_state=tensors["generator"],
                        best_state=tensors["best"] or None, engine_state=engine_state)
