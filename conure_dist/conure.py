@@ -42,6 +42,7 @@ class ConureRun:
             raise ValueError(f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
                              "it, or choose another --out")
         self.state.num_checkpoints = max(self.state.num_checkpoints, self.checkpointer.last_index())
+        self.trainer.global_step = self.state.global_step
         self.elapsed_before = self.state.wall_seconds
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class ConureRun:
     def checkpoint(self, tag: str, parts: dict[str, Any] | None = None, rank_parts: dict[str, Any] | None = None) -> None:
         """Save the model, ownership and progress, plus ``parts`` (rank 0) and ``rank_parts``."""
         self.state.wall_seconds = self._elapsed()
+        self.state.global_step = self.trainer.global_step
         self.state.num_checkpoints += 1
         main = {"model.pt": self.trainer.model, "ownership.pt": self.trainer.ownership, "meta.json": self.meta(),
                 **(parts or {})}

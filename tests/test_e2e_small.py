@@ -251,3 +251,7 @@ def test_resume_inside_a_phase_restores_step_optimizer_rng_and_data_position(tmp
                                 "position": {"epoch": 1, "step": step}}
     assert resumed["matrix"] == clean["matrix"]
     assert resumed["task_checksums"] == clean["task_checksums"]
+    # The curves' step counter continues where the checkpoint left it.
+    done = [[json.loads(x)["global_step"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()
+             if '"task_done"' in x] for name in ("clean", "mid")]
+    assert done[0][-1] == done[1][-1] > 0

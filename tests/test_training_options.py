@@ -100,3 +100,55 @@ def test_prefetching_trains_on_the_same_batches(tmp_path):
     logged = [[(e["loss"], e.get("data")) for e in _epochs(tmp_path / n) if e["event"] == "epoch" and e["epoch"]]
               for n in ("direct", "ahead")]
     assert logged[0] == logged[1] and all(d for _, d in logged[0])
+
+
+def _deepspeed_options_worker(rank: int, init: str, results: dict) -> None:
+    import logging
+    import os
+
+    import torch.distributed as tdist
+
+    from conure_dist.config import DistConfig
+    from conure_dist.train.engine import build_engine
+
+    logging.disable(logging.WARNING)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    tdist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        dist = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+        g = torch.Generator().manual_seed(5)
+        batches = [(torch.randint(1, 40, (8, 10), generator=g), "t1", None, torch.arange(1, 40)) for _ in range(4)]
+        out = {}
+        for name, engine_cfg, clip in (("torch_clip", DistConfig(), 1e-3), ("ds_clip", DistConfig(engine="deepspeed"), 1e-3),
+                                       ("ds", DistConfig(engine="deepspeed"), None)):
+            torch.manual_seed(0)
+            model = ConureModel(40, [TaskSpec("t1", "sequence", 40)], 8, 3, [1, 2])
+            masked = MaskedModel(model, TaskOwnership.empty(
+                {n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}))
+            masked.set_view("train", 1)
+            trainable = phase_parameters(model, "t1", first_phase=True)
+            engine = build_engine(masked, trainable, 1e-2, 0.0, dist, engine_cfg, per_rank_batch=8, clip_grad_norm=clip)
+            for batch in batches[:3]:
+                engine.train_step([batch])
+            engine.set_lr(0.0)  # a schedule's zero: the next step moves nothing
+            frozen = {n: p.detach().clone() for n, p in trainable.items()}
+            engine.train_step([batches[3]])
+            out[name] = ({n: p.detach().clone() for n, p in trainable.items()}, frozen)
+            engine.close()
+        results[0] = out
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_deepspeed_clips_and_follows_the_schedule_as_the_plain_engine(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_deepspeed_options_worker, args=(f"file://{tmp_path / 'store'}", results), nprocs=1, join=True)
+    out = results[0]
+    for name, (after, before) in out.items():
+        assert all(torch.equal(after[n], before[n]) for n in after), f"{name}: lr 0 moved a weight"
+    torch_clip, ds_clip, ds = (out[n][0] for n in ("torch_clip", "ds_clip", "ds"))
+    for n in torch_clip:
+        torch.testing.assert_close(ds_clip[n], torch_clip[n], rtol=0, atol=1e-6, msg=n)
+    assert max((ds[n] - ds_clip[n]).abs().max().item() for n in ds) > 1e-5  # clipping changed the steps

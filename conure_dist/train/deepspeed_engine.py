@@ -30,7 +30,8 @@ FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradien
                   "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
 
 
-def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1) -> dict:
+def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1,
+                     clip_grad_norm: float | None = None) -> dict:
     """The DeepSpeed config: ``dist.deepspeed_config`` (if any) plus what the run config fixes
     (``per_rank_batch`` is the micro-batch: a rank's share of a global batch / ``grad_accum``)."""
     base: dict = {}
@@ -44,6 +45,9 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1) 
             if key in base:
                 raise ValueError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
                                  "(tasks.*.batch_size, train.grad_accum, dist.precision, tasks.*.lr); remove it")
+        if clip_grad_norm is not None and base.get("gradient_clipping", clip_grad_norm) != clip_grad_norm:
+            raise ValueError(f"{cfg.deepspeed_config}: 'gradient_clipping' is {base['gradient_clipping']} but "
+                             f"train.clip_grad_norm is {clip_grad_norm}; set one of them")
         stage = base.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:
             raise ValueError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
@@ -53,7 +57,7 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1) 
         "train_micro_batch_size_per_gpu": per_rank_batch,
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {**base.get("zero_optimization", {}), "stage": cfg.zero_stage},
-        "gradient_clipping": base.get("gradient_clipping", 0.0),
+        "gradient_clipping": clip_grad_norm if clip_grad_norm is not None else base.get("gradient_clipping", 0.0),
         "steps_per_print": base.get("steps_per_print", 1 << 30),
     }
     if cfg.precision == "bf16":
@@ -75,6 +79,7 @@ class DeepSpeedEngine:
         cfg: DistConfig,
         per_rank_batch: int = 1,
         grad_accum: int = 1,
+        clip_grad_norm: float | None = None,
     ) -> None:
         import deepspeed
 
@@ -90,7 +95,7 @@ class DeepSpeedEngine:
             model=masked,
             optimizer=optimizer,
             model_parameters=list(trainable.values()),
-            config=deepspeed_config(per_rank_batch, cfg, grad_accum),
+            config=deepspeed_config(per_rank_batch, cfg, grad_accum, clip_grad_norm),
             dist_init_required=False,
         )
 
@@ -110,6 +115,12 @@ class DeepSpeedEngine:
             self.engine.backward(micro_loss(self.masked, self.trainable, self.l2, loss_sum))
             self.engine.step()
         return micro_loss.mean()
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (``train.lr_schedule``): ZeRO's optimizer shares
+        its parameter groups with the wrapped Adam."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

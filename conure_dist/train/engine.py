@@ -153,9 +153,7 @@ def build_engine(
     if cfg.engine == "ddp":
         return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else (),
                            clip_grad_norm)
-    if clip_grad_norm is not None:
-        raise ValueError("train.clip_grad_norm with dist.engine=deepspeed: set 'gradient_clipping' in "
-                         "dist.deepspeed_config instead")
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum)
+    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum,
+                           clip_grad_norm)

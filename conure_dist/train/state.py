@@ -85,6 +85,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
     num_checkpoints: int = 0
+    global_step: int = 0
+    """Optimizer steps taken over all phases (the training curves' x axis), carried by resumes."""
     phase: dict[str, Any] | None = None
     """PhaseProgress of a checkpoint taken inside a phase (stage in_train / in_retrain)."""
 
