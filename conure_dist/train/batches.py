@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as tdist
 
 from conure_dist.config import RunConfig
 from conure_dist.data.manifest import Manifest, TaskInfo
@@ -76,6 +77,21 @@ def batch_digest(users: torch.Tensor, negatives: torch.Tensor | None, shared: bo
     if negatives is not None and shared and dist.is_main:
         total = total + _mix(negatives.long() * 0x14D049BB133111EB + torch.arange(len(negatives)) + step).sum()
     return total
+
+
+def add_digest(total: int, part: int | torch.Tensor) -> int:
+    """A running fingerprint plus one batch's part, as an unsigned 64-bit integer."""
+    return (total + int(part)) & _MASK64
+
+
+def sum_digest_over_ranks(value: int, dist: DistInfo) -> int:
+    """Every rank's part of a fingerprint summed (collective; int64 sums wrap as the parts'
+    own do), as an unsigned 64-bit integer."""
+    if not dist.is_distributed:
+        return value
+    signed = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64, device=dist.device)
+    tdist.all_reduce(signed)
+    return int(signed.item()) & _MASK64
 
 
 def format_digest(value: int) -> str:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
@@ -16,12 +15,14 @@ from conure_dist.config import TaskConfig, TrainConfig
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import (
     JointBatches,
+    add_digest,
     batch_digest,
     format_digest,
     micro_batches,
     negative_drawer,
     prefetched,
     steps_per_epoch,
+    sum_digest_over_ranks,
     train_batches,
 )
 from conure_dist.train.engine import build_engine
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from conure_dist.train.trainer import Trainer
 
 PHASE_IDS = {"train": 0, "retrain": 1}
-_MASK64 = (1 << 64) - 1
 
 
 def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:
@@ -184,7 +184,7 @@ class Phase:
                                                     on_device, self.info.kind == "sequence", joint_task))
         # On the CPU while the device runs the step.
         digest = batch_digest(batch.user, negatives, self.info.kind == "sequence", self.progress.step, dist)
-        self.progress.data_digest = (self.progress.data_digest + int(digest)) & _MASK64
+        self.progress.data_digest = add_digest(self.progress.data_digest, digest)
         self.pending.append(loss.detach())
         self.progress.step += 1
 
@@ -207,14 +207,7 @@ class Phase:
     def _epoch_digest(self) -> str:
         """The epoch's data fingerprint over all ranks: equal for two runs exactly when they
         trained on the same global batches with the same negatives, in the same order."""
-        value = self.progress.data_digest
-        dist = self.trainer.dist
-        if dist.is_distributed:
-            signed = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64,
-                                  device=dist.device)
-            tdist.all_reduce(signed)
-            value = int(signed.item())
-        return format_digest(value)
+        return format_digest(sum_digest_over_ranks(self.progress.data_digest, self.trainer.dist))
 
     def validate(self, epoch: int, loss: float | None, data: str | None = None) -> None:
         """Score the current parameters on the validation split; keep them if best so far."""

@@ -14,19 +14,15 @@ import dataclasses
 import logging
 from typing import Any
 
-import torch
-import torch.distributed as tdist
-
 from conure_dist.config import RunConfig, config_changes
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
+from conure_dist.train.batches import sum_digest_over_ranks
 from conure_dist.train.checkpoint import Checkpoint, Checkpointer, optimizer_part_name
 from conure_dist.train.deepspeed_engine import SavedShards
 from conure_dist.train.engine import Engine, TorchEngine
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState
-
-_MASK64 = (1 << 64) - 1
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +123,7 @@ def phase_progress_to_save(progress: PhaseProgress, dist: DistInfo) -> dict[str,
     gives the sum back to rank 0 alone, so that the epoch's fingerprint comes out right on any
     number of processes. The loss total is the global batches' and the same on every rank."""
     saved = dataclasses.asdict(progress)
-    if dist.is_distributed:
-        value = progress.data_digest
-        signed = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64,
-                              device=dist.device)
-        tdist.all_reduce(signed)  # int64 sums wrap, as the parts' own sums do
-        saved["data_digest"] = int(signed.item()) & _MASK64
+    saved["data_digest"] = sum_digest_over_ranks(progress.data_digest, dist)
     return saved
 
 
