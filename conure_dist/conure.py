@@ -7,12 +7,14 @@ import time
 from typing import Any
 
 from conure_dist.config import RunConfig
+from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.train.checkpoint import Checkpointer, optimizer_part_name
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.phase import Phase
+from conure_dist.train.prune_search import choose_prune_ratio
 from conure_dist.train.resume import phase_progress_to_save, restore
 from conure_dist.train.state import CapacityError, PhaseResume, RunState
 from conure_dist.train.trainer import build_trainer, task_specs
@@ -94,6 +96,30 @@ class ConureRun:
                    "ownership_bytes": sum(o.numel() * o.element_size() for o in ownership.owners.values())}
         return self.trainer.finish(state, storage, self.out)
 
+    def _grow(self, i: int) -> None:
+        """Append blocks before task ``i`` if it would start short of free weights (checkpointed:
+        a resume rebuilds the same backbone from ``RunState.growth``)."""
+        trainer, name = self.trainer, self.trainer.infos[i].name
+        events = grow_for_task(trainer.model, trainer.ownership, name, i, self.cfg.seed, self.cfg.continual)
+        if events:
+            self.state.growth.extend(events)
+            for event in events:
+                trainer.logger.log("grow", **event)
+            self.checkpoint(f"{name}-grown")
+
+    def _prune_ratio(self, i: int) -> float:
+        """Task ``i``'s prune ratio: as configured, or (``auto``) searched once after its train
+        phase and kept in the run state, so that a resume does not search again."""
+        task_cfg, name = self.cfg.tasks[i], self.trainer.infos[i].name
+        if task_cfg.prune_ratio != "auto":
+            return task_cfg.prune_ratio
+        if name not in self.state.prune_search:
+            unpruned = next(h["best_valid"] for h in reversed(self.state.history)
+                            if h["task"] == name and h["phase"] == "train")
+            self.state.prune_search[name] = choose_prune_ratio(self.trainer, i, task_cfg, unpruned)
+            self.checkpoint(f"{name}-ratio")
+        return self.state.prune_search[name]["chosen"]
+
     def _resume_for(self, stage: str) -> PhaseResume | None:
         return self.phase_resume if self.state.stage == stage else None
 
@@ -101,16 +127,18 @@ class ConureRun:
         trainer, state, cfg = self.trainer, self.state, self.cfg
         task_cfg, info, ownership = cfg.tasks[i], trainer.infos[i], trainer.ownership
         if state.stage in ("start", "in_train"):
+            if state.stage == "start":
+                self._grow(i)
             if state.stage == "start" and ownership.num_free() == 0:
                 raise CapacityError(f"task '{info.name}' cannot start: every conv weight is owned by an earlier "
-                                    "task; lower the earlier prune ratios")
+                                    "task; lower the earlier prune ratios or set continual.min_free_fraction")
             state.history.append(trainer.run_phase(i, "train", task_cfg, self._resume_for("in_train"),
                                                    self.checkpoint_phase))
             state.before_prune[info.name] = trainer.evaluate_view(i, "train")
             state.stage, state.phase = "trained", None
             self.checkpoint(f"{info.name}-trained")
         if ownership.last_task() < i + 1:
-            trainer.prune(i, task_cfg.prune_ratio)
+            trainer.prune(i, self._prune_ratio(i))
         if task_cfg.retrain_epochs > 0:
             state.history.append(trainer.run_phase(i, "retrain", task_cfg, self._resume_for("in_retrain"),
                                                    self.checkpoint_phase))
@@ -121,7 +149,8 @@ class ConureRun:
         state.metrics.append(row_metrics)
         state.matrix.append([row_metrics[t.name][metric_names[j]] if j <= i else None
                              for j, t in enumerate(trainer.infos)])
-        state.capacity.append(capacity_entry(info.name, ownership))
+        state.capacity.append({**capacity_entry(info.name, ownership), "prune_ratio": self._prune_ratio(i),
+                               "num_blocks": trainer.model.depth(info.name)})
         state.task_checksums[info.name] = trainer.checksum_of_task(i)
         trainer.logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1],
                            global_step=trainer.global_step)

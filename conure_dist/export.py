@@ -92,7 +92,7 @@ def baked_state(run: TrainedRun, task: str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         baked = masked.effective_weights()
         state = run.model.state_dict()
-        names = [n for n in state if n.startswith("backbone.")] + run.model.head_names(task)
+        names = [n for n in state if n.startswith("backbone.") and _runs(run.model, task, n)] + run.model.head_names(task)
         # Own contiguous copies: safetensors refuses tensors that share memory.
         return {name: baked.get(name, state[name]).detach().contiguous().clone() for name in names}
 
@@ -110,7 +110,7 @@ def build_network(model_cfg: dict[str, Any], spec: TaskSpec, state: dict[str, to
 def baked_network(run: TrainedRun, task: str) -> TaskNetwork:
     """The task's network with its view baked in, straight from a loaded checkpoint."""
     spec = TaskSpec(**next(s for s in run.ckpt.meta["tasks"] if s["name"] == task))
-    return build_network(_model_config(run), spec, baked_state(run, task))
+    return build_network(_model_config(run, task), spec, baked_state(run, task))
 
 
 def export_task(ckpt: str, task: str, out: str) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def export_task(ckpt: str, task: str, out: str) -> dict[str, Any]:
     spec = TaskSpec(**next(s for s in run.ckpt.meta["tasks"] if s["name"] == task))
     seq_len = int(run.ckpt.meta["seq_len"])
     safetensors.torch.save_file(state, str(root / WEIGHTS), metadata={"format": FORMAT, "task": task})
-    network = build_network(_model_config(run), spec, state)
+    network = build_network(_model_config(run, task), spec, state)
     program = torch.export.export(network, (_probe(2, seq_len, spec.kind, run.ckpt.meta["num_seq_items"]),),
                                   dynamic_shapes={"seq": {0: torch.export.Dim("batch")}})
     torch.export.save(program, str(root / PROGRAM))
@@ -172,10 +172,18 @@ def read_config(root: Path) -> dict[str, Any]:
     return config
 
 
-def _model_config(run: TrainedRun) -> dict[str, Any]:
+def _model_config(run: TrainedRun, task: str) -> dict[str, Any]:
+    """The one-task network's architecture: the blocks ``task`` runs (a grown backbone's later
+    blocks are not part of an earlier task's network)."""
     cfg = run.ckpt.meta["config"]["model"]
     return {"num_seq_items": int(run.ckpt.meta["num_seq_items"]), "channels": cfg["channels"],
-            "kernel_size": cfg["kernel_size"], "block_dilations": list(cfg["block_dilations"])}
+            "kernel_size": cfg["kernel_size"], "block_dilations": run.model.block_dilations(task)}
+
+
+def _runs(model: ConureModel, task: str, name: str) -> bool:
+    """Whether the backbone parameter ``name`` is one that ``task`` runs."""
+    parts = name.split(".")
+    return parts[1] != "blocks" or int(parts[2]) < model.depth(task)
 
 
 def _prepare_out(out: str) -> Path:
@@ -232,7 +240,7 @@ def _config(run: TrainedRun, spec: TaskSpec, class_names: list[str] | None, root
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "task": {"name": spec.name, "kind": spec.kind, "num_outputs": spec.num_outputs,
                  "id": run.task_names.index(spec.name) + 1},
-        "model": _model_config(run),
+        "model": _model_config(run, spec.name),
         "seq_len": seq_len, "input_len": width, "input": layout,
         "output": f"float32 [batch, {spec.num_outputs}]: {output}",
         "source": {"checkpoint": run.ckpt.url, "task_checksum": meta["state"]["task_checksums"][spec.name],

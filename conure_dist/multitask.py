@@ -41,90 +41,22 @@ from torch import nn
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.inference import SCORE_ROW_MULTIPLE, TrainedRun
-from conure_dist.model.backbone import NextItNet
 from conure_dist.model.conure import ConureModel
+from conure_dist.multitask_spans import (  # noqa: F401 - conv_input_span is public here too
+    Span,
+    conv_input_span,
+    held_positions,
+    last_position_spans,
+    model_spans,
+    shifted_input,
+    trim_span,
+)
 
 EMBEDDING = "backbone.embedding.weight"
 
 DEFAULT_CPU_CHUNK = 64
 """Rows per backbone pass on the CPU: a pass's per-task GEMM operands stay in cache, with ops
 large enough that on shared cores a thread-pool barrier per op costs little."""
-
-Span = tuple[int, int]
-"""Positions ``(count, step)``: the last position and the ``count - 1`` before it, ``step`` apart."""
-
-
-def conv_input_span(out: Span, kernel_size: int, dilation: int, length: int) -> Span:
-    """The positions a causal conv reads to produce the positions ``out`` of a length-``length``
-    sequence (positions before 0 are its zero padding and need nothing)."""
-    count, step = out
-    spacing = math.gcd(step, dilation) if count > 1 else dilation
-    reach = step * (count - 1) + dilation * (kernel_size - 1)
-    return min(reach // spacing + 1, (length - 1) // spacing + 1), spacing
-
-
-def last_position_spans(backbone: NextItNet, length: int) -> list[tuple[Span, Span, Span]]:
-    """Per block the (input, conv1 output, output) positions the last position's state depends
-    on: like ``NextItNet.last_position_windows``, without the positions in between that the
-    dilations skip (the residual reads the output positions, which the input ones include)."""
-    out, spans = (1, 1), []
-    for block in reversed(backbone.blocks):
-        mid = conv_input_span(out, block.conv2.kernel_size, block.conv2.dilation, length)
-        spans.append((conv_input_span(mid, block.conv1.kernel_size, block.conv1.dilation, length), mid, out))
-        out = spans[-1][0]
-    return spans[::-1]
-
-
-def model_spans(model: ConureModel, length: int) -> list[tuple[Span, Span, Span]]:
-    """The contiguous windows the model itself computes: the fast path's receptive windows of the
-    last position, or every position on the plain path."""
-    if model.fast:
-        return [((n, 1), (mid, 1), (out, 1)) for n, mid, out in model.backbone.last_position_windows(length)]
-    return [((length, 1),) * 3] * len(model.backbone.blocks)
-
-
-def trim_span(span: Span, start: int, length: int) -> Span:
-    """The positions of ``span`` at or after ``start`` (at least the last one)."""
-    count, step = span
-    return span if count == 1 else (min(count, (length - 1 - start) // step + 1), step)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return max(0, -(-a // b))
-
-
-def shifted_input(src: torch.Tensor, src_span: Span, out_span: Span, kernel_size: int, dilation: int,
-                  out: torch.Tensor, length: int, left: torch.Tensor | None = None) -> torch.Tensor:
-    """``CausalConv1d``'s GEMM input for the positions ``out_span`` of a length-``length``
-    sequence, written into ``out`` ``[G, R, count, K*C]``: tap ``i`` of an output position reads
-    the input ``(K-1-i)*d`` positions before it, from ``src`` ``[G, R, n, C]`` (holding
-    ``src_span``), before that from ``left`` ``[G, length, C]`` (the same for every row), and
-    before position 0 (or without ``left``) zero, as the per-task path's ``F.pad`` makes it."""
-    (n, src_step), (count, step) = src_span, out_span
-    step = step if count > 1 else 1
-    stride = step // src_step if count > 1 else 1
-    channels, src_first = src.shape[-1], length - 1 - src_step * (n - 1)
-    for i in range(kernel_size):
-        pos = length - 1 - step * (count - 1) - (kernel_size - 1 - i) * dilation  # output 0's tap
-        below = min(count, _ceil_div(src_first - pos, step))  # taps before what src holds
-        zeros = below if left is None else min(below, _ceil_div(-pos, step))
-        tap = out[..., i * channels:(i + 1) * channels]
-        if zeros:
-            tap[:, :, :zeros].zero_()
-        if zeros < below:
-            tap[:, :, zeros:below].copy_(left[:, None, pos + zeros * step:pos + (below - 1) * step + 1:step])
-        if below < count:
-            first = (pos + below * step - src_first) // src_step
-            tap[:, :, below:].copy_(src[:, :, first:first + (count - 1 - below) * stride + 1:stride])
-    return out
-
-
-def _positions(x: torch.Tensor, x_span: Span, span: Span) -> torch.Tensor:
-    """The positions ``span`` of ``x`` ``[..., n, C]`` holding ``x_span`` (all held there)."""
-    (n, x_step), (count, step) = x_span, span
-    stride = step // x_step if count > 1 else 1
-    return x[..., n - 1 - (count - 1) * stride:n:stride, :]
-
 
 def view_kernel(weight: torch.Tensor, ownership: TaskOwnership, name: str, task_id: int) -> torch.Tensor:
     """``weight`` as task ``task_id``'s inference view reads it: exactly ``MaskedModel``'s
@@ -194,6 +126,7 @@ class MultiTaskScorer:
         self.tasks = list(tasks) if tasks is not None else [t for t in model.kinds if ids[t] <= ownership.last_task()]
         _check_tasks(model, ownership, self.tasks, ids)
         self.model, self.chunk_rows = model, chunk_rows
+        self.depth = model.depth(self.tasks[0])
         self.per_task_shapes = (model.backbone.embedding.weight.device.type == "cuda" if per_task_shapes is None
                                 else per_task_shapes)
         self.ids = [ids[t] for t in self.tasks]
@@ -203,7 +136,7 @@ class MultiTaskScorer:
             self.embeddings = [model.backbone.embedding.weight.detach()]
         self.blocks = [_Block(block.norm1, self._conv(block.conv1, f"backbone.blocks.{i}.conv1.weight", ownership),
                               block.norm2, self._conv(block.conv2, f"backbone.blocks.{i}.conv2.weight", ownership))
-                       for i, block in enumerate(model.backbone.blocks)]
+                       for i, block in enumerate(model.backbone.blocks[: self.depth])]
         self._watched = [*model.parameters(), *ownership.owners.values()]
         self._versions = self._current_versions()
         self._workspace: _Workspace | None = None
@@ -268,7 +201,7 @@ class MultiTaskScorer:
         for t in range(tasks):
             _gemm(second[t], block.conv2.kernels[t], result[t])
         # Bias, then the residual (IEEE addition commutes exactly: h + x == x + h).
-        return result.add_(block.conv2.bias).add_(_positions(x, x_span, out))
+        return result.add_(block.conv2.bias).add_(held_positions(x, x_span, out))
 
     def _pass(self, seqs: torch.Tensor, plan: list[tuple[Span, Span, Span]], lefts: list | None = None,
               record: list | None = None) -> torch.Tensor:
@@ -313,8 +246,8 @@ class MultiTaskScorer:
                                "was built; build a new one")
         rows, length = seqs.shape
         if self.per_task_shapes:
-            return self._pass(seqs, model_spans(self.model, length))
-        plan = last_position_spans(self.model.backbone, length)
+            return self._pass(seqs, model_spans(self.model, length, self.depth))
+        plan = last_position_spans(self.model.backbone, length, self.depth)
         real = seqs != 0
         starts = torch.where(real.any(1), real.int().argmax(1), length - 1)
         order = torch.argsort(starts, descending=True, stable=True)
@@ -384,6 +317,19 @@ def _check_tasks(model: ConureModel, ownership: TaskOwnership, tasks: list[str],
     other = sorted(set(ownership.names) - set(model.prunable_names()))
     if other:
         raise ValueError(f"ownership of {other}: MultiTaskScorer views only the convs and the embedding")
+    depths = {t: model.depth(t) for t in tasks}
+    if len(set(depths.values())) > 1:
+        raise ValueError(f"tasks run different numbers of blocks of the grown backbone ({depths}): one scorer "
+                         "per depth (see depth_groups; score_all_tasks groups them)")
+
+
+def depth_groups(model: ConureModel, tasks: Sequence[str]) -> list[list[str]]:
+    """``tasks`` grouped by how many blocks they run (one group unless the backbone grew): what
+    one ``MultiTaskScorer`` can answer together."""
+    groups: dict[int, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(model.depth(task), []).append(task)
+    return list(groups.values())
 
 
 def score_all_tasks(source: TrainedRun | tuple[ConureModel, TaskOwnership], tasks: Sequence[str] | None,
@@ -392,6 +338,15 @@ def score_all_tasks(source: TrainedRun | tuple[ConureModel, TaskOwnership], task
     ``score_histories(task_view(run, task), task, seqs)`` per task. Builds a scorer each call:
     keep a ``MultiTaskScorer`` for repeated calls on one checkpoint."""
     if isinstance(source, TrainedRun):
-        return MultiTaskScorer.from_run(source, tasks).score(seqs)
-    model, ownership = source
-    return MultiTaskScorer(model, ownership, tasks).score(seqs)
+        for task in tasks or ():
+            source.check_finished(task, flag="tasks")
+        model, ownership, chosen = source.model, source.ownership, source.finished if tasks is None else list(tasks)
+        ids = {name: i + 1 for i, name in enumerate(source.task_names)}
+    else:
+        (model, ownership), ids = source, None
+        chosen = list(tasks) if tasks is not None else [t for i, t in enumerate(model.kinds)
+                                                        if i + 1 <= ownership.last_task()]
+    scores: dict[str, torch.Tensor] = {}
+    for group in depth_groups(model, chosen):  # one group unless the backbone grew
+        scores.update(MultiTaskScorer(model, ownership, group, ids).score(seqs))
+    return {task: scores[task] for task in chosen}

@@ -29,9 +29,12 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: D
         "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
         "capacity": [
             {"task": c["task"], "owned_fraction": sum(c["owned_fraction"].values()), "free_fraction": c["free_fraction"],
-             "owned_by_task": c["owned_fraction"]}
+             "owned_by_task": c["owned_fraction"],
+             **{k: c[k] for k in ("prune_ratio", "num_blocks", "num_weights") if k in c}}
             for c in state.capacity
         ],
+        "growth": state.growth,
+        "prune_search": state.prune_search,
         "test_metrics": state.metrics[-1] if state.metrics else {},
         "reference_metrics": state.reference,
         "task_checksums": state.task_checksums,
@@ -83,6 +86,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("reference".ljust(14) + ref)
     metrics = "".join(t["primary_metric"].rjust(width) for t in report["tasks"])
     lines.append("metric".ljust(14) + metrics)
+    for event in report.get("growth", []):
+        lines.append(f"grown before {event['task']}: +{len(event['dilations'])} blocks (to {event['blocks']}), free "
+                     f"{event['free_before']:.3f} -> {event['free_after']:.3f}")
+    for task, search in report.get("prune_search", {}).items():
+        tried = ", ".join(f"{p['ratio']:g}{'' if p['within_tolerance'] else ' (out)'}" for p in search["probes"])
+        lines.append(f"prune ratio of {task}: {search['chosen']:g} (auto; tried {tried})")
     lines.append(
         f"wall {report['wall_seconds']:.1f}s, world size {report['world_size']}, engine {report['engine']}"
     )

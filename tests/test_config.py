@@ -71,7 +71,7 @@ def test_overrides_dotted_indexed_and_star(tmp_path):
         (BASE, ["train.log_every=[1"], "key 'train.log_every': expected an integer, got '[1' (set by the override 'train.log_every=[1')"),
         (BASE, ["train.topk=[5, 5]"], "key 'train.topk': lists a cut-off twice: [5, 5]"),
         (BASE, ["train.topk=[1"], "key 'train.topk': expected int | list[int], got '[1'"),
-        (BASE, ["tasks.*.prune_ratio=1.5"], "key 'tasks.0.prune_ratio': must be in [0, 1), got 1.5 (set by the "
+        (BASE, ["tasks.*.prune_ratio=1.5"], "key 'tasks.0.prune_ratio': must be in [0, 1) or 'auto', got 1.5 (set by the "
                                             "override 'tasks.*.prune_ratio=1.5')"),
         (BASE, ["tasks.1.name=no"], "got False (YAML reads yes/no/on/off as true/false: quote the value)"),
         (BASE, ["seed=-3"], "key 'seed': must be >= 0"),

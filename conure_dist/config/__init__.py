@@ -16,6 +16,7 @@ from conure_dist.config.load import config_changes, config_from_dict, load_confi
 from conure_dist.config.schema import (
     METHODS,
     ConfigError,
+    ContinualConfig,
     DataConfig,
     DistConfig,
     MethodConfig,
@@ -29,6 +30,7 @@ from conure_dist.config.schema import (
 __all__ = [
     "METHODS",
     "ConfigError",
+    "ContinualConfig",
     "DataConfig",
     "DistConfig",
     "MethodConfig",

@@ -127,8 +127,13 @@ class TaskConfig:
 
     name: str = ""
     """Task name as listed in the data manifest."""
-    prune_ratio: float = 0.7
-    """Fraction of this task's free conv weights released for later tasks after training."""
+    prune_ratio: float | Literal["auto"] = 0.7
+    """Fraction of this task's free conv weights released for later tasks after training, or
+    ``auto``: the largest of ``continual.prune_candidates`` whose validation score after retraining
+    stays within ``prune_tolerance`` of the unpruned one (a bisection, decided on rank 0)."""
+    prune_tolerance: float = 0.01
+    """``prune_ratio: auto``: the relative loss of validation score accepted for a ratio, i.e.
+    ``score >= unpruned - prune_tolerance * |unpruned|`` (the phase's selection score)."""
     epochs: int = 3
     """Epochs of the train phase."""
     retrain_epochs: int = 2
@@ -143,7 +148,10 @@ class TaskConfig:
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.name), f"{prefix}.name", "is required")
-        _check(0.0 <= self.prune_ratio < 1.0, f"{prefix}.prune_ratio", f"must be in [0, 1), got {self.prune_ratio}")
+        _check(self.prune_ratio == "auto" or 0.0 <= self.prune_ratio < 1.0, f"{prefix}.prune_ratio",
+               f"must be in [0, 1) or 'auto', got {self.prune_ratio}")
+        _check(0.0 <= self.prune_tolerance < 1.0, f"{prefix}.prune_tolerance",
+               f"must be in [0, 1), got {self.prune_tolerance}")
         _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.retrain_epochs >= 0, f"{prefix}.retrain_epochs", f"must be >= 0, got {self.retrain_epochs}")
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
@@ -298,6 +306,36 @@ class MethodConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """How Conure's backbone is shared as tasks accumulate: growth and automatic prune ratios."""
+
+    min_free_fraction: float = 0.0
+    """Grow the backbone before a task that would start with less than this fraction of the
+    prunable conv weights free: ``grow_dilations`` blocks are appended (repeatedly, until the
+    fraction is reached), run only by that task and the later ones. 0 never grows."""
+    grow_dilations: list[int] = field(default_factory=lambda: [1, 4])
+    """Dilations of the residual blocks one growth step appends."""
+    max_blocks: int = 64
+    """Most residual blocks the backbone may grow to; past it a task stops with CapacityError."""
+    prune_candidates: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
+    """The ratios ``prune_ratio: auto`` chooses from (any order; searched by bisection, so
+    about log2(n) + 1 retrain phases per task)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 <= self.min_free_fraction < 1.0, f"{prefix}.min_free_fraction",
+               f"must be in [0, 1), got {self.min_free_fraction}")
+        _check(len(self.grow_dilations) >= 1, f"{prefix}.grow_dilations", "needs at least one block")
+        for i, d in enumerate(self.grow_dilations):
+            _check(d >= 1, f"{prefix}.grow_dilations.{i}", f"must be >= 1, got {d}")
+        _check(self.max_blocks >= 1, f"{prefix}.max_blocks", f"must be >= 1, got {self.max_blocks}")
+        _check(len(self.prune_candidates) >= 1, f"{prefix}.prune_candidates", "needs at least one ratio")
+        _check(len(set(self.prune_candidates)) == len(self.prune_candidates), f"{prefix}.prune_candidates",
+               f"lists a ratio twice: {self.prune_candidates}")
+        for i, r in enumerate(self.prune_candidates):
+            _check(0.0 <= r < 1.0, f"{prefix}.prune_candidates.{i}", f"must be in [0, 1), got {r}")
+
+
+@dataclass
 class RunConfig:
     """Everything one ``conure run`` needs."""
 
@@ -308,6 +346,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks in training order; the first must be the manifest's sequence (T1) task."""
 
@@ -317,6 +356,12 @@ class RunConfig:
         self.train.validate("train")
         self.dist.validate("dist")
         self.method.validate("method")
+        self.continual.validate("continual")
+        shared = self.method.name in ("conure", "conure_minus")
+        _check(shared or self.continual.min_free_fraction == 0, "continual.min_free_fraction",
+               f"grows Conure's shared backbone; method '{self.method.name}' has none to grow")
+        _check(self.continual.max_blocks >= len(self.model.block_dilations), "continual.max_blocks",
+               f"is below the {len(self.model.block_dilations)} blocks of model.block_dilations")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
         _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")

@@ -38,6 +38,13 @@ class TaskOwnership:
     def empty(cls, shapes: dict[str, torch.Size]) -> TaskOwnership:
         return cls({name: torch.zeros(shape, dtype=torch.uint8) for name, shape in shapes.items()})
 
+    def add(self, shapes: dict[str, torch.Size]) -> None:
+        """Records for new tensors (a grown backbone's kernels), all free."""
+        for name, shape in shapes.items():
+            if name in self.owners:
+                raise ValueError(f"ownership of '{name}' already exists")
+            self.owners[name] = torch.zeros(shape, dtype=torch.uint8)
+
     @property
     def names(self) -> list[str]:
         return list(self.owners)
@@ -121,11 +128,14 @@ def task_checksum(
     state: dict[str, torch.Tensor],
     task_id: int,
     extra_names: list[str],
+    names: list[str] | None = None,
 ) -> str:
     """sha256 over what task ``task_id`` froze: its ownership positions, the weight values there,
-    and the whole of ``extra_names`` (its head; for T1 also the shared backbone parameters)."""
+    and the whole of ``extra_names`` (its head; for T1 also the shared backbone parameters).
+    ``names``: the owned tensors the task reads (default all; a grown backbone's later blocks are
+    not read by earlier tasks, so they leave those tasks' checksums unchanged)."""
     digest = hashlib.sha256()
-    for name in sorted(ownership.owners):
+    for name in sorted(ownership.owners if names is None else names):
         mine = ownership.owners[name] == task_id
         digest.update(name.encode())
         digest.update(mine.numpy().tobytes())

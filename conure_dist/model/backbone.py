@@ -101,39 +101,65 @@ class NextItNet(nn.Module):
             self.embedding.weight[0].zero_()
         for block in self.blocks:
             for conv in (block.conv1, block.conv2):
-                # Residual branches start small so the deep stack is close to identity at init.
-                fan_in = conv.weight.shape[0] * conv.weight.shape[1]
-                nn.init.normal_(conv.weight, std=(1.0 / fan_in) ** 0.5)
-                nn.init.zeros_(conv.bias)
+                _init_conv(conv)
+
+    def append_blocks(self, dilations: list[int], generator: torch.Generator) -> list[int]:
+        """Append residual blocks (indices returned) that start as the identity: conv1 drawn as at
+        initialisation from ``generator``, conv2 zero, so the deeper stack computes exactly what
+        the shallower one did until the new blocks train."""
+        channels, kernel_size = self.embedding.embedding_dim, self.blocks[0].conv1.kernel_size
+        device = self.embedding.weight.device
+        first = len(self.blocks)
+        for d in dilations:
+            block = ResidualBlock(channels, kernel_size, d)
+            _init_conv(block.conv1, generator)
+            nn.init.zeros_(block.conv2.weight)
+            nn.init.zeros_(block.conv2.bias)
+            self.blocks.append(block.to(device))
+        return list(range(first, len(self.blocks)))
 
     def forward(self, seq_BL: torch.Tensor, last_only: bool = False,
-                patches: nn.ModuleList | None = None) -> torch.Tensor:
-        """``patches``: two modules per block (see ``ResidualBlock.forward``), or None."""
-        pairs = [None] * len(self.blocks) if patches is None else list(zip(patches[::2], patches[1::2], strict=True))
+                patches: nn.ModuleList | None = None, depth: int | None = None) -> torch.Tensor:
+        """``patches``: two modules per block (see ``ResidualBlock.forward``), or None. ``depth``:
+        run only the first ``depth`` blocks (a task that came before the backbone grew)."""
+        blocks = self.blocks if depth is None else self.blocks[:depth]
+        pairs = [None] * len(blocks) if patches is None else list(zip(patches[::2], patches[1::2], strict=True))
         if not last_only:
             h = self.embedding(seq_BL)
-            for block, pair in zip(self.blocks, pairs, strict=True):
+            for block, pair in zip(blocks, pairs, strict=True):
                 h = block(h, None, pair)
             return h
-        windows = self.last_position_windows(seq_BL.shape[1])
+        windows = self.last_position_windows(seq_BL.shape[1], depth)
         h = self.embedding(seq_BL[:, seq_BL.shape[1] - windows[0][0] :])
-        for block, (_, mid, out), pair in zip(self.blocks, windows, pairs, strict=True):
+        for block, (_, mid, out), pair in zip(blocks, windows, pairs, strict=True):
             h = block(h, (mid, out), pair)
         return h[:, -1]
 
-    def last_position_windows(self, length: int) -> list[tuple[int, int, int]]:
-        """Per block, the (input, conv1, output) window lengths the last position depends on."""
+    def last_position_windows(self, length: int, depth: int | None = None) -> list[tuple[int, int, int]]:
+        """Per block (of the first ``depth``), the (input, conv1, output) window lengths the last
+        position depends on."""
         out, windows = 1, []
-        for block in reversed(self.blocks):
+        for block in reversed(self.blocks if depth is None else self.blocks[:depth]):
             windows.append(block.receptive_lens(out, length))
             out = windows[-1][0]
         return windows[::-1]
 
-    def conv_weight_names(self) -> list[str]:
-        """Names of the conv kernels: the tensors that Conure partitions between tasks."""
-        return [
-            f"blocks.{i}.{conv}.weight" for i in range(len(self.blocks)) for conv in ("conv1", "conv2")
-        ]
+    def conv_weight_names(self, depth: int | None = None) -> list[str]:
+        """Names of the conv kernels (of the first ``depth`` blocks): the tensors that Conure
+        partitions between tasks."""
+        count = len(self.blocks) if depth is None else depth
+        return [f"blocks.{i}.{conv}.weight" for i in range(count) for conv in ("conv1", "conv2")]
+
+
+def _init_conv(conv: CausalConv1d, generator: torch.Generator | None = None) -> None:
+    """Normal kernel with variance 1/fan_in, zero bias."""
+    fan_in = conv.weight.shape[0] * conv.weight.shape[1]
+    with torch.no_grad():
+        if generator is None:
+            nn.init.normal_(conv.weight, std=(1.0 / fan_in) ** 0.5)
+        else:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (1.0 / fan_in) ** 0.5)
+    nn.init.zeros_(conv.bias)
 
 
 class ModelPatch(nn.Module):

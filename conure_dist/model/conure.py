@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,7 @@ class ConureModel(nn.Module):
         patch_tasks: tuple[str, ...] | list[str] = (),
         patch_dim: int = 16,
         prune_embedding: bool = False,
+        growth: Sequence[tuple[str, list[int]]] = (),
     ) -> None:
         super().__init__()
         self.fast = fast
@@ -75,6 +77,12 @@ class ConureModel(nn.Module):
             task: nn.ModuleList(ModelPatch(channels, patch_dim) for _ in range(2 * len(block_dilations)))
             for task in patch_tasks
         })
+        self.base_blocks = len(block_dilations)
+        self.growth: list[tuple[str, list[int]]] = []
+        """Blocks appended after construction, in order: (the task that added them, their
+        dilations). A task runs the base blocks and those added by itself and earlier tasks."""
+        for task, dilations in growth:  # rebuilding a grown model: its weights are loaded next
+            self.grow(task, dilations, torch.Generator().manual_seed(0))
 
     def forward(
         self,
@@ -96,12 +104,12 @@ class ConureModel(nn.Module):
         if self.kinds[task] == "sequence":
             inputs = seq_BL[:, :-1]
             if negatives is None:
-                return head.scores(self._last_hidden(inputs, patches))
-            hidden = self.backbone(inputs, patches=patches)
+                return head.scores(self._last_hidden(inputs, patches, task))
+            hidden = self.backbone(inputs, patches=patches, depth=self._depth_arg(task))
             keep = _predicted(seq_BL)
             loss_sum, count = head.loss(hidden[keep], seq_BL[:, 1:][keep], negatives), keep.sum()
         else:
-            hidden = self._last_hidden(seq_BL, patches)
+            hidden = self._last_hidden(seq_BL, patches, task)
             if target_B is None:
                 return head.scores(hidden)
             loss_sum = head.loss(hidden, target_B, negatives)
@@ -119,7 +127,7 @@ class ConureModel(nn.Module):
         vectors."""
         patches = self.patches[task] if task in self.patches else None
         inputs = seq_BL[:, :-1] if self.kinds[task] == "sequence" else seq_BL
-        return self._last_hidden(inputs, patches)
+        return self._last_hidden(inputs, patches, task)
 
     def example_count(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
         """The number of examples a training batch of ``task`` holds, as ``forward`` counts them
@@ -134,21 +142,73 @@ class ConureModel(nn.Module):
             raise ValueError(f"task '{task}': the sequence head has no prior start")
         self.heads[task].init_prior(train_counts)
 
-    def _last_hidden(self, seq_BL: torch.Tensor, patches: nn.ModuleList | None) -> torch.Tensor:
+    def _last_hidden(self, seq_BL: torch.Tensor, patches: nn.ModuleList | None, task: str) -> torch.Tensor:
+        depth = self._depth_arg(task)
         if self.fast:
-            return self.backbone(seq_BL, last_only=True, patches=patches)
-        return self.backbone(seq_BL, patches=patches)[:, -1]
+            return self.backbone(seq_BL, last_only=True, patches=patches, depth=depth)
+        return self.backbone(seq_BL, patches=patches, depth=depth)[:, -1]
 
-    def prunable_names(self) -> list[str]:
+    # -- capacity growth ---------------------------------------------------------------------
+    def grow(self, task: str, dilations: list[int], generator: torch.Generator) -> list[str]:
+        """Append residual blocks that ``task`` and every later task run, and earlier tasks skip
+        (so their outputs do not change by a bit). They start as the identity (see
+        ``NextItNet.append_blocks``). Returns the names of their conv kernels (to be owned)."""
+        if task not in self.kinds:
+            raise ValueError(f"cannot grow for unknown task '{task}' (tasks: {', '.join(self.kinds)})")
+        order = list(self.kinds)
+        if self.growth and order.index(task) < order.index(self.growth[-1][0]):
+            raise ValueError(f"task '{task}' comes before '{self.growth[-1][0]}', which already grew the backbone")
+        if self.patches:
+            raise ValueError("a backbone with PeterRec patches (one pair per block) cannot grow")
+        indices = self.backbone.append_blocks(list(dilations), generator)
+        self.growth.append((task, list(dilations)))
+        return [f"backbone.blocks.{i}.{conv}.weight" for i in indices for conv in ("conv1", "conv2")]
+
+    def depth(self, task: str) -> int:
+        """How many residual blocks ``task`` runs."""
+        order = list(self.kinds)
+        position = order.index(task)
+        return self.base_blocks + sum(len(d) for t, d in self.growth if order.index(t) <= position)
+
+    def block_dilations(self, task: str) -> list[int]:
+        """The dilations of the blocks ``task`` runs, in order."""
+        return [block.conv1.dilation for block in self.backbone.blocks[: self.depth(task)]]
+
+    def _depth_arg(self, task: str) -> int | None:
+        return self.depth(task) if self.growth else None
+
+    def grown_blocks(self, task: str) -> list[int]:
+        """Indices of the blocks that ``task`` appended (none unless it grew the backbone)."""
+        start, out = self.base_blocks, []
+        for owner, dilations in self.growth:
+            if owner == task:
+                out += range(start, start + len(dilations))
+            start += len(dilations)
+        return out
+
+    def grown_names(self, task: str) -> list[str]:
+        """The non-prunable parameters (layer norms, conv biases) of the blocks ``task`` appended:
+        trained in its train phase, then frozen like T1's shared parameters."""
+        prunable = set(self.prunable_names())
+        return [f"backbone.blocks.{b}.{n}" for b in self.grown_blocks(task)
+                for n, _ in self.backbone.blocks[b].named_parameters()
+                if f"backbone.blocks.{b}.{n}" not in prunable]
+
+    def prunable_names(self, task: str | None = None) -> list[str]:
         """Parameter names (of this module) that Conure partitions between tasks: the conv
-        kernels, and the item embedding when ``prune_embedding`` is set."""
+        kernels, and the item embedding when ``prune_embedding`` is set; with ``task``, only
+        those it runs (not the blocks a later task appended)."""
         embedding = ["backbone.embedding.weight"] if self.prune_embedding else []
-        return [*embedding, *(f"backbone.{n}" for n in self.backbone.conv_weight_names())]
+        depth = None if task is None else self.depth(task)
+        return [*embedding, *(f"backbone.{n}" for n in self.backbone.conv_weight_names(depth))]
 
     def shared_names(self) -> list[str]:
-        """Backbone parameters trained in T1's first phase and frozen afterwards."""
+        """Backbone parameters trained in T1's first phase and frozen afterwards (not those of
+        blocks appended later: see ``grown_names``)."""
         prunable = set(self.prunable_names())
-        return [f"backbone.{n}" for n, _ in self.backbone.named_parameters() if f"backbone.{n}" not in prunable]
+        grown = {f"blocks.{b}." for b in range(self.base_blocks, len(self.backbone.blocks))}
+        return [f"backbone.{n}" for n, _ in self.backbone.named_parameters()
+                if f"backbone.{n}" not in prunable and not any(n.startswith(g) for g in grown)]
 
     def item_table_names(self) -> list[str]:
         """The vocabulary-sized tables of T1 (embedding, sampled-softmax weight and bias): a step
@@ -156,6 +216,12 @@ class ConureModel(nn.Module):
         seq_heads = [f"heads.{t}.{n}" for t, k in self.kinds.items() if k == "sequence"
                      for n, _ in self.heads[t].named_parameters()]
         return ["backbone.embedding.weight", *seq_heads]
+
+    def frozen_with(self, task: str) -> list[str]:
+        """The parameters besides its owned kernel positions that a finished task froze: its head,
+        T1's shared backbone parameters (first task) and the blocks it appended."""
+        first = list(self.kinds)[0] == task
+        return self.head_names(task) + (self.shared_names() if first else []) + self.grown_names(task)
 
     def patch_names(self, task: str) -> list[str]:
         if task not in self.patches:

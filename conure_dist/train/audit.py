@@ -25,7 +25,8 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[ConureModel, TaskOwnership]
     cfg = ckpt.meta["config"]["model"]
     specs = [TaskSpec(**s) for s in ckpt.meta["tasks"]]
     model = ConureModel(ckpt.meta["num_seq_items"], specs, cfg["channels"], cfg["kernel_size"],
-                        cfg["block_dilations"], cfg["init_std"], prune_embedding=cfg.get("prune_embedding", False))
+                        cfg["block_dilations"], cfg["init_std"], prune_embedding=cfg.get("prune_embedding", False),
+                        growth=[(g["task"], g["dilations"]) for g in ckpt.meta["state"].get("growth", [])])
     model.load_state_dict(ckpt.model, strict=True)
     return model, TaskOwnership.from_state_dict(ckpt.ownership)
 
@@ -40,6 +41,6 @@ def audit_checkpoint(ckpt: Checkpoint) -> list[AuditResult]:
         stored = ckpt.meta["state"]["task_checksums"].get(name)
         if stored is None:
             continue
-        extra = model.head_names(name) + (model.shared_names() if index == 0 else [])
-        results.append(AuditResult(name, stored, task_checksum(ownership, state, index + 1, extra)))
+        recomputed = task_checksum(ownership, state, index + 1, model.frozen_with(name), model.prunable_names(name))
+        results.append(AuditResult(name, stored, recomputed))
     return results

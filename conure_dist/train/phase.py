@@ -39,12 +39,15 @@ if TYPE_CHECKING:
 PHASE_IDS = {"train": 0, "retrain": 1}
 
 
-def phase_parameters(model: ConureModel, task: str, first_phase: bool) -> dict[str, nn.Parameter]:
+def phase_parameters(model: ConureModel, task: str, first_phase: bool, grown: bool = False) -> dict[str, nn.Parameter]:
     """What a Conure phase trains: T1's train phase (``first_phase``) the whole backbone; every
-    other phase only the prunable kernels (through the view's masks) and the task's own head."""
+    other phase only the prunable kernels (through the view's masks) and the task's own head,
+    plus (``grown``: its train phase) the layer norms and biases of blocks the task appended."""
     wanted = model.prunable_names() + model.head_names(task)
     if first_phase:
         wanted += model.shared_names()
+    if grown:
+        wanted += model.grown_names(task)
     return select_parameters(model, wanted)
 
 
@@ -83,7 +86,7 @@ class Phase:
         trainer.masked.train()
         self.global_batch = task_cfg.batch_size  # divisible by the world size (build_trainer checked)
         if dense is None:
-            self.trainable = phase_parameters(model, info.name, task_index == 0 and mode == "train")
+            self.trainable = phase_parameters(model, info.name, task_index == 0 and mode == "train", mode == "train")
         else:
             self.trainable = select_parameters(model, dense)
         self.engine = build_engine(trainer.masked, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,

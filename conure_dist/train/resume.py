@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from conure_dist.config import RunConfig, config_changes
+from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
@@ -59,6 +60,7 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
         raise ValueError(f"{ckpt.path}: the checkpoint's tasks {saved} are not the first tasks of the config "
                          f"{task_names}; a resumed run may only append tasks")
     check_resumed_config(ckpt, cfg)
+    apply_growth(model, ownership, ckpt.meta["state"].get("growth", []))
     new_heads = {n for n in model.state_dict() if n.split(".")[:2] in [["heads", t] for t in task_names[len(saved):]]}
     missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
     if unexpected or set(missing) != new_heads:

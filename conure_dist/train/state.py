@@ -89,6 +89,11 @@ class RunState:
     """Optimizer steps taken over all phases (the training curves' x axis), carried by resumes."""
     phase: dict[str, Any] | None = None
     """PhaseProgress of a checkpoint taken inside a phase (stage in_train / in_retrain)."""
+    growth: list[dict[str, Any]] = field(default_factory=list)
+    """Residual blocks appended to the backbone, in order (``continual.growth``)."""
+    prune_search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per task with ``prune_ratio: auto``: the unpruned validation score, the ratios tried with
+    their scores, and the ratio chosen."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

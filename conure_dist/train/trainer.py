@@ -106,10 +106,9 @@ class Trainer:
         return out
 
     def checksum_of_task(self, task_index: int) -> str:
-        extra = self.model.head_names(self.infos[task_index].name)
-        if task_index == 0:
-            extra += self.model.shared_names()
-        return task_checksum(self.ownership, self.model.state_dict(), task_index + 1, extra)
+        name = self.infos[task_index].name
+        return task_checksum(self.ownership, self.model.state_dict(), task_index + 1, self.model.frozen_with(name),
+                             self.model.prunable_names(name))
 
     def finish(self, state: RunState, storage: dict[str, int], out: str) -> dict[str, Any]:
         """Write ``report.json`` (rank 0) and return the report once every rank is done."""
