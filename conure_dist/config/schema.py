@@ -111,6 +111,11 @@ class ModelConfig:
     """Item and class heads start as their task's trivial predictor (popularity ranking, class
     prior, from the train split's label counts) and learn the personal part from there; the
     validation check before the first epoch keeps that start when no epoch beats it."""
+    softmax_kernel: Literal["auto", "chunked", "triton"] = "auto"
+    """Where T1's sampled softmax and evaluation's ranking run: ``triton`` (fused kernels: the
+    negatives' logits and the full score table never reach memory), ``chunked`` (PyTorch, in
+    chunks of negatives) or ``auto`` (Triton for bf16/fp16 CUDA tensors on compute capability 8.0
+    or later when Triton is installed, else chunked)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")

@@ -10,6 +10,9 @@ The element-wise work on each block (bias, accidental-hit mask, log-sum-exp; in 
 softmax and its column sums) is in two ``@hot`` functions: compiled (``conure_dist.compiled``, for a compiled
 model's head) each becomes one fused kernel that reads the block once, instead of a
 dozen eager passes over it; the matrix products around them stay cuBLAS's.
+
+``negative_logsumexp(..., kernel=...)`` runs the same function as fused Triton kernels instead
+(``conure_dist.kernels``: the logits never reach memory), where that kernel setting says so.
 """
 
 from __future__ import annotations
@@ -17,19 +20,15 @@ from __future__ import annotations
 import torch
 
 from conure_dist.compiled import hot
+from conure_dist.kernels import fused_negative_logsumexp, product_dtype, use_triton
 
-
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype where autocast is on (the matmuls run in it), else the input's."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
+DEFAULT_CHUNK = 8192
 
 
 class _NegativeLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk, compiled):  # noqa: D102
-        dtype = _compute_dtype(hidden_NC.device, hidden_NC.dtype)
+        dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
         h = hidden_NC.to(dtype)
         parts = []
         for start in range(0, weight_SC.shape[0], chunk):
@@ -96,15 +95,20 @@ def negative_logsumexp(
     bias_S: torch.Tensor,
     negatives_S: torch.Tensor,
     target_N: torch.Tensor,
-    chunk: int = 8192,
+    chunk: int = DEFAULT_CHUNK,
     compiled: bool = False,
+    kernel: str = "chunked",
 ) -> torch.Tensor:
     """fp32 [N]: log sum_j exp(h_n . w_j + b_j) over the negatives j that are not row n's target.
 
     ``weight_SC`` and ``bias_S`` are the negatives' rows (gathered, so gradients flow back to the
     table through the gather); ``negatives_S`` their ids, used to mask accidental hits.
-    ``compiled`` runs each block's element-wise work as one compiled kernel.
+    ``compiled`` runs each block's element-wise work as one compiled kernel. ``kernel``
+    (``chunked``, ``auto`` or ``triton``, see ``conure_dist.kernels``) picks the fused Triton
+    kernels instead, which ignore ``chunk`` and ``compiled``.
     """
+    if use_triton(kernel, hidden_NC.device, product_dtype(hidden_NC.device, hidden_NC.dtype)):
+        return fused_negative_logsumexp(hidden_NC, weight_SC, bias_S, negatives_S, target_N)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     return _NegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, chunk, compiled)

@@ -52,6 +52,7 @@ class ConureModel(nn.Module):
         patch_dim: int = 16,
         prune_embedding: bool = False,
         growth: Sequence[tuple[str, list[int]]] = (),
+        softmax_kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.fast = fast
@@ -65,9 +66,9 @@ class ConureModel(nn.Module):
             self.kinds[spec.name] = spec.kind
             if spec.kind == "sequence":
                 heads[spec.name] = SampledSoftmaxHead(spec.num_outputs, channels, init_std,
-                                                      chunk=SOFTMAX_CHUNK if fast else None)
+                                                      chunk=SOFTMAX_CHUNK if fast else None, kernel=softmax_kernel)
             elif spec.kind == "item":
-                heads[spec.name] = ItemHead(spec.num_outputs, channels, init_std)
+                heads[spec.name] = ItemHead(spec.num_outputs, channels, init_std, kernel=softmax_kernel)
             else:
                 heads[spec.name] = ClassHead(spec.num_outputs, channels)
         self.heads = nn.ModuleDict(heads)

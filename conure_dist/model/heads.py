@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conure_dist.model.chunked_softmax import negative_logsumexp
+from conure_dist.kernels import check_kernel
+from conure_dist.model.chunked_softmax import DEFAULT_CHUNK, negative_logsumexp
 
 
 class SampledSoftmaxHead(nn.Module):
@@ -22,23 +23,28 @@ class SampledSoftmaxHead(nn.Module):
 
     ``loss`` methods return the *sum* over examples; the caller divides by the global count.
     With ``chunk`` set, the loss streams over the negatives ``chunk`` at a time (the fast path).
+    ``kernel`` (``auto``, ``chunked``, ``triton``; see ``conure_dist.kernels``) says whether the
+    streamed loss, and evaluation's ranks, run as fused Triton kernels: under ``auto`` on a CUDA
+    GPU with Triton. ``triton`` fuses the loss even without ``chunk``.
     """
 
-    def __init__(self, num_items: int, channels: int, init_std: float = 0.02, chunk: int | None = None) -> None:
+    def __init__(self, num_items: int, channels: int, init_std: float = 0.02, chunk: int | None = None,
+                 kernel: str = "auto") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_items))
         self.chunk = chunk
+        self.kernel = check_kernel(kernel)
         self.compiled = False
         """Set by ``conure_dist.compiled.compile_model``: the streamed softmax's blocks run compiled."""
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
-        if self.chunk:
+        if self.chunk or self.kernel == "triton":
             # Same loss: -log softmax of the target among {target} + negatives, never
-            # materializing the [N, S] logits (see chunked_softmax).
+            # materializing the [N, S] logits (see chunked_softmax and conure_dist.kernels).
             neg_lse = negative_logsumexp(hidden_NC, self.weight[negatives_S], self.bias[negatives_S], negatives_S,
-                                         target_N, self.chunk, self.compiled)
+                                         target_N, self.chunk or DEFAULT_CHUNK, self.compiled, self.kernel)
             pos = pos.float()
             return (torch.logaddexp(pos, neg_lse) - pos).sum()
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
@@ -56,12 +62,14 @@ class ItemHead(nn.Module):
     """Item recommendation over a task's own vocabulary, trained with BPR.
 
     A per-item bias lets the head carry an item's overall appeal, so the user vector only has
-    to explain the personal part of the ranking."""
+    to explain the personal part of the ranking. ``kernel``: whether evaluation ranks items with
+    the fused Triton kernel (see ``conure_dist.kernels``)."""
 
-    def __init__(self, num_items: int, channels: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_items: int, channels: int, init_std: float = 0.02, kernel: str = "auto") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_items))
+        self.kernel = check_kernel(kernel)
 
     def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor) -> torch.Tensor:
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]

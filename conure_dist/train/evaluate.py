@@ -1,15 +1,26 @@
-"""Evaluation: exact metrics over all candidates, sharded over ranks and summed."""
+"""Evaluation: exact metrics over all candidates, sharded over ranks and summed.
+
+Item ranks come from the materialized scores (``target_ranks``), or where the head's ``kernel``
+picks it (``conure_dist.kernels.dispatch``) from the fused ranking kernel, which reads the
+hidden vectors and the item table and never writes the [users, items] scores. Under ``auto``
+that is a CUDA GPU with 16-bit products (evaluation under bf16 autocast); fp32 evaluation keeps
+the materialized scores.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch import nn
+from torch.func import functional_call
 
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
+from conure_dist.kernels import fused_target_ranks, product_dtype, use_triton
+from conure_dist.model.heads import ItemHead, SampledSoftmaxHead
 from conure_dist.train.metrics import (
     Cutoffs,
     accuracy_sums,
@@ -34,6 +45,48 @@ def _reduce(sums: dict[str, float], keys: tuple[str, ...], dist: DistInfo) -> di
     return dict(zip(keys, values.cpu().tolist(), strict=True))
 
 
+class _Represent(nn.Module):
+    """``ConureModel.represent`` for one task as a module's forward, so that ``functional_call``
+    runs it with a view's weights as ``MaskedModel`` runs the model's forward."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, seq_BL: torch.Tensor) -> torch.Tensor:
+        return self.model.represent(seq_BL, self.task)
+
+
+def fused_ranking(model: MaskedModel, task: TaskInfo, device: torch.device) -> bool:
+    """Whether ``task``'s ranks come from the fused kernel: an item-ranking head whose ``kernel``
+    picks Triton on ``device``."""
+    head = model.model.heads[task.name] if task.kind != "class" else None
+    return (isinstance(head, SampledSoftmaxHead | ItemHead)
+            and use_triton(head.kernel, device, product_dtype(device, head.weight.dtype)))
+
+
+def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``target_ranks`` of the task's scores under the model's current view, from the hidden
+    vectors and the head's table (``conure_dist.kernels.topk``)."""
+    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
+    hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
+    head = model.model.heads[task.name]
+    return fused_target_ranks(hidden, head.weight, head.bias, target,
+                              padding_first=isinstance(head, SampledSoftmaxHead))
+
+
+def _batch_sums(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs,
+                fused: bool, compiled: bool) -> dict[str, float]:
+    """One batch's metric sums: accuracy, or ranking metrics from fused or materialized ranks."""
+    if fused:
+        return ranking_sums(fused_ranks(model, task, seq, target), k)
+    scores = model(seq, task.name).float()
+    if task.kind == "class":
+        return accuracy_sums(scores, target)
+    return ranking_sums(target_ranks(scores, target, compiled=compiled), k)
+
+
 @torch.no_grad()
 def evaluate_task(
     model: MaskedModel,
@@ -49,13 +102,13 @@ def evaluate_task(
     model.eval()
     sums: dict[str, float] = {}
     per_rank = max(1, batch_size // dist.world_size)
-    fused = getattr(model.model, "compiled", False)  # compiled models rank in one fused kernel
+    compiled = getattr(model.model, "compiled", False)  # compiled models rank in one compiled pass
+    fused = fused_ranking(model, task, dist.device)
     for batch in iter_batches(manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0,
                               rank=dist.rank, world_size=dist.world_size):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
-        scores = model(seq, task.name).float()
-        part = accuracy_sums(scores, target) if task.kind == "class" else ranking_sums(target_ranks(scores, target, compiled=fused), k)
+        part = _batch_sums(model, task, seq, target, k, fused, compiled)
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)

@@ -21,7 +21,8 @@ def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tenso
     """0-based rank of each target among all candidates under a strict order: by score, ties
     broken by the lower id (as the popularity reference breaks them), so tied scores can never
     flatter a model. A NaN target score ranks last. Compiled (``compiled=True``), one fused pass
-    over the scores."""
+    over the scores; ``conure_dist.kernels.fused_target_ranks`` counts the same from the hidden
+    vectors and the item table without materializing the scores (evaluation on a GPU)."""
     target_scores = scores_NV.gather(1, target_N[:, None])
     ids = torch.arange(scores_NV.shape[1], device=scores_NV.device)
     before = (scores_NV > target_scores) | ((scores_NV == target_scores) & (ids[None, :] < target_N[:, None]))

@@ -37,7 +37,8 @@ def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> Co
     m = cfg.model
     patch_tasks = [s.name for s in specs[1:]] if cfg.method.name == "peterrec" else []
     return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
-                       patch_tasks=patch_tasks, patch_dim=cfg.method.patch_dim, prune_embedding=m.prune_embedding)
+                       patch_tasks=patch_tasks, patch_dim=cfg.method.patch_dim, prune_embedding=m.prune_embedding,
+                       softmax_kernel=m.softmax_kernel)
 
 
 def sync_ownership(ownership: TaskOwnership, dist: DistInfo) -> None:

@@ -1,0 +1,56 @@
+"""Fused Triton kernels for T1's sampled softmax and exact ranking.
+
+``sampled_softmax`` computes ``negative_logsumexp`` (forward and backward) without writing the
+[rows, negatives] logits; ``topk`` the rank of each user's target among all items without
+writing the [users, items] scores. ``dispatch`` says where they run (the ``kernel`` settings
+``auto``, ``chunked``, ``triton``). Triton is imported only when a kernel runs, so the package
+works where it is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from conure_dist.kernels.dispatch import (
+    AUTO_DTYPES,
+    KERNELS,
+    check_kernel,
+    product_dtype,
+    use_triton,
+)
+
+if TYPE_CHECKING:
+    from conure_dist.kernels.common import Tiles
+
+__all__ = ["AUTO_DTYPES", "KERNELS", "check_kernel", "fused_negative_logsumexp", "fused_target_ranks",
+           "product_dtype", "use_triton"]
+
+
+def fused_negative_logsumexp(
+    hidden_NC: torch.Tensor,
+    weight_SC: torch.Tensor,
+    bias_S: torch.Tensor,
+    negatives_S: torch.Tensor,
+    target_N: torch.Tensor,
+    tiles: dict[str, Tiles] | None = None,
+) -> torch.Tensor:
+    """The fused kernels' ``negative_logsumexp`` (``conure_dist.kernels.sampled_softmax``)."""
+    from conure_dist.kernels.sampled_softmax import fused_negative_logsumexp as run
+
+    return run(hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles)
+
+
+def fused_target_ranks(
+    hidden_NC: torch.Tensor,
+    weight_VC: torch.Tensor,
+    bias_V: torch.Tensor,
+    target_N: torch.Tensor,
+    padding_first: bool = False,
+    tiles: Tiles | None = None,
+) -> torch.Tensor:
+    """The fused kernel's ``target_ranks`` of ``hidden @ weight.T + bias`` (``conure_dist.kernels.topk``)."""
+    from conure_dist.kernels.topk import fused_target_ranks as run
+
+    return run(hidden_NC, weight_VC, bias_V, target_N, padding_first, tiles)

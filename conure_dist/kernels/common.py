@@ -1,0 +1,136 @@
+"""What the Triton kernels share: dtype casts that the interpreter gets right, and launch sizes.
+
+Imported only where a Triton kernel runs (``conure_dist.kernels`` imports it lazily), so the
+package works without Triton. Kernels are built when this module is first imported: with
+``TRITON_INTERPRET=1`` set then, they run on CPU tensors in Triton's interpreter (the tests).
+
+The interpreter (Triton 3.x) computes a ``tl.dot`` of bfloat16 operands wrongly and truncates
+where a GPU rounds to nearest even when it narrows fp32 to bfloat16. Under the interpreter the
+kernels therefore round to bfloat16 by bit arithmetic and multiply in fp32: the products of
+bfloat16 values are exact in fp32, so this is the math of a GPU's bf16 matrix product with fp32
+accumulation, summed in another order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton import knobs
+
+    INTERPRETED: bool = bool(knobs.runtime.interpret)
+    """Whether this process built the kernels for Triton's interpreter (``TRITON_INTERPRET=1``)."""
+except ImportError:  # Triton before 3.4 reads the variable itself
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def cast_for_dot(x, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``x`` narrowed to the matrix products' dtype (round to nearest even). Under the
+    interpreter the value is kept in fp32 (see the module's docstring)."""
+    if INTERPRET:
+        if DOT_DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True)
+        else:
+            y = x.to(DOT_DTYPE).to(tl.float32)
+    else:
+        y = x.to(DOT_DTYPE)
+    return y
+
+
+@triton.jit
+def load_rows(h_ptr, tgt_ptr, rows, N, C, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """A block of hidden rows [rows, channels] in the product dtype, and the rows' targets."""
+    ch = tl.arange(0, BLOCK_C)
+    h = tl.load(h_ptr + rows[:, None] * C + ch[None, :], mask=(rows[:, None] < N) & (ch[None, :] < C), other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=-1)
+    return cast_for_dot(h, DOT_DTYPE, INTERPRET), tgt
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``x`` rounded to ``DTYPE`` (to nearest even), as fp32: what an output in ``DTYPE`` holds."""
+    return cast_for_dot(x, DTYPE, INTERPRET).to(tl.float32)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Rows and columns of one program's tile, and its launch options (GPU only)."""
+
+    rows: int
+    cols: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+INTERPRETER_TILES = Tiles(16, 16, 1, 1)
+"""Small tiles in the interpreter: the tests' odd sizes then span several tiles, the last partial."""
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    if dtype not in TL_DTYPES:
+        raise ValueError(f"the Triton kernels compute in float32, bfloat16 or float16, not {dtype}")
+    return TL_DTYPES[dtype]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 products as torch computes them: in full precision unless TF32 is allowed for
+    matmuls (``torch.backends.cuda.matmul.allow_tf32``). Other dtypes ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def block_channels(channels: int) -> int:
+    """The channel axis is one block (every product reads whole rows): a power of two >= 16."""
+    return max(16, triton.next_power_of_2(channels))
+
+
+def channel_chunk(dtype: torch.dtype, channels: int) -> int:
+    """Channels per product step where a kernel can take them in chunks: all at once in 16-bit
+    (the rows' block stays in registers), 32 in fp32, whose full-width blocks would not fit
+    (16 in the interpreter, so that the tests cover several chunks)."""
+    full = block_channels(channels)
+    return full if dtype != torch.float32 else min(full, 16 if INTERPRETED else 32)
+
+
+def num_splits(num_tiles: int, other_programs: int, device: torch.device) -> int:
+    """How many programs share one row block's (or column block's) tiles, so that the grid
+    fills the GPU: about four programs per multiprocessor. Two in the interpreter, so that the
+    tests exercise the combination of partial results."""
+    if INTERPRETED or device.type != "cuda":
+        return min(2, max(1, num_tiles))
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_tiles, math.ceil(target / max(1, other_programs))))
+
+
+def split_ranges(num_tiles: int, splits: int) -> tuple[int, int]:
+    """(tiles per split, number of splits actually used) for ``splits`` requested."""
+    per_split = math.ceil(num_tiles / max(1, splits)) if num_tiles else 1
+    return per_split, max(1, math.ceil(num_tiles / per_split))
+
+
+def check_offsets(**tensors: torch.Tensor) -> None:
+    """The kernels address elements with 32-bit offsets: a clear error for a larger tensor."""
+    for name, tensor in tensors.items():
+        if tensor.numel() >= 2**31:
+            raise ValueError(f"{name} has {tensor.numel()} elements; the Triton kernels address at most 2**31 - 1")
+
+
+def launch_options(tiles: Tiles) -> dict[str, int]:
+    """Triton launch keywords: warps and pipeline stages on a GPU (fused multiply-adds allowed,
+    explicitly: Triton warns where that is left to its default), none in the interpreter."""
+    if INTERPRETED:
+        return {}
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "enable_fp_fusion": True}
