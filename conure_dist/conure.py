@@ -9,7 +9,7 @@ from typing import Any
 from conure_dist.config import RunConfig
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
-from conure_dist.dist import DistInfo
+from conure_dist.dist import DistInfo, barrier
 from conure_dist.train.checkpoint import Checkpointer, optimizer_part_name
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
@@ -34,7 +34,8 @@ class ConureRun:
         self.start = time.perf_counter()
         self.cfg, self.out, self.dist, self.resume = cfg, out, dist, resume
         self.trainer = build_trainer(cfg, out, dist)
-        self.checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints)
+        self.checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints,
+                                         async_writes=cfg.train.async_checkpoint)
         self.state, self.phase_resume = RunState(), None
         if resume:
             restored = restore(self.checkpointer, self.trainer.model, self.trainer.ownership, cfg, dist)
@@ -44,6 +45,8 @@ class ConureRun:
             raise ValueError(f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
                              "it, or choose another --out")
         self.state.num_checkpoints = max(self.state.num_checkpoints, self.checkpointer.last_index())
+        # Every rank has read the last index before any rank writes the next checkpoint's parts.
+        barrier(dist)
         self.trainer.global_step = self.state.global_step
         self.elapsed_before = self.state.wall_seconds
 
@@ -90,6 +93,7 @@ class ConureRun:
                                 resume=self.resume, task_index=state.task_index, stage=state.stage, position=position)
         for i in range(state.task_index, len(self.cfg.tasks)):
             self._task(i)
+        self.checkpointer.wait()  # the last checkpoint is committed before the report appears
         state.wall_seconds = self._elapsed()
         model, ownership = self.trainer.model, self.trainer.ownership
         storage = {"num_backbones": 1, "stored_parameters": sum(p.numel() for p in model.parameters()),

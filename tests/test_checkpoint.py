@@ -1,4 +1,5 @@
-"""The checkpointer on its own: commits and torn commit markers."""
+"""The checkpointer on its own: commits and torn commit markers, with synchronous and with
+asynchronous writes (``tests/test_checkpoint_async.py`` tests what only the latter do)."""
 
 import json
 
@@ -11,15 +12,23 @@ from conure_dist.train.checkpoint import COMMIT, Checkpointer, CheckpointError, 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def make(request):
+    """Checkpointers that write synchronously, or asynchronously (``_save`` waits for them)."""
+    return lambda root, **kwargs: Checkpointer(str(root), CPU, async_writes=request.param, **kwargs)
+
+
 def _save(ckpt: Checkpointer, index: int, value: float) -> str:
-    return ckpt.save(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
+    path = ckpt.save(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
                                                 "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
                                                 "meta.json": {"index": index},
                                                 "phase.pt": {"best": {"w": torch.full((3,), value)}}})
+    ckpt.wait()
+    return path
 
 
-def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path):
-    ckpt = Checkpointer(str(tmp_path), CPU, keep=3)
+def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path, make):
+    ckpt = make(tmp_path, keep=3)
     _save(ckpt, 0, 1.0)
     newest = _save(ckpt, 1, 2.0)
     # The marker was renamed into place: nothing but the parts and COMMIT is left in the folder.
@@ -33,8 +42,8 @@ def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path):
     assert good is not None and good.meta["index"] == 0 and torch.equal(good.model["w"], torch.ones(3))
 
 
-def test_a_commit_marker_without_its_file_list_is_an_error(tmp_path):
-    ckpt = Checkpointer(str(tmp_path), CPU)
+def test_a_commit_marker_without_its_file_list_is_an_error(tmp_path, make):
+    ckpt = make(tmp_path)
     path = _save(ckpt, 0, 1.0)
     (tmp_path / "checkpoints" / "00000-t1-step0" / COMMIT).write_text(json.dumps({"files": ["model.pt"]}))
     with pytest.raises(CheckpointError, match="unreadable"):
@@ -44,8 +53,8 @@ def test_a_commit_marker_without_its_file_list_is_an_error(tmp_path):
         ckpt.latest_valid()
 
 
-def test_nothing_committed_is_a_fresh_start_and_indices_keep_growing(tmp_path):
-    ckpt = Checkpointer(str(tmp_path), CPU)
+def test_nothing_committed_is_a_fresh_start_and_indices_keep_growing(tmp_path, make):
+    ckpt = make(tmp_path)
     assert ckpt.latest_valid() is None and ckpt.last_index() == 0
     (tmp_path / "checkpoints" / "00007-t1-step7").mkdir(parents=True)  # a save cut short before its commit
     assert ckpt.latest_valid() is None and ckpt.last_index() == 7
@@ -53,15 +62,14 @@ def test_nothing_committed_is_a_fresh_start_and_indices_keep_growing(tmp_path):
     assert ckpt.last_index() == 7 and len(ckpt.committed()) == 1
 
 
-
-def test_retention_keeps_intact_checkpoints_past_a_broken_one(tmp_path):
-    ckpt = Checkpointer(str(tmp_path), CPU, keep=2)
+def test_retention_keeps_intact_checkpoints_past_a_broken_one(tmp_path, make):
+    ckpt = make(tmp_path, keep=2)
     for index in range(3):
         _save(ckpt, index, float(index))
     names = lambda: [p.rsplit("/", 1)[-1] for p in ckpt.committed()]  # noqa: E731
     assert names() == ["00001-t1-step1", "00002-t1-step2"]
     (tmp_path / "checkpoints" / "00002-t1-step2" / "model.pt").write_bytes(b"garbage")
-    resumed = Checkpointer(str(tmp_path), CPU, keep=2)
+    resumed = make(tmp_path, keep=2)
     assert resumed.latest_valid().meta["index"] == 1
     _save(resumed, 3, 3.0)
     # Two intact checkpoints (1 and 3): the broken one does not push 1 out.
@@ -83,11 +91,12 @@ class _Counter:
         self.value.copy_(state["value"])
 
 
-def test_parts_are_any_objects_that_save_themselves(tmp_path):
+def test_parts_are_any_objects_that_save_themselves(tmp_path, make):
     model = torch.nn.Linear(3, 2)
-    ckpt = Checkpointer(str(tmp_path), CPU)
+    ckpt = make(tmp_path)
     path = ckpt.save(1, "t1-done", {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)},
                                     "meta.json": {"step": 7}}, rank_parts={"counter.pt": _Counter(41)})
+    ckpt.wait()
     loaded = load_checkpoint(path)
     assert loaded.meta == {"format_version": 1, "step": 7}
     assert set(loaded.digests) == {"model.pt", "ownership.pt", "meta.json", "counter.pt"}

@@ -225,6 +225,10 @@ class TrainConfig:
     (counted over all phases); traces and operator tables go to ``{out}/profile``."""
     keep_checkpoints: int = 2
     """Intact committed checkpoints kept in ``{out}/checkpoints`` (older ones are deleted after a commit)."""
+    async_checkpoint: bool = True
+    """Write checkpoints on a background thread: training waits only for a copy of the state in
+    host memory (pinned on a GPU); digests, upload and the COMMIT marker follow, with the same
+    guarantees (an interrupted write never replaces the last committed checkpoint)."""
 
     def validate(self, prefix: str) -> None:
         _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
