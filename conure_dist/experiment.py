@@ -11,22 +11,27 @@ An experiment file names a run config and what to vary::
       main: {}
       without_like4: {tasks: [t1, like5], methods: [conure]}
       split_20_80: {overrides: [data.split=[0.15,0.05,0.8], data.root=runs/data/ml100k_20_80]}
+    contrasts:                          # optional: paired differences A - B, seed by seed
+      transfer: {a: main/conure, b: without_like4/conure, tasks: [like5]}
 
 A variant may pick and reorder the base config's tasks (T1 stays first) and override keys. Each
 run writes ``OUT/runs/VARIANT/METHOD/seedS/report.json``; a run whose report exists is not
 repeated, so an interrupted experiment continues where it stopped. ``conure_minus`` comes from
 the ``conure`` runs when both are listed (the scores before each task's pruning).
 
-Per variant and method the table gives each task's score when it was learned (mean ± std over
-seeds), T1's score after the last task (what forgetting costs), the number of backbones and the
-parameters stored to serve every task.
+Per variant and method the table gives each task's score when it was learned (mean and 95%
+confidence interval over seeds, Student t; ``results.json`` also holds the std), T1's score after
+the last task (what forgetting costs), the number of backbones and the parameters stored to serve
+every task. Paired differences (``experiment_stats``) follow: in every variant that runs Conure
+with FineSmax or STL, Conure minus each on every later task and their relative mean, each listed
+contrast, and what fine-tuning forgets (each task's score after the last task minus when
+learned); each with its interval and whether that excludes zero.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +40,22 @@ from typing import Any
 import fsspec
 import yaml
 
-from conure_dist.config import METHODS, ConfigError, RunConfig, config_changes, load_config
+from conure_dist.config import (
+    METHODS,
+    ConfigError,
+    RunConfig,
+    TaskConfig,
+    config_changes,
+    load_config,
+)
 from conure_dist.dist import DistInfo
+from conure_dist.experiment_stats import (
+    contrast,
+    difference_lines,
+    forgetting,
+    format_interval,
+    interval,
+)
 from conure_dist.fs import join
 from conure_dist.report import as_conure_minus
 
@@ -52,6 +71,16 @@ class Variant:
 
 
 @dataclass
+class Contrast:
+    """Paired differences A - B of the listed tasks; A and B are ``VARIANT/METHOD``."""
+
+    name: str
+    a: str
+    b: str
+    tasks: list[str]
+
+
+@dataclass
 class Experiment:
     path: Path
     base: Path
@@ -59,6 +88,7 @@ class Experiment:
     methods: list[str]
     seeds: list[int]
     variants: list[Variant]
+    contrasts: list[Contrast] = field(default_factory=list)
 
 
 def _list_of(value: Any, kind: type, key: str, path: Path) -> list:
@@ -78,7 +108,7 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    unknown = set(data) - {"base", "overrides", "methods", "seeds", "variants"}
+    unknown = set(data) - {"base", "overrides", "methods", "seeds", "variants", "contrasts"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
     if "base" not in data:
@@ -110,10 +140,37 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{path}: key 'methods' must list at least one method")
     experiment = Experiment(path, base, _list_of(data.get("overrides", []), str, "overrides", path), methods,
                             seeds, variants)
-    for variant in variants:  # every run config must load before any compute
+    tasks = {}  # every run config must load before any compute
+    for variant in variants:
         for method in variant.methods or methods:
-            run_config(experiment, variant, method, experiment.seeds[0])
+            cfg = run_config(experiment, variant, method, experiment.seeds[0])
+            tasks[f"{variant.name}/{method}"] = [t.name for t in cfg.tasks]
+    experiment.contrasts = _contrasts(data.get("contrasts") or {}, tasks, path)
     return experiment
+
+
+def _contrasts(specs: Any, tasks: dict[str, list[str]], path: Path) -> list[Contrast]:
+    """The ``contrasts`` mapping; ``tasks`` maps each ``VARIANT/METHOD`` to its tasks. A contrast
+    compares the tasks it lists (default: the later tasks both sides learn)."""
+    if not isinstance(specs, dict):
+        raise ConfigError(f"{path}: key 'contrasts' must map names to {{a, b, tasks}}")
+    out = []
+    for name, spec in specs.items():
+        key = f"contrasts.{name}"
+        if not isinstance(spec, dict) or not {"a", "b"} <= set(spec) or set(spec) - {"a", "b", "tasks"}:
+            raise ConfigError(f"{path}: key '{key}': expected a mapping with a, b and optionally tasks")
+        for side in ("a", "b"):
+            if spec[side] not in tasks:
+                raise ConfigError(f"{path}: key '{key}.{side}': '{spec[side]}' is not a VARIANT/METHOD of "
+                                  f"this experiment ({sorted(tasks)})")
+        shared = [t for t in tasks[spec["a"]] if t in tasks[spec["b"]]]
+        chosen = _list_of(spec.get("tasks", shared[1:]), str, f"{key}.tasks", path)
+        missing = [t for t in chosen if t not in shared]
+        if missing or not chosen:
+            raise ConfigError(f"{path}: key '{key}.tasks': {missing or chosen} not among the tasks that "
+                              f"both sides learn ({shared})")
+        out.append(Contrast(str(name), spec["a"], spec["b"], chosen))
+    return out
 
 
 def _distinct(values: list[str], key: str, path: Path) -> list[str]:
@@ -195,16 +252,39 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     if "config" not in report:
         log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
         return
-    differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in config_changes(report["config"], cfg.to_dict()).items()
-              if k not in NOT_RESULTS]
+    changes = config_changes(report["config"], cfg.to_dict())
+    # A key added to the schema after the run was made is at its default there: by convention a
+    # new option's default keeps the behaviour from before it existed.
+    newer = [k for k, (_, now) in changes.items() if not _has_key(report["config"], k) and now == _default_of(k)]
+    if newer:
+        log.info("%s was made before %s existed; taken as the default", path, ", ".join(newer))
+    differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in changes.items()
+              if k not in NOT_RESULTS and k not in newer]
     if differ:
         raise ValueError(f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out")
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": math.sqrt(var), "n": len(values)}
+def _has_key(tree: Any, dotted: str) -> bool:
+    """Whether a config dict (as ``to_dict`` gives it) holds the dotted key (``tasks.0.lr``)."""
+    for part in dotted.split("."):
+        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        elif isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return False
+    return True
+
+
+def _default_of(dotted: str) -> Any:
+    """The schema's default of a dotted key (a task's keys: ``TaskConfig``'s), None if unknown."""
+    parts = dotted.split(".")
+    tree: Any = TaskConfig().__dict__ if parts[0] == "tasks" else RunConfig().to_dict()
+    for part in parts[2:] if parts[0] == "tasks" else parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dict[str, Any]:
@@ -214,8 +294,8 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dic
         for method, runs in by_method.items():
             tasks = [t["name"] for t in runs[0]["tasks"]]
             n = len(tasks)
-            learned = {t: _mean_std([r["matrix"][j][j] for r in runs]) for j, t in enumerate(tasks)}
-            final = {t: _mean_std([r["matrix"][n - 1][j] for r in runs]) for j, t in enumerate(tasks)}
+            learned = {t: interval([r["matrix"][j][j] for r in runs]) for j, t in enumerate(tasks)}
+            final = {t: interval([r["matrix"][n - 1][j] for r in runs]) for j, t in enumerate(tasks)}
             matrix = [[None if runs[0]["matrix"][i][j] is None else
                        sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(n)] for i in range(n)]
             rows[method] = {"tasks": tasks, "metrics": [t["primary_metric"] for t in runs[0]["tasks"]],
@@ -223,10 +303,34 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dic
                             "num_backbones": runs[0].get("num_backbones"),
                             "stored_parameters": runs[0].get("stored_parameters"),
                             "reference": runs[0]["reference"], "seeds": [r["seed"] for r in runs],
-                            "wall_seconds": _mean_std([r["wall_seconds"] for r in runs])}
+                            "wall_seconds": interval([r["wall_seconds"] for r in runs])}
         variants[variant] = rows
     return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
-            "seeds": experiment.seeds, "variants": variants, "wall_seconds": round(wall_seconds, 1)}
+            "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
+            "wall_seconds": round(wall_seconds, 1)}
+
+
+# Paired differences every variant gets when it runs Conure and these methods.
+BASELINES_COMPARED = ("finesmax", "stl")
+
+
+def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
+    """Conure - FineSmax and Conure - STL per variant on every later task, the listed contrasts
+    (name -> ``experiment_stats.contrast`` plus which runs were compared), and what sequential
+    fine-tuning forgets (``experiment_stats.forgetting``) where it ran."""
+    pairs = [(f"{v}: conure - {m}", f"{v}/conure", f"{v}/{m}", None) for v, by in reports.items()
+             if "conure" in by for m in BASELINES_COMPARED if m in by]
+    pairs += [(c.name, c.a, c.b, c.tasks) for c in experiment.contrasts]
+    out = {}
+    for name, a, b, tasks in pairs:
+        runs_a, runs_b = (reports[side.split("/")[0]][side.split("/")[1]] for side in (a, b))
+        chosen = tasks or [t["name"] for t in runs_a[0]["tasks"][1:]]
+        out[name] = {"a": a, "b": b, **contrast(runs_a, runs_b, chosen)}
+    for variant, by_method in reports.items():
+        if "finetune" in by_method and len(by_method["finetune"][0]["tasks"]) > 1:
+            out[f"{variant}: finetune forgetting"] = {"a": f"{variant}/finetune after the last task",
+                                                      "b": "when learned", **forgetting(by_method["finetune"])}
+    return out
 
 
 def _shown(path: Path) -> str:
@@ -238,16 +342,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _cell(stat: dict[str, float]) -> str:
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
-
-
 def format_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Experiment `{summary['experiment']}`", "",
              f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}; "
              f"wall time {summary['wall_seconds']:.0f} s.", "",
-             "Each cell: the task's test score when it was learned (mean ± std over seeds). "
-             "`T1 after last` is T1's score once every task is learned.", ""]
+             "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
+             "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.", ""]
     for variant, rows in summary["variants"].items():
         first = next(iter(rows.values()))
         tasks, metrics = first["tasks"], first["metrics"]
@@ -256,13 +356,13 @@ def format_markdown(summary: dict[str, Any]) -> str:
                   + " | T1 after last | backbones | stored parameters |",
                   "|---" * (len(tasks) + 4) + "|"]
         for method, row in rows.items():
-            cells = [_cell(row["learned"][t]) for t in tasks]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_cell(row['after_last_task'][tasks[0]])} | "
+            cells = [format_interval(row["learned"][t]) for t in tasks]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {format_interval(row['after_last_task'][tasks[0]])} | "
                          f"{row['num_backbones']} | {row['stored_parameters']:,} |")
         ref = first["reference"]
         lines.append("| trivial reference | " + " | ".join(f"{ref[t]:.4f}" for t in tasks) + " | | | |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + difference_lines(summary.get("differences", {})))
 
 
 def write_results(summary: dict[str, Any], out: str) -> None:

@@ -43,3 +43,15 @@ def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 9
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+def shards_digest(manifest) -> str:
+    """sha256 over a dataset's shard digests in manifest order: equal exactly when the shards are."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for task in manifest.tasks:
+        for split in ("train", "valid", "test"):
+            for shard in task.splits[split].shards:
+                digest.update(shard.sha256.encode())
+    return digest.hexdigest()

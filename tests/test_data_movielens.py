@@ -378,3 +378,49 @@ def test_real_ml100k_records_raw_ids(tmp_path: Path) -> None:
     batch = next(iter(iter_batches(manifest, "like5", "test", 512, shuffle=False, seed=0, epoch=0)))
     for row, target in zip(batch.user.tolist(), batch.target.tolist(), strict=True):
         assert like5_vocab[target] in fives[users[row]]
+
+
+def test_min_t1_interactions_on_small_files(tmp_path: Path) -> None:
+    """User 1 has 4 low ratings, user 2 one: at 2, user 2 and all their instances go."""
+    t1, tasks, source, _ = read_ml100k(str(write_files(tmp_path)), seq_len=3, min_t1_interactions=2)
+    np.testing.assert_array_equal(t1, [[2, 3, 1]])
+    assert [t.num_instances for t in tasks] == [1, 1, 1, 1, 1, 1]
+    assert source["users_below_min_t1"] == 1 and source["users_without_t1"] == 1
+    assert source["recipe"]["min_t1_interactions"] == 2
+    assert read_ml100k(str(tmp_path), seq_len=3, min_t1_interactions=4)[0].shape == (1, 3)  # 4 is enough
+    with pytest.raises(ValueError, match=r"u\.data: no user has 5 or more ratings below 4"):
+        read_ml100k(str(tmp_path), min_t1_interactions=5)
+    with pytest.raises(ValueError, match="min_t1_interactions must be >= 0, got -1"):
+        read_ml100k(str(tmp_path), min_t1_interactions=-1)
+
+
+def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> None:
+    """The paper's filter on ML-100K: 894 of the 941 users with a T1 rating have 6 or more."""
+    import torch
+
+    from conure_dist.config import load_config
+    from conure_dist.data.prepare import generate_shards, prepare_data
+    from conure_dist.dist import DistInfo
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml",
+                      [f"data.root={tmp_path / 'ml'}", f"data.source_dir={ML100K}"])
+    assert cfg.data.min_t1_interactions == 6  # the preset follows the paper
+    manifest = generate_shards(cfg)
+    low = Counter(user for user, _, rating in _rows(ML100K) if rating < 4)
+    assert sum(count >= 6 for count in low.values()) == 894
+    assert manifest.source["num_t1_users"] == 894 and manifest.source["users_below_min_t1"] == 47
+    assert manifest.source["users_without_t1"] == 2 and manifest.source["dropped_instances"]["like4"] == 537
+    sizes = {t.name: sum(t.splits[s].num_instances for s in t.splits) for t in manifest.tasks}
+    assert sizes == {"t1": 894, "like4": 33637, "like5": 20454, "gender": 894, "age": 894, "occupation": 894}
+    seqs = np.concatenate([b.seq.numpy() for b in iter_batches(manifest, "t1", "train", 512, shuffle=False,
+                                                               seed=0, epoch=0)])
+    assert (seqs > 0).sum(axis=1).min() == 6
+    # Shards built with the filter are refused for a config without it, naming the key.
+    cfg.data.min_t1_interactions = 0
+    with pytest.raises(ValueError, match=r"data.min_t1_interactions=0 \(the shards have 6\)"):
+        prepare_data(cfg, DistInfo(0, 1, 0, torch.device("cpu"), None))
+
+
+def _rows(src: Path) -> list[tuple[int, int, int]]:
+    with open(src / "u.data", newline="") as f:
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in csv.reader(f, delimiter="\t")]

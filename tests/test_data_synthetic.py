@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import shards_digest
 
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.sources.shards import TaskData
@@ -240,3 +241,138 @@ def test_spec_bounds_are_what_the_generator_needs() -> None:
     """The smallest accepted spec generates; a genre of one T1 item would be its own successor."""
     t1, _, _ = generate(SyntheticSpec(num_users=10, num_items=20, seq_len=3, recent_window=3))
     assert t1.shape == (10, 3) and (t1[:, -1] > 0).all()
+
+
+# sha256 over the shards' sha256s (manifest order) of the default spec written as the quick start
+# writes it: the quick start's data, fixed. A change here changes every quick-start number.
+DEFAULT_SHARDS_DIGEST = "4a36d35636161c7c571f6da69f7f4adf33dba538458c602ee3803796487937dc"
+
+
+
+
+def test_default_relation_keeps_the_quick_start_data(tmp_path: Path) -> None:
+    assert SyntheticSpec().relation == "shared_taste"
+    manifest = write_synthetic(str(tmp_path / "qs"), SyntheticSpec(), instances_per_shard=2000)
+    assert shards_digest(manifest) == DEFAULT_SHARDS_DIGEST
+    assert manifest.source["spec"]["relation"] == "shared_taste"
+
+
+def _click_sets(click: TaskData) -> dict[int, set[int]]:
+    sets: dict[int, set[int]] = {}
+    for user, item in zip(click.users.tolist(), click.targets.tolist(), strict=True):
+        sets.setdefault(user, set()).add(item)
+    return sets
+
+
+def _share_in_clicks(tasks: list[TaskData]) -> float:
+    """Share of like instances whose item is one of that user's click items."""
+    clicks = _click_sets(tasks[1])
+    like = tasks[2]
+    inside = [i in clicks.get(u, set()) for u, i in zip(like.users.tolist(), like.targets.tolist(), strict=True)]
+    return float(np.mean(inside))
+
+
+@pytest.fixture(scope="module")
+def paired_data() -> dict[str, tuple[np.ndarray, list[TaskData]]]:
+    out = {}
+    for relation in ("related", "independent"):
+        t1, tasks, _ = generate(SyntheticSpec(relation=relation))
+        out[relation] = (t1, tasks)
+    return out
+
+
+def test_related_likes_are_a_subset_of_clicks_and_independent_ones_are_not(
+    paired_data: dict[str, tuple[np.ndarray, list[TaskData]]], default_data: tuple[np.ndarray, list[TaskData]]
+) -> None:
+    t1_rel, related = paired_data["related"]
+    t1_ind, independent = paired_data["independent"]
+    assert _share_in_clicks(related) == 1.0
+    assert _share_in_clicks(independent) == 0.0  # click and like draw from disjoint genres
+    # The quick start's data: neither a subset nor disjoint (separate catalogues, ids overlap by number).
+    assert 0.0 < _share_in_clicks(default_data[1]) < 0.2
+    # The same T1 in all three; related and independent share click and the like users and counts.
+    np.testing.assert_array_equal(t1_rel, default_data[0])
+    np.testing.assert_array_equal(t1_ind, t1_rel)
+    for a, b in zip(related[1:], independent[1:], strict=True):
+        np.testing.assert_array_equal(a.users, b.users)
+        if a.name != "like":
+            np.testing.assert_array_equal(a.targets, b.targets)
+    like = related[2]
+    assert like.num_items == related[1].num_items == 300 and 2800 < like.num_instances < 3200
+    assert 1800 < len(np.unique(like.users)) < 2200 and 7000 < related[1].num_instances < 8000
+    # relation_strength 0.5: about half the likes are clicks, the others independent draws.
+    halved = SyntheticSpec(relation="related", relation_strength=0.5)
+    assert 0.45 < _share_in_clicks(generate(halved)[1]) < 0.55
+
+
+@pytest.mark.parametrize("relation", ["related", "independent"])
+def test_paired_relations_keep_every_task_learnable(
+    paired_data: dict[str, tuple[np.ndarray, list[TaskData]]], relation: str
+) -> None:
+    """Naive Bayes on the bag of T1 items beats popularity on click and like, and the majority
+    class on the profile tasks (tied to the genre mix seen in the sequence)."""
+    t1, tasks = paired_data[relation]
+    for index, margin in ((1, 1.25), (2, 1.25)):
+        scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
+        hr_model = _hit_rate(scores, targets)
+        hr_pop = _hit_rate(np.tile(counts.astype(float), (len(targets), 1)), targets)
+        assert hr_model > margin * hr_pop, (relation, tasks[index].name, hr_model, hr_pop)
+    for index, gain in ((3, 0.2), (4, 0.25)):
+        scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
+        accuracy = float((scores.argmax(axis=1) == targets).mean())
+        majority = float((targets == counts.argmax()).mean())
+        assert accuracy > majority + gain, (relation, tasks[index].name, accuracy, majority)
+
+
+def test_paired_relations_are_deterministic(tmp_path: Path) -> None:
+    spec = SyntheticSpec(num_users=400, num_items=100, seq_len=8, seed=3, relation="related")
+    a = write_synthetic(str(tmp_path / "a"), spec, instances_per_shard=300)
+    b = write_synthetic(str(tmp_path / "b"), spec, instances_per_shard=300)
+    assert a.to_json() == b.to_json() and shards_digest(a) == shards_digest(b)
+    assert a.source["spec"]["relation"] == "related" and a.task("like").num_outputs == 300
+    other = write_synthetic(str(tmp_path / "c"), SyntheticSpec(num_users=400, num_items=100, seq_len=8, seed=4,
+                                                                relation="related"), instances_per_shard=300)
+    assert shards_digest(other) != shards_digest(a)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"relation": "related_ish"}, r"relation=related_ish: must be one of \['shared_taste', 'related', 'independent'\]"),
+        ({"relation": "independent", "relation_strength": 0.5},
+         r"relation_strength=0\.5: must be in \[0, 1\], and 1 unless relation is 'related'"),
+        ({"relation": "related", "relation_strength": 1.5}, r"relation_strength=1\.5"),
+        ({"like_rate": 0.0}, r"like_rate=0\.0: must be in \(0, 1\]"),
+    ],
+)
+def test_relation_options_are_checked(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SyntheticSpec(**values)
+
+
+def test_shards_of_another_relation_are_refused(tmp_path: Path) -> None:
+    """data.root built for one relation is not silently used for another; shards written before
+    the key existed count as the default's."""
+    import json
+
+    import torch
+
+    from conure_dist.config import load_config
+    from conure_dist.data.prepare import prepare_data
+    from conure_dist.dist import DistInfo
+
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    preset = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    small = [f"data.root={tmp_path / 'd'}", "data.synthetic.num_users=200", "data.synthetic.num_items=60"]
+    assert prepare_data(load_config(preset, small), cpu).source["spec"]["relation"] == "shared_taste"
+    related = load_config(preset, [*small, "data.synthetic.relation=related"])
+    with pytest.raises(ValueError, match=r"data.synthetic.relation=related \(the shards have shared_taste\)"):
+        prepare_data(related, cpu)
+    manifest_path = tmp_path / "d" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("relation", "relation_strength", "like_rate"):
+        del manifest["source"]["spec"][key]
+    manifest_path.write_text(json.dumps(manifest))
+    assert prepare_data(load_config(preset, small), cpu).task("like").num_outputs == 200
+    with pytest.raises(ValueError, match=r"relation_strength.*applies to relation 'related' only"):
+        load_config(preset, [*small, "data.synthetic.relation_strength=0.5"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import shards_digest
 
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.sources.synthetic_ttl import TTLSpec, write_synthetic_ttl
@@ -116,3 +117,59 @@ def test_ttl_spec_states_the_bounds():
 
     with pytest.raises(ValueError, match=r"click_items=10: must be >= num_genres = 40; seq_len=1: must be >= 2"):
         TTLSpec(num_users=10, num_items=100, seq_len=1, num_genres=40, click_items=10, thumbsup_items=50)
+
+
+# sha256 over the shards' sha256s (manifest order) of SPEC in chunks of 1000: the default
+# relation's data, fixed.
+DEFAULT_SHARDS_DIGEST = "71d9c32b651550b3219fa2ab3ad5835b2881a535daf74569dd90138bd47e844d"
+
+
+
+
+def _items_by_user(manifest, task):
+    """user -> set of target items over every split, and the (user, item) instances."""
+    data = read_all(manifest, task)
+    users = np.concatenate([data[s][2] for s in data])
+    items = np.concatenate([data[s][1] for s in data])
+    sets = {}
+    for user, item in zip(users.tolist(), items.tolist(), strict=True):
+        sets.setdefault(user, set()).add(item)
+    return sets, list(zip(users.tolist(), items.tolist(), strict=True))
+
+
+def test_default_relation_keeps_its_data(tmp_path):
+    assert TTLSpec().relation == "shared_genre"
+    manifest = write_synthetic_ttl(str(tmp_path / "a"), SPEC, chunk_users=1000)
+    assert shards_digest(manifest) == DEFAULT_SHARDS_DIGEST
+    assert manifest.task("thumbsup").num_outputs == 200
+
+
+def test_related_thumbsup_is_a_subset_of_clicks_and_independent_is_not(tmp_path):
+    from dataclasses import replace
+
+    share = {}
+    for relation in ("related", "independent"):
+        manifest = write_synthetic_ttl(str(tmp_path / relation), replace(SPEC, relation=relation), chunk_users=1000)
+        assert manifest.task("thumbsup").num_outputs == manifest.task("click").num_outputs == 300
+        clicks, _ = _items_by_user(manifest, "click")
+        _, thumbs = _items_by_user(manifest, "thumbsup")
+        assert 2500 < len(thumbs) < 3500  # about half of 2 clicks per user
+        share[relation] = float(np.mean([item in clicks[user] for user, item in thumbs]))
+        share[f"{relation}_users"] = sorted({user for user, _ in thumbs})
+    assert share["related"] == 1.0
+    assert share["independent"] < 0.2  # only where the second genre's draw hits a clicked item
+    assert share["related_users"] == share["independent_users"]  # the same thumbs-up users
+    again = write_synthetic_ttl(str(tmp_path / "again"), replace(SPEC, relation="related"), chunk_users=1000)
+    assert shards_digest(again) == shards_digest(Manifest.load(str(tmp_path / "related")))
+
+
+def test_relation_flag_of_the_command_line(tmp_path):
+    from conure_dist.data.sources.synthetic_ttl import main
+
+    manifest = main(["--out", str(tmp_path / "cli"), "--num-users", "300", "--num-items", "2000",
+                     "--relation", "related"])
+    assert manifest.source["spec"]["relation"] == "related" and manifest.task("thumbsup").num_outputs == 18_000
+    import pytest
+
+    with pytest.raises(ValueError, match=r"relation=sideways: must be one of \['shared_genre', 'related', 'independent'\]"):
+        TTLSpec(relation="sideways")

@@ -27,7 +27,8 @@ def write_experiment(tmp_path, **fields):
 
 
 def test_experiment_tables_plots_and_continuation(tmp_path):
-    path = write_experiment(tmp_path)
+    path = write_experiment(tmp_path, contrasts={"no_click_costs": {"a": "main/conure", "b": "no_click/conure",
+                                                                    "tasks": ["gender"]}})
     out = tmp_path / "out"
     conure("experiment", "--config", str(path), "--out", str(out))
     summary = json.loads((out / "results.json").read_text())
@@ -40,6 +41,19 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
     clicks = [r["matrix"][1][1] for r in runs]
     assert main["conure"]["learned"]["click"]["mean"] == pytest.approx(statistics.mean(clicks))
     assert main["conure"]["learned"]["click"]["std"] == pytest.approx(statistics.stdev(clicks))
+    # Two seeds: the 95% half-width is t(0.975, 1) = 12.7062 standard errors.
+    assert main["conure"]["learned"]["click"]["ci95"] == pytest.approx(12.7062 * statistics.stdev(clicks) / 2**0.5)
+    # The contrast pairs the runs seed by seed: gender after click minus gender right after T1.
+    alone = [json.loads((out / f"runs/no_click/conure/seed{s}/report.json").read_text()) for s in (0, 1)]
+    diffs = [r["matrix"][2][2] - a["matrix"][1][1] for r, a in zip(runs, alone, strict=True)]
+    contrast = summary["differences"]["no_click_costs"]
+    assert contrast["a"] == "main/conure" and contrast["seeds"] == [0, 1] and list(contrast["tasks"]) == ["gender"]
+    assert contrast["tasks"]["gender"]["mean"] == pytest.approx(statistics.mean(diffs))
+    assert "relative_mean" not in contrast  # one task: nothing to average
+    tuned = [json.loads((out / f"runs/main/finetune/seed{s}/report.json").read_text()) for s in (0, 1)]
+    forgot = summary["differences"]["main: finetune forgetting"]["tasks"]
+    assert list(forgot) == ["t1", "click"]
+    assert forgot["t1"]["mean"] == pytest.approx(statistics.mean(r["matrix"][2][0] - r["matrix"][0][0] for r in tuned))
     # Conure- comes from the same runs: the scores before each task's pruning.
     assert not (out / "runs/main/conure_minus").exists()
     minus = [r["before_prune"]["click"] for r in runs]
@@ -49,6 +63,7 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
     assert main["finetune"]["num_backbones"] == main["conure"]["num_backbones"] == 1
     table = (out / "table.md").read_text()
     assert "## Variant `main`" in table and "| conure_minus |" in table and "trivial reference" in table
+    assert "| no_click_costs | main/conure | no_click/conure | gender |" in table
     for name in ("main_forgetting", "main_tasks", "main_storage", "no_click_forgetting"):
         png = (out / "plots" / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -77,6 +92,11 @@ def test_experiment_tables_plots_and_continuation(tmp_path):
         ({"methods": ["finetune", "finetune"]}, r"key 'methods': \['finetune'\] listed twice"),
         ({"variants": {"v": {"tasks": ["t1", "click", "click"]}}}, r"key 'variants\.v\.tasks': \['click'\] listed twice"),
         ({"variants": {"v": {"methods": ["stl", "stl"]}}}, r"key 'variants\.v\.methods': \['stl'\] listed twice"),
+        ({"contrasts": {"c": {"a": "main/stl", "b": "main/conure"}}},
+         r"key 'contrasts\.c\.a': 'main/stl' is not a VARIANT/METHOD"),
+        ({"contrasts": {"c": {"a": "main/conure", "b": "no_click/conure", "tasks": ["click"]}}},
+         r"key 'contrasts\.c\.tasks': \['click'\] not among the tasks that both sides learn \(\['t1', 'gender'\]\)"),
+        ({"contrasts": {"c": {"a": "main/conure"}}}, r"key 'contrasts\.c': expected a mapping with a, b"),
     ],
 )
 def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
@@ -101,6 +121,16 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path):
     write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
                      overrides=["tasks.0.epochs=2", "train.eval_batch_size=64"])
     assert "report exists, not run again" in conure("experiment", "--config", str(path), "--out", str(out)).stderr
+    # A run made before a key existed counts as made with its default; another value is refused.
+    report_path = out / "runs/main/conure/seed0/report.json"
+    report = json.loads(report_path.read_text())
+    del report["config"]["train"]["patience"], report["config"]["tasks"][1]["l2"]
+    report_path.write_text(json.dumps(report))
+    assert "report exists, not run again" in conure("experiment", "--config", str(path), "--out", str(out)).stderr
+    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
+                     overrides=["tasks.0.epochs=2", "train.patience=3"])
+    with pytest.raises(AssertionError, match=r"made with other settings: train\.patience=3 \(the run: None\)"):
+        conure("experiment", "--config", str(path), "--out", str(out))
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
@@ -110,3 +140,51 @@ def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path
     monkeypatch.chdir(tmp_path / "configs")
     assert _shown(tmp_path / "configs" / "ml100k.yaml") == "ml100k.yaml"
     assert _shown(tmp_path / "elsewhere.yaml") == str(tmp_path / "elsewhere.yaml")
+
+
+def test_t_quantiles_match_the_table_and_its_continuation():
+    from conure_dist.experiment_stats import t_quantile_975
+
+    # Hand values of t(0.975, df) from printed tables.
+    for df, value in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
+        assert t_quantile_975(df) == value
+    for df, value in [(31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799), (10_000, 1.9602)]:
+        assert t_quantile_975(df) == pytest.approx(value, abs=2e-4), df
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile_975(0)
+
+
+def test_intervals_and_paired_differences_by_hand():
+    from conure_dist.experiment_stats import contrast, interval, paired
+
+    five = interval([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5), standard error sqrt(0.5)
+    assert five["mean"] == 3.0 and five["std"] == pytest.approx(1.581139) and five["n"] == 5
+    assert five["ci95"] == pytest.approx(2.7764 * 0.7071068) and five["low"] == pytest.approx(3 - 1.963211, abs=1e-6)
+    two = interval([0.1, 0.3])
+    assert two["ci95"] == pytest.approx(12.7062 * 0.1)
+    assert interval([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "ci95": 0.0, "low": 0.5, "high": 0.5}
+    # Differences 1, 2, 3: mean 2, std 1, half-width 4.3027 / sqrt(3) = 2.4842: includes zero.
+    wide = paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert wide["ci95"] == pytest.approx(2.484166) and not wide["excludes_zero"]
+    # Differences 0.3, 0.4, 0.5 on top of scores that vary far more: pairing keeps them apart.
+    base = [0.1, 5.0, 9.0]
+    narrow = paired([b + d for b, d in zip(base, [0.3, 0.4, 0.5], strict=True)], base)
+    assert narrow["mean"] == pytest.approx(0.4) and narrow["low"] == pytest.approx(0.4 - 0.248417, abs=1e-6)
+    assert narrow["excludes_zero"] and not paired([0.2], [0.1])["excludes_zero"]  # one seed proves nothing
+    below = paired([0.0, 0.0, 0.0], [0.3, 0.4, 0.5])
+    assert below["high"] < 0 and below["excludes_zero"]
+    with pytest.raises(ValueError, match="as many runs"):
+        paired([1.0], [1.0, 2.0])
+
+    def report(seed, click, gender):
+        return {"seed": seed, "tasks": [{"name": "t1"}, {"name": "click"}, {"name": "gender"}],
+                "matrix": [[0.2, None, None], [0.2, click, None], [0.2, click, gender]]}
+
+    a = [report(0, 0.12, 0.70), report(1, 0.14, 0.74)]
+    b = [report(0, 0.10, 0.70), report(1, 0.10, 0.70)]
+    out = contrast(a, b, ["click", "gender"])
+    assert out["tasks"]["click"]["mean"] == pytest.approx(0.03) and out["tasks"]["gender"]["mean"] == pytest.approx(0.02)
+    # Relative mean per seed: (0.02/0.10 + 0/0.70) / 2 = 0.1 and (0.04/0.10 + 0.04/0.70) / 2 = 0.228571.
+    assert out["relative_mean"]["mean"] == pytest.approx((0.1 + 0.228571) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="same seeds"):
+        contrast(a, [b[1], b[0]], ["click"])

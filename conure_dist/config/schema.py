@@ -34,12 +34,21 @@ class SyntheticDataConfig:
     """Length of every T1 sequence (left-padded)."""
     seed: int = 0
     """Seed of the generator; the same seed gives the same data."""
+    relation: Literal["shared_taste", "related", "independent"] = "shared_taste"
+    """How like relates to click: ``shared_taste`` (the quick start's data; separate catalogues),
+    ``related`` (like items a subset of the user's clicks, as thumbs-up in TTL) or ``independent``
+    (the control: same users and counts, likes from genres click never draws); see the generator."""
+    relation_strength: float = 1.0
+    """``related`` only: probability that a like is one of the user's clicks rather than an
+    ``independent`` draw (1: an exact subset)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.num_users >= 10, f"{prefix}.num_users", f"must be >= 10, got {self.num_users}")
         _check(self.num_items >= 20, f"{prefix}.num_items", f"must be >= 20 (two per planted genre), got {self.num_items}")
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
         _check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
+        _check(0 <= self.relation_strength <= 1, f"{prefix}.relation_strength", f"must be in [0, 1], got {self.relation_strength}")
+        _check(self.relation == "related" or self.relation_strength == 1, f"{prefix}.relation_strength", f"applies to relation 'related' only, got {self.relation_strength} with '{self.relation}'")
 
 
 @dataclass
@@ -57,6 +66,9 @@ class DataConfig:
     """T1 sequence length used when converting MovieLens."""
     skip_bad_rows: bool = False
     """When converting raw files: skip malformed rows (counted in the manifest) instead of failing."""
+    min_t1_interactions: int = 0
+    """MovieLens: keep only users with at least this many T1 ratings (below 4 stars), dropping the
+    others' instances of every task (the paper: more than 5, i.e. 6; 0 keeps all)."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """Generator settings for ``source: synthetic``."""
     instances_per_shard: int = 50_000
@@ -81,6 +93,7 @@ class DataConfig:
         if self.source == "movielens":
             _check(bool(self.source_dir), f"{prefix}.source_dir", "is required when source is 'movielens'")
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
+        _check(self.min_t1_interactions >= 0, f"{prefix}.min_t1_interactions", f"must be >= 0, got {self.min_t1_interactions}")
         _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
         if self.prefetch is not None:
             _check(self.prefetch >= 0, f"{prefix}.prefetch", f"must be >= 0, got {self.prefetch}")

@@ -44,10 +44,14 @@ def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]
              "data.split_seed": (manifest.split.get("seed"), d.split_seed)}
     if d.source == "synthetic":
         spec = manifest.source.get("spec", {})
-        for key in ("num_users", "num_items", "seq_len", "seed"):
-            pairs[f"data.synthetic.{key}"] = (spec.get(key), getattr(d.synthetic, key))
+        # Shards written before a key existed were built with its default.
+        defaults = {"relation": "shared_taste", "relation_strength": 1.0}
+        for key in ("num_users", "num_items", "seq_len", "seed", *defaults):
+            pairs[f"data.synthetic.{key}"] = (spec.get(key, defaults.get(key)), getattr(d.synthetic, key))
     else:
         pairs["data.seq_len"] = (manifest.seq_len, d.seq_len)
+        recipe = manifest.source.get("recipe", {})
+        pairs["data.min_t1_interactions"] = (recipe.get("min_t1_interactions", 0), d.min_t1_interactions)
     return pairs
 
 
@@ -58,14 +62,16 @@ def generate_shards(cfg: RunConfig) -> Manifest:
         from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
 
         s = cfg.data.synthetic
-        spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed)
+        spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed,
+                             relation=s.relation, relation_strength=s.relation_strength)
         log.info("generating synthetic shards under %s", cfg.data.root)
         return write_synthetic(cfg.data.root, spec, split_seed=cfg.data.split_seed, **shard_args)
     from conure_dist.data.sources.movielens import write_movielens
 
     log.info("converting MovieLens from %s to shards under %s", cfg.data.source_dir, cfg.data.root)
     return write_movielens(cfg.data.source_dir, cfg.data.root, seq_len=cfg.data.seq_len, seed=cfg.data.split_seed,
-                           skip_bad_rows=cfg.data.skip_bad_rows, **shard_args)
+                           skip_bad_rows=cfg.data.skip_bad_rows, min_t1_interactions=cfg.data.min_t1_interactions,
+                           **shard_args)
 
 
 def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:

@@ -19,7 +19,9 @@ Recipe (the Conure paper's MovieLens setup), the same for every layout:
 * ``t1`` (sequence): the user's most recent ``seq_len`` ratings below 4 stars, left-padded with 0.
   T1 item ids are remapped to 1..V-1 in the order of the raw ids, over the items that appear in
   some T1 sequence. Users without any rating below 4 have no T1 sequence; all their later-task
-  instances are dropped (counted in ``source["users_without_t1"]``).
+  instances are dropped (counted in ``source["users_without_t1"]``). With
+  ``min_t1_interactions`` = n (the paper keeps T1 users with "more than 5" interactions: n = 6),
+  users with fewer than n ratings below 4 are dropped the same way (``users_below_min_t1``).
 * ``like4`` / ``like5`` (item tasks): one instance per rating in [4, 5) / of 5 stars (with whole
   stars: exactly 4 / 5); each task has its own vocabulary 0..n-1 (raw ids in order).
 * Profile tasks wherever the layout has demographics: ``gender`` (F, M), ``age`` and
@@ -59,11 +61,18 @@ LOW_RATING = 4
 """Ratings strictly below this form T1."""
 
 
-def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """T1 sequences [num_t1_users, seq_len], their raw user ids (sorted) and T1 raw item ids."""
+def _t1_table(
+    ratings: _Ratings, seq_len: int, min_t1_interactions: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """T1 sequences [num_t1_users, seq_len], their raw user ids (sorted), T1 raw item ids, and
+    how many users with some rating below 4 were dropped for having fewer than
+    ``min_t1_interactions`` of them."""
     rows = np.arange(len(ratings.user))
     order = np.lexsort((rows, ratings.timestamp, ratings.user))  # by user, then time, then file row
     low = order[ratings.rating[order] < LOW_RATING]
+    low_users, low_counts = np.unique(ratings.user[low], return_counts=True)
+    few = low_users[low_counts < min_t1_interactions]
+    low = low[~np.isin(ratings.user[low], few)]
     users, items = ratings.user[low], ratings.item[low]
     t1_users, starts, counts = np.unique(users, return_index=True, return_counts=True)
     # Position of each rating counted from the user's most recent one (0 = most recent).
@@ -75,7 +84,7 @@ def _t1_table(ratings: _Ratings, seq_len: int) -> tuple[np.ndarray, np.ndarray, 
     seqs[np.searchsorted(t1_users, users[keep]), seq_len - 1 - from_end[keep]] = (
         np.searchsorted(vocab, kept_items) + 1
     )
-    return seqs, t1_users, vocab
+    return seqs, t1_users, vocab, len(few)
 
 
 def _like_task(
@@ -125,12 +134,19 @@ def _profile_tasks(
 
 
 def read_movielens(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False, layout: str | None = None
+    src_dir: str,
+    *,
+    seq_len: int = 30,
+    skip_bad_rows: bool = False,
+    layout: str | None = None,
+    min_t1_interactions: int = 0,
 ) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
     """Parse a MovieLens release under ``src_dir`` (layout detected unless given) into
     (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if min_t1_interactions < 0:
+        raise ValueError(f"min_t1_interactions must be >= 0, got {min_t1_interactions}")
     checker = RowChecker(skip_bad_rows)
     layout = layout or detect_layout(src_dir)
     parsed = _read_source(src_dir, layout, checker)
@@ -140,10 +156,11 @@ def read_movielens(
     for name in profile_file:
         parsed.files[name]["valid_rows"] = len(profiles)
     rated = set(np.unique(ratings.user).tolist())
-    t1_seqs, t1_users, t1_vocab = _t1_table(ratings, seq_len)
+    t1_seqs, t1_users, t1_vocab, below_min = _t1_table(ratings, seq_len, min_t1_interactions)
     if len(t1_users) == 0:
+        enough = "a rating" if min_t1_interactions <= 1 else f"{min_t1_interactions} or more ratings"
         raise ValueError(
-            f"{join(src_dir, ratings_file)}: no user has a rating below {LOW_RATING}, so there is no T1 sequence"
+            f"{join(src_dir, ratings_file)}: no user has {enough} below {LOW_RATING}, so there is no T1 sequence"
         )
     like4, dropped4 = _like_task("like4", parsed, 4, 5, t1_users)
     like5, dropped5 = _like_task("like5", parsed, 5, 6, t1_users)
@@ -164,13 +181,15 @@ def read_movielens(
         "recipe": {
             "seq_len": seq_len,
             "t1": f"most recent ratings < {LOW_RATING}",
+            "min_t1_interactions": min_t1_interactions,
             "like4": "4 <= rating < 5",
             "like5": "rating == 5",
             "age_brackets": list(AGE_BRACKETS),
         },
         "num_users": len(rated),
         "num_t1_users": len(t1_users),
-        "users_without_t1": len(rated) - len(t1_users),
+        "users_without_t1": len(rated) - len(t1_users) - below_min,
+        "users_below_min_t1": below_min,
         "users_without_profile": len(set(t1_users.tolist()) - set(profiles)) if parsed.profile_fields else None,
         "dropped_instances": {"like4": dropped4, "like5": dropped5, "profile": dropped_profiles},
         "user_ids": parsed.raw("user", t1_users),  # moved out to users.json by write_movielens
@@ -179,10 +198,11 @@ def read_movielens(
 
 
 def read_ml100k(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False
+    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False, min_t1_interactions: int = 0
 ) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
     """``read_movielens`` for GroupLens' ML-100K files (``u.data``, ``u.user``)."""
-    return read_movielens(src_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout="ml-100k")
+    return read_movielens(src_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout="ml-100k",
+                          min_t1_interactions=min_t1_interactions)
 
 
 def write_movielens(
@@ -196,10 +216,12 @@ def write_movielens(
     split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
+    min_t1_interactions: int = 0,
 ) -> Manifest:
     """Convert the MovieLens release under ``src`` into shards + manifest under ``out``;
     ``seed`` seeds the split."""
-    t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout)
+    t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout,
+                                                     min_t1_interactions=min_t1_interactions)
     user_ids = source.pop("user_ids")
     return write_dataset(
         out,

@@ -16,13 +16,32 @@ Planted structure (all drawn from ``SyntheticSpec.seed``):
   one of the user's last ``recent_window`` T1 items: item-level signal that popularity lacks.
 * ``gender`` (2 classes) and ``age`` (5 brackets): noisy functions of the taste, roughly balanced
   so the majority class stays far below the accuracy a taste-aware model reaches.
+
+How click and like relate is ``SyntheticSpec.relation``; T1 is the same in all three:
+
+* ``shared_taste`` (default; the quick start's data, unchanged): the two above. Click and like
+  are separate catalogues drawn independently, linked only through the user's taste and recent
+  items, so neither is a subset of the other.
+* ``related`` (as thumbs-up in real data): the genres are split in two halves; clicks come from
+  the first half only (the taste restricted to it, recency only for recent items of it). Each
+  click becomes a like with probability ``like_rate`` x the sharpened taste of the item's genre
+  over the user's largest one, so the like items of a user are a subset of their click items,
+  concentrated on their top click genre (with ``relation_strength`` < 1 each like is instead,
+  with probability 1 - strength, the ``independent`` draw below). Like shares click's catalogue.
+* ``independent`` (the control): the same users, counts and click task, but each like item is
+  drawn from the other half of the genres by the same law (sharpened taste restricted to that
+  half, recency only for recent items of it): equally learnable from the T1 history, and nothing
+  that click learns about its half of the genres or its items helps it.
+
+In ``related`` and ``independent`` the profile labels are functions of the genre mix *observed*
+in the user's T1 history (not of the latent taste), so they are tied to the sequence itself.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,6 +52,7 @@ from conure_dist.data.sources.split import DEFAULT_FRACTIONS
 AGE_BRACKETS: tuple[str, ...] = ("<25", "25-34", "35-44", "45-54", "55+")
 # Cumulative shares of the age brackets: uneven like real audiences, largest bracket ~30%.
 AGE_QUANTILES: tuple[float, ...] = (0.15, 0.45, 0.70, 0.88)
+RELATIONS: tuple[str, ...] = ("shared_taste", "related", "independent")
 
 
 @dataclass
@@ -70,6 +90,15 @@ class SyntheticSpec:
     """Slope of P(M) in the standardised taste score; larger is less noisy."""
     age_noise: float = 0.3
     """Std of the noise added to the standardised taste score before bracketing."""
+    relation: Literal["shared_taste", "related", "independent"] = "shared_taste"
+    """How like relates to click (module docstring); ``shared_taste`` is the original data."""
+    relation_strength: float = 1.0
+    """``related`` only: probability that a like is the liked click itself rather than an
+    ``independent`` draw for the same user (1: like items are exactly a subset of clicks)."""
+    like_rate: float = 0.5
+    """``related`` / ``independent``: probability that a click of the user's top click genre
+    becomes a like (scaled down for other genres); ``like_items`` and ``max_likes`` apply to
+    ``shared_taste`` only."""
 
     def __post_init__(self) -> None:
         # Each check with the bound it enforces. Every genre needs 2 T1 items (an item's
@@ -77,18 +106,9 @@ class SyntheticSpec:
         checks = {
             "num_users": (self.num_users >= 10, ">= 10"),
             "num_genres": (self.num_genres >= 2, ">= 2"),
-            "num_items": (
-                self.num_items >= 2 * self.num_genres,
-                f">= 2 * num_genres = {2 * self.num_genres}",
-            ),
-            "click_items": (
-                self.click_items >= self.num_genres,
-                f">= num_genres = {self.num_genres}",
-            ),
-            "like_items": (
-                self.like_items >= self.num_genres,
-                f">= num_genres = {self.num_genres}",
-            ),
+            "num_items": (self.num_items >= 2 * self.num_genres, f">= 2 * num_genres = {2 * self.num_genres}"),
+            "click_items": (self.click_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
+            "like_items": (self.like_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
             "seq_len": (self.seq_len >= 3, ">= 3"),
             "seed": (self.seed >= 0, ">= 0"),
             "taste_concentration": (self.taste_concentration > 0, "> 0"),
@@ -100,17 +120,17 @@ class SyntheticSpec:
             "max_clicks": (self.max_clicks >= 1, ">= 1"),
             "max_likes": (self.max_likes >= 1, ">= 1"),
             "recent_prob": (0 <= self.recent_prob <= 1, "in [0, 1]"),
-            "recent_window": (
-                1 <= self.recent_window <= self.seq_len,
-                f"in [1, seq_len = {self.seq_len}]",
-            ),
+            "recent_window": (1 <= self.recent_window <= self.seq_len, f"in [1, seq_len = {self.seq_len}]"),
             "age_noise": (self.age_noise >= 0, ">= 0"),
+            "relation": (self.relation in RELATIONS, f"one of {list(RELATIONS)}"),
+            "relation_strength": (
+                0 <= self.relation_strength <= 1
+                and (self.relation == "related" or self.relation_strength == 1),
+                "in [0, 1], and 1 unless relation is 'related'",
+            ),
+            "like_rate": (0 < self.like_rate <= 1, "in (0, 1]"),
         }
-        bad = [
-            f"{name}={getattr(self, name)}: must be {bound}"
-            for name, (ok, bound) in checks.items()
-            if not ok
-        ]
+        bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid SyntheticSpec: {'; '.join(bad)}")
 
@@ -207,6 +227,29 @@ def _related_items(
     return related
 
 
+def _draw_targets(
+    rng: np.random.Generator,
+    users: np.ndarray,
+    genre_weights: np.ndarray,
+    catalogue: _Catalogue,
+    t1_seqs: np.ndarray,
+    related: np.ndarray,
+    spec: SyntheticSpec,
+    recent_ok: np.ndarray | None = None,
+) -> np.ndarray:
+    """One target per entry of ``users``: drawn from their genre weights, or related to one of
+    their recent T1 items (only where ``recent_ok``, a bool per T1 item id, allows it)."""
+    targets = catalogue.draw(rng, _draw_genres(rng, genre_weights[users]))
+    # Recency gives the task item-level signal that only a model reading the sequence can use.
+    back = rng.integers(1, spec.recent_window + 1, size=len(users))
+    recent = t1_seqs[users, t1_seqs.shape[1] - back]
+    recent = np.where(recent > 0, recent, t1_seqs[users, -1])  # short history: use the last item
+    use_recent = rng.random(len(users)) < spec.recent_prob
+    if recent_ok is not None:
+        use_recent &= recent_ok[recent]
+    return np.where(use_recent, related[recent], targets).astype(np.int64)
+
+
 def _item_task(
     rng: np.random.Generator,
     name: str,
@@ -216,20 +259,60 @@ def _item_task(
     related: np.ndarray,
     spec: SyntheticSpec,
     per_user: tuple[int, int],
+    recent_ok: np.ndarray | None = None,
 ) -> TaskData:
-    """Targets drawn from the users' genre weights, or related to one of their recent T1 items."""
+    """``per_user`` targets for every user (``_draw_targets``)."""
     counts = rng.integers(per_user[0], per_user[1] + 1, size=len(genre_weights))
     users = np.repeat(np.arange(len(genre_weights), dtype=np.int64), counts)
-    targets = catalogue.draw(rng, _draw_genres(rng, genre_weights[users]))
-    # Recency gives the task item-level signal that only a model reading the sequence can use.
-    back = rng.integers(1, spec.recent_window + 1, size=len(users))
-    recent = t1_seqs[users, t1_seqs.shape[1] - back]
-    recent = np.where(recent > 0, recent, t1_seqs[users, -1])  # short history: use the last item
-    use_recent = rng.random(len(users)) < spec.recent_prob
-    targets = np.where(use_recent, related[recent], targets)
-    return TaskData(
-        name, "item", None, users, targets.astype(np.int64), num_items=catalogue.num_items
-    )
+    targets = _draw_targets(rng, users, genre_weights, catalogue, t1_seqs, related, spec, recent_ok)
+    return TaskData(name, "item", None, users, targets, num_items=catalogue.num_items)
+
+
+def _restricted(weights: np.ndarray, genres: np.ndarray) -> np.ndarray:
+    """Each row's weights on ``genres`` only (a bool per genre), renormalised."""
+    kept = weights * genres[None, :] + 1e-12 * genres[None, :]  # no all-zero row
+    return kept / kept.sum(axis=1, keepdims=True)
+
+
+def _observed_genre_mix(t1_seqs: np.ndarray, catalogue: _Catalogue, num_genres: int) -> np.ndarray:
+    """[U, G]: share of each genre among the items of each user's T1 history."""
+    rows, cols = np.nonzero(t1_seqs)
+    mix = np.zeros((len(t1_seqs), num_genres))
+    np.add.at(mix, (rows, catalogue.item_genre[t1_seqs[rows, cols] - catalogue.first_id]), 1.0)
+    return mix / mix.sum(axis=1, keepdims=True)
+
+
+def _paired_tasks(
+    rngs: tuple[np.random.Generator, ...],
+    spec: SyntheticSpec,
+    taste: np.ndarray,
+    t1_seqs: np.ndarray,
+    t1_catalogue: _Catalogue,
+    click_catalogue: _Catalogue,
+    click_related: np.ndarray,
+) -> list[TaskData]:
+    """click, like, gender, age of ``relation`` ``related`` / ``independent`` (module docstring).
+    Both relations make the same draws, so they differ only where the like items come from."""
+    rng_click, rng_like, rng_class = rngs
+    first_half = np.arange(spec.num_genres) < spec.num_genres // 2
+    halves = {"click": first_half, "other": ~first_half}
+    t1_genre = np.r_[0, t1_catalogue.item_genre]  # genre of each T1 id (the pad id gets 0)
+    top = taste**2 / (taste**2).sum(axis=1, keepdims=True)
+    click = _item_task(rng_click, "click", _restricted(taste, first_half), click_catalogue, t1_seqs,
+                       click_related, spec, (1, spec.max_clicks), recent_ok=first_half[t1_genre])
+    top_click = _restricted(top, first_half)
+    genre = click_catalogue.item_genre[click.targets]
+    weight = top_click[click.users, genre] / top_click[click.users].max(axis=1)
+    liked = rng_like.random(click.num_instances) < spec.like_rate * weight
+    users = click.users[liked]
+    elsewhere = _draw_targets(rng_like, users, _restricted(top, halves["other"]), click_catalogue,
+                              t1_seqs, click_related, spec, recent_ok=halves["other"][t1_genre])
+    strength = spec.relation_strength if spec.relation == "related" else 0.0
+    keep = rng_like.random(len(users)) < strength
+    targets = np.where(keep, click.targets[liked], elsewhere)
+    like = TaskData("like", "item", None, users, targets, num_items=click_catalogue.num_items)
+    mix = _observed_genre_mix(t1_seqs, t1_catalogue, spec.num_genres)
+    return [click, like, *_class_tasks(rng_class, spec, mix)]
 
 
 def _standardised_score(rng: np.random.Generator, taste: np.ndarray) -> np.ndarray:
@@ -241,6 +324,7 @@ def _standardised_score(rng: np.random.Generator, taste: np.ndarray) -> np.ndarr
 def _class_tasks(
     rng: np.random.Generator, spec: SyntheticSpec, taste: np.ndarray
 ) -> list[TaskData]:
+    """gender and age from ``taste`` ([U, G]: the latent taste, or the observed genre mix)."""
     users = np.arange(spec.num_users, dtype=np.int64)
     p_male = 1.0 / (1.0 + np.exp(-spec.gender_sharpness * _standardised_score(rng, taste)))
     gender = (rng.random(spec.num_users) < p_male).astype(np.int64)
@@ -248,15 +332,8 @@ def _class_tasks(
     age = np.searchsorted(np.quantile(noisy, AGE_QUANTILES), noisy, side="right").astype(np.int64)
     return [
         TaskData("gender", "class", None, users, gender, num_classes=2, class_names=["F", "M"]),
-        TaskData(
-            "age",
-            "class",
-            None,
-            users,
-            age,
-            num_classes=len(AGE_BRACKETS),
-            class_names=list(AGE_BRACKETS),
-        ),
+        TaskData("age", "class", None, users, age, num_classes=len(AGE_BRACKETS),
+                 class_names=list(AGE_BRACKETS)),
     ]
 
 
@@ -270,44 +347,31 @@ def generate(spec: SyntheticSpec) -> tuple[np.ndarray, list[TaskData], dict[str,
     genres = spec.num_genres
     taste = rng_taste.dirichlet(np.full(genres, spec.taste_concentration), size=spec.num_users)
     t1_catalogue = _make_catalogue(rng_cat, spec.num_items, genres, spec.zipf_exponent, first_id=1)
-    click_catalogue = _make_catalogue(
-        rng_cat, spec.click_items, genres, spec.target_zipf_exponent, first_id=0
-    )
-    like_catalogue = _make_catalogue(
-        rng_cat, spec.like_items, genres, spec.target_zipf_exponent, first_id=0
+    click_catalogue, like_catalogue = (
+        _make_catalogue(rng_cat, size, genres, spec.target_zipf_exponent, first_id=0)
+        for size in (spec.click_items, spec.like_items)
     )
     t1_seqs = _t1_sequences(rng_t1, spec, taste, t1_catalogue)
     vocab = spec.num_items + 1
-    click_related = _related_items(rng_cat, t1_catalogue, click_catalogue, vocab)
-    like_related = _related_items(rng_cat, t1_catalogue, like_catalogue, vocab)
-    top_taste = taste**2 / (taste**2).sum(axis=1, keepdims=True)  # each user's top genres
+    click_related, like_related = (
+        _related_items(rng_cat, t1_catalogue, target, vocab) for target in (click_catalogue, like_catalogue)
+    )
     users = np.arange(spec.num_users, dtype=np.int64)
-    tasks = [
-        TaskData("t1", "sequence", t1_seqs, users, None, num_items=vocab),
-        _item_task(
-            rng_click,
-            "click",
-            taste,
-            click_catalogue,
-            t1_seqs,
-            click_related,
-            spec,
-            (1, spec.max_clicks),
-        ),
-        _item_task(
-            rng_like,
-            "like",
-            top_taste,
-            like_catalogue,
-            t1_seqs,
-            like_related,
-            spec,
-            (0, spec.max_likes),
-        ),
+    t1 = TaskData("t1", "sequence", t1_seqs, users, None, num_items=vocab)
+    source = {"generator": "data_tools.synthetic", "spec": asdict(spec)}
+    if spec.relation != "shared_taste":
+        later = _paired_tasks((rng_click, rng_like, rng_class), spec, taste, t1_seqs, t1_catalogue,
+                              click_catalogue, click_related)
+        return t1_seqs, [t1, *later], source
+    top_taste = taste**2 / (taste**2).sum(axis=1, keepdims=True)  # each user's top genres
+    later = [
+        _item_task(rng_click, "click", taste, click_catalogue, t1_seqs, click_related, spec,
+                   (1, spec.max_clicks)),
+        _item_task(rng_like, "like", top_taste, like_catalogue, t1_seqs, like_related, spec,
+                   (0, spec.max_likes)),
         *_class_tasks(rng_class, spec, taste),
     ]
-    source = {"generator": "data_tools.synthetic", "spec": asdict(spec)}
-    return t1_seqs, tasks, source
+    return t1_seqs, [t1, *later], source
 
 
 def write_synthetic(
@@ -321,15 +385,6 @@ def write_synthetic(
 ) -> Manifest:
     """Generate the dataset of ``spec`` and write it as shards + manifest under ``out``."""
     t1_seqs, tasks, source = generate(spec or SyntheticSpec())
-    return write_dataset(
-        out,
-        dataset="synthetic",
-        t1_seqs=t1_seqs,
-        tasks=tasks,
-        seed=split_seed,
-        split=split,
-        source=source,
-        skipped_rows={},
-        instances_per_shard=instances_per_shard,
-        records_per_sample=records_per_sample,
-    )
+    return write_dataset(out, dataset="synthetic", t1_seqs=t1_seqs, tasks=tasks, seed=split_seed,
+                         split=split, source=source, skipped_rows={},
+                         instances_per_shard=instances_per_shard, records_per_sample=records_per_sample)

@@ -12,19 +12,32 @@ sequence comes from the main genre with ``main_prob``, else from the second one 
 ``explore_prob``, from a popularity-weighted genre. Click targets come from the user's genres
 (thumbs-up from the main genre only, so the two correlate), and the profile labels are noisy
 functions of the main genre. The same seed gives the same shards.
+
+``TTLSpec.relation`` (CLI ``--relation``) sets how thumbs-up relates to click; T1 and the
+profile labels are the same in all three:
+
+* ``shared_genre`` (default, the data above): separate catalogues, linked through the main genre.
+* ``related`` (as in TTL, where a thumbs-up marks a more satisfying click): clicks come from the
+  main genre only, and each click becomes a thumbs-up with probability ``like_rate``, so a user's
+  thumbs-up items are a subset of their click items (thumbs-up shares the click vocabulary).
+* ``independent`` (the control): the same clicks and the same thumbs-up users and counts, but each
+  thumbs-up item is drawn from the user's *second* genre: as visible in T1 as the main genre
+  (30% against 60% of the positions) and unrelated to what click learns.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.sources.shard_streaming import StreamingDatasetWriter, StreamTask
 from conure_dist.data.sources.split import DEFAULT_FRACTIONS
+
+RELATIONS: tuple[str, ...] = ("shared_genre", "related", "independent")
 
 
 @dataclass
@@ -41,12 +54,18 @@ class TTLSpec:
     label_noise: float = 0.3
     """Probability that a profile label is drawn at random instead of from the main genre."""
     seed: int = 0
+    relation: Literal["shared_genre", "related", "independent"] = "shared_genre"
+    """How thumbs-up relates to click (module docstring); ``shared_genre`` is the original data."""
+    like_rate: float = 0.5
+    """``related`` / ``independent``: probability that a click also gets a thumbs-up."""
 
     def __post_init__(self) -> None:
         bounds = {"num_items": (self.num_items >= 2 * self.num_genres, f">= 2 * num_genres = {2 * self.num_genres}"),
                   "click_items": (self.click_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
                   "thumbsup_items": (self.thumbsup_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
-                  "num_users": (self.num_users >= 1, ">= 1"), "seq_len": (self.seq_len >= 2, ">= 2")}
+                  "num_users": (self.num_users >= 1, ">= 1"), "seq_len": (self.seq_len >= 2, ">= 2"),
+                  "relation": (self.relation in RELATIONS, f"one of {list(RELATIONS)}"),
+                  "like_rate": (0 < self.like_rate <= 1, "in (0, 1]")}
         bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in bounds.items() if not ok]
         if bad:
             raise ValueError(f"invalid TTLSpec: {'; '.join(bad)}")
@@ -83,6 +102,20 @@ def _zipf_genres(rng: np.random.Generator, shape, num_genres: int, zipf: float) 
     return np.minimum(np.searchsorted(cum, rng.random(shape)), num_genres - 1)
 
 
+def _add_paired_item_tasks(writer: StreamingDatasetWriter, rng: np.random.Generator, spec: TTLSpec,
+                           clicks: _Catalogue, seqs: np.ndarray, users: np.ndarray, main: np.ndarray,
+                           second: np.ndarray) -> None:
+    """click and thumbs-up of a chunk for ``relation`` related / independent (module docstring).
+    Both relations make the same draws, so they differ only where the thumbs-up items come from."""
+    rows = np.repeat(np.arange(len(users)), rng.integers(1, 4, size=len(users)))
+    click_items = clicks.draw(rng, main[rows])
+    writer.add("click", seqs[rows], users[rows], click_items)
+    liked = rng.random(len(rows)) < spec.like_rate
+    elsewhere = clicks.draw(rng, second[rows[liked]])
+    targets = click_items[liked] if spec.relation == "related" else elsewhere
+    writer.add("thumbsup", seqs[rows[liked]], users[rows[liked]], targets)
+
+
 def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: int = 20_000, split_seed: int = 0,
                         split: tuple[float, float, float] = DEFAULT_FRACTIONS,
                         instances_per_shard: int = 50_000, progress: bool = False) -> Manifest:
@@ -97,8 +130,9 @@ def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: i
     # Profile labels: a fixed class per genre for each profile task.
     labels = {"age": 8, "gender": 2, "life_status": 6}
     genre_label = {name: rng_cat.integers(0, n, size=spec.num_genres) for name, n in labels.items()}
+    thumbsup_items = spec.thumbsup_items if spec.relation == "shared_genre" else spec.click_items
     tasks = [StreamTask("t1", "sequence", spec.num_items + 1), StreamTask("click", "item", spec.click_items),
-             StreamTask("thumbsup", "item", spec.thumbsup_items),
+             StreamTask("thumbsup", "item", thumbsup_items),
              *(StreamTask(name, "class", n, [str(c) for c in range(n)]) for name, n in labels.items())]
     writer = StreamingDatasetWriter(out, dataset="synthetic-ttl", tasks=tasks, seq_len=spec.seq_len, seed=split_seed,
                                     split=split, instances_per_shard=instances_per_shard)
@@ -116,12 +150,15 @@ def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: i
         lengths = rng.integers(spec.seq_len // 2, spec.seq_len + 1, size=n)
         seqs[np.arange(spec.seq_len)[None, :] < (spec.seq_len - lengths)[:, None]] = 0
         writer.add("t1", seqs, users)
-        num_clicks = rng.integers(1, 4, size=n)
-        rows = np.repeat(np.arange(n), num_clicks)
-        click_genre = np.where(rng.random(len(rows)) < 0.7, main[rows], second[rows])
-        writer.add("click", seqs[rows], users[rows], clicks.draw(rng, click_genre))
-        liked = rng.random(n) < 0.6
-        writer.add("thumbsup", seqs[liked], users[liked], thumbs.draw(rng, main[liked]))
+        if spec.relation == "shared_genre":
+            num_clicks = rng.integers(1, 4, size=n)
+            rows = np.repeat(np.arange(n), num_clicks)
+            click_genre = np.where(rng.random(len(rows)) < 0.7, main[rows], second[rows])
+            writer.add("click", seqs[rows], users[rows], clicks.draw(rng, click_genre))
+            liked = rng.random(n) < 0.6
+            writer.add("thumbsup", seqs[liked], users[liked], thumbs.draw(rng, main[liked]))
+        else:
+            _add_paired_item_tasks(writer, rng, spec, clicks, seqs, users, main, second)
         for name, n_classes in labels.items():
             noisy = rng.random(n) < spec.label_noise
             label = np.where(noisy, rng.integers(0, n_classes, size=n), genre_label[name][main])
@@ -144,10 +181,12 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument("--chunk-users", type=int, default=20_000)
     parser.add_argument("--instances-per-shard", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relation", choices=RELATIONS, default="shared_genre",
+                        help="how thumbs-up relates to click (see above)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = write_synthetic_ttl(args.out, TTLSpec(num_users=args.num_users, num_items=args.num_items,
-                                                     seed=args.seed),
+                                                     seed=args.seed, relation=args.relation),
                                    chunk_users=args.chunk_users, instances_per_shard=args.instances_per_shard,
                                    progress=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
