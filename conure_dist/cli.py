@@ -31,6 +31,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--seq-len", type=int, default=20)
     syn.add_argument("--seed", type=int, default=0, help="generator seed")
     syn.add_argument("--split-seed", type=int, default=0, help="seed of the 80/5/15 split")
+    syn.add_argument("--relation", choices=["shared_taste", "related", "independent"], default="shared_taste",
+                     help="how the later tasks relate (see data.synthetic.relation)")
+    syn.add_argument("--relation-strength", type=float, default=1.0, help="related only: share of likes among clicks")
     syn.add_argument("--instances-per-shard", type=int, default=50_000)
     ttl = kinds.add_parser("ttl", help="Tencent TTL files: a pretraining file and task files (source,,targets)")
     ttl.add_argument("--pretrain", required=True, help="T1 file: one user per line, comma-separated item tokens")
@@ -49,6 +52,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     ml.add_argument("--seq-len", type=int, default=30)
     ml.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
     ml.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted in the manifest)")
+    ml.add_argument("--min-t1-interactions", type=int, default=0,
+                    help="keep only users with at least this many T1 ratings (the paper: 6)")
     ml.add_argument("--instances-per-shard", type=int, default=50_000)
 
 
@@ -128,7 +133,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.source == "synthetic":
         from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
 
-        spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed)
+        spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed,
+                             relation=args.relation, relation_strength=args.relation_strength)
         manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
                                    instances_per_shard=args.instances_per_shard)
     elif args.source == "ttl":
@@ -141,7 +147,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         from conure_dist.data.sources.movielens import write_movielens
 
         manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
-                                   skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard)
+                                   skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard,
+                                   min_t1_interactions=args.min_t1_interactions)
     for task in manifest.tasks:
         sizes = ", ".join(f"{s} {task.splits[s].num_instances}" for s in ("train", "valid", "test"))
         log.info("%-12s %-8s outputs %-6d %s", task.name, task.kind, task.num_outputs, sizes)
