@@ -3,7 +3,8 @@
 * ``VARIANT_forgetting.png``: per method, the forgetting matrix (row: after task i; column:
   task j) as a heat map of each score over the score when that task was learned (1 = nothing
   forgotten), annotated with the score itself;
-* ``VARIANT_tasks.png``: per task, each method's score when learned (mean, std as error bar);
+* ``VARIANT_tasks.png``: per task, each method's score when learned (mean, its 95% interval over
+  the seeds as error bar);
 * ``VARIANT_storage.png``: parameters stored to serve every task against the mean relative score
   over the tasks after T1 (1 = the best method on every task); only for variants that compare
   several methods.
@@ -67,8 +68,9 @@ def per_task(rows: dict[str, Any], variant: str, out: str) -> str:
     for ax, task, metric in zip(axes[0], tasks, metrics, strict=True):
         present = [m for m in methods if task in rows[m]["learned"]]
         means = [rows[m]["learned"][task]["mean"] for m in present]
-        stds = [rows[m]["learned"][task]["std"] for m in present]
-        ax.bar(range(len(present)), means, yerr=stds, color=[f"C{methods.index(m)}" for m in present], capsize=2)
+        # The interval's half-width (results from before intervals existed carry only the std).
+        bars = [rows[m]["learned"][task].get("ci95", rows[m]["learned"][task]["std"]) for m in present]
+        ax.bar(range(len(present)), means, yerr=bars, color=[f"C{methods.index(m)}" for m in present], capsize=2)
         ax.axhline(first["reference"][task], color="black", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task} ({metric})", fontsize=9)
