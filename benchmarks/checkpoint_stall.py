@@ -26,19 +26,16 @@ folder), each after the previous one is done:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
 import fsspec
 import torch
+from bench_report import emit, environment
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
@@ -172,12 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     out = args.out or tempfile.mkdtemp(prefix="checkpoint-stall-")
     report = {
-        "command": "python " + shlex.join(["benchmarks/checkpoint_stall.py", *(sys.argv[1:] if argv is None else argv)]),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "out": "temporary local folder" if args.out is None else args.out,
+        **environment("benchmarks/checkpoint_stall.py", argv, args.device),
+        "out": "temporary local folder" if args.out is None else args.out,
         "filesystem": type(fsspec.core.url_to_fs(out)[0]).__name__,
         "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks, "repeats": args.repeats,
         "load_average_before": os.getloadavg(),
@@ -189,11 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
     report["load_average_after"] = os.getloadavg()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.json)
     return report
 
 

@@ -24,16 +24,13 @@ scorer skips what precedes a chunk's first item):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
+from bench_report import emit, environment
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
@@ -176,12 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     model, ownership = build(args, device)
     report = {
-        "command": "python " + shlex.join(["benchmarks/multitask.py", *(sys.argv[1:] if argv is None else argv)]),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **environment("benchmarks/multitask.py", argv, args.device),
         "sizes": {"channels": args.channels, "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks,
                   "seq_len": args.seq_len, "tasks": {n: k for n, k in model.kinds.items()},
                   "outputs": {n: h.scores(torch.zeros(1, args.channels, device=device)).shape[1]
@@ -192,11 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for b in args.batches.split(",") for lengths in args.lengths.split(",")],
         "load_average_after": os.getloadavg(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.json)
     return report
 
 
