@@ -34,6 +34,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,7 @@ class MultiTaskScorer:
         if chunk_rows < 1 or chunk_rows % SCORE_ROW_MULTIPLE:
             raise ValueError(f"chunk_rows must be a positive multiple of {SCORE_ROW_MULTIPLE}, got {chunk_rows}")
         ids = task_ids or {name: i + 1 for i, name in enumerate(model.kinds)}
-        self.tasks = list(tasks) if tasks is not None else [t for t in model.kinds if ids[t] <= ownership.last_task()]
+        self.tasks = list(tasks) if tasks is not None else finished_tasks(model, ownership, ids)
         _check_tasks(model, ownership, self.tasks, ids)
         self.model, self.chunk_rows = model, chunk_rows
         self.depth = model.depth(self.tasks[0])
@@ -323,12 +324,18 @@ def _check_tasks(model: ConureModel, ownership: TaskOwnership, tasks: list[str],
                          "per depth (see depth_groups; score_all_tasks groups them)")
 
 
+def finished_tasks(model: ConureModel, ownership: TaskOwnership, ids: dict[str, int] | None = None) -> list[str]:
+    """The model's tasks (view ids ``ids``, default: the heads' order) that own weights."""
+    ids = ids or {name: i + 1 for i, name in enumerate(model.kinds)}
+    return [t for t in model.kinds if ids[t] <= ownership.last_task()]
+
+
 def depth_groups(model: ConureModel, tasks: Sequence[str]) -> list[list[str]]:
     """``tasks`` grouped by how many blocks they run (one group unless the backbone grew): what
     one ``MultiTaskScorer`` can answer together."""
     groups: dict[int, list[str]] = {}
-    for task in tasks:
-        groups.setdefault(model.depth(task), []).append(task)
+    for task in tasks:  # a task the model lacks is left to the scorer, which refuses it by name
+        groups.setdefault(model.depth(task) if task in model.kinds else -1, []).append(task)
     return list(groups.values())
 
 
@@ -338,15 +345,13 @@ def score_all_tasks(source: TrainedRun | tuple[ConureModel, TaskOwnership], task
     ``score_histories(task_view(run, task), task, seqs)`` per task. Builds a scorer each call:
     keep a ``MultiTaskScorer`` for repeated calls on one checkpoint."""
     if isinstance(source, TrainedRun):
-        for task in tasks or ():
-            source.check_finished(task, flag="tasks")
-        model, ownership, chosen = source.model, source.ownership, source.finished if tasks is None else list(tasks)
-        ids = {name: i + 1 for i, name in enumerate(source.task_names)}
+        model, chosen = source.model, source.finished if tasks is None else list(tasks)
+        scorer = partial(MultiTaskScorer.from_run, source)
     else:
-        (model, ownership), ids = source, None
-        chosen = list(tasks) if tasks is not None else [t for i, t in enumerate(model.kinds)
-                                                        if i + 1 <= ownership.last_task()]
+        model, ownership = source
+        chosen = finished_tasks(model, ownership) if tasks is None else list(tasks)
+        scorer = partial(MultiTaskScorer, model, ownership)
     scores: dict[str, torch.Tensor] = {}
     for group in depth_groups(model, chosen):  # one group unless the backbone grew
-        scores.update(MultiTaskScorer(model, ownership, group, ids).score(seqs))
+        scores.update(scorer(group).score(seqs))
     return {task: scores[task] for task in chosen}

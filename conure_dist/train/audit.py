@@ -31,6 +31,13 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[ConureModel, TaskOwnership]
     return model, TaskOwnership.from_state_dict(ckpt.ownership)
 
 
+def checksum_of_task(model: ConureModel, ownership: TaskOwnership, state: dict, task_index: int) -> str:
+    """``task_checksum`` of the model's task ``task_index`` (0-based, in the model's task order):
+    the kernels it runs and owns, and what it froze besides (``ConureModel.frozen_with``)."""
+    name = list(model.kinds)[task_index]
+    return task_checksum(ownership, state, task_index + 1, model.frozen_with(name), model.prunable_names(name))
+
+
 def audit_checkpoint(ckpt: Checkpoint) -> list[AuditResult]:
     """One result per finished task; a changed frozen weight or ownership entry fails its task."""
     model, ownership = model_from_checkpoint(ckpt)
@@ -41,6 +48,5 @@ def audit_checkpoint(ckpt: Checkpoint) -> list[AuditResult]:
         stored = ckpt.meta["state"]["task_checksums"].get(name)
         if stored is None:
             continue
-        recomputed = task_checksum(ownership, state, index + 1, model.frozen_with(name), model.prunable_names(name))
-        results.append(AuditResult(name, stored, recomputed))
+        results.append(AuditResult(name, stored, checksum_of_task(model, ownership, state, index)))
     return results

@@ -12,7 +12,7 @@ import torch.distributed as tdist
 
 from conure_dist import compiled
 from conure_dist.config import RunConfig, TaskConfig
-from conure_dist.continual.ownership import TaskOwnership, task_checksum
+from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.data.prepare import check_tasks, prepare_data
@@ -20,6 +20,7 @@ from conure_dist.dist import DistInfo, barrier
 from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.report import build_report, write_report
+from conure_dist.train.audit import checksum_of_task
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.phase import Phase
@@ -107,9 +108,7 @@ class Trainer:
         return out
 
     def checksum_of_task(self, task_index: int) -> str:
-        name = self.infos[task_index].name
-        return task_checksum(self.ownership, self.model.state_dict(), task_index + 1, self.model.frozen_with(name),
-                             self.model.prunable_names(name))
+        return checksum_of_task(self.model, self.ownership, self.model.state_dict(), task_index)
 
     def finish(self, state: RunState, storage: dict[str, int], out: str) -> dict[str, Any]:
         """Write ``report.json`` (rank 0) and return the report once every rank is done."""
