@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,7 +50,6 @@ class ConureModel(nn.Module):
         patch_tasks: tuple[str, ...] | list[str] = (),
         patch_dim: int = 16,
         prune_embedding: bool = False,
-        growth: Sequence[tuple[str, list[int]]] = (),
         softmax_kernel: str = "auto",
     ) -> None:
         super().__init__()
@@ -81,9 +79,8 @@ class ConureModel(nn.Module):
         self.base_blocks = len(block_dilations)
         self.growth: list[tuple[str, list[int]]] = []
         """Blocks appended after construction, in order: (the task that added them, their
-        dilations). A task runs the base blocks and those added by itself and earlier tasks."""
-        for task, dilations in growth:  # rebuilding a grown model: its weights are loaded next
-            self.grow(task, dilations, torch.Generator().manual_seed(0))
+        dilations). A task runs the base blocks and those added by itself and earlier tasks
+        (``grow``; a saved run's are rebuilt by ``continual.growth.apply_growth``)."""
 
     def forward(
         self,

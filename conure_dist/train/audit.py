@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train.checkpoint import Checkpoint
@@ -25,8 +26,8 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[ConureModel, TaskOwnership]
     cfg = ckpt.meta["config"]["model"]
     specs = [TaskSpec(**s) for s in ckpt.meta["tasks"]]
     model = ConureModel(ckpt.meta["num_seq_items"], specs, cfg["channels"], cfg["kernel_size"],
-                        cfg["block_dilations"], cfg["init_std"], prune_embedding=cfg.get("prune_embedding", False),
-                        growth=[(g["task"], g["dilations"]) for g in ckpt.meta["state"].get("growth", [])])
+                        cfg["block_dilations"], cfg["init_std"], prune_embedding=cfg.get("prune_embedding", False))
+    apply_growth(model, None, ckpt.meta["state"].get("growth", []))
     model.load_state_dict(ckpt.model, strict=True)
     return model, TaskOwnership.from_state_dict(ckpt.ownership)
 
