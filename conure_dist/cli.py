@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("experiment", help="methods x seeds (x variants): comparison table, JSON and plots")
     ex.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/ml100k_table2.yaml")
     ex.add_argument("--out", required=True, help="directory or URL: runs/, results.json, table.md, plots/")
+    ex.add_argument("--jobs", type=_positive, default=1,
+                    help="runs side by side, each a process of its own (default 1); give the runs "
+                         "train.num_threads so that jobs x threads fits the cores")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
@@ -199,7 +202,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.config)
     with process_group(DistConfig()) as dist:
-        summary = run_experiment(experiment, args.out, dist)
+        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs)
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
@@ -303,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from conure_dist.config import ConfigError
+    from conure_dist.experiment_jobs import RunsFailed
     from conure_dist.train.checkpoint import CheckpointError
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:
         code = COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError, DivergedError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError, DivergedError,
+            RunsFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -203,30 +203,44 @@ def _runs_of(methods: list[str]) -> list[str]:
     return [m for m in methods if not (m == "conure_minus" and "conure" in methods)]
 
 
-def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str, Any]:
+def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1) -> dict[str, Any]:
+    """Every run not already reported, one after another, or ``jobs`` at a time side by side
+    (``experiment_jobs``; single-process runs only), then the summary."""
     from conure_dist.methods import run_method
 
     start, reused_seconds = time.perf_counter(), 0.0
+    planned = [(variant, method, seed, join(out, f"runs/{variant.name}/{method}/seed{seed}"))
+               for variant in experiment.variants for method in _runs_of(variant.methods or experiment.methods)
+               for seed in experiment.seeds]
+    fresh: dict[str, dict[str, Any]] = {}
+    if jobs > 1:
+        if dist.is_distributed:
+            raise ConfigError("--jobs runs single-process runs side by side; under torchrun leave it at 1")
+        from conure_dist.experiment_jobs import PlannedRun, run_side_by_side
+
+        todo = [PlannedRun(f"{variant.name}/{method}/seed{seed}", run_config(experiment, variant, method, seed),
+                           run_out, resume=method in ("conure", "conure_minus"))
+                for variant, method, seed, run_out in planned if not _exists(join(run_out, "report.json"))]
+        fresh = run_side_by_side(todo, jobs, dist.device) if todo else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for variant, method, seed, run_out in planned:
+        report_path = join(run_out, "report.json")
+        cfg = run_config(experiment, variant, method, seed)
+        if run_out in fresh:
+            report = fresh[run_out]
+        elif _exists(report_path):
+            with fsspec.open(report_path) as f:
+                report = json.load(f)
+            _check_reused(report, cfg, report_path)
+            reused_seconds += report["wall_seconds"]
+            log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
+        else:
+            log.info("%s/%s/seed%d: running", variant.name, method, seed)
+            # A Conure run interrupted earlier continues from its last checkpoint.
+            report = run_method(cfg, run_out, dist, resume=method in ("conure", "conure_minus"))
+        reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
     for variant in experiment.variants:
         methods = variant.methods or experiment.methods
-        for method in _runs_of(methods):
-            for seed in experiment.seeds:
-                run_out = join(out, f"runs/{variant.name}/{method}/seed{seed}")
-                report_path = join(run_out, "report.json")
-                fs, local = fsspec.core.url_to_fs(report_path)
-                cfg = run_config(experiment, variant, method, seed)
-                if fs.exists(local):
-                    with fsspec.open(report_path) as f:
-                        report = json.load(f)
-                    _check_reused(report, cfg, report_path)
-                    reused_seconds += report["wall_seconds"]
-                    log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
-                else:
-                    log.info("%s/%s/seed%d: running", variant.name, method, seed)
-                    # A Conure run interrupted earlier continues from its last checkpoint.
-                    report = run_method(cfg, run_out, dist, resume=method in ("conure", "conure_minus"))
-                reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
         if "conure_minus" in methods and "conure" in methods:
             reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
         reports[variant.name] = {m: reports[variant.name][m] for m in methods}
@@ -235,6 +249,11 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo) -> dict[str
     if dist.is_main:
         write_results(summary, out)
     return summary
+
+
+def _exists(url: str) -> bool:
+    fs, local = fsspec.core.url_to_fs(url)
+    return fs.exists(local)
 
 
 # Settings that change how a run is carried out or shown, not its results.

@@ -4,7 +4,10 @@ config errors."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -131,6 +134,31 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path):
                      overrides=["tasks.0.epochs=2", "train.patience=3"])
     with pytest.raises(AssertionError, match=r"made with other settings: train\.patience=3 \(the run: None\)"):
         conure("experiment", "--config", str(path), "--out", str(out))
+
+
+def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
+    """``--jobs 2``: each run's report is the one the sequential loop writes (one thread per run);
+    a run that fails (its shards were built otherwise) is named, and the others' reports stay."""
+    overrides = ["tasks.0.epochs=2", "train.num_threads=1"]
+    path = write_experiment(tmp_path, overrides=overrides, methods=["conure", "finetune"], variants={"main": {}})
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    conure("experiment", "--config", str(path), "--out", str(seq))
+    write_experiment(tmp_path, overrides=overrides, methods=["conure", "finetune"],
+                     variants={"main": {}, "other_data": {"methods": ["finetune"],
+                                                          "overrides": ["data.synthetic.num_users=300"]}})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    failed = subprocess.run([sys.executable, "-m", "conure_dist", "experiment", "--config", str(path), "--out",
+                             str(par), "--jobs", "2"], env=env, capture_output=True, text=True, timeout=900)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "2 of 6 runs failed" in failed.stderr
+    for seed in (0, 1):
+        assert f"other_data/finetune/seed{seed}: ValueError: data.root=" in failed.stderr
+    reports = sorted(p.relative_to(seq) for p in (seq / "runs").rglob("report.json"))
+    assert len(reports) == 4 and sorted(p.relative_to(par) for p in (par / "runs").rglob("report.json")) == reports
+    for rel in reports:
+        a, b = (json.loads((root / rel).read_text()) for root in (seq, par))
+        assert a["matrix"] == b["matrix"] and a["config"] == b["config"], rel
+        assert a.get("before_prune") == b.get("before_prune") and a.get("task_checksums") == b.get("task_checksums"), rel
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
