@@ -37,6 +37,7 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.inference import score_histories
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.multitask import MultiTaskScorer
+from conure_dist.multitask_spans import last_position_spans, model_spans
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--rows-only", action="store_true", help="print the conv GEMM rows per user of both paths "
+                                                             "(the work one call can skip) and stop")
     return p.parse_args(argv)
 
 
@@ -99,6 +102,21 @@ def histories(batch: int, seq_len: int, items: int, gen: torch.Generator, length
     seqs = torch.randint(1, items, (batch, seq_len), generator=gen)
     drawn = torch.randint(low, high + 1, (batch,), generator=gen)
     return seqs.masked_fill(torch.arange(seq_len)[None, :] < (seq_len - drawn)[:, None], 0)
+
+
+def conv_gemm_rows(model: ConureModel, seq_len: int) -> dict[str, int | float]:
+    """Conv GEMM rows per user and task for a full history: the per-task path computes each
+    layer's contiguous window of positions the last state reads, one call only the positions
+    inside it that the dilations reach. Every other GEMM operand is the same on both paths, so
+    ``per_task / multitask`` bounds what one call saves in conv arithmetic when the rows are
+    full histories and the GEMMs run at the same speed on both paths."""
+    def rows(spans: list) -> int:
+        return sum(mid[0] + out[0] for _, mid, out in spans)
+
+    per_task = rows(model_spans(model, seq_len, len(model.backbone.blocks)))
+    multitask = rows(last_position_spans(model.backbone, seq_len))
+    return {"per_task": per_task, "multitask": multitask, "every_position": 2 * seq_len * len(model.backbone.blocks),
+            "per_task_over_multitask": per_task / multitask}
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -172,13 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, ownership = build(args, device)
+    if args.rows_only:
+        rows = conv_gemm_rows(model, args.seq_len)
+        print(rows)
+        return rows
     report = {
         **environment("benchmarks/multitask.py", argv, args.device),
         "sizes": {"channels": args.channels, "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks,
                   "seq_len": args.seq_len, "tasks": {n: k for n, k in model.kinds.items()},
                   "outputs": {n: h.scores(torch.zeros(1, args.channels, device=device)).shape[1]
                               for n, h in model.heads.items()},
-                  "prune_ratio": args.prune_ratio, "capacity_free": ownership.capacity().free},
+                  "prune_ratio": args.prune_ratio, "capacity_free": ownership.capacity().free,
+                  "conv_gemm_rows_per_user": conv_gemm_rows(model, args.seq_len)},
         "load_average_before": os.getloadavg(),
         "results": [measure(model, ownership, int(b), lengths, args, device)
                     for b in args.batches.split(",") for lengths in args.lengths.split(",")],
