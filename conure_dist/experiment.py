@@ -209,7 +209,8 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     from conure_dist.methods import run_method
 
     start, reused_seconds = time.perf_counter(), 0.0
-    planned = [(variant, method, seed, join(out, f"runs/{variant.name}/{method}/seed{seed}"))
+    planned = [(variant, method, seed, join(out, f"runs/{variant.name}/{method}/seed{seed}"),
+                run_config(experiment, variant, method, seed))
                for variant in experiment.variants for method in _runs_of(variant.methods or experiment.methods)
                for seed in experiment.seeds]
     fresh: dict[str, dict[str, Any]] = {}
@@ -218,14 +219,12 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
             raise ConfigError("--jobs runs single-process runs side by side; under torchrun leave it at 1")
         from conure_dist.experiment_jobs import PlannedRun, run_side_by_side
 
-        todo = [PlannedRun(f"{variant.name}/{method}/seed{seed}", run_config(experiment, variant, method, seed),
-                           run_out, resume=method in ("conure", "conure_minus"))
-                for variant, method, seed, run_out in planned if not _exists(join(run_out, "report.json"))]
+        todo = [PlannedRun(f"{variant.name}/{method}/seed{seed}", cfg, run_out, resume=method in ("conure", "conure_minus"))
+                for variant, method, seed, run_out, cfg in planned if not _exists(join(run_out, "report.json"))]
         fresh = run_side_by_side(todo, jobs, dist.device) if todo else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for variant, method, seed, run_out in planned:
+    for variant, method, seed, run_out, cfg in planned:
         report_path = join(run_out, "report.json")
-        cfg = run_config(experiment, variant, method, seed)
         if run_out in fresh:
             report = fresh[run_out]
         elif _exists(report_path):
