@@ -285,6 +285,8 @@ def main() -> None:
     parser.add_argument("--comm-items", type=int, help="T1 vocabulary of the 2-process communication run")
     parser.add_argument("--memory-items", type=int, default=646_000,
                         help="CPU: T1 vocabulary of the plain-vs-fast T1 memory probe (paper size)")
+    parser.add_argument("--memory-channels", type=int, default=PRESETS["cuda"].channels,
+                        help="CPU: channels of the T1 memory probe (paper size)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["loader", "comm", "memory"])
     parser.add_argument("--probe-t1-memory", choices=["plain", "fast"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -317,7 +319,7 @@ def main() -> None:
         report["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cpu" and "memory" not in args.skip:
         report.update(bench_t1_memory(Sizes(**{**PRESETS["cuda"].__dict__, "items": args.memory_items,
-                                                 "t1_batch": PAPER_T1_BATCH})))
+                                                 "channels": args.memory_channels, "t1_batch": PAPER_T1_BATCH})))
     if "loader" not in args.skip:
         report.update(bench_loader(args.loader_sequences, sizes.seq_len, sizes.items))
     if "comm" not in args.skip:

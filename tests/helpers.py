@@ -45,6 +45,28 @@ def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 9
     return result
 
 
+def cli(*args: str) -> str:
+    """The CLI's ``main`` in this process, and what it printed: the code ``conure`` runs, without
+    starting an interpreter (importing torch takes seconds). For single-process commands whose
+    results are compared only with each other's or with runs that set the same thread count
+    (``train.num_threads``): this process's applies otherwise. The thread count is restored."""
+    import contextlib
+    import io
+
+    import torch
+
+    from conure_dist.cli import main
+
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, f"conure {' '.join(args)} exited with {code} (its error is in the captured stderr)"
+    return printed.getvalue()
+
+
 def shards_digest(manifest) -> str:
     """sha256 over a dataset's shard digests in manifest order: equal exactly when the shards are."""
     import hashlib

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, conure
+from helpers import REPO, cli
 from test_data_movielens import RATINGS, write_files
 
 from conure_dist.data.manifest import Manifest
@@ -102,8 +102,8 @@ def test_real_recbole_copy_equals_grouplens_files(tmp_path):
 
 def test_cli_detects_the_layout(tmp_path):
     src = write_ml1m(tmp_path / "ml-1m")
-    result = conure("data", "movielens", "--src", str(src), "--out", str(tmp_path / "out"), "--seq-len", "3")
-    assert "wrote 6 tasks" in result.stdout
+    printed = cli("data", "movielens", "--src", str(src), "--out", str(tmp_path / "out"), "--seq-len", "3")
+    assert "wrote 6 tasks" in printed
     manifest = Manifest.load(str(tmp_path / "out"))
     assert manifest.dataset == "movielens-ml-1m" and manifest.source["layout"] == "ml-1m"
     assert [t.name for t in manifest.tasks] == ["t1", "like4", "like5", "gender", "age", "occupation"]

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from helpers import conure
+from helpers import cli
 
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.sources.ttl import TaskFile, read_ttl
@@ -41,7 +41,7 @@ def test_ttl_files_to_tasks(tmp_path):
 
 def test_ttl_cli_writes_shards(tmp_path):
     pretrain, tasks = write(tmp_path)
-    conure("data", "ttl", "--pretrain", pretrain, "--task", f"click=item:{tasks[0].path}",
+    cli("data", "ttl", "--pretrain", pretrain, "--task", f"click=item:{tasks[0].path}",
            "--task", f"age=class:{tasks[1].path}", "--seq-len", "5", "--out", str(tmp_path / "out"))
     manifest = Manifest.load(str(tmp_path / "out"))
     assert [t.name for t in manifest.tasks] == ["t1", "click", "age"] and manifest.dataset == "ttl"

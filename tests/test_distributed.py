@@ -1,13 +1,14 @@
 """Real multi-process runs on CPU: torchrun + gloo (DDP) and DeepSpeed ZeRO-1/2."""
 
 import json
+import shutil
 import signal
 import time
 
 import psutil
 import pytest
 import torch
-from helpers import REPO, conure, tiny_config
+from helpers import REPO, cli, conure, tiny_config
 
 from conure_dist.compare import compare_runs
 from conure_dist.config import load_config
@@ -28,8 +29,8 @@ def test_ddp_steps_match_one_process(tmp_path):
     """From the same initial weights and global batch, k steps on 1 and 2 processes agree."""
     path = tiny_config(tmp_path, TASKS[:2])
     args = ["run", "--config", str(path), "data.partition=stride", "train.max_steps_per_epoch=6",
-            "tasks.*.retrain_epochs=0"]
-    conure(*args, "--out", str(tmp_path / "one"))
+            "tasks.*.retrain_epochs=0", "train.num_threads=1"]
+    cli(*args, "--out", str(tmp_path / "one"))
     conure(*args, "--out", str(tmp_path / "two"), nproc=2)
     initial = build_model(load_config(path), 61, []).state_dict()
     for stage in ("t1-trained", "click-trained"):
@@ -43,11 +44,9 @@ def test_ddp_steps_match_one_process(tmp_path):
         assert moved > 1e-3, "the steps did not train anything"
 
 
-def test_sharded_evaluation_equals_one_process(tmp_path):
-    path = tiny_config(tmp_path, TASKS)
-    conure("run", "--config", str(path), "--out", str(tmp_path / "run"))
-    one = json.loads(conure("eval", "--ckpt", str(tmp_path / "run"), "--json").stdout)
-    two = json.loads(conure("eval", "--ckpt", str(tmp_path / "run"), "--json", nproc=2).stdout)
+def test_sharded_evaluation_equals_one_process(tiny_trained_run):
+    one = json.loads(conure("eval", "--ckpt", str(tiny_trained_run), "--json").stdout)
+    two = json.loads(conure("eval", "--ckpt", str(tiny_trained_run), "--json", nproc=2).stdout)
     assert one.keys() == two.keys() == {"t1", "click", "gender"}
     for task in one:
         assert two[task]["count"] == one[task]["count"]
@@ -60,21 +59,18 @@ def _matrix_keeps_old_tasks(report):
             assert row[j] == report["matrix"][j][j]
 
 
-def test_torchrun_quickstart_two_processes_epoch_by_epoch(tmp_path):
-    """The whole quick start on 1 and 2 processes (stride partition, one thread per process):
-    every epoch of every phase trains on the same global batches with the same negatives and
-    validates on the same instances. The parameters part only through float rounding: T1's
-    first epoch losses agree to 1e-3 (7e-5 at most over 5 seeds), and what the drift leaves of
-    the final metrics stays within what separates seeds."""
-    quick = str(REPO / "configs" / "quickstart.yaml")
-    common = ["run", "--config", quick, f"data.root={tmp_path / 'data'}", "train.progress=false",
-              "data.partition=stride", "train.num_threads=1"]
-    conure(*common, "--out", str(tmp_path / "one"))
-    conure(*common, "--out", str(tmp_path / "two"), nproc=2)
-    one = json.loads((tmp_path / "one" / "report.json").read_text())
+def test_torchrun_quickstart_two_processes_epoch_by_epoch(tmp_path, quickstart_run):
+    """The whole quick start on 1 process (the shared run: stride partition, two threads) and on
+    2 (one thread each): every epoch of every phase trains on the same global batches with the
+    same negatives and validates on the same instances. The parameters part only through float
+    rounding: T1's first epoch losses agree to 1e-3 (7e-5 at most over 5 seeds), and what the
+    drift leaves of the final metrics stays within what separates seeds."""
+    data, first, one = quickstart_run
+    conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(tmp_path / "two"),
+           f"data.root={data}", "train.progress=false", "data.partition=stride", "train.num_threads=1", nproc=2)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
-    rows = compare_runs(str(tmp_path / "one"), str(tmp_path / "two"))
+    rows = compare_runs(str(first), str(tmp_path / "two"))
     phases = {(t["name"], phase) for t in one["tasks"] for phase in ("train", "retrain")}
     assert {(r["task"], r["phase"]) for r in rows} == phases
     trained = [r for r in rows if r["epoch"] > 0]
@@ -97,7 +93,7 @@ def test_one_process_with_two_micro_batches_repeats_two_processes_bit_for_bit(tm
     path = tiny_config(tmp_path, TASKS, train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50,
                                                "num_threads": 1})
     args = ["run", "--config", str(path), "data.partition=stride"]
-    conure(*args, "train.grad_accum=2", "--out", str(tmp_path / "one"))
+    cli(*args, "train.grad_accum=2", "--out", str(tmp_path / "one"))
     conure(*args, "--out", str(tmp_path / "two"), nproc=2)
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -119,7 +115,7 @@ def test_the_data_fingerprint_tells_partitions_apart(tmp_path):
     which the fingerprint must show."""
     path = tiny_config(tmp_path, TASKS[:1], data={"instances_per_shard": 50})
     args = ["run", "--config", str(path), "train.max_steps_per_epoch=3", "tasks.*.retrain_epochs=0"]
-    conure(*args, "data.partition=stride", "--out", str(tmp_path / "one"))
+    cli(*args, "data.partition=stride", "--out", str(tmp_path / "one"))
     conure(*args, "data.partition=range", "--out", str(tmp_path / "two"), nproc=2)
     rows = [r for r in compare_runs(str(tmp_path / "one"), str(tmp_path / "two")) if r["epoch"] > 0]
     assert rows and not any(r["same_data"] for r in rows)
@@ -128,17 +124,19 @@ def test_the_data_fingerprint_tells_partitions_apart(tmp_path):
 @pytest.mark.parametrize("engine,stage,precision", [("ddp", 0, "bf16"), ("deepspeed", 1, "fp32"),
                                                     ("deepspeed", 2, "bf16")])
 def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, precision):
-    """The quick-start task sequence (one epoch per phase) under each engine, then the audit."""
+    """The quick-start task sequence (one epoch of 6 steps per phase: bf16 is slow on CPUs
+    without bf16 units) under each engine, then the audit."""
     out = tmp_path / f"{engine}{stage}"
     extra = [f"dist.deepspeed_config={REPO / 'configs/deepspeed' / f'zero{stage}.json'}"] if stage else []
     conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
            f"data.root={tmp_path / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-           "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", "tasks.*.l2=0.01", f"dist.engine={engine}",
+           "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", "train.max_steps_per_epoch=6", "tasks.*.l2=0.01",
+           f"dist.engine={engine}",
            f"dist.zero_stage={stage}", f"dist.precision={precision}", *extra, nproc=2)
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == engine and report["world_size"] == 2 and report["precision"] == precision
     _matrix_keeps_old_tasks(report)
-    audit = json.loads(conure("audit", "--ckpt", str(out), "--json").stdout)
+    audit = json.loads(cli("audit", "--ckpt", str(out), "--json"))
     assert audit["ok"] and set(audit["tasks"]) == {t["name"] for t in report["tasks"]}
     # Frozen weights did not move between the end of T1 and the end of the run.
     t1_done, final = checkpoint(out, "t1-done"), checkpoint(out, "age-done")
@@ -194,7 +192,7 @@ def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
             "tasks.*.epochs=2", "train.checkpoint_every_steps=4"]
     conure(*args, "--out", str(tmp_path / "clean"), nproc=2)
     out = tmp_path / "cut"
-    conure(*args, "--out", str(out), nproc=2)
+    shutil.copytree(tmp_path / "clean", out)  # the same run, to be cut back
     folders = sorted((out / "checkpoints").iterdir())
     mid = [p for p in folders if "-click-train-e2-s" in p.name][-1]
     assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "phase.pt"} <= {p.name for p in mid.iterdir()}

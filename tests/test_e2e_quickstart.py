@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from helpers import REPO
 
 from conure_dist.cli import main
 from conure_dist.continual.views import MaskedModel
@@ -16,18 +15,6 @@ from conure_dist.train.checkpoint import COMMIT, load_checkpoint
 from conure_dist.train.evaluate import collect_scores
 
 pytestmark = pytest.mark.slow
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-
-
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    """The real quick-start preset, keeping every checkpoint so old logits can be compared."""
-    tmp = tmp_path_factory.mktemp("quickstart")
-    out = tmp / "run"
-    args = ["run", "--config", QUICKSTART, "--out", str(out), f"data.root={tmp / 'data'}",
-            "train.progress=false", "train.keep_checkpoints=100"]
-    assert main(args) == 0
-    return tmp, out, json.loads((out / "report.json").read_text())
 
 
 def test_report_has_tasks_of_every_kind(quickstart_run):
@@ -68,8 +55,8 @@ def test_capacity_shrinks_and_is_accounted(quickstart_run):
 
 
 def test_old_task_logits_are_bit_identical_after_later_tasks(quickstart_run):
-    tmp, out, report = quickstart_run
-    manifest = Manifest.load(str(tmp / "data"))
+    data, out, report = quickstart_run
+    manifest = Manifest.load(str(data))
     names = [t["name"] for t in report["tasks"]]
     folders = sorted(p for p in (out / "checkpoints").iterdir() if p.name.endswith("-done"))
     assert len(folders) == len(names)
@@ -126,14 +113,14 @@ def test_audit_passes_then_fails_on_a_changed_frozen_weight(quickstart_run, tmp_
 
 
 def test_eval_and_predict_from_the_checkpoint(quickstart_run, capsys):
-    tmp, out, report = quickstart_run
-    assert main(["eval", "--ckpt", str(out), "--json", "--data-root", str(tmp / "data")]) == 0
+    data, out, report = quickstart_run
+    assert main(["eval", "--ckpt", str(out), "--json", "--data-root", str(data)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for j, task in enumerate(report["tasks"]):
         assert evaluated[task["name"]][task["primary_metric"]] == report["matrix"][-1][j]
     item_task = next(t["name"] for t in report["tasks"] if t["kind"] == "item")
     assert main(["predict", "--ckpt", str(out), "--task", item_task, "--k", "3", "--limit", "4",
-                 "--data-root", str(tmp / "data")]) == 0
+                 "--data-root", str(data)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 4 and all(len(x["items"]) == 3 for x in lines)
     assert all(x["scores"] == sorted(x["scores"], reverse=True) for x in lines)

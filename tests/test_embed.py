@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from helpers import conure
+from helpers import cli, conure
 from torch import nn
 from torch.func import functional_call
 
@@ -36,8 +36,9 @@ def run_dir(tiny_trained_run: Path) -> Path:
 
 
 def embed(run_dir: Path, task: str, out: str, nproc: int = 1) -> dict:
-    result = conure("embed", "--ckpt", str(run_dir), "--task", task, "--out", out, *OPTIONS, nproc=nproc)
-    return json.loads(result.stdout[result.stdout.index("{"):])
+    command = ["embed", "--ckpt", str(run_dir), "--task", task, "--out", out, *OPTIONS]
+    printed = cli(*command) if nproc == 1 else conure(*command, nproc=nproc).stdout
+    return json.loads(printed[printed.index("{"):])
 
 
 @pytest.fixture(scope="module")

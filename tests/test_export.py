@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, conure
+from helpers import REPO, cli
 from safetensors import safe_open
 
 from conure_dist.continual.views import MaskedModel
@@ -34,7 +34,7 @@ def exports(run_dir: Path) -> dict[str, Path]:
     out = {}
     for name in NAMES:
         out[name] = run_dir.parent / f"export-{name}"
-        summary = json.loads(conure("export", "--ckpt", str(run_dir), "--task", name, "--out", str(out[name])).stdout)
+        summary = json.loads(cli("export", "--ckpt", str(run_dir), "--task", name, "--out", str(out[name])))
         assert summary["task"] == name and summary["verified"]
         assert set(summary["files"]) >= {"config.json", "model.safetensors", "program.pt2"}
     return out

@@ -3,8 +3,9 @@ interpreter.
 
 The interpreter needs ``TRITON_INTERPRET=1`` before Triton is first imported (Triton builds its
 own language functions at import), and the rest of the suite must not run interpreted. So the
-checks here (``check_*``, which the suite's pytest does not collect) run in a pytest subprocess
-started with that variable; each ``test_*`` runs one group of them and asserts how many passed.
+checks here (``check_*``, which the suite's pytest does not collect) run once, all together, in
+a pytest subprocess started with that variable; each ``test_*`` asserts that its group passed,
+and how many ran.
 
 Stated tolerances:
 - fp32: loss (log-sum-exp) and gradients equal the chunked path's to rtol 1e-5, atol 1e-5 (the
@@ -25,9 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -46,36 +47,57 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 BF16_GRAD_TOL = 1e-2
 
 
-def _run_checks(selection: str) -> int:
-    """Run the ``check_*`` functions that ``selection`` (a ``-k`` expression) picks in a pytest
-    subprocess under Triton's interpreter; how many passed (all must)."""
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict[str, str]:
+    """Every ``check_*`` run once, in one pytest subprocess under Triton's interpreter: its
+    outcome per check ("passed", or the failure's text) by name, parameters included."""
+    report = tmp_path_factory.mktemp("interpreted") / "checks.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*",
-           __file__, "-k", selection]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-    assert "failed" not in result.stdout and "skipped" not in result.stdout, result.stdout[-3000:]
-    return int(re.search(r"(\d+) passed", result.stdout)[1])
+           f"--junitxml={report}", __file__]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert report.exists(), f"{' '.join(cmd)}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    outcomes = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        problems = [f"{child.tag}: {child.get('message', '')}\n{child.text or ''}" for child in case
+                    if child.tag in ("failure", "error", "skipped")]
+        outcomes[case.get("name")] = "\n".join(problems) or "passed"
+    return outcomes
 
 
-def test_fused_softmax_equals_the_chunked_path_in_fp32():
-    assert _run_checks("softmax_fp32 or all_hits") == 4
+def _passed(outcomes: dict[str, str], *checks: str) -> int:
+    """How many runs of the named checks passed; fails naming any that did not."""
+    picked = {name: outcome for name, outcome in outcomes.items() if name.split("[")[0] in checks}
+    assert picked, f"none of {checks} ran: {sorted(outcomes)}"
+    failed = {name: outcome for name, outcome in picked.items() if outcome != "passed"}
+    assert not failed, "\n\n".join(f"{name}: {outcome[-3000:]}" for name, outcome in failed.items())
+    return len(picked)
 
 
-def test_fused_softmax_in_bf16():
-    assert _run_checks("bf16_inputs or bf16_autocast") == 2
+def test_fused_softmax_equals_the_chunked_path_in_fp32(interpreted):
+    assert _passed(interpreted, "check_softmax_fp32_equals_the_chunked_path",
+                   "check_rows_whose_negatives_are_all_hits_get_minus_infinity_and_no_gradient") == 4
 
 
-def test_the_head_runs_the_fused_softmax():
-    assert _run_checks("head_runs") == 1
+def test_fused_softmax_in_bf16(interpreted):
+    assert _passed(interpreted, "check_bf16_inputs_accumulate_in_fp32", "check_bf16_autocast_over_fp32_parameters") == 2
 
 
-def test_fused_ranks_equal_target_ranks():
-    assert _run_checks("fused_ranks") == 4
+def test_the_head_runs_the_fused_softmax(interpreted):
+    assert _passed(interpreted, "check_the_head_runs_either_kernel") == 1
 
 
-def test_evaluation_with_fused_ranks_gives_the_same_metrics():
-    assert _run_checks("evaluation") == 2
+def test_fused_ranks_equal_target_ranks(interpreted):
+    assert _passed(interpreted, "check_fused_ranks_with_ties_and_nan", "check_fused_ranks_on_random_scores",
+                   "check_fused_ranks_round_scores_to_bf16_under_autocast") == 4
+
+
+def test_evaluation_with_fused_ranks_gives_the_same_metrics(interpreted):
+    assert _passed(interpreted, "check_evaluation_with_the_rank_kernel") == 2
+
+
+def test_every_interpreted_check_belongs_to_a_test(interpreted):
+    assert len(interpreted) == 13, sorted(interpreted)
 
 
 def test_kernel_settings_and_their_errors():

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import conure, tiny_config
+from helpers import cli, conure, tiny_config
 
 from conure_dist.config import ConfigError, config_from_dict, load_config
 from conure_dist.conure import run_conure
@@ -105,5 +105,5 @@ def test_two_processes_choose_the_same_ratio_and_grow_the_same_way(tmp_path):
     # Rank 1 took every decision from rank 0: ownership equal on both ranks (checked at every prune,
     # a mismatch stops the run), and the audit of the final checkpoint passes.
     assert report["world_size"] == 2 and report["growth"] and report["prune_search"]["click"]["chosen"] in (0.3, 0.5, 0.7, 0.9)
-    audit = json.loads(conure("audit", "--ckpt", str(tmp_path / "two"), "--json").stdout)
+    audit = json.loads(cli("audit", "--ckpt", str(tmp_path / "two"), "--json"))
     assert audit["ok"] and set(audit["tasks"]) == {"t1", "click", "gender"}

@@ -5,7 +5,7 @@ import shutil
 
 import fsspec
 import pytest
-from helpers import conure, tiny_config
+from helpers import cli, conure, tiny_config
 
 pytestmark = pytest.mark.slow
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
@@ -43,7 +43,7 @@ def test_run_lives_in_s3_and_resumes_after_the_local_directory_is_gone(s3_endpoi
     starts = [json.loads(x) for x in fs.cat_file("conure-test/e2e/run/log.jsonl").decode().splitlines()
               if '"start"' in x]
     assert starts[-1]["task_index"] == 2, "the second run resumed at the last task"
-    audit = json.loads(conure("audit", "--ckpt", out, "--json", cwd=work).stdout)
+    audit = json.loads(cli("audit", "--ckpt", out, "--json"))
     assert audit["ok"] and audit["checkpoint"].startswith("s3://")
 
     # Credentials never reach logs, reports or checkpoints.

@@ -24,7 +24,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import free_port
-from helpers import REPO, conure
+from helpers import REPO, cli
 
 from conure_dist.inference import load_trained, pad_history, score_histories, task_view
 from conure_dist.serve import MAX_SEQUENCES, build_app
@@ -100,7 +100,7 @@ def cli_predict(run_dir: Path, task: str, histories: list[list[int]], k: int) ->
     """What ``conure predict --input`` prints for ``histories``, one record each."""
     path = run_dir.parent / f"in-{task}.jsonl"
     path.write_text("".join(json.dumps({"seq": h}) + "\n" for h in histories))
-    out = conure("predict", "--ckpt", str(run_dir), "--task", task, "--input", str(path), "--k", str(k)).stdout
+    out = cli("predict", "--ckpt", str(run_dir), "--task", task, "--input", str(path), "--k", str(k))
     return [json.loads(line) for line in out.splitlines()]
 
 

@@ -6,7 +6,7 @@ import os
 
 import fsspec
 import pytest
-from helpers import conure, tiny_config
+from helpers import cli, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conure_dist.train.sinks import make_sinks
@@ -26,7 +26,7 @@ def _log(out) -> list[dict]:
 
 def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_steps(tmp_path):
     out = tmp_path / "run"
-    conure("run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(out), "train.log_every=2",
+    cli("run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(out), "train.log_every=2",
            "train.sinks=[tensorboard,mlflow]", "train.profile_steps=[1,3]")
     log, curves = _log(out), _scalars(out / "tensorboard")
     steps = [e for e in log if e["event"] == "step"]
@@ -62,7 +62,7 @@ def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_step
 
 def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):
     out = "s3://conure-test/curves/run"
-    conure("run", "--config", str(tiny_config(tmp_path, TASKS[:2])), "--out", out, "train.log_every=2")
+    cli("run", "--config", str(tiny_config(tmp_path, TASKS[:2])), "--out", out, "train.log_every=2")
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
     names = fs.ls("conure-test/curves/run/tensorboard")
@@ -77,7 +77,7 @@ def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):
 
 def test_no_sinks_writes_no_curves(tmp_path):
     out = tmp_path / "run"
-    conure("run", "--config", str(tiny_config(tmp_path, TASKS[:1])), "--out", str(out), "train.sinks=[]")
+    cli("run", "--config", str(tiny_config(tmp_path, TASKS[:1])), "--out", str(out), "train.sinks=[]")
     assert not (out / "tensorboard").exists() and any(e["event"] == "epoch" for e in _log(out))
 
 

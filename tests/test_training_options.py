@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import conure, tiny_config
+from helpers import cli, tiny_config
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
@@ -57,8 +57,8 @@ def _epochs(out):
 def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
     path = tiny_config(tmp_path, TASKS)
     common = ["run", "--config", str(path), "tasks.*.epochs=6", "tasks.*.retrain_epochs=0", "tasks.*.lr=0.05"]
-    conure(*common, "--out", str(tmp_path / "all"))
-    conure(*common, "train.patience=1", "train.topk=[5,10]", "--out", str(tmp_path / "stop"))
+    cli(*common, "--out", str(tmp_path / "all"))
+    cli(*common, "train.patience=1", "train.topk=[5,10]", "--out", str(tmp_path / "stop"))
     full, stopped = _epochs(tmp_path / "all"), _epochs(tmp_path / "stop")
     stops = [e for e in stopped if e["event"] == "early_stop"]
     assert stops, "a high learning rate over 6 epochs should stop early somewhere"
@@ -81,9 +81,9 @@ def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
 def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
     path = tiny_config(tmp_path, TASKS[:1])
     common = ["run", "--config", str(path), "train.max_steps_per_epoch=4", "tasks.*.retrain_epochs=0"]
-    conure(*common, "--out", str(tmp_path / "plain"))
-    conure(*common, "train.lr_schedule=constant", "train.warmup_steps=0", "--out", str(tmp_path / "same"))
-    conure(*common, "train.lr_schedule=cosine", "train.warmup_steps=2", "--out", str(tmp_path / "cosine"))
+    cli(*common, "--out", str(tmp_path / "plain"))
+    cli(*common, "train.lr_schedule=constant", "train.warmup_steps=0", "--out", str(tmp_path / "same"))
+    cli(*common, "train.lr_schedule=cosine", "train.warmup_steps=2", "--out", str(tmp_path / "cosine"))
     losses = {name: [e["loss"] for e in _epochs(tmp_path / name) if e["event"] == "epoch"]
               for name in ("plain", "same", "cosine")}
     assert losses["plain"] == losses["same"]
@@ -93,8 +93,8 @@ def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
 def test_prefetching_trains_on_the_same_batches(tmp_path):
     path = tiny_config(tmp_path, TASKS)
     common = ["run", "--config", str(path), "train.log_every=3", "tasks.*.retrain_epochs=0"]
-    conure(*common, "data.prefetch=0", "--out", str(tmp_path / "direct"))
-    conure(*common, "data.prefetch=3", "--out", str(tmp_path / "ahead"))
+    cli(*common, "data.prefetch=0", "--out", str(tmp_path / "direct"))
+    cli(*common, "data.prefetch=3", "--out", str(tmp_path / "ahead"))
     direct, ahead = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("direct", "ahead"))
     assert direct["task_checksums"] == ahead["task_checksums"] and direct["matrix"] == ahead["matrix"]
     logged = [[(e["loss"], e.get("data")) for e in _epochs(tmp_path / n) if e["event"] == "epoch" and e["epoch"]]
