@@ -55,23 +55,23 @@ AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL
 @pytest.fixture(scope="session")
 def tiny_trained_run(tmp_path_factory) -> Path:
     """A tiny finished run of a sequence, an item and a class task (t1, click, gender), trained
-    once through the real CLI for the tests that use a trained model (export, embed, serve).
+    once through the CLI (in this process) for the tests that use a trained model (export, embed, serve).
     Tests read it; what they write goes next to it, never into it."""
     from helpers import cli, tiny_config
 
     tmp = tmp_path_factory.mktemp("tiny_trained")
     cli("run", "--config", str(tiny_config(tmp, [("t1", 0.6), ("click", 0.5), ("gender", 0.5)])),
-           "--out", str(tmp / "run"))
+        "--out", str(tmp / "run"))
     return tmp / "run"
 
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """The quick-start preset, run once through the CLI (in this process) for the tests of what it gives and
-    for the 2-process comparison: two threads (a CI machine's cores), the stride partition (which
-    that comparison needs; on one process both partitions read everything), every checkpoint kept
-    so that old logits can be compared. (data root, run directory, report); tests read it, never
-    write into it."""
+    """The quick-start preset, run once through the CLI (in this process) for the tests of what
+    it gives and for the 2-process comparison: two threads (a CI machine's cores), the stride
+    partition (which that comparison needs; on one process both partitions read everything),
+    every checkpoint kept so that old logits can be compared. (data root, run directory,
+    report); tests read it, never write into it."""
     import json
 
     from helpers import cli
@@ -79,7 +79,7 @@ def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     tmp = tmp_path_factory.mktemp("quickstart")
     out = tmp / "run"
     cli("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
-           f"data.root={tmp / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-           "data.partition=stride", "train.num_threads=2")
+        f"data.root={tmp / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
+        "data.partition=stride", "train.num_threads=2")
     return tmp / "data", out, json.loads((out / "report.json").read_text())
 

@@ -42,7 +42,7 @@ def test_ttl_files_to_tasks(tmp_path):
 def test_ttl_cli_writes_shards(tmp_path):
     pretrain, tasks = write(tmp_path)
     cli("data", "ttl", "--pretrain", pretrain, "--task", f"click=item:{tasks[0].path}",
-           "--task", f"age=class:{tasks[1].path}", "--seq-len", "5", "--out", str(tmp_path / "out"))
+        "--task", f"age=class:{tasks[1].path}", "--seq-len", "5", "--out", str(tmp_path / "out"))
     manifest = Manifest.load(str(tmp_path / "out"))
     assert [t.name for t in manifest.tasks] == ["t1", "click", "age"] and manifest.dataset == "ttl"
     assert manifest.num_seq_items == 5 and manifest.seq_len == 5

@@ -27,7 +27,7 @@ def _log(out) -> list[dict]:
 def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_steps(tmp_path):
     out = tmp_path / "run"
     cli("run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(out), "train.log_every=2",
-           "train.sinks=[tensorboard,mlflow]", "train.profile_steps=[1,3]")
+        "train.sinks=[tensorboard,mlflow]", "train.profile_steps=[1,3]")
     log, curves = _log(out), _scalars(out / "tensorboard")
     steps = [e for e in log if e["event"] == "step"]
     t1_steps = [e for e in steps if e["task"] == "t1"]
