@@ -68,10 +68,11 @@ def tiny_trained_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     """The quick-start preset, run once through the CLI (in this process) for the tests of what
-    it gives and for the 2-process comparison: two threads (a CI machine's cores), the stride
-    partition (which that comparison needs; on one process both partitions read everything),
-    every checkpoint kept so that old logits can be compared. (data root, run directory,
-    report); tests read it, never write into it."""
+    it gives and for the 2-process comparison: this process's torch threads (so that evaluating
+    its checkpoints here repeats its scores exactly), the stride partition (which that comparison
+    needs; on one process both partitions read everything), every checkpoint kept so that old
+    logits can be compared. (data root, run directory, report); tests read it, never write into
+    it."""
     import json
 
     from helpers import cli
@@ -80,6 +81,6 @@ def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     out = tmp / "run"
     cli("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
         f"data.root={tmp / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-        "data.partition=stride", "train.num_threads=2")
+        "data.partition=stride", threads=None)
     return tmp / "data", out, json.loads((out / "report.json").read_text())
 

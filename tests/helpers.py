@@ -45,11 +45,12 @@ def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 9
     return result
 
 
-def cli(*args: str) -> str:
+def cli(*args: str, threads: int | None = 1) -> str:
     """The CLI's ``main`` in this process, and what it printed: the code ``conure`` runs, without
-    starting an interpreter (importing torch takes seconds). For single-process commands whose
-    results are compared only with each other's or with runs that set the same thread count
-    (``train.num_threads``): this process's applies otherwise. The thread count is restored."""
+    starting an interpreter (importing torch takes seconds), for single-process commands. With
+    ``threads`` torch threads (default 1, as ``conure`` gives its processes, so results equal
+    theirs and torchrun workers' bit for bit; None: this process's count), restored after;
+    ``train.num_threads`` still sets a run's own."""
     import contextlib
     import io
 
@@ -57,12 +58,14 @@ def cli(*args: str) -> str:
 
     from conure_dist.cli import main
 
-    threads, printed = torch.get_num_threads(), io.StringIO()
+    before, printed = torch.get_num_threads(), io.StringIO()
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         with contextlib.redirect_stdout(printed):
             code = main(list(args))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     assert code == 0, f"conure {' '.join(args)} exited with {code} (its error is in the captured stderr)"
     return printed.getvalue()
 

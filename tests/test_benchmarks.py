@@ -19,7 +19,7 @@ def test_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "benchmarks/run.py", "--device", "cpu", "--items", "3000", "--channels", "16",
                     "--t1-batch", "8", "--later-batch", "32", "--steps", "1", "--loader-sequences", "3000",
-                    "--comm-items", "20000", "--memory-items", "3000", "--memory-channels", "16",
+                    "--comm-items", "20000", "--memory-items", "3000", "--memory-channels", "64",
                     "--json", str(out)],
                    cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads(out.read_text())
@@ -30,4 +30,4 @@ def test_benchmark_reports_every_figure(tmp_path):
     assert report["t1_dense_allreduce_bytes"] == (2 * 20000 * 64 + 20000) * 4
     assert 0.1 < report["t1_comm_fraction_of_dense"] < 0.25  # negatives alone: 20% of half the bytes
     assert report["t1_step_extra_rss_gb_fast"] > 0 and report["t1_step_extra_rss_gb_plain"] > 0
-    assert report["t1_memory_probe"] == {"items": 3000, "channels": 16, "t1_batch": 32}
+    assert report["t1_memory_probe"] == {"items": 3000, "channels": 64, "t1_batch": 32}

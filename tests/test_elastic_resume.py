@@ -3,9 +3,10 @@
 In process (gloo groups of 3, then 2 ranks; fp32 and bf16 autocast): ZeRO-2 optimizer state
 saved by one world and re-partitioned for the next holds, per parameter, exactly the Adam
 moments and step of the saving world, and the next step gives the parameters the saving world's
-next step gave. Through the CLI (torchrun + gloo): for DDP, ZeRO-1 and ZeRO-2, a 2-process run's
-mid-phase checkpoint resumes on 1 process, and that run's own later one on 2 again; each repeats
-the uninterrupted run's data, losses and parameters and passes the frozen-weights audit.
+next step gave. Through the CLI (torchrun + gloo): for DDP and ZeRO-2 (ZeRO-1's optimizer state
+takes the same path), a 2-process run's mid-phase checkpoint resumes on 1 process, and that run's
+own later one on 2 again; each repeats the uninterrupted run's data, losses and parameters and
+passes the frozen-weights audit.
 """
 
 import json
