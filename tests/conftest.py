@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 from pathlib import Path
@@ -73,8 +74,6 @@ def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     needs; on one process both partitions read everything), every checkpoint kept so that old
     logits can be compared. (data root, run directory, report); tests read it, never write into
     it."""
-    import json
-
     from helpers import cli
 
     tmp = tmp_path_factory.mktemp("quickstart")

@@ -70,6 +70,12 @@ def cli(*args: str, threads: int | None = 1) -> str:
     return printed.getvalue()
 
 
+def cli_on(nproc: int, *args: str) -> str:
+    """A command on ``nproc`` processes, and what it printed: ``cli`` for one, ``conure`` under
+    torchrun for more."""
+    return cli(*args) if nproc == 1 else conure(*args, nproc=nproc).stdout
+
+
 def shards_digest(manifest) -> str:
     """sha256 over a dataset's shard digests in manifest order: equal exactly when the shards are."""
     import hashlib

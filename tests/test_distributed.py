@@ -132,8 +132,7 @@ def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, p
     conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
            f"data.root={tmp_path / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
            "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", "train.max_steps_per_epoch=6", "tasks.*.l2=0.01",
-           f"dist.engine={engine}",
-           f"dist.zero_stage={stage}", f"dist.precision={precision}", *extra, nproc=2)
+           f"dist.engine={engine}", f"dist.zero_stage={stage}", f"dist.precision={precision}", *extra, nproc=2)
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == engine and report["world_size"] == 2 and report["precision"] == precision
     _matrix_keeps_old_tasks(report)

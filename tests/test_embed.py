@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from helpers import cli, conure
+from helpers import cli_on
 from torch import nn
 from torch.func import functional_call
 
@@ -36,8 +36,7 @@ def run_dir(tiny_trained_run: Path) -> Path:
 
 
 def embed(run_dir: Path, task: str, out: str, nproc: int = 1) -> dict:
-    command = ["embed", "--ckpt", str(run_dir), "--task", task, "--out", out, *OPTIONS]
-    printed = cli(*command) if nproc == 1 else conure(*command, nproc=nproc).stdout
+    printed = cli_on(nproc, "embed", "--ckpt", str(run_dir), "--task", task, "--out", out, *OPTIONS)
     return json.loads(printed[printed.index("{"):])
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli, conure, tiny_config
+from helpers import cli, cli_on, tiny_config
 
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
@@ -35,11 +35,7 @@ def _logits(ckpt, manifest, task_index):
 def test_embedding_pruning_shares_the_embedding_without_forgetting(tmp_path, nproc):
     path = tiny_config(tmp_path, TASKS, model={"channels": 16, "block_dilations": [1, 2], "prune_embedding": True})
     out = tmp_path / "run"
-    command = ["run", "--config", str(path), "--out", str(out), "tasks.*.l2=0.001"]
-    if nproc == 1:
-        cli(*command)
-    else:
-        conure(*command, nproc=nproc)
+    cli_on(nproc, "run", "--config", str(path), "--out", str(out), "tasks.*.l2=0.001")
     report = json.loads((out / "report.json").read_text())
     manifest = Manifest.load(str(tmp_path / "data"))
     final = _checkpoint(out, "gender-done")

@@ -128,7 +128,7 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
 
     def reused() -> bool:
         caplog.clear()
-        assert main(command) == 0
+        cli(*command)
         return "report exists, not run again" in caplog.text
 
     assert not reused()
