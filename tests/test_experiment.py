@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +20,19 @@ from conure_dist.cli import main
 from conure_dist.config import ConfigError
 from conure_dist.experiment import load_experiment
 
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_shipped_experiment_loads(path):
+    """Each file's base, variants, methods and contrasts resolve (``load_experiment`` builds the
+    run config of every variant and method), and every contrast names runs the file plans."""
+    experiment = load_experiment(path)
+    planned = {f"{v.name}/{m}" for v in experiment.variants for m in (v.methods or experiment.methods)}
+    assert len(experiment.seeds) >= 2, "an interval needs two seeds"
+    for c in experiment.contrasts:
+        assert {c.a, c.b} <= planned, c
 
 
 def write_experiment(tmp_path, **fields):
