@@ -198,7 +198,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
     from conure_dist.dist import process_group
-    from conure_dist.experiment import format_markdown, load_experiment, run_experiment
+    from conure_dist.experiment import load_experiment, run_experiment
+    from conure_dist.experiment_report import format_markdown
 
     experiment = load_experiment(args.config)
     with process_group(DistConfig()) as dist:

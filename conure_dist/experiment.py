@@ -19,13 +19,9 @@ run writes ``OUT/runs/VARIANT/METHOD/seedS/report.json``; a run whose report exi
 repeated, so an interrupted experiment continues where it stopped. ``conure_minus`` comes from
 the ``conure`` runs when both are listed (the scores before each task's pruning).
 
-Per variant and method the table gives each task's score when it was learned (mean and 95%
-confidence interval over seeds, Student t; ``results.json`` also holds the std), T1's score after
-the last task (what forgetting costs), the number of backbones and the parameters stored to serve
-every task. Paired differences (``experiment_stats``) follow: in every variant that runs Conure
-with FineSmax or STL, Conure minus each on every later task and their relative mean, each listed
-contrast, and what fine-tuning forgets (each task's score after the last task minus when
-learned); each with its interval and whether that excludes zero.
+What the table, ``results.json`` and the plots hold is ``experiment_report``'s: per variant and
+method each task's score when it was learned (mean and 95% confidence interval over seeds) and
+paired differences with their intervals.
 """
 
 from __future__ import annotations
@@ -49,13 +45,7 @@ from conure_dist.config import (
     load_config,
 )
 from conure_dist.dist import DistInfo
-from conure_dist.experiment_stats import (
-    contrast,
-    difference_lines,
-    forgetting,
-    format_interval,
-    interval,
-)
+from conure_dist.experiment_report import summarize, write_results
 from conure_dist.fs import join
 from conure_dist.report import as_conure_minus
 
@@ -303,93 +293,3 @@ def _default_of(dotted: str) -> Any:
             return None
         tree = tree[part]
     return tree
-
-
-def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dict[str, Any]:
-    variants = {}
-    for variant, by_method in reports.items():
-        rows = {}
-        for method, runs in by_method.items():
-            tasks = [t["name"] for t in runs[0]["tasks"]]
-            n = len(tasks)
-            learned = {t: interval([r["matrix"][j][j] for r in runs]) for j, t in enumerate(tasks)}
-            final = {t: interval([r["matrix"][n - 1][j] for r in runs]) for j, t in enumerate(tasks)}
-            matrix = [[None if runs[0]["matrix"][i][j] is None else
-                       sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(n)] for i in range(n)]
-            rows[method] = {"tasks": tasks, "metrics": [t["primary_metric"] for t in runs[0]["tasks"]],
-                            "learned": learned, "after_last_task": final, "matrix_mean": matrix,
-                            "num_backbones": runs[0].get("num_backbones"),
-                            "stored_parameters": runs[0].get("stored_parameters"),
-                            "reference": runs[0]["reference"], "seeds": [r["seed"] for r in runs],
-                            "wall_seconds": interval([r["wall_seconds"] for r in runs])}
-        variants[variant] = rows
-    return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
-            "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
-            "wall_seconds": round(wall_seconds, 1)}
-
-
-# Paired differences every variant gets when it runs Conure and these methods.
-BASELINES_COMPARED = ("finesmax", "stl")
-
-
-def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
-    """Conure - FineSmax and Conure - STL per variant on every later task, the listed contrasts
-    (name -> ``experiment_stats.contrast`` plus which runs were compared), and what sequential
-    fine-tuning forgets (``experiment_stats.forgetting``) where it ran."""
-    pairs = [(f"{v}: conure - {m}", f"{v}/conure", f"{v}/{m}", None) for v, by in reports.items()
-             if "conure" in by for m in BASELINES_COMPARED if m in by]
-    pairs += [(c.name, c.a, c.b, c.tasks) for c in experiment.contrasts]
-    out = {}
-    for name, a, b, tasks in pairs:
-        runs_a, runs_b = (reports[side.split("/")[0]][side.split("/")[1]] for side in (a, b))
-        chosen = tasks or [t["name"] for t in runs_a[0]["tasks"][1:]]
-        out[name] = {"a": a, "b": b, **contrast(runs_a, runs_b, chosen)}
-    for variant, by_method in reports.items():
-        if "finetune" in by_method and len(by_method["finetune"][0]["tasks"]) > 1:
-            out[f"{variant}: finetune forgetting"] = {"a": f"{variant}/finetune after the last task",
-                                                      "b": "when learned", **forgetting(by_method["finetune"])}
-    return out
-
-
-def _shown(path: Path) -> str:
-    """A path as the results show it: relative to the working directory when inside it, so that
-    tables written from a checkout name its files, not the machine's."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def format_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# Experiment `{summary['experiment']}`", "",
-             f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}; "
-             f"wall time {summary['wall_seconds']:.0f} s.", "",
-             "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
-             "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.", ""]
-    for variant, rows in summary["variants"].items():
-        first = next(iter(rows.values()))
-        tasks, metrics = first["tasks"], first["metrics"]
-        lines += [f"## Variant `{variant}`", "",
-                  "| method | " + " | ".join(f"{t} ({m})" for t, m in zip(tasks, metrics, strict=True))
-                  + " | T1 after last | backbones | stored parameters |",
-                  "|---" * (len(tasks) + 4) + "|"]
-        for method, row in rows.items():
-            cells = [format_interval(row["learned"][t]) for t in tasks]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {format_interval(row['after_last_task'][tasks[0]])} | "
-                         f"{row['num_backbones']} | {row['stored_parameters']:,} |")
-        ref = first["reference"]
-        lines.append("| trivial reference | " + " | ".join(f"{ref[t]:.4f}" for t in tasks) + " | | | |")
-        lines.append("")
-    return "\n".join(lines + difference_lines(summary.get("differences", {})))
-
-
-def write_results(summary: dict[str, Any], out: str) -> None:
-    with fsspec.open(join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with fsspec.open(join(out, "table.md"), "w") as f:
-        f.write(format_markdown(summary) + "\n")
-    try:
-        from conure_dist.plots import write_plots
-    except ImportError as exc:  # matplotlib is a dependency; say so if it is missing
-        raise RuntimeError(f"plots need matplotlib: {exc}") from exc
-    write_plots(summary, out)

@@ -191,7 +191,7 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
-    from conure_dist.experiment import _shown
+    from conure_dist.experiment_report import _shown
 
     (tmp_path / "configs").mkdir()
     monkeypatch.chdir(tmp_path / "configs")
