@@ -41,7 +41,8 @@ from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import Checkpointer, load_checkpoint
+from conure_dist.train.checkpoint import Checkpointer
+from conure_dist.train.checkpoint_format import load_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -281,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from conure_dist.train.audit import audit_checkpoint
-    from conure_dist.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from conure_dist.train.checkpoint_format import load_checkpoint, resolve_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(args.ckpt))
     results = audit_checkpoint(ckpt)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from conure_dist.config import ConfigError
     from conure_dist.experiment_jobs import RunsFailed
-    from conure_dist.train.checkpoint import CheckpointError
+    from conure_dist.train.checkpoint_format import CheckpointError
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:

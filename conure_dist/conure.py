@@ -10,7 +10,8 @@ from conure_dist.config import RunConfig
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
-from conure_dist.train.checkpoint import Checkpointer, optimizer_part_name
+from conure_dist.train.checkpoint import Checkpointer
+from conure_dist.train.checkpoint_format import optimizer_part_name
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.phase import Phase

@@ -18,7 +18,7 @@ from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
 from conure_dist.train.audit import model_from_checkpoint
-from conure_dist.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from conure_dist.train.checkpoint_format import Checkpoint, load_checkpoint, resolve_checkpoint
 from conure_dist.train.evaluate import evaluate_task
 
 log = logging.getLogger(__name__)

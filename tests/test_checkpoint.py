@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint import COMMIT, Checkpointer, CheckpointError, load_checkpoint
+from conure_dist.train.checkpoint import Checkpointer
+from conure_dist.train.checkpoint_format import COMMIT, CheckpointError, load_checkpoint
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 

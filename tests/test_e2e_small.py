@@ -12,7 +12,7 @@ from conure_dist.conure import run_conure
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.prepare import prepare_data
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint import COMMIT
+from conure_dist.train.checkpoint_format import COMMIT
 from conure_dist.train.state import CapacityError
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import COMMIT, load_checkpoint
+from conure_dist.train.checkpoint_format import COMMIT, load_checkpoint
 from conure_dist.train.deepspeed_engine import SavedShards, reshard_zero_state
 from conure_dist.train.engine import build_engine
 from conure_dist.train.phase import phase_parameters

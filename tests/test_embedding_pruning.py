@@ -12,7 +12,7 @@ from helpers import cli, cli_on, tiny_config
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
 from conure_dist.train.audit import model_from_checkpoint
-from conure_dist.train.checkpoint import load_checkpoint
+from conure_dist.train.checkpoint_format import load_checkpoint
 from conure_dist.train.evaluate import collect_scores
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]

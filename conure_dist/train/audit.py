@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import Checkpoint
+from conure_dist.train.checkpoint_format import Checkpoint
 
 
 @dataclass

@@ -1,14 +1,6 @@
-"""One checkpointer for everything needed to resume, on any fsspec filesystem.
+"""One checkpointer for everything needed to resume, on any fsspec filesystem: the writing side.
 
-Layout under ``{out}/checkpoints/``: one folder per checkpoint, ``{index:05d}-{task}-{stage}``,
-holding ``model.pt`` (model state), ``ownership.pt`` (uint8 ownership records), ``meta.json``
-(plain JSON: progress, metrics, checksums, config) and, for a checkpoint taken inside a phase,
-``phase.pt`` (RNG state, best-epoch parameters) and the optimizer state: ``optimizer.pt`` from
-rank 0, or ``optimizer-rank{r}.pt`` from every rank where ZeRO shards it. A ``COMMIT`` file,
-written by rank 0 once every rank has written its parts, lists every part with its sha256; a
-folder without it, or with a part missing, does not exist as far as loading is concerned.
-Nothing is ever overwritten: a crash at any point leaves the previous committed checkpoint
-intact, and older ones are deleted only after a newer commit.
+The format (folders, parts, ``COMMIT``) and its reading are ``checkpoint_format``'s.
 
 Asynchronous writes (``async_writes=True``): ``save`` reads every part's ``state_dict()`` and
 copies its tensors to host memory (pinned, and reused between checkpoints, for GPU tensors) on
@@ -38,7 +30,6 @@ import posixpath
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -47,48 +38,18 @@ import torch.distributed as tdist
 
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join, url_of, write_atomic
+from conure_dist.train.checkpoint_format import (
+    COMMIT,
+    FORMAT_VERSION,
+    MAIN_PARTS,
+    RANK_DONE,
+    Checkpoint,
+    CheckpointError,
+    committed_folders,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-COMMIT = "COMMIT"
-MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
-"""Parts every checkpoint has, written by rank 0 and read by every tool."""
-RANK_DONE = "DONE-rank{rank}.json"
-"""An asynchronous write's manifest of one rank other than 0: its parts' sha256 and sizes."""
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
-
-
-@dataclass
-class Checkpoint:
-    path: str
-    model: dict[str, torch.Tensor]
-    ownership: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    fs: fsspec.AbstractFileSystem
-    digests: dict[str, str]
-
-    @property
-    def url(self) -> str:
-        """The folder as the user gives it: with its protocol (``s3://``) where not local."""
-        return url_of(self.fs, self.path)
-
-    def has_part(self, name: str) -> bool:
-        return name in self.digests
-
-    def read_part(self, name: str, weights_only: bool = True) -> Any:
-        """Load one further part (phase state, optimizer state), verified against COMMIT."""
-        data = _read_verified(self.fs, self.path, name, self.digests[name])
-        # On CPU whatever device rank 0 saved from: every rank places what it needs itself.
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-
-
-def optimizer_part_name(rank: int, sharded: bool) -> str:
-    return f"optimizer-rank{rank}.pt" if sharded else "optimizer.pt"
-
 
 def _json_bytes(fname: str, state: Any) -> bytes:
     if fname == "meta.json":
@@ -338,62 +299,3 @@ class Checkpointer:
         if committed:
             raise CheckpointError(f"no committed checkpoint under {self.root} is intact: " + "; ".join(problems))
         return None
-
-
-def committed_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The folders directly under ``root`` that hold a ``COMMIT`` file, oldest (by name) first."""
-    if not fs.isdir(root):
-        return []
-    return sorted(p for p in fs.ls(root, detail=False) if fs.exists(posixpath.join(p, COMMIT)))
-
-
-def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint folder, or the newest committed checkpoint of a run directory or of
-    its ``checkpoints`` folder."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if fs.exists(posixpath.join(fs_path, COMMIT)):
-        return path
-    folders = committed_folders(fs, posixpath.join(fs_path, "checkpoints")) or committed_folders(fs, fs_path)
-    if not folders:
-        raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
-                              f"checkpoints/*/{COMMIT})")
-    return url_of(fs, folders[-1])
-
-
-def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
-    fpath = posixpath.join(path, fname)
-    if not fs.exists(fpath):
-        raise CheckpointError(f"{fpath} is missing")
-    data = fs.cat_file(fpath)
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise CheckpointError(f"{fpath} does not match its checksum in {COMMIT}")
-    return data
-
-
-def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> Checkpoint:
-    """Load and verify one checkpoint folder (local path or URL). Every listed part must exist;
-    the main parts are read and checked now, the others when they are read."""
-    if fs is None:
-        fs, path = fsspec.core.url_to_fs(path)
-    commit_path = posixpath.join(path, COMMIT)
-    if not fs.exists(commit_path):
-        raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
-    try:
-        digests = json.loads(fs.cat_file(commit_path))["files"]
-        if not isinstance(digests, dict):
-            raise TypeError("'files' is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{commit_path} is unreadable ({type(exc).__name__}: {exc})") from None
-    for fname in (*MAIN_PARTS, *digests):
-        if fname not in digests or not fs.exists(posixpath.join(path, fname)):
-            raise CheckpointError(f"{posixpath.join(path, fname)} is missing")
-    data = {fname: _read_verified(fs, path, fname, digests[fname]) for fname in MAIN_PARTS}
-    try:
-        meta = json.loads(data["meta.json"])
-    except ValueError as exc:
-        raise CheckpointError(f"{posixpath.join(path, 'meta.json')} is not valid JSON: {exc}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
-    model = torch.load(io.BytesIO(data["model.pt"]), map_location="cpu", weights_only=True)
-    ownership = torch.load(io.BytesIO(data["ownership.pt"]), map_location="cpu", weights_only=True)
-    return Checkpoint(path=path, model=model, ownership=ownership, meta=meta, fs=fs, digests=digests)

@@ -20,7 +20,8 @@ from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import sum_digest_over_ranks
-from conure_dist.train.checkpoint import Checkpoint, Checkpointer, optimizer_part_name
+from conure_dist.train.checkpoint import Checkpointer
+from conure_dist.train.checkpoint_format import Checkpoint, optimizer_part_name
 from conure_dist.train.deepspeed_engine import SavedShards
 from conure_dist.train.engine import Engine, TorchEngine
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState
