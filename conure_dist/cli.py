@@ -21,6 +21,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> list[int]:
+    """``0-4,10``: seeds 0 to 4 and 10, each once."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            seeds += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0-4,10, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds such as 0-4,10, got {text!r}")
+    return seeds
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert raw data into WebDataset shards + manifest")
     kinds = data.add_subparsers(dest="source", required=True)
@@ -80,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--jobs", type=_positive, default=1,
                     help="runs side by side, each a process of its own (default 1); give the runs "
                          "train.num_threads so that jobs x threads fits the cores")
+    ex.add_argument("--seeds", type=_seeds,
+                    help="seeds instead of the file's, e.g. 0-14 (reports already under --out are reused)")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
@@ -202,6 +218,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.experiment_report import format_markdown
 
     experiment = load_experiment(args.config)
+    if args.seeds:
+        experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
         summary = run_experiment(experiment, args.out, dist, jobs=args.jobs)
     if dist.is_main:

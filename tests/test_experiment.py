@@ -165,6 +165,29 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
     assert re.search(r"made with other settings: train\.patience=3 \(the run: None\)", refused())
 
 
+def test_seeds_on_the_command_line_replace_the_files_and_reuse_its_runs(tmp_path, capsys, caplog):
+    """``--seeds 0-1`` over a file that lists seed 0: seed 0's run is reused, seed 1 runs, and
+    the summary is over both (as for a replication pooled with the runs before it)."""
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment")
+    path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
+    out = tmp_path / "out"
+    cli("experiment", "--config", str(path), "--out", str(out))
+    caplog.clear()
+    cli("experiment", "--config", str(path), "--out", str(out), "--seeds", "0-1")
+    assert "main/conure/seed0: report exists, not run again" in caplog.text
+    assert "main/conure/seed1: running" in caplog.text
+    runs = [json.loads((out / f"runs/main/conure/seed{s}/report.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[0]["matrix"] != runs[1]["matrix"]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["variants"]["main"]["conure"]["seeds"] == [0, 1]
+    learned = summary["variants"]["main"]["conure"]["learned"]["gender"]
+    assert learned["mean"] == pytest.approx(statistics.mean(r["matrix"][1][1] for r in runs))
+    for bad in ("3-1", "0,0", "x"):
+        with pytest.raises(SystemExit):
+            main(["experiment", "--config", str(path), "--out", str(out), "--seeds", bad])
+        assert "argument --seeds: expected" in capsys.readouterr().err
+
+
 def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     """``--jobs 2``: each run's report is the one the sequential loop writes (one thread per run);
     a run that fails (its shards were built otherwise) is named, and the others' reports stay."""
