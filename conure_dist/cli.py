@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 import fsspec
@@ -24,14 +25,16 @@ def _positive(text: str) -> int:
 def _seeds(text: str) -> list[int]:
     """``0-4,10``: seeds 0 to 4 and 10, each once."""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            seeds += range(int(first), int(last or first) + 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds such as 0-4,10, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct seeds such as 0-4,10, got {text!r}")
+    for part in text.split(","):
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(f"expected seeds such as 0-4,10, got {part!r} in {text!r}")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise argparse.ArgumentTypeError(f"the range {part!r} in {text!r} ends before it starts")
+        seeds += range(first, last + 1)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a seed twice")
     return seeds
 
 

@@ -198,6 +198,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     (``experiment_jobs``; single-process runs only), then the summary."""
     from conure_dist.methods import run_method
 
+    _check_results_owner(experiment, out)
     start, reused_seconds = time.perf_counter(), 0.0
     planned = [(variant, method, seed, join(out, f"runs/{variant.name}/{method}/seed{seed}"),
                 run_config(experiment, variant, method, seed))
@@ -238,6 +239,17 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     if dist.is_main:
         write_results(summary, out)
     return summary
+
+
+def _check_results_owner(experiment: Experiment, out: str) -> None:
+    """Refuse an ``out`` whose ``results.json`` another experiment file wrote: this one would
+    overwrite its table and plots."""
+    path = join(out, "results.json")
+    if _exists(path):
+        with fsspec.open(path) as f:
+            written = str(json.load(f).get("experiment", ""))
+        if Path(written).name != experiment.path.name:
+            raise ConfigError(f"{path} holds the results of {written}, not of {experiment.path}: give another --out")
 
 
 def _exists(url: str) -> bool:

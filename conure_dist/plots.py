@@ -1,4 +1,4 @@
-"""PNG plots of an experiment summary (see ``experiment.py``), one set per variant:
+"""PNG plots of an experiment summary (see ``experiment_report.py``), one set per variant:
 
 * ``VARIANT_forgetting.png``: per method, the forgetting matrix (row: after task i; column:
   task j) as a heat map of each score over the score when that task was learned (1 = nothing

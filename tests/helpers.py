@@ -50,8 +50,9 @@ def cli(*args: str, threads: int | None = 1) -> str:
     starting an interpreter (importing torch takes seconds), for single-process commands. With
     ``threads`` torch threads (default 1, as ``conure`` gives its processes, so results equal
     theirs and torchrun workers' bit for bit; None: this process's count), restored after;
-    ``train.num_threads`` still sets a run's own. The run's ``train.deterministic`` switch is
-    restored too, so no later test inherits it."""
+    ``train.num_threads`` still sets a run's own. What ``train.deterministic`` switches in torch
+    (deterministic algorithms, no NaN fill of empty tensors) is restored too, so no later test
+    inherits it."""
     import contextlib
     import io
 
@@ -60,7 +61,8 @@ def cli(*args: str, threads: int | None = 1) -> str:
     from conure_dist.cli import main
 
     before, printed = torch.get_num_threads(), io.StringIO()
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                     torch.utils.deterministic.fill_uninitialized_memory)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -69,6 +71,7 @@ def cli(*args: str, threads: int | None = 1) -> str:
     finally:
         torch.set_num_threads(before)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = deterministic[2]
     assert code == 0, f"conure {' '.join(args)} exited with {code} (its error is in the captured stderr)"
     return printed.getvalue()
 
