@@ -1,0 +1,50 @@
+"""docs/results/cap_binding.py: which phases ran to their epoch cap while still improving."""
+
+import importlib.util
+import json
+
+from helpers import REPO
+
+spec = importlib.util.spec_from_file_location("cap_binding", REPO / "docs" / "results" / "cap_binding.py")
+cap_binding = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cap_binding)
+
+CONFIG = {"train": {"class_selection": "nll", "topk": 5},
+          "tasks": [{"name": "t1", "epochs": 2, "retrain_epochs": 1},
+                    {"name": "click", "epochs": 4, "retrain_epochs": 2},
+                    {"name": "gender", "epochs": 5, "retrain_epochs": 2}]}
+
+
+def write_run(root, method, seed, curves):
+    """A run's log: the start event, then each phase's validation per epoch (epoch 0 = its start)."""
+    run = root / "runs" / "main" / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    events = [{"event": "start", "config": CONFIG}]
+    for (task, phase), valid in curves.items():
+        events += [{"event": "epoch", "task": task, "phase": phase, "epoch": i, "valid": v} for i, v in enumerate(valid)]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+
+
+def mrr(*values):
+    return [{"mrr@5": v, "count": 10} for v in values]
+
+
+def test_counts_runs_that_reach_their_cap_and_peak_near_it(tmp_path):
+    # click train: cap 4. Seed 0 peaks at its last epoch; seed 1 stops early (patience) at epoch 2.
+    write_run(tmp_path, "conure", 0, {("t1", "train"): mrr(0, .1, .2),
+                                      ("click", "train"): mrr(0, .1, .2, .3, .4),
+                                      ("click", "retrain"): mrr(.4, .3, .2)})
+    write_run(tmp_path, "conure", 1, {("click", "train"): mrr(0, .5, .1)})
+    # gender selects on validation NLL, not accuracy: accuracy rises at the cap, NLL was best at 1.
+    gender = [{"acc": a, "nll": n} for a, n in ((.5, .9), (.6, .5), (.6, .6), (.6, .7), (.6, .8), (.9, .9))]
+    write_run(tmp_path, "stl", 0, {("gender", "train"): gender})
+    counts = cap_binding.cap_binding([tmp_path])
+    assert counts[("conure", "click", "train")] == {"runs": 2, "reached_cap": 1, "best_near_cap": 1}
+    # Retrain: ran to its cap of 2, but its best epoch is the start.
+    assert counts[("conure", "click", "retrain")] == {"runs": 1, "reached_cap": 1, "best_near_cap": 0}
+    assert counts[("stl", "gender", "train")] == {"runs": 1, "reached_cap": 1, "best_near_cap": 0}
+    assert ("conure", "t1", "train") not in counts
+    assert cap_binding.cap_binding([tmp_path], t1=True)[("conure", "t1", "train")]["best_near_cap"] == 1
+    # Ties keep the first best epoch, as training does: a plateau from epoch 1 is not near the cap.
+    write_run(tmp_path, "finesmax", 0, {("click", "train"): mrr(0, .3, .3, .3, .3)})
+    assert cap_binding.cap_binding([tmp_path])[("finesmax", "click", "train")]["best_near_cap"] == 0
