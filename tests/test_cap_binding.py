@@ -16,9 +16,11 @@ CONFIG = {"train": {"class_selection": "nll", "topk": 5},
 
 
 def write_run(root, method, seed, curves):
-    """A run's log: the start event, then each phase's validation per epoch (epoch 0 = its start)."""
+    """A finished run: its report's config, and a log of each phase's validation per epoch
+    (epoch 0 = its start)."""
     run = root / "runs" / "main" / method / f"seed{seed}"
     run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"config": CONFIG}))
     events = [{"event": "start", "config": CONFIG}]
     for (task, phase), valid in curves.items():
         events += [{"event": "epoch", "task": task, "phase": phase, "epoch": i, "valid": v} for i, v in enumerate(valid)]
@@ -45,6 +47,14 @@ def test_counts_runs_that_reach_their_cap_and_peak_near_it(tmp_path):
     assert counts[("stl", "gender", "train")] == {"runs": 1, "reached_cap": 1, "best_near_cap": 0}
     assert ("conure", "t1", "train") not in counts
     assert cap_binding.cap_binding([tmp_path], t1=True)[("conure", "t1", "train")]["best_near_cap"] == 1
+    # A resumed run logs the epochs it trains again a second time: they count once.
+    write_run(tmp_path, "stl", 1, {("click", "train"): mrr(0, .1, .2, .3)})
+    log = tmp_path / "runs/main/stl/seed1/log.jsonl"
+    redo = [{"event": "epoch", "task": "click", "phase": "train", "epoch": i, "valid": v}
+            for i, v in zip((2, 3), mrr(.2, .3), strict=True)]
+    log.write_text(log.read_text() + "".join(json.dumps(e) + "\n" for e in redo))
+    assert cap_binding.cap_binding([tmp_path])[("stl", "click", "train")] == {"runs": 1, "reached_cap": 0,
+                                                                             "best_near_cap": 1}
     # Ties keep the first best epoch, as training does: a plateau from epoch 1 is not near the cap.
     write_run(tmp_path, "finesmax", 0, {("click", "train"): mrr(0, .3, .3, .3, .3)})
     assert cap_binding.cap_binding([tmp_path])[("finesmax", "click", "train")]["best_near_cap"] == 0

@@ -1,7 +1,7 @@
 """Which phases of an experiment's runs stopped at their epoch cap while still improving.
 
-Reads every run's ``log.jsonl`` under ``OUT/runs/VARIANT/METHOD/seedS`` (validation scores only;
-no test score is read) and prints, per method, task and phase: the runs, how many ran to their cap
+Reads every finished run under ``OUT/runs/VARIANT/METHOD/seedS`` (the validation scores in its
+``log.jsonl`` and the config in its ``report.json``; no test score is read) and prints, per method, task and phase: the runs, how many ran to their cap
 (early stopping never fired), and how many chose a best epoch among the last ``--last`` epochs
 before the cap: those might have gained from more epochs. T1 is left out unless ``--t1``.
 
@@ -16,22 +16,21 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+from conure_dist.compare import epoch_entries
 from conure_dist.train.phase import selection_score
 
 
-def phases(log: Path) -> list[tuple[str, str, int, list[float]]]:
-    """(task, phase, epoch cap, validation selection score per epoch from 0) of one run's log."""
-    config, curves = None, {}
-    for line in log.read_text().splitlines():
-        event = json.loads(line)
-        if event["event"] == "start":
-            config = event["config"]
-        elif event["event"] == "epoch" and event.get("valid") is not None:
-            curves.setdefault((event["task"], event["phase"]), []).append(event["valid"])
-    if config is None:
-        raise ValueError(f"{log}: no start event")
+def phases(run: Path) -> list[tuple[str, str, int, list[float]]]:
+    """(task, phase, epoch cap, validation selection score per epoch from 0) of one finished run:
+    its epochs from ``log.jsonl`` (``compare.epoch_entries``: an epoch trained again after a
+    resume counts once), its caps and selection rule from ``report.json``'s config."""
+    config = json.loads((run / "report.json").read_text())["config"]
     train = SimpleNamespace(**config["train"])
     caps = {t["name"]: {"train": t["epochs"], "retrain": t["retrain_epochs"]} for t in config["tasks"]}
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for (task, phase, _), entry in sorted(epoch_entries(str(run)).items(), key=lambda item: item[0][2]):
+        if entry.get("valid") is not None:
+            curves.setdefault((task, phase), []).append(entry["valid"])
     out = []
     for (task, phase), valid in curves.items():
         score = selection_score("class" if "acc" in valid[0] else "item", train)
@@ -45,9 +44,9 @@ def cap_binding(roots: list[Path], last: int = 3, t1: bool = False) -> dict[tupl
     ``last`` before the cap."""
     counts: dict[tuple[str, str, str], Counter] = {}
     for root in roots:
-        for log in sorted(root.glob("runs/*/*/seed*/log.jsonl")):
-            method = log.parent.parent.name
-            for task, phase, cap, scores in phases(log):
+        for report in sorted(root.glob("runs/*/*/seed*/report.json")):
+            method = report.parent.parent.name
+            for task, phase, cap, scores in phases(report.parent):
                 if task == "t1" and not t1:
                     continue
                 best = max(range(len(scores)), key=lambda i: (scores[i], -i))
