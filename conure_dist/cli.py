@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "train.num_threads so that jobs x threads fits the cores")
     ex.add_argument("--seeds", type=_seeds,
                     help="seeds instead of the file's, e.g. 0-14 (reports already under --out are reused)")
+    ex.add_argument("--no-share-first-task", dest="share_first_task", action="store_false",
+                    help="every run trains T1 itself (default: runs that would train it identically "
+                         "share one copy through OUT/first_task; their results are the same either way)")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
@@ -224,7 +227,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.seeds:
         experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
-        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs)
+        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs,
+                                 share_first_task=args.share_first_task)
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")

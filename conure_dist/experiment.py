@@ -193,9 +193,13 @@ def _runs_of(methods: list[str]) -> list[str]:
     return [m for m in methods if not (m == "conure_minus" and "conure" in methods)]
 
 
-def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1) -> dict[str, Any]:
+def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1,
+                   share_first_task: bool = True) -> dict[str, Any]:
     """Every run not already reported, one after another, or ``jobs`` at a time side by side
-    (``experiment_jobs``; single-process runs only), then the summary."""
+    (``experiment_jobs``; single-process runs only), then the summary. With ``share_first_task``
+    the runs share T1's train phase through ``OUT/first_task`` (``train.first_task`` module;
+    unless the config names its own ``train.first_task_cache``): each distinct T1 is trained
+    once, and side by side the runs that reuse one start once it is stored."""
     from conure_dist.methods import run_method
 
     _check_results_owner(experiment, out)
@@ -204,15 +208,25 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
                 run_config(experiment, variant, method, seed))
                for variant in experiment.variants for method in _runs_of(variant.methods or experiment.methods)
                for seed in experiment.seeds]
+    if share_first_task:
+        for *_, cfg in planned:
+            if cfg.train.first_task_cache is None:
+                cfg.train.first_task_cache = join(out, "first_task")
     fresh: dict[str, dict[str, Any]] = {}
     if jobs > 1:
         if dist.is_distributed:
             raise ConfigError("--jobs runs single-process runs side by side; under torchrun leave it at 1")
         from conure_dist.experiment_jobs import PlannedRun, run_side_by_side
 
-        todo = [PlannedRun(f"{variant.name}/{method}/seed{seed}", cfg, run_out, resume=method in ("conure", "conure_minus"))
+        todo = [(f"{variant.name}/{method}/seed{seed}", cfg, run_out, method in ("conure", "conure_minus"))
                 for variant, method, seed, run_out, cfg in planned if not _exists(join(run_out, "report.json"))]
-        fresh = run_side_by_side(todo, jobs, dist.device) if todo else {}
+        producers: dict[str, str] = {}  # first-task group -> the output folder of the run that trains it
+        runs = []
+        for name, cfg, run_out, resume in todo:
+            group = first_task_group(cfg)
+            producer = None if group is None else producers.setdefault(group, run_out)
+            runs.append(PlannedRun(name, cfg, run_out, resume, after=None if producer == run_out else producer))
+        fresh = run_side_by_side(runs, jobs, dist.device) if runs else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for variant, method, seed, run_out, cfg in planned:
         report_path = join(run_out, "report.json")
@@ -241,6 +255,17 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     return summary
 
 
+def first_task_group(cfg: RunConfig) -> str | None:
+    """Runs in one group would train T1 identically (the settings that key ``first_task``'s
+    cache, without the initial weights, which the same seed and model give): one of them trains
+    it, the others wait for it. None without a cache."""
+    from conure_dist.train.first_task import keyed_settings
+
+    if cfg.train.first_task_cache is None:
+        return None
+    return json.dumps([cfg.train.first_task_cache, keyed_settings(cfg.to_dict())], sort_keys=True)
+
+
 def _check_results_owner(experiment: Experiment, out: str) -> None:
     """Refuse an ``out`` whose ``results.json`` another experiment file wrote: this one would
     overwrite its table and plots."""
@@ -259,7 +284,7 @@ def _exists(url: str) -> bool:
 
 # Settings that change how a run is carried out or shown, not its results.
 NOT_RESULTS = ("train.progress", "train.num_threads", "train.keep_checkpoints", "train.checkpoint_every_steps",
-               "train.log_every", "train.eval_batch_size", "dist.compile")
+               "train.log_every", "train.eval_batch_size", "dist.compile", "train.first_task_cache")
 
 
 def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:

@@ -7,7 +7,9 @@ give the runs ``train.num_threads`` (CPU GEMMs round by how they split their wor
 it gets ``cpu_count // jobs`` threads instead of torch's default of every core.
 
 The data come first, one ``data.root`` at a time in this process, so that no two runs generate the
-same shards. A failed run does not stop the others: every run that finishes keeps its report (the
+same shards. A run that reuses another's T1 (``PlannedRun.after``) starts once that run has stored
+it (its ``first_task.json`` appears) or has ended; until then the free process takes the next run
+that can start. A failed run does not stop the others: every run that finishes keeps its report (the
 next call reuses it), and the failures are raised together at the end, each named.
 """
 
@@ -16,10 +18,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import torch
 
 from conure_dist.config import RunConfig
@@ -35,6 +38,8 @@ class PlannedRun:
     cfg: RunConfig
     out: str
     resume: bool
+    after: str | None = None
+    """Output folder of the run that trains this run's T1 (``first_task``): start after it."""
 
 
 class RunsFailed(RuntimeError):
@@ -57,22 +62,52 @@ def run_side_by_side(runs: list[PlannedRun], jobs: int, device: torch.device) ->
     reports: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")  # no inherited torch or thread-pool state
+    queue, running, ended = list(runs), {}, set()
     with ProcessPoolExecutor(max_workers=min(jobs, len(runs)) or 1, mp_context=context,
                              initializer=_start_worker, initargs=(logging.getLogger().level,)) as pool:
-        pending = {pool.submit(_run_one, run, threads, device): run for run in runs}
-        for done, future in enumerate(as_completed(pending), start=1):
-            run = pending[future]
-            try:
-                reports[run.out] = future.result()
-            except Exception as exc:  # the other runs go on; this one is named at the end
-                failures.append(f"{run.name}: {type(exc).__name__}: {exc}")
-                log.error("%s failed (%d of %d done): %s", run.name, done, len(runs), exc)
-            else:
-                log.info("%s: done (%d of %d)", run.name, done, len(runs))
+        while queue or running:
+            while len(running) < jobs:
+                ready = next((r for r in queue if _may_start(r, ended)), None)
+                if ready is None:
+                    break
+                queue.remove(ready)
+                running[pool.submit(_run_one, ready, threads, device)] = ready
+            if not running:  # cannot happen: a waiting run's producer is queued before it
+                raise RuntimeError(f"no run can start: {[r.name for r in queue]} wait for runs that never ran")
+            finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                ended.add(run.out)
+                _collect(run, future, reports, failures, len(runs))
     if failures:
         raise RunsFailed(f"{len(failures)} of {len(runs)} runs failed (the other reports are written and the next "
                          "call reuses them):\n  " + "\n  ".join(failures))
     return reports
+
+
+POLL_SECONDS = 1.0
+
+
+def _may_start(run: PlannedRun, ended: set[str]) -> bool:
+    """Free to start, or the run it reuses T1 from has stored it or ended (then it trains T1 itself)."""
+    from conure_dist.fs import join
+    from conure_dist.train.first_task import MARKER
+
+    if run.after is None or run.after in ended:
+        return True
+    fs, path = fsspec.core.url_to_fs(join(run.after, MARKER))
+    return fs.exists(path)
+
+
+def _collect(run: PlannedRun, future: Future, reports: dict[str, dict[str, Any]], failures: list[str],
+             total: int) -> None:
+    try:
+        reports[run.out] = future.result()
+    except Exception as exc:  # the other runs go on; this one is named at the end
+        failures.append(f"{run.name}: {type(exc).__name__}: {exc}")
+        log.error("%s failed (%d of %d done): %s", run.name, len(reports) + len(failures), total, exc)
+    else:
+        log.info("%s: done (%d of %d)", run.name, len(reports) + len(failures), total)
 
 
 def _single_process(device: torch.device) -> DistInfo:

@@ -45,6 +45,31 @@ def test_every_method_trains_t1_the_same_way(reports):
     assert reports["conure_minus"]["matrix"][0][0] == t1
 
 
+def test_every_method_reuses_t1_from_the_first_task_cache_with_the_same_results(reports, tmp_path):
+    """train.first_task_cache: Conure stores its T1 train phase, every other method loads it and
+    reports exactly what it reported training T1 itself (the fixture's runs)."""
+    path = next(iter(reports.values()))["config"]
+    cache = tmp_path / "cache"
+    for method in ("conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl"):
+        cfg = load_config(_config_file(tmp_path, path), [f"method.name={method}", f"train.first_task_cache={cache}"])
+        report = run_method(cfg, str(tmp_path / method), CPU)
+        marker = json.loads((tmp_path / method / "first_task.json").read_text())
+        assert marker["reused"] is (method != "conure"), method
+        assert report["matrix"] == reports[method]["matrix"], method
+        assert report["before_prune"] == reports[method]["before_prune"], method
+        assert report["task_checksums"] == reports[method]["task_checksums"], method
+    assert len(list(cache.iterdir())) == 1  # one T1 for all eight
+
+
+def _config_file(tmp_path, cfg_dict) -> str:
+    """A fixture run's resolved config as a file (the same runs again)."""
+    import yaml
+
+    file = tmp_path / "resolved.yaml"
+    file.write_text(yaml.safe_dump(cfg_dict))
+    return str(file)
+
+
 def test_methods_that_keep_old_tasks_never_change_them(reports):
     for method in ("conure", "stl", "finesmax", "sinmo", "peterrec", "mtl"):
         for j in range(3):

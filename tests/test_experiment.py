@@ -220,6 +220,8 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     assert len(reports) == 4 and sorted(p.relative_to(par) for p in (par / "runs").rglob("report.json")) == reports
     for rel in reports:
         a, b = (json.loads((root / rel).read_text()) for root in (seq, par))
+        for report, root in ((a, seq), (b, par)):  # each experiment shares T1 through its own folder
+            assert report["config"]["train"].pop("first_task_cache") == str(root / "first_task")
         assert a["matrix"] == b["matrix"] and a["config"] == b["config"], rel
         assert a.get("before_prune") == b.get("before_prune") and a.get("task_checksums") == b.get("task_checksums"), rel
 

@@ -154,8 +154,15 @@ class TrainConfig:
     """Write checkpoints on a background thread: training waits only for a copy of the state in
     host memory (pinned on a GPU); digests, upload and the COMMIT marker follow, with the same
     guarantees (an interrupted write never replaces the last committed checkpoint)."""
+    first_task_cache: str | None = None
+    """A folder (local or fsspec URL) where T1's train phase is stored once trained and loaded by
+    every later run that would train it identically (same key: settings the phase reads and the
+    initial backbone and T1 head; ``conure_dist.train.first_task``). The methods and variants of
+    an experiment share it this way (``conure experiment`` sets it). None: every run trains T1."""
 
     def validate(self, prefix: str) -> None:
+        if self.first_task_cache is not None:
+            _check(bool(self.first_task_cache.strip()), f"{prefix}.first_task_cache", "must be a folder or null")
         _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
         _check(self.bpr_rho > 0, f"{prefix}.bpr_rho", "must be > 0")
         _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")

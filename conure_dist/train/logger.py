@@ -19,6 +19,8 @@ class JsonlLogger:
         self.enabled = enabled
         self.sinks = sinks or []
         """Further destinations of every event (``conure_dist.train.sinks``): TensorBoard..."""
+        self.recorders: list = []
+        """Callables given each event and its fields as logged (``first_task.EventRecorder``)."""
         self.fs, self.fs_path = fsspec.core.url_to_fs(path)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.lines: list[str] = []
@@ -31,6 +33,8 @@ class JsonlLogger:
         line = json.dumps(_finite({"time": round(time.time(), 3), "event": event, **fields}), allow_nan=False) + "\n"
         for sink in self.sinks:
             sink.log(event, fields)
+        for recorder in self.recorders:
+            recorder(event, fields)
         if self.local:
             self.fs.makedirs(self.fs._parent(self.fs_path), exist_ok=True)
             with self.fs.open(self.fs_path, "a") as f:

@@ -22,6 +22,7 @@ from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.report import build_report, write_report
 from conure_dist.train.audit import checksum_of_task
 from conure_dist.train.evaluate import evaluate_task
+from conure_dist.train.first_task import run_first_phase
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.phase import Phase
 from conure_dist.train.profile import StepProfiler
@@ -71,6 +72,8 @@ class Trainer:
     masked: MaskedModel
     logger: JsonlLogger
     profiler: StepProfiler | None = None
+    out: str | None = None
+    """The run's output folder (None: nothing written)."""
     global_step: int = 0
     """Optimizer steps taken by the run so far, over all phases (the curves' x axis)."""
 
@@ -80,9 +83,15 @@ class Trainer:
 
     def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
                   save_mid=None, *, dense: list[str] | None = None, joint_weight: float = 0.0) -> dict[str, Any]:
-        """Train one phase (``Phase``) and return its summary: best validation score, epochs."""
-        phase = Phase(self, task_index, mode, task_cfg, dense=dense, joint_weight=joint_weight)
-        return phase.run(resume, save_mid)
+        """Train one phase (``Phase``) and return its summary: best validation score, epochs. T1's
+        train phase goes through ``train.first_task_cache`` when set (``first_task``)."""
+        def train() -> dict[str, Any]:
+            phase = Phase(self, task_index, mode, task_cfg, dense=dense, joint_weight=joint_weight)
+            return phase.run(resume, save_mid)
+
+        if task_index == 0 and mode == "train" and resume is None and self.cfg.train.first_task_cache:
+            return run_first_phase(self, train, self.out)
+        return train()
 
     def prune(self, task_index: int, ratio: float) -> None:
         """Decided on rank 0 from the fp32 weights, broadcast, then verified on every rank."""
@@ -152,4 +161,4 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     sinks = make_sinks(cfg.train.sinks, out, cfg.to_dict()) if main else []
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=main, sinks=sinks)
     profiler = StepProfiler(*cfg.train.profile_steps, out, dist.rank) if cfg.train.profile_steps and out else None
-    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger, profiler)
+    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger, profiler, out)

@@ -1,0 +1,201 @@
+"""T1's train phase, trained once and reused by every run that would train it the same way.
+
+Every method (Conure, Conure- and the baselines) starts with the same phase: T1 trained on the
+whole backbone. Runs that differ only in what comes after it (the methods of Table 2, the variants
+of an ablation) can share that phase: with ``train.first_task_cache=DIR`` a run looks in DIR for
+the phase's result under a key of everything the phase depends on, loads it if present, and
+otherwise trains the phase and stores it there for the next run.
+
+The key is exact, not a guess: the run's settings that the phase reads (seed, data, model,
+training and distribution settings, T1's epochs, lr, batch and L2, the number of processes, the
+torch version and device) and the initial values of every tensor the phase reads or trains (the
+backbone and T1's head). A run that finds its key continues from bit for bit the state it would
+have trained itself: the backbone and T1's head after the phase, the step count, the phase's
+summary, and its log events, replayed into the run's own log. What the phase does not touch
+(later tasks' heads, PeterRec's patches) keeps the run's own initial values.
+
+An entry is a folder ``DIR/<key>/`` of ``state.pt`` and ``meta.json`` (which holds ``state.pt``'s
+sha256) written before ``COMMIT``: a reader ignores an entry without ``COMMIT`` and refuses one
+whose ``state.pt`` does not match its hash, so a killed writer never leaves an entry that loads.
+Rank 0 decides and reads; the other ranks receive the tensors by broadcast, so DIR need not be
+shared between nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as tdist
+
+from conure_dist.fs import join, write_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "first_task.json"
+"""Written into a run's output folder once its T1 train phase is trained or loaded (what
+``conure experiment`` waits for before it starts the runs that reuse it)."""
+
+_UNKEYED_TRAIN = {"progress", "log_every", "sinks", "profile_steps", "keep_checkpoints", "async_checkpoint",
+                  "checkpoint_every_steps", "first_task_cache"}
+"""Training settings that change what is logged or saved, never a number the phase computes."""
+_KEYED_TASK = ("name", "epochs", "lr", "batch_size", "l2")
+"""T1's settings that its train phase reads (its prune ratio and retrain epochs come later)."""
+
+
+def phase_names(state: dict[str, torch.Tensor], first_task: str) -> list[str]:
+    """The model entries T1's train phase reads or trains: the backbone and T1's head."""
+    return sorted(n for n in state if n.startswith(("backbone.", f"heads.{first_task}.")))
+
+
+def keyed_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The run settings T1's train phase reads (``RunConfig.to_dict`` form)."""
+    return {
+        "format": FORMAT_VERSION,
+        "seed": cfg_dict["seed"],
+        "data": cfg_dict["data"],
+        "model": cfg_dict["model"],
+        "dist": cfg_dict["dist"],
+        "continual": cfg_dict.get("continual"),
+        "train": {k: v for k, v in cfg_dict["train"].items() if k not in _UNKEYED_TRAIN},
+        "task": {k: cfg_dict["tasks"][0][k] for k in _KEYED_TASK},
+    }
+
+
+def phase_key(cfg_dict: dict[str, Any], state: dict[str, torch.Tensor], first_task: str, world_size: int,
+              device: torch.device) -> str:
+    """The sha256 of everything T1's train phase depends on (see the module docstring)."""
+    settings = {
+        **keyed_settings(cfg_dict),
+        "world_size": world_size,
+        "torch": torch.__version__,
+        "device": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in phase_names(state, first_task):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class FirstTaskCache:
+    """The entries of one cache folder (local or any fsspec URL)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fs, self.fs_root = fsspec.core.url_to_fs(root)
+
+    def folder(self, key: str) -> str:
+        return join(self.root, key[:32])
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The entry's tensors and meta, or None when no committed entry has this key."""
+        folder = self.folder(key)
+        fs, path = fsspec.core.url_to_fs(folder)
+        if not fs.exists(f"{path}/COMMIT"):
+            return None
+        meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+        if meta.get("key") != key:
+            raise ValueError(f"{folder}: the entry was stored under another key ({meta.get('key')}); "
+                             "delete the folder or use another train.first_task_cache")
+        data = fs.cat_file(f"{path}/state.pt")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{folder}/state.pt does not match the sha256 in its meta.json (a damaged entry): "
+                             "delete the folder to train T1 again")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), meta
+
+    def store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Write the entry (``COMMIT`` last); an entry already committed under the key stays."""
+        folder = self.folder(key)
+        fs, path = fsspec.core.url_to_fs(folder)
+        if fs.exists(f"{path}/COMMIT"):
+            return
+        buffer = io.BytesIO()
+        torch.save({n: t.detach().cpu() for n, t in tensors.items()}, buffer)
+        data = buffer.getvalue()
+        fs.makedirs(path, exist_ok=True)
+        partial = f"{path}/state.pt.{uuid.uuid4().hex}.partial"
+        with fs.open(partial, "wb") as f:
+            f.write(data)
+        fs.mv(partial, f"{path}/state.pt")
+        write_atomic(join(folder, "meta.json"), json.dumps({**meta, "key": key, "sha256": hashlib.sha256(data).hexdigest()}))
+        write_atomic(join(folder, "COMMIT"), key + "\n")
+
+
+class EventRecorder:
+    """Collects the events a phase logs, to replay them into a later run's log."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        self.events.append({"event": event, **fields})
+
+
+def run_first_phase(trainer: Any, train_phase: Callable[[], dict[str, Any]], out: str | None) -> dict[str, Any]:
+    """T1's train phase through the cache at ``train.first_task_cache``: loaded when an entry
+    has the run's key, otherwise trained by ``train_phase`` and stored. Returns the phase summary."""
+    cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
+    first = trainer.infos[0].name
+    state = model.state_dict()
+    names = phase_names(state, first)
+    key = phase_key(cfg.to_dict(), state, first, dist.world_size, dist.device)
+    cache = FirstTaskCache(cfg.train.first_task_cache)
+    found = cache.load(key) if dist.is_main else None
+    decision = [None if found is None else found[1]]
+    if dist.is_distributed:
+        tdist.broadcast_object_list(decision, src=0)
+    meta = decision[0]
+    if meta is not None:
+        with torch.no_grad():
+            for name in names:
+                if dist.is_main:
+                    state[name].copy_(found[0][name])
+                if dist.is_distributed:
+                    tdist.broadcast(state[name], src=0)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        trainer.global_step += meta["steps"]
+        trainer.logger.log("first_task_reused", task=first, cache=cache.folder(key), key=key)
+        for event in meta["events"]:
+            fields = dict(event)
+            name = fields.pop("event")
+            if "global_step" in fields:
+                fields["global_step"] += trainer.global_step - meta["steps"]
+            trainer.logger.log(name, **fields)
+        summary, reused = meta["summary"], True
+    else:
+        rng = torch.get_rng_state()
+        start_step = trainer.global_step
+        recorder = EventRecorder()
+        trainer.logger.recorders.append(recorder)
+        try:
+            summary = train_phase()
+        finally:
+            trainer.logger.recorders.remove(recorder)
+        reused = False
+        if not torch.equal(rng, torch.get_rng_state()):
+            # Nothing in a phase draws from the global generator today; if that changes, a stored
+            # entry would not give the next run the generator state it would have had.
+            log.warning("T1's train phase drew from torch's global generator: not storing it in %s", cache.root)
+        elif dist.is_main:
+            events = [{k: v for k, v in e.items()} for e in recorder.events]
+            for e in events:
+                if "global_step" in e:
+                    e["global_step"] -= start_step
+            cache.store(key, {n: state[n] for n in names},
+                        {"format": FORMAT_VERSION, "task": first, "steps": trainer.global_step - start_step,
+                         "summary": summary, "events": events})
+    if dist.is_main and out:
+        write_atomic(join(out, MARKER), json.dumps({"key": key, "cache": cache.folder(key), "reused": reused}) + "\n")
+    return summary
