@@ -11,6 +11,31 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def _torch_state() -> tuple:
+    import torch
+
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+
+
+_TORCH_AT_START = _torch_state()
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state():
+    """What a run switches in this process's torch (threads, deterministic algorithms, the NaN
+    fill of empty tensors) is put back as it was when the session started after each test (and
+    after the shared fixtures its first test set up), whether the run finished or raised: no
+    test inherits another's settings."""
+    import torch
+
+    yield
+    threads, deterministic, warn_only, fill = _TORCH_AT_START
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
