@@ -249,7 +249,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
             reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
         reports[variant.name] = {m: reports[variant.name][m] for m in methods}
     # Runs reused from an earlier invocation count with the time they took then.
-    summary = summarize(experiment, reports, time.perf_counter() - start + reused_seconds)
+    summary = summarize(experiment, reports, time.perf_counter() - start + reused_seconds, reused_seconds)
     if dist.is_main:
         write_results(summary, out)
     return summary

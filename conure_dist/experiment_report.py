@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from conure_dist.experiment import Experiment
 
 
-def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dict[str, Any]:
+def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused_seconds: float = 0.0) -> dict[str, Any]:
+    """``wall_seconds``: the experiment's time, counting the runs reused from earlier calls with
+    the time they took then (``reused_seconds`` of it)."""
     variants = {}
     for variant, by_method in reports.items():
         rows = {}
@@ -48,7 +50,7 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float) -> dic
         variants[variant] = rows
     return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
             "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
-            "wall_seconds": round(wall_seconds, 1)}
+            "wall_seconds": round(wall_seconds, 1), "reused_seconds": round(reused_seconds, 1)}
 
 
 # Paired differences every variant gets when it runs Conure and these methods.
@@ -83,10 +85,15 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _reused_part(summary: dict[str, Any]) -> str:
+    reused = summary.get("reused_seconds", 0.0)
+    return f" (of which {reused:.0f} s are runs reused from earlier calls, at the time they took then)" if reused else ""
+
+
 def format_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Experiment `{summary['experiment']}`", "",
              f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}; "
-             f"wall time {summary['wall_seconds']:.0f} s.", "",
+             f"wall time {summary['wall_seconds']:.0f} s{_reused_part(summary)}.", "",
              "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
              "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.", ""]
     for variant, rows in summary["variants"].items():
