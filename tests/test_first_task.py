@@ -143,3 +143,19 @@ def test_two_processes_load_t1_on_rank_0_and_share_it(tmp_path):
     assert json.loads((tmp_path / "loaded" / "first_task.json").read_text())["reused"] is True
     assert reports["loaded"]["matrix"] == reports["stored"]["matrix"]
     assert reports["loaded"]["task_checksums"] == reports["stored"]["task_checksums"]
+
+
+def test_the_cache_lives_on_an_object_store_too(tmp_path, s3_endpoint):
+    """An entry written to S3 (the moto server) is found and loaded by the next run."""
+    cache = "s3://conure-test/first_task_cache"
+    path = str(tiny_config(tmp_path, TASKS[:2], train={"progress": False, "eval_batch_size": 256,
+                                                       "first_task_cache": cache}))
+    reports = [run_method(load_config(path), str(tmp_path / name), CPU) for name in ("stored", "loaded")]
+    markers = [json.loads((tmp_path / name / "first_task.json").read_text()) for name in ("stored", "loaded")]
+    assert [m["reused"] for m in markers] == [False, True]
+    assert markers[1]["cache"].startswith(cache + "/")
+    assert reports[1]["matrix"] == reports[0]["matrix"]
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(markers[1]["cache"])) == ["COMMIT", "meta.json", "state.pt"]
