@@ -218,14 +218,16 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
             raise ConfigError("--jobs runs single-process runs side by side; under torchrun leave it at 1")
         from conure_dist.experiment_jobs import PlannedRun, run_side_by_side
 
-        todo = [(f"{variant.name}/{method}/seed{seed}", cfg, run_out, method in ("conure", "conure_minus"))
-                for variant, method, seed, run_out, cfg in planned if not _exists(join(run_out, "report.json"))]
         producers: dict[str, str] = {}  # first-task group -> the output folder of the run that trains it
         runs = []
-        for name, cfg, run_out, resume in todo:
+        for variant, method, seed, run_out, cfg in planned:
+            if _exists(join(run_out, "report.json")):
+                continue
             group = first_task_group(cfg)
             producer = None if group is None else producers.setdefault(group, run_out)
-            runs.append(PlannedRun(name, cfg, run_out, resume, after=None if producer == run_out else producer))
+            runs.append(PlannedRun(f"{variant.name}/{method}/seed{seed}", cfg, run_out,
+                                   resume=method in ("conure", "conure_minus"),
+                                   after=None if producer == run_out else producer))
         fresh = run_side_by_side(runs, jobs, dist.device) if runs else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for variant, method, seed, run_out, cfg in planned:

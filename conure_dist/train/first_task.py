@@ -93,7 +93,6 @@ class FirstTaskCache:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.fs, self.fs_root = fsspec.core.url_to_fs(root)
 
     def folder(self, key: str) -> str:
         return join(self.root, key[:32])
@@ -189,10 +188,9 @@ def run_first_phase(trainer: Any, train_phase: Callable[[], dict[str, Any]], out
             # entry would not give the next run the generator state it would have had.
             log.warning("T1's train phase drew from torch's global generator: not storing it in %s", cache.root)
         elif dist.is_main:
-            events = [{k: v for k, v in e.items()} for e in recorder.events]
-            for e in events:
-                if "global_step" in e:
-                    e["global_step"] -= start_step
+            # Step counts relative to the phase's start: a loading run adds its own.
+            events = [{**e, "global_step": e["global_step"] - start_step} if "global_step" in e else e
+                      for e in recorder.events]
             cache.store(key, {n: state[n] for n in names},
                         {"format": FORMAT_VERSION, "task": first, "steps": trainer.global_step - start_step,
                          "summary": summary, "events": events})
