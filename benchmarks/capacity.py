@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from conure_dist.config import load_config
-from conure_dist.conure import run_conure
-from conure_dist.data.sources.synthetic_tasks import write_synthetic_tasks
 from conure_dist.dist import DistInfo
-from conure_dist.experiment_stats import interval, paired
+from conure_dist.experiment.stats import interval, paired
+from conure_dist.train.loop import run_conure
 from conure_dist.train.state import CapacityError
+from data_tools.synthetic_tasks import write_synthetic_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)

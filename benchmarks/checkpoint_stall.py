@@ -5,7 +5,7 @@
     python benchmarks/checkpoint_stall.py --device cuda --items 646000 --channels 256 \\
         --json benchmarks/results/checkpoint_stall_<card>.json
 
-The checkpoint is the one a T1 phase writes mid-phase (``ConureRun.checkpoint_phase``): the
+The checkpoint is the one a T1 phase writes mid-phase (``ContinualLoop.checkpoint_phase``): the
 model (NextItNet backbone, T1's embedding and sampled-softmax tables of ``--items`` rows), its
 ownership records, ``meta.json``, ``phase.pt`` (RNG state and a copy of every trained parameter,
 as the best epoch's) and the Adam state (both moments of every parameter, after one step). Per
@@ -37,12 +37,12 @@ import fsspec
 import torch
 from bench_report import emit, environment
 
+from conure_dist.checkpoint.checkpointer import Checkpointer
+from conure_dist.checkpoint.format import load_checkpoint
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint import Checkpointer
-from conure_dist.train.checkpoint_format import load_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,12 +24,12 @@ from conure_dist.config import load_config
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import process_group
 from conure_dist.train.batches import negative_drawer
+from conure_dist.train.context import RunContext, build_context
 from conure_dist.train.engine import TorchEngine
 from conure_dist.train.phase import phase_parameters
-from conure_dist.train.trainer import Trainer, build_trainer
 
 
-def measure(trainer: Trainer, task_index: int, steps: int) -> dict:
+def measure(trainer: RunContext, task_index: int, steps: int) -> dict:
     info, task_cfg, dist = trainer.infos[task_index], trainer.cfg.tasks[task_index], trainer.dist
     trainer.masked.set_view("train", task_index + 1)
     trainable = phase_parameters(trainer.model, info.name, task_index == 0)
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, ["train.progress=false"])
     with process_group(cfg.dist) as dist:
-        trainer = build_trainer(cfg, None, dist)
+        trainer = build_context(cfg, None, dist)
         results = {"world_size": dist.world_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "config": args.config, "t1": measure(trainer, 0, args.steps)}
         trainer.prune(0, cfg.tasks[0].prune_ratio)

@@ -34,10 +34,10 @@ from bench_report import emit, environment
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
-from conure_dist.inference import score_histories
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.multitask import MultiTaskScorer
-from conure_dist.multitask_spans import last_position_spans, model_spans
+from conure_dist.serving.inference import score_histories
+from conure_dist.serving.multitask import MultiTaskScorer
+from conure_dist.serving.multitask_spans import last_position_spans, model_spans
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -216,7 +216,7 @@ def bench_t1_memory(sizes: Sizes) -> dict[str, float]:
 
 def bench_loader(num_sequences: int, seq_len: int, items: int) -> dict[str, float]:
     """Write ``num_sequences`` T1 sequences as shards, then read the train split once."""
-    from conure_dist.data.sources.shards import TaskData, write_dataset
+    from data_tools.shards import TaskData, write_dataset
 
     rng = np.random.default_rng(0)
     seqs = rng.integers(1, items, size=(num_sequences, seq_len), dtype=np.int32)

@@ -5,7 +5,7 @@
 
 For each seed, runs the quick start (``data.partition=stride``, one thread per process) with
 ``conure run`` and under ``torchrun --nproc_per_node 2``, then lines up their logs
-(``conure_dist.compare``). Reports, per epoch position, whether every seed's two runs trained on
+(``conure_dist.experiment.compare``). Reports, per epoch position, whether every seed's two runs trained on
 the same data, and the relative difference of their mean training losses (mean and 95% interval
 over seeds); per task, the final-metric difference between 1 and 2 processes next to the
 difference between two seeds on 1 process, each with a 95% interval.
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conure_dist.compare import compare_runs
+from conure_dist.experiment.compare import compare_runs
 
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Student's t quantile (0.975) by degrees of freedom."""

@@ -156,20 +156,20 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.source == "synthetic":
-        from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
+        from data_tools.synthetic import SyntheticSpec, write_synthetic
 
         spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed,
                              relation=args.relation, relation_strength=args.relation_strength)
         manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
                                    instances_per_shard=args.instances_per_shard)
     elif args.source == "ttl":
-        from conure_dist.data.sources.ttl import TaskFile, write_ttl
+        from data_tools.ttl import TaskFile, write_ttl
 
         manifest = write_ttl(args.pretrain, [TaskFile.parse(t) for t in args.task], args.out, seq_len=args.seq_len,
                              seed=args.seed, skip_bad_rows=args.skip_bad_rows,
                              instances_per_shard=args.instances_per_shard)
     else:
-        from conure_dist.data.sources.movielens import write_movielens
+        from data_tools.movielens import write_movielens
 
         manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
                                    skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard,
@@ -220,8 +220,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
     from conure_dist.dist import process_group
-    from conure_dist.experiment import load_experiment, run_experiment
-    from conure_dist.experiment_report import format_markdown
+    from conure_dist.experiment.harness import load_experiment, run_experiment
+    from conure_dist.experiment.report import format_markdown
 
     experiment = load_experiment(args.config)
     if args.seeds:
@@ -239,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every finished task; under torchrun the split is sharded over ranks."""
     from conure_dist.config import DistConfig
     from conure_dist.dist import process_group
-    from conure_dist.inference import evaluate_finished, load_trained, manifest_for
+    from conure_dist.serving.inference import evaluate_finished, load_trained, manifest_for
 
     run = load_trained(args.ckpt)
     manifest = manifest_for(run.ckpt, args.data_root)
@@ -257,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from conure_dist.inference import load_trained, predict
+    from conure_dist.serving.inference import load_trained, predict
 
     records = predict(load_trained(args.ckpt), args.task, data_root=args.data_root, input_path=args.input,
                       raw_ids=args.raw_ids, k=args.k, limit=args.limit)
@@ -267,7 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from conure_dist.compare import compare_runs, format_comparison
+    from conure_dist.experiment.compare import compare_runs, format_comparison
 
     rows = compare_runs(*args.runs)
     if not rows:
@@ -277,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from conure_dist.export import export_task
+    from conure_dist.serving.export import export_task
 
     summary = export_task(args.ckpt, args.task, args.out)
     print(json.dumps(summary, indent=1))
@@ -287,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
     from conure_dist.dist import process_group
-    from conure_dist.embed import embed_users
+    from conure_dist.serving.embed import embed_users
 
     with process_group(DistConfig()) as dist:
         summary = embed_users(args.ckpt, args.task, args.out, dist, data_root=args.data_root,
@@ -298,15 +298,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from conure_dist.serve import serve
+    from conure_dist.serving.serve import serve
 
     serve(args.ckpt, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from conure_dist.train.audit import audit_checkpoint
-    from conure_dist.train.checkpoint_format import load_checkpoint, resolve_checkpoint
+    from conure_dist.checkpoint.format import load_checkpoint, resolve_checkpoint
+    from conure_dist.continual.audit import audit_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(args.ckpt))
     results = audit_checkpoint(ckpt)
@@ -331,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from conure_dist.checkpoint.format import CheckpointError
     from conure_dist.config import ConfigError
-    from conure_dist.experiment_jobs import RunsFailed
-    from conure_dist.train.checkpoint_format import CheckpointError
+    from conure_dist.experiment.jobs import RunsFailed
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from conure_dist.baselines import run_baseline
 from conure_dist.config import METHODS as CONFIG_METHODS
 from conure_dist.config import RunConfig
-from conure_dist.conure import run_conure
 from conure_dist.dist import DistInfo
+from conure_dist.train.baselines import run_baseline
+from conure_dist.train.loop import run_conure
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""Command-line entry points (``python -m data_tools.X``); the converters live in ``conure_dist.data.sources``."""
+"""Dataset building: converters of the public layouts (MovieLens, RecBole atomic files, Tencent TTL),
+synthetic generators and the WebDataset shard writer. ``conure_dist`` only reads what these write."""

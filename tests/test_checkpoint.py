@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from conure_dist.checkpoint.checkpointer import Checkpointer
+from conure_dist.checkpoint.format import COMMIT, CheckpointError, load_checkpoint
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint import Checkpointer
-from conure_dist.train.checkpoint_format import COMMIT, CheckpointError, load_checkpoint
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 

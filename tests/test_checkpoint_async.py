@@ -29,9 +29,9 @@ import torch.multiprocessing as mp
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from conure_dist.checkpoint.checkpointer import Checkpointer
+from conure_dist.checkpoint.format import COMMIT, CheckpointError, load_checkpoint
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint import Checkpointer
-from conure_dist.train.checkpoint_format import COMMIT, CheckpointError, load_checkpoint
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 HOLDS: dict[str, tuple[threading.Event, threading.Event]] = {}

@@ -12,7 +12,7 @@ from helpers import REPO, cli
 from test_data_movielens import RATINGS, write_files
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.movielens import detect_layout, read_movielens
+from data_tools.movielens import detect_layout, read_movielens
 
 SHARED = REPO.parent / "shared" / "data"
 USERS_1M = ["1::M::1::4::12345", "2::F::56::20::T8H1N", "3::M::25::1::02139"]  # id::gender::age::occ::zip

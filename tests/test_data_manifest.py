@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conure_dist.data.manifest import Manifest, manifest_exists
-from conure_dist.data.sources.shards import TaskData, write_dataset
-from conure_dist.data.sources.split import split_indices
 from conure_dist.fs import join
+from data_tools.shards import TaskData, write_dataset
+from data_tools.split import split_indices
 
 
 def tiny_tasks() -> tuple[np.ndarray, list[TaskData]]:

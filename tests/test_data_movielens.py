@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.movielens import AGE_BRACKETS, read_ml100k, write_movielens
-from conure_dist.data.sources.rows import parse_int
-from conure_dist.data.sources.split import split_sizes
 from conure_dist.data.stream import iter_batches
+from data_tools.movielens import AGE_BRACKETS, read_ml100k, write_movielens
+from data_tools.rows import parse_int
+from data_tools.split import split_sizes
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -406,8 +406,8 @@ def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> 
 
     _require_ml100k()
     from conure_dist.config import load_config
-    from conure_dist.data.prepare import generate_shards, prepare_data
     from conure_dist.dist import DistInfo
+    from data_tools.prepare import generate_shards, prepare_data
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml",
                       [f"data.root={tmp_path / 'ml'}", f"data.source_dir={ML100K}"])

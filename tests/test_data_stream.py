@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.shards import TaskData
-from conure_dist.data.sources.split import split_indices
-from conure_dist.data.sources.synthetic import SyntheticSpec, generate, write_synthetic
 from conure_dist.data.stream import Batch, iter_batches, num_steps_per_epoch
+from data_tools.shards import TaskData
+from data_tools.split import split_indices
+from data_tools.synthetic import SyntheticSpec, generate, write_synthetic
 
 SPEC = SyntheticSpec(num_users=600, num_items=80, seq_len=6, seed=3)
 SPLIT_SEED = 1

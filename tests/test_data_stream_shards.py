@@ -13,8 +13,8 @@ import pytest
 from test_data_stream import SPEC, SPLIT_SEED, collect, expected_instances, write_many
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.synthetic import generate, write_synthetic
 from conure_dist.data.stream import ShardError, iter_batches
+from data_tools.synthetic import generate, write_synthetic
 
 
 @pytest.fixture(scope="module")

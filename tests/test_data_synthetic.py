@@ -10,10 +10,10 @@ import pytest
 from helpers import shards_digest
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.shards import TaskData
-from conure_dist.data.sources.split import split_indices, split_sizes
-from conure_dist.data.sources.synthetic import SyntheticSpec, generate, write_synthetic
 from conure_dist.data.stream import iter_batches
+from data_tools.shards import TaskData
+from data_tools.split import split_indices, split_sizes
+from data_tools.synthetic import SyntheticSpec, generate, write_synthetic
 
 TOP_K = 10
 
@@ -358,8 +358,8 @@ def test_shards_of_another_relation_are_refused(tmp_path: Path) -> None:
     import torch
 
     from conure_dist.config import load_config
-    from conure_dist.data.prepare import prepare_data
     from conure_dist.dist import DistInfo
+    from data_tools.prepare import prepare_data
 
     cpu = DistInfo(0, 1, 0, torch.device("cpu"), None)
     preset = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

@@ -7,8 +7,8 @@ import torch
 from helpers import shards_digest
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.synthetic_ttl import TTLSpec, write_synthetic_ttl
 from conure_dist.data.stream import iter_batches
+from data_tools.synthetic_ttl import TTLSpec, write_synthetic_ttl
 
 SPEC = TTLSpec(num_users=3000, num_items=4000, seq_len=12, num_genres=40, click_items=300, thumbsup_items=200)
 
@@ -58,7 +58,7 @@ def test_same_seed_same_shards(tmp_path):
 def test_streaming_writer_caps_shards_and_checks_ids(tmp_path):
     import pytest
 
-    from conure_dist.data.sources.shard_streaming import StreamingDatasetWriter, StreamTask
+    from data_tools.shard_streaming import StreamingDatasetWriter, StreamTask
 
     tasks = [StreamTask("t1", "sequence", 50), StreamTask("click", "item", 7)]
     writer = StreamingDatasetWriter(str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0, instances_per_shard=100)
@@ -77,7 +77,7 @@ def test_streaming_writer_caps_shards_and_checks_ids(tmp_path):
 
 def test_streaming_writer_writes_full_shards_until_the_last(tmp_path):
     """Chunks of 150 instances into shards of 100: full shards, only each split's last one short."""
-    from conure_dist.data.sources.shard_streaming import StreamingDatasetWriter, StreamTask
+    from data_tools.shard_streaming import StreamingDatasetWriter, StreamTask
 
     tasks = [StreamTask("t1", "sequence", 50)]
     writer = StreamingDatasetWriter(str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0,
@@ -97,8 +97,8 @@ def test_streaming_writer_writes_full_shards_until_the_last(tmp_path):
 def test_bad_writer_arguments_leave_an_existing_root_alone(tmp_path):
     import pytest
 
-    from conure_dist.data.sources.shard_streaming import StreamingDatasetWriter, StreamTask
-    from conure_dist.data.sources.shards import TaskData, write_dataset
+    from data_tools.shard_streaming import StreamingDatasetWriter, StreamTask
+    from data_tools.shards import TaskData, write_dataset
 
     root = tmp_path / "root"
     manifest = write_synthetic_ttl(str(root), SPEC, chunk_users=1000)
@@ -164,7 +164,7 @@ def test_related_thumbsup_is_a_subset_of_clicks_and_independent_is_not(tmp_path)
 
 
 def test_relation_flag_of_the_command_line(tmp_path):
-    from conure_dist.data.sources.synthetic_ttl import main
+    from data_tools.synthetic_ttl import main
 
     manifest = main(["--out", str(tmp_path / "cli"), "--num-users", "300", "--num-items", "2000",
                      "--relation", "related"])

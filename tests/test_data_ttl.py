@@ -9,7 +9,7 @@ import pytest
 from helpers import cli
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.ttl import TaskFile, read_ttl
+from data_tools.ttl import TaskFile, read_ttl
 
 PRETRAIN = ["0,0,a7,b2,c9", "0,0,0,b2,b2", "x1,a7,c9,c9,b2"]
 CLICKS = ["0,0,a7,b2,c9,,k5,k1", "0,0,0,b2,b2,,k1", "0,0,0,0,c9,,k20"]  # the last source is not a T1 row

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import REPO, cli, conure, tiny_config
 
-from conure_dist.compare import compare_runs
+from conure_dist.checkpoint.format import load_checkpoint
 from conure_dist.config import load_config
-from conure_dist.train.checkpoint_format import load_checkpoint
-from conure_dist.train.trainer import build_model
+from conure_dist.experiment.compare import compare_runs
+from conure_dist.train.context import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
@@ -185,7 +185,7 @@ def test_sigkill_of_a_worker_resumes_to_the_same_result(tmp_path):
 def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
     """ZeRO-2: each rank saves its optimizer part; a checkpoint lacking one is not valid; a run
     resumed from inside a phase ends exactly like an uninterrupted one."""
-    from conure_dist.train.checkpoint_format import COMMIT, CheckpointError
+    from conure_dist.checkpoint.format import COMMIT, CheckpointError
 
     path = tiny_config(tmp_path, TASKS[:2], train={"progress": False, "keep_checkpoints": 100})
     args = ["run", "--config", str(path), "--resume", "dist.engine=deepspeed", "dist.zero_stage=2",

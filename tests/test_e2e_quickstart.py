@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
+from conure_dist.checkpoint.format import COMMIT, load_checkpoint
 from conure_dist.cli import main
+from conure_dist.continual.audit import model_from_checkpoint
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
-from conure_dist.train.audit import model_from_checkpoint
-from conure_dist.train.checkpoint_format import COMMIT, load_checkpoint
 from conure_dist.train.evaluate import collect_scores
 
 pytestmark = pytest.mark.slow

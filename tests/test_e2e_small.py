@@ -6,14 +6,14 @@ import shutil
 import pytest
 from helpers import REPO, tiny_config
 
+from conure_dist.checkpoint.format import COMMIT
 from conure_dist.cli import main
 from conure_dist.config import load_config
-from conure_dist.conure import run_conure
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.prepare import prepare_data
 from conure_dist.dist import DistInfo
-from conure_dist.train.checkpoint_format import COMMIT
+from conure_dist.train.loop import run_conure
 from conure_dist.train.state import CapacityError
+from data_tools.prepare import prepare_data
 
 pytestmark = pytest.mark.slow
 
@@ -117,12 +117,12 @@ def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
 
 
 def test_batch_sizes_and_out_are_checked_before_any_compute(tmp_path, capsys):
-    from conure_dist.train.trainer import build_trainer
+    from conure_dist.train.context import build_context
 
     cfg = load_config(tiny_config(tmp_path, TASKS), ["tasks.2.batch_size=33"])
     two_ranks = DistInfo(0, 2, 0, __import__("torch").device("cpu"), "gloo")  # no group is needed to refuse
     with pytest.raises(ValueError, match="tasks.2.batch_size=33 is not divisible by the world size 2"):
-        build_trainer(cfg, None, two_ranks)
+        build_context(cfg, None, two_ranks)
     assert not (tmp_path / "data").exists()
     (tmp_path / "file").write_text("x")
     assert main(["run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(tmp_path / "file")]) == 2

@@ -21,14 +21,14 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from helpers import REPO, cli, conure, tiny_config
 
+from conure_dist.checkpoint.format import COMMIT, load_checkpoint
 from conure_dist.cli import main
-from conure_dist.compare import compare_runs
 from conure_dist.config import DistConfig
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
+from conure_dist.experiment.compare import compare_runs
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint_format import COMMIT, load_checkpoint
 from conure_dist.train.deepspeed_engine import SavedShards, reshard_zero_state
 from conure_dist.train.engine import build_engine
 from conure_dist.train.phase import phase_parameters
@@ -292,7 +292,7 @@ def test_switching_between_sharded_and_whole_optimizer_state_inside_a_phase_is_r
     """A DDP checkpoint inside a phase resumed under ZeRO-2 fails before any training, naming
     what to do; between phases any engine may take over."""
     from conure_dist.config import load_config
-    from conure_dist.conure import ConureRun
+    from conure_dist.train.loop import ContinualLoop
 
     args = _args(tmp_path, data_root, "ddp")
     cli(*args, "train.max_steps_per_epoch=3", "--out", str(tmp_path / "ddp"))
@@ -302,6 +302,6 @@ def test_switching_between_sharded_and_whole_optimizer_state_inside_a_phase_is_r
                                       "dist.zero_stage=2"])
     with pytest.raises(ValueError, match=r"optimizer state whole \(DDP or ZeRO-0\) \(dist.engine=ddp dist.zero_stage=0\)"
                                          r", and this run's engine keeps it sharded: resume it with dist.engine=ddp"):
-        ConureRun(cfg, str(tmp_path / "cut"), cpu, resume=True)
+        ContinualLoop(cfg, str(tmp_path / "cut"), cpu, resume=True)
     _cut_copy(tmp_path / "ddp", tmp_path / "between", "t1-trained")
-    assert ConureRun(cfg, str(tmp_path / "between"), cpu, resume=True).state.stage == "trained"
+    assert ContinualLoop(cfg, str(tmp_path / "between"), cpu, resume=True).state.stage == "trained"

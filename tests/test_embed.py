@@ -19,9 +19,9 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import SPLITS
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
-from conure_dist.embed import embed_users
-from conure_dist.export import task_input
-from conure_dist.inference import TrainedRun, load_trained, manifest_for
+from conure_dist.serving.embed import embed_users
+from conure_dist.serving.export import task_input
+from conure_dist.serving.inference import TrainedRun, load_trained, manifest_for
 
 pytestmark = pytest.mark.slow
 NUM_USERS = 400
@@ -184,7 +184,7 @@ def test_previous_embedding_is_replaced_and_anything_else_refused(run_dir, one_p
 
 
 def test_shard_writer_cuts_every_n_users_and_names_raw_ids():
-    from conure_dist.embed import ShardWriter
+    from conure_dist.serving.embed import ShardWriter
 
     writer = ShardWriter("memory://embed-writer", rank=2, per_shard=3, raw_users=[f"u{i}" for i in range(10)])
     for start in (0, 4):
@@ -199,8 +199,8 @@ def test_shard_writer_cuts_every_n_users_and_names_raw_ids():
 
 
 def test_vectors_do_not_depend_on_the_batch_size(run_dir):
-    from conure_dist.embed import user_vectors
-    from conure_dist.export import baked_network
+    from conure_dist.serving.embed import user_vectors
+    from conure_dist.serving.export import baked_network
 
     run = load_trained(str(run_dir))
     network = baked_network(run, "click")

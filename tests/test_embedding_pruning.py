@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import cli, cli_on, tiny_config
 
+from conure_dist.checkpoint.format import load_checkpoint
+from conure_dist.continual.audit import model_from_checkpoint
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
-from conure_dist.train.audit import model_from_checkpoint
-from conure_dist.train.checkpoint_format import load_checkpoint
 from conure_dist.train.evaluate import collect_scores
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]

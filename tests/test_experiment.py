@@ -19,7 +19,7 @@ from helpers import cli, tiny_config
 
 from conure_dist.cli import main
 from conure_dist.config import ConfigError
-from conure_dist.experiment import load_experiment
+from conure_dist.experiment.harness import load_experiment
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
@@ -90,7 +90,7 @@ def test_experiment_tables_plots_and_continuation(tmp_path, caplog):
     assert not (out / "plots" / "no_click_storage.png").exists()  # one method: nothing to compare
     # A second call reuses every finished run and gives the same summary.
     (out / "results.json").unlink()
-    caplog.set_level(logging.INFO, logger="conure_dist.experiment")
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment.harness")
     cli("experiment", "--config", str(path), "--out", str(out))
     assert "report exists, not run again" in caplog.text
     rerun = json.loads((out / "results.json").read_text())
@@ -132,7 +132,7 @@ def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
 def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, caplog):
     """Through the CLI's main in this process: the one run trains once, every later call only
     checks it against the experiment."""
-    caplog.set_level(logging.INFO, logger="conure_dist.experiment")
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment.harness")
     path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
     out = tmp_path / "out"
     command = ["experiment", "--config", str(path), "--out", str(out)]
@@ -171,7 +171,7 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
 def test_seeds_on_the_command_line_replace_the_files_and_reuse_its_runs(tmp_path, capsys, caplog):
     """``--seeds 0-1`` over a file that lists seed 0: seed 0's run is reused, seed 1 runs, and
     the summary is over both (as for a replication pooled with the runs before it)."""
-    caplog.set_level(logging.INFO, logger="conure_dist.experiment")
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment.harness")
     path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
     out = tmp_path / "out"
     cli("experiment", "--config", str(path), "--out", str(out))
@@ -229,7 +229,7 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
-    from conure_dist.experiment_report import _shown
+    from conure_dist.experiment.report import _shown
 
     (tmp_path / "configs").mkdir()
     monkeypatch.chdir(tmp_path / "configs")
@@ -238,7 +238,7 @@ def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path
 
 
 def test_t_quantiles_match_the_table_and_its_continuation():
-    from conure_dist.experiment_stats import t_quantile_975
+    from conure_dist.experiment.stats import t_quantile_975
 
     # Hand values of t(0.975, df) from printed tables.
     for df, value in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
@@ -250,7 +250,7 @@ def test_t_quantiles_match_the_table_and_its_continuation():
 
 
 def test_intervals_and_paired_differences_by_hand():
-    from conure_dist.experiment_stats import contrast, interval, paired
+    from conure_dist.experiment.stats import contrast, interval, paired
 
     five = interval([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5), standard error sqrt(0.5)
     assert five["mean"] == 3.0 and five["std"] == pytest.approx(1.581139) and five["n"] == 5

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.stream import iter_batches
-from conure_dist.export import export_task, load_exported, task_input
-from conure_dist.inference import TrainedRun, load_trained, manifest_for, predict
+from conure_dist.serving.export import export_task, load_exported, task_input
+from conure_dist.serving.inference import TrainedRun, load_trained, manifest_for, predict
 
 pytestmark = pytest.mark.slow
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]

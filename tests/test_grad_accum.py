@@ -16,9 +16,9 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train.batches import micro_batches
+from conure_dist.train.context import build_context
 from conure_dist.train.engine import TorchEngine, build_engine
 from conure_dist.train.phase import phase_parameters
-from conure_dist.train.trainer import build_trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 SPECS = [TaskSpec("t1", "sequence", 50), TaskSpec("click", "item", 20), TaskSpec("age", "class", 4)]
@@ -79,7 +79,7 @@ def test_batch_sizes_must_split_into_micro_batches(tmp_path):
     cfg = load_config(str(tiny_config(tmp_path, [("t1", 0.5), ("click", 0.5)])), ["train.grad_accum=3"])
     with pytest.raises(ValueError, match=r"tasks.0.batch_size=32 is not divisible by the world size 1 x "
                                          r"train.grad_accum 3"):
-        build_trainer(cfg, None, CPU)
+        build_context(cfg, None, CPU)
     with pytest.raises(ValueError, match=r"key 'train.grad_accum': must be >= 1, got 0 \(set by the override"):
         load_config(str(tiny_config(tmp_path, [("t1", 0.5)])), ["train.grad_accum=0"])
 

@@ -8,18 +8,18 @@ import torch
 import yaml
 
 from conure_dist.config import ConfigError, config_from_dict, load_config
+from conure_dist.continual.audit import audit_checkpoint
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
-from conure_dist.conure import run_conure
-from conure_dist.data.sources.synthetic import SyntheticSpec
-from conure_dist.data.sources.synthetic_tasks import generate_tasks, write_synthetic_tasks
 from conure_dist.dist import DistInfo
-from conure_dist.export import export_task, load_exported
-from conure_dist.inference import load_trained, score_histories, task_view
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.multitask import MultiTaskScorer, score_all_tasks
-from conure_dist.train.audit import audit_checkpoint
+from conure_dist.serving.export import export_task, load_exported
+from conure_dist.serving.inference import load_trained, score_histories, task_view
+from conure_dist.serving.multitask import MultiTaskScorer, score_all_tasks
+from conure_dist.train.loop import run_conure
 from conure_dist.train.state import CapacityError
+from data_tools.synthetic import SyntheticSpec
+from data_tools.synthetic_tasks import generate_tasks, write_synthetic_tasks
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 SPECS = [TaskSpec("t1", "sequence", 40), TaskSpec("a", "item", 30), TaskSpec("b", "class", 3)]

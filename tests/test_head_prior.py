@@ -8,8 +8,8 @@ from helpers import tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
+from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
-from conure_dist.train.trainer import build_trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 TASKS = [("t1", 0.5), ("click", 0.5), ("like", 0.5), ("gender", 0.5), ("age", 0.5)]
@@ -18,7 +18,7 @@ TASKS = [("t1", 0.5), ("click", 0.5), ("like", 0.5), ("gender", 0.5), ("age", 0.
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prior")
-    return build_trainer(load_config(str(tiny_config(tmp, TASKS))), None, CPU)
+    return build_context(load_config(str(tiny_config(tmp, TASKS))), None, CPU)
 
 
 @pytest.mark.parametrize("task_index", [1, 2, 3, 4])
@@ -33,7 +33,7 @@ def test_an_untrained_head_scores_exactly_as_the_trivial_reference(trainer, task
 
 def test_without_head_prior_the_heads_start_random(tmp_path):
     cfg = load_config(str(tiny_config(tmp_path, TASKS)), ["model.head_prior=false"])
-    trainer = build_trainer(cfg, None, CPU)
+    trainer = build_context(cfg, None, CPU)
     assert trainer.model.heads["click"].weight.abs().sum() > 0
     assert trainer.model.heads["gender"].linear.weight.abs().sum() > 0
 
@@ -43,7 +43,7 @@ def test_a_phase_keeps_its_best_validated_state_the_start_included(tmp_path, sel
     # A learning rate far too large wrecks the class head; the kept parameters are the best
     # validated ones (by accuracy, or by the lowest cross-entropy), the start (epoch 0) included.
     cfg = load_config(str(tiny_config(tmp_path, TASKS)), [f"train.class_selection={selection}"])
-    trainer = build_trainer(cfg, None, CPU)
+    trainer = build_context(cfg, None, CPU)
     info, index = trainer.infos[3], 3
     task_cfg = trainer.cfg.tasks[index]
     task_cfg = type(task_cfg)(**{**task_cfg.__dict__, "epochs": 2, "lr": 50.0})

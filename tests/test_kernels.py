@@ -39,9 +39,9 @@ from conure_dist.dist import DistInfo
 from conure_dist.kernels import KERNELS, fused_negative_logsumexp, fused_target_ranks, use_triton
 from conure_dist.model.chunked_softmax import negative_logsumexp
 from conure_dist.model.heads import ItemHead, SampledSoftmaxHead
+from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import evaluate_task, fused_ranking
 from conure_dist.train.metrics import target_ranks
-from conure_dist.train.trainer import build_trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 BF16_GRAD_TOL = 1e-2
@@ -265,7 +265,7 @@ def check_fused_ranks_round_scores_to_bf16_under_autocast():
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     tasks = [("t1", 0.5), ("click", 0.5), ("gender", 0.5)]
-    return build_trainer(load_config(str(tiny_config(tmp_path_factory.mktemp("kernels"), tasks))), None, CPU)
+    return build_context(load_config(str(tiny_config(tmp_path_factory.mktemp("kernels"), tasks))), None, CPU)
 
 
 @pytest.mark.parametrize("task_index", [0, 1])

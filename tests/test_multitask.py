@@ -10,9 +10,9 @@ import torch
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
-from conure_dist.inference import TrainedRun, load_trained, score_histories, task_view
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.multitask import (
+from conure_dist.serving.inference import TrainedRun, load_trained, score_histories, task_view
+from conure_dist.serving.multitask import (
     MultiTaskScorer,
     conv_input_span,
     last_position_spans,

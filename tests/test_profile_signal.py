@@ -6,7 +6,7 @@ import pytest
 from helpers import REPO
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
+from data_tools.synthetic import SyntheticSpec, write_synthetic
 
 spec = importlib.util.spec_from_file_location("profile_signal", REPO / "docs" / "results" / "profile_signal.py")
 profile_signal = importlib.util.module_from_spec(spec)

@@ -26,8 +26,8 @@ import uvicorn
 from conftest import free_port
 from helpers import REPO, cli
 
-from conure_dist.inference import load_trained, pad_history, score_histories, task_view
-from conure_dist.serve import MAX_SEQUENCES, build_app
+from conure_dist.serving.inference import load_trained, pad_history, score_histories, task_view
+from conure_dist.serving.serve import MAX_SEQUENCES, build_app
 
 pytestmark = pytest.mark.slow
 

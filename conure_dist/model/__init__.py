@@ -1,3 +1,3 @@
-from conure_dist.model.conure import ConureModel, TaskSpec
+from conure_dist.model.conure_model import ConureModel, TaskSpec
 
 __all__ = ["ConureModel", "TaskSpec"]

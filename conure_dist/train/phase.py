@@ -34,7 +34,7 @@ from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
 
 if TYPE_CHECKING:
-    from conure_dist.train.trainer import Trainer
+    from conure_dist.train.context import RunContext
 
 PHASE_IDS = {"train": 0, "retrain": 1}
 
@@ -76,7 +76,7 @@ class Phase:
     baselines, the parameters named in ``dense`` under the dense view (no ownership), with
     ``joint_weight`` times T1's loss on T1 batches added to each step."""
 
-    def __init__(self, trainer: Trainer, task_index: int, mode: str, task_cfg: TaskConfig, *,
+    def __init__(self, trainer: RunContext, task_index: int, mode: str, task_cfg: TaskConfig, *,
                  dense: list[str] | None = None, joint_weight: float = 0.0) -> None:
         cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
         self.trainer, self.mode, self.task_index = trainer, mode, task_index
@@ -84,7 +84,7 @@ class Phase:
         self.epochs = task_cfg.epochs if mode == "train" else task_cfg.retrain_epochs
         trainer.masked.set_view("dense" if dense is not None else mode, task_index + 1)
         trainer.masked.train()
-        self.global_batch = task_cfg.batch_size  # divisible by the world size (build_trainer checked)
+        self.global_batch = task_cfg.batch_size  # divisible by the world size (build_context checked)
         if dense is None:
             self.trainable = phase_parameters(model, info.name, task_index == 0 and mode == "train", mode == "train")
         else:

@@ -22,7 +22,7 @@ from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.phase import selection_score
 
 if TYPE_CHECKING:
-    from conure_dist.train.trainer import Trainer
+    from conure_dist.train.context import RunContext
 
 
 def within_tolerance(score: float, unpruned: float, tolerance: float) -> bool:
@@ -45,7 +45,7 @@ def bisect_largest(candidates: list[float], passes) -> tuple[float | None, list[
     return (ordered[lo] if lo >= 0 else None), tried
 
 
-def _decided_on_rank0(value: bool, trainer: Trainer) -> bool:
+def _decided_on_rank0(value: bool, trainer: RunContext) -> bool:
     if not trainer.dist.is_distributed:
         return value
     box = [value if trainer.dist.is_main else None]
@@ -53,7 +53,7 @@ def _decided_on_rank0(value: bool, trainer: Trainer) -> bool:
     return bool(box[0])
 
 
-def probe_score(trainer: Trainer, task_index: int, task_cfg: TaskConfig, ratio: float) -> float:
+def probe_score(trainer: RunContext, task_index: int, task_cfg: TaskConfig, ratio: float) -> float:
     """The task's best validation score after pruning at ``ratio`` and retraining; model and
     ownership are left as they were."""
     model, ownership, name = trainer.model, trainer.ownership, trainer.infos[task_index].name
@@ -76,7 +76,7 @@ def probe_score(trainer: Trainer, task_index: int, task_cfg: TaskConfig, ratio: 
         ownership.load_state_dict(owners)
 
 
-def choose_prune_ratio(trainer: Trainer, task_index: int, task_cfg: TaskConfig, unpruned: float) -> dict[str, Any]:
+def choose_prune_ratio(trainer: RunContext, task_index: int, task_cfg: TaskConfig, unpruned: float) -> dict[str, Any]:
     """Search ``continual.prune_candidates`` for ``task_index``; returns the record kept in
     ``RunState.prune_search`` (unpruned score, tolerance, probes, chosen ratio)."""
     name, tolerance = trainer.infos[task_index].name, task_cfg.prune_tolerance

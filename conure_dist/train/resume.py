@@ -14,14 +14,14 @@ import dataclasses
 import logging
 from typing import Any
 
+from conure_dist.checkpoint.checkpointer import Checkpointer
+from conure_dist.checkpoint.format import Checkpoint, optimizer_part_name
 from conure_dist.config import RunConfig, config_changes
 from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import sum_digest_over_ranks
-from conure_dist.train.checkpoint import Checkpointer
-from conure_dist.train.checkpoint_format import Checkpoint, optimizer_part_name
 from conure_dist.train.deepspeed_engine import SavedShards
 from conure_dist.train.engine import Engine, TorchEngine
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from conure_dist.compare import epoch_entries
+from conure_dist.experiment.compare import epoch_entries
 from conure_dist.train.phase import selection_score
 
 

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from conure_dist import compiled
+from conure_dist.checkpoint.format import Checkpoint, load_checkpoint, resolve_checkpoint
+from conure_dist.continual.audit import model_from_checkpoint
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
-from conure_dist.train.audit import model_from_checkpoint
-from conure_dist.train.checkpoint_format import Checkpoint, load_checkpoint, resolve_checkpoint
 from conure_dist.train.evaluate import evaluate_task
 
 log = logging.getLogger(__name__)

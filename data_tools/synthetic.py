@@ -46,8 +46,8 @@ from typing import Any, Literal
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.shards import TaskData, write_dataset
-from conure_dist.data.sources.split import DEFAULT_FRACTIONS
+from data_tools.shards import TaskData, write_dataset
+from data_tools.split import DEFAULT_FRACTIONS
 
 AGE_BRACKETS: tuple[str, ...] = ("<25", "25-34", "35-44", "45-54", "55+")
 # Cumulative shares of the age brackets: uneven like real audiences, largest bracket ~30%.

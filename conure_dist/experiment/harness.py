@@ -45,7 +45,7 @@ from conure_dist.config import (
     load_config,
 )
 from conure_dist.dist import DistInfo
-from conure_dist.experiment_report import summarize, write_results
+from conure_dist.experiment.report import summarize, write_results
 from conure_dist.fs import join
 from conure_dist.report import as_conure_minus
 
@@ -216,7 +216,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     if jobs > 1:
         if dist.is_distributed:
             raise ConfigError("--jobs runs single-process runs side by side; under torchrun leave it at 1")
-        from conure_dist.experiment_jobs import PlannedRun, run_side_by_side
+        from conure_dist.experiment.jobs import PlannedRun, run_side_by_side
 
         producers: dict[str, str] = {}  # first-task group -> the output folder of the run that trains it
         runs = []

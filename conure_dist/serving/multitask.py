@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conure_dist.continual.ownership import TaskOwnership
-from conure_dist.inference import SCORE_ROW_MULTIPLE, TrainedRun
-from conure_dist.model.conure import ConureModel
-from conure_dist.multitask_spans import (  # noqa: F401 - conv_input_span is public here too
+from conure_dist.model.conure_model import ConureModel
+from conure_dist.serving.inference import SCORE_ROW_MULTIPLE, TrainedRun
+from conure_dist.serving.multitask_spans import (  # noqa: F401 - conv_input_span is public here too
     Span,
     conv_input_span,
     held_positions,

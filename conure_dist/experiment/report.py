@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from conure_dist.experiment_stats import (
+from conure_dist.experiment.stats import (
     contrast,
     difference_lines,
     forgetting,
@@ -25,7 +25,7 @@ from conure_dist.experiment_stats import (
 from conure_dist.fs import join
 
 if TYPE_CHECKING:
-    from conure_dist.experiment import Experiment
+    from conure_dist.experiment.harness import Experiment
 
 
 def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused_seconds: float = 0.0) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def write_results(summary: dict[str, Any], out: str) -> None:
     with fsspec.open(join(out, "table.md"), "w") as f:
         f.write(format_markdown(summary) + "\n")
     try:
-        from conure_dist.plots import write_plots
+        from conure_dist.experiment.plots import write_plots
     except ImportError as exc:  # matplotlib is a dependency; say so if it is missing
         raise RuntimeError(f"plots need matplotlib: {exc}") from exc
     write_plots(summary, out)

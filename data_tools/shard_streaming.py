@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest, ShardInfo, SplitInfo, TaskInfo
-from conure_dist.data.sources.shard_common import (
+from conure_dist.fs import join
+from data_tools.shard_common import (
     TaskData,
     check_writer_args,
     npy_bytes,
@@ -17,8 +18,7 @@ from conure_dist.data.sources.shard_common import (
     write_bytes,
     write_shard,
 )
-from conure_dist.data.sources.split import DEFAULT_FRACTIONS, SPLIT_NAMES
-from conure_dist.fs import join
+from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES
 
 
 @dataclass

@@ -48,7 +48,7 @@ class RunsFailed(RuntimeError):
 
 def run_side_by_side(runs: list[PlannedRun], jobs: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Every run in ``runs``, at most ``jobs`` at a time: ``{run.out: report}``."""
-    from conure_dist.data.prepare import prepare_data
+    from data_tools.prepare import prepare_data
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.movielens_layouts import (
+from conure_dist.fs import join
+from data_tools.movielens_layouts import (
     GENDERS,
     _Profile,
     _Ratings,
@@ -50,10 +51,9 @@ from conure_dist.data.sources.movielens_layouts import (
     _Source,
     detect_layout,
 )
-from conure_dist.data.sources.rows import RowChecker, numbers_first
-from conure_dist.data.sources.shards import TaskData, write_dataset
-from conure_dist.data.sources.split import DEFAULT_FRACTIONS
-from conure_dist.fs import join
+from data_tools.rows import RowChecker, numbers_first
+from data_tools.shards import TaskData, write_dataset
+from data_tools.split import DEFAULT_FRACTIONS
 
 AGE_LIMITS: tuple[int, ...] = (18, 25, 35, 45, 50, 56)
 AGE_BRACKETS: tuple[str, ...] = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")

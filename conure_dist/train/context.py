@@ -12,15 +12,14 @@ import torch.distributed as tdist
 
 from conure_dist import compiled
 from conure_dist.config import RunConfig, TaskConfig
+from conure_dist.continual.audit import checksum_of_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest, TaskInfo
-from conure_dist.data.prepare import check_tasks, prepare_data
 from conure_dist.dist import DistInfo, barrier
 from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.report import build_report, write_report
-from conure_dist.train.audit import checksum_of_task
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.first_task import run_first_phase
 from conure_dist.train.logger import JsonlLogger
@@ -28,6 +27,7 @@ from conure_dist.train.phase import Phase
 from conure_dist.train.profile import StepProfiler
 from conure_dist.train.sinks import make_sinks
 from conure_dist.train.state import PhaseResume, RunState
+from data_tools.prepare import check_tasks, prepare_data
 
 
 def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
@@ -61,8 +61,8 @@ def sync_ownership(ownership: TaskOwnership, dist: DistInfo) -> None:
 
 
 @dataclass
-class Trainer:
-    """Everything the phases share. Built once per run (``build_trainer``)."""
+class RunContext:
+    """Everything the phases share. Built once per run (``build_context``)."""
 
     cfg: RunConfig
     dist: DistInfo
@@ -132,7 +132,7 @@ class Trainer:
         return report
 
 
-def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
+def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext:
     """Data (generated if missing), model, empty ownership records and logger of a run (no log
     without ``out``)."""
     if cfg.train.num_threads:
@@ -161,4 +161,4 @@ def build_trainer(cfg: RunConfig, out: str | None, dist: DistInfo) -> Trainer:
     sinks = make_sinks(cfg.train.sinks, out, cfg.to_dict()) if main else []
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=main, sinks=sinks)
     profiler = StepProfiler(*cfg.train.profile_steps, out, dist.rank) if cfg.train.profile_steps and out else None
-    return Trainer(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger, profiler, out)
+    return RunContext(cfg, dist, manifest, infos, model, MaskedModel(model, ownership), logger, profiler, out)

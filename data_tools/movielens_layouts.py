@@ -11,8 +11,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from conure_dist.data.sources.rows import RowChecker, parse_int, parse_number, read_text
 from conure_dist.fs import join
+from data_tools.rows import RowChecker, parse_int, parse_number, read_text
 
 GENDERS: tuple[str, ...] = ("F", "M")
 

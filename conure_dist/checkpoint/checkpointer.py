@@ -36,9 +36,7 @@ import fsspec
 import torch
 import torch.distributed as tdist
 
-from conure_dist.dist import DistInfo
-from conure_dist.fs import join, url_of, write_atomic
-from conure_dist.train.checkpoint_format import (
+from conure_dist.checkpoint.format import (
     COMMIT,
     FORMAT_VERSION,
     MAIN_PARTS,
@@ -48,6 +46,8 @@ from conure_dist.train.checkpoint_format import (
     committed_folders,
     load_checkpoint,
 )
+from conure_dist.dist import DistInfo
+from conure_dist.fs import join, url_of, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conure_dist.checkpoint.format import Checkpoint
 from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership, task_checksum
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.checkpoint_format import Checkpoint
 
 
 @dataclass

@@ -28,10 +28,10 @@ import torch
 from conure_dist.config import RunConfig
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel
+from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.state import RunState
-from conure_dist.train.trainer import build_trainer
 
 OWN_BACKBONE = {"stl", "sinmo", "mtl"}
 """Methods that keep one backbone per task."""
@@ -49,7 +49,7 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
     """Run ``cfg.method`` over the configured tasks; return the report (also written to ``out``)."""
     method = cfg.method.name
     start = time.perf_counter()
-    trainer = build_trainer(cfg, out, dist)
+    trainer = build_context(cfg, out, dist)
     manifest, infos, model, masked, logger = trainer.manifest, trainer.infos, trainer.model, trainer.masked, trainer.logger
     logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, method=method)
     state = RunState()

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
-from conure_dist.data.sources.rows import RowChecker, numbers_first, read_text
-from conure_dist.data.sources.shards import TaskData, write_dataset
-from conure_dist.data.sources.split import DEFAULT_FRACTIONS
+from data_tools.rows import RowChecker, numbers_first, read_text
+from data_tools.shards import TaskData, write_dataset
+from data_tools.split import DEFAULT_FRACTIONS
 
 PAD = "0"
 

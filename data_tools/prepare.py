@@ -59,14 +59,14 @@ def generate_shards(cfg: RunConfig) -> Manifest:
     """Write the shards of ``data.source`` (synthetic or MovieLens) under ``data.root``."""
     shard_args = {"instances_per_shard": cfg.data.instances_per_shard, "split": tuple(cfg.data.split)}
     if cfg.data.source == "synthetic":
-        from conure_dist.data.sources.synthetic import SyntheticSpec, write_synthetic
+        from data_tools.synthetic import SyntheticSpec, write_synthetic
 
         s = cfg.data.synthetic
         spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed,
                              relation=s.relation, relation_strength=s.relation_strength)
         log.info("generating synthetic shards under %s", cfg.data.root)
         return write_synthetic(cfg.data.root, spec, split_seed=cfg.data.split_seed, **shard_args)
-    from conure_dist.data.sources.movielens import write_movielens
+    from data_tools.movielens import write_movielens
 
     log.info("converting MovieLens from %s to shards under %s", cfg.data.source_dir, cfg.data.root)
     return write_movielens(cfg.data.source_dir, cfg.data.root, seq_len=cfg.data.seq_len, seed=cfg.data.split_seed,

@@ -46,9 +46,9 @@ import torch.distributed as tdist
 from conure_dist.data.manifest import SPLITS
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo, barrier
-from conure_dist.export import TaskNetwork, baked_network, check_exportable, task_input
 from conure_dist.fs import join, write_atomic
-from conure_dist.inference import load_trained, manifest_for
+from conure_dist.serving.export import TaskNetwork, baked_network, check_exportable, task_input
+from conure_dist.serving.inference import load_trained, manifest_for
 
 FORMAT = "conure-embeddings"
 FORMAT_VERSION = 1

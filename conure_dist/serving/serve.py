@@ -2,7 +2,7 @@
 
 The checkpoint is loaded once; each finished task answers under its own inference view, exactly
 as ``conure predict --input`` does (the same padding, truncation and scoring code in
-``conure_dist.inference``). Requests for one task are batched dynamically: whatever arrives
+``conure_dist.serving.inference``). Requests for one task are batched dynamically: whatever arrives
 within ``max_wait_ms`` of the first (up to ``max_batch`` histories) goes through one forward
 pass. Forward passes run one at a time in a single worker thread, so the event loop keeps
 accepting requests while the shared model computes.
@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from conure_dist.continual.views import MaskedModel
-from conure_dist.inference import (
+from conure_dist.serving.inference import (
     TrainedRun,
     check_history,
     format_record,

@@ -15,8 +15,8 @@ import numpy as np
 import webdataset as wds
 
 from conure_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, ShardInfo
-from conure_dist.data.sources.split import check_fractions
 from conure_dist.fs import is_local, join
+from data_tools.split import check_fractions
 
 assert FORMAT_VERSION == 1, "update the writer together with the manifest format"
 

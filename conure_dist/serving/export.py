@@ -36,8 +36,8 @@ from torch import nn
 
 from conure_dist.continual.views import MaskedModel
 from conure_dist.fs import write_atomic
-from conure_dist.inference import TrainedRun, load_trained, manifest_for
 from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.serving.inference import TrainedRun, load_trained, manifest_for
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from conure_dist.model.backbone import NextItNet
-from conure_dist.model.conure import ConureModel
+from conure_dist.model.conure_model import ConureModel
 
 Span = tuple[int, int]
 """Positions ``(count, step)``: the last position and the ``count - 1`` before it, ``step`` apart."""

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import TASK_KINDS, Manifest, SplitInfo, TaskInfo
-from conure_dist.data.sources.shard_common import (
+from conure_dist.fs import join
+from data_tools.shard_common import (
     TaskData,
     check_writer_args,
     npy_bytes,
@@ -33,8 +34,7 @@ from conure_dist.data.sources.shard_common import (
     write_bytes,
     write_shard,
 )
-from conure_dist.data.sources.split import DEFAULT_FRACTIONS, SPLIT_NAMES, split_indices
-from conure_dist.fs import join
+from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES, split_indices
 
 __all__ = ["TaskData", "train_counts", "validate_tasks", "write_dataset"]
 

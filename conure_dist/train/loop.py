@@ -6,19 +6,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from conure_dist.checkpoint.checkpointer import Checkpointer
+from conure_dist.checkpoint.format import optimizer_part_name
 from conure_dist.config import RunConfig
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
-from conure_dist.train.checkpoint import Checkpointer
-from conure_dist.train.checkpoint_format import optimizer_part_name
+from conure_dist.train.context import build_context, task_specs
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.phase import Phase
 from conure_dist.train.prune_search import choose_prune_ratio
 from conure_dist.train.resume import phase_progress_to_save, restore
 from conure_dist.train.state import CapacityError, PhaseResume, RunState
-from conure_dist.train.trainer import build_trainer, task_specs
 
 
 def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
@@ -27,14 +27,14 @@ def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
             "num_weights": cap.total}
 
 
-class ConureRun:
+class ContinualLoop:
     """One run of every configured task, from the start or (``resume``) from the newest intact
     checkpoint under ``out``."""
 
     def __init__(self, cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> None:
         self.start = time.perf_counter()
         self.cfg, self.out, self.dist, self.resume = cfg, out, dist, resume
-        self.trainer = build_trainer(cfg, out, dist)
+        self.trainer = build_context(cfg, out, dist)
         self.checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints,
                                          async_writes=cfg.train.async_checkpoint)
         self.state, self.phase_resume = RunState(), None
@@ -165,4 +165,4 @@ class ConureRun:
 
 def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
     """Run every configured task in order and return the report (also written to ``out``)."""
-    return ConureRun(cfg, out, dist, resume).run()
+    return ContinualLoop(cfg, out, dist, resume).run()

@@ -1,1 +1,0 @@
-"""Dataset converters: raw files and synthetic generators -> WebDataset shards plus manifest."""

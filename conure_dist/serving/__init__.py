@@ -1,0 +1,1 @@
+"""Serving trained runs: inference, multi-task scoring, export, user embeddings and the HTTP server."""
