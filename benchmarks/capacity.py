@@ -32,6 +32,7 @@ from conure_dist.dist import DistInfo
 from conure_dist.experiment.stats import interval, paired
 from conure_dist.train.loop import run_conure
 from conure_dist.train.state import CapacityError
+from data_tools.prepare import build_missing_shards
 from data_tools.synthetic_tasks import write_synthetic_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,9 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
 def _run(config: Path, overrides: list[str], out: Path) -> dict[str, Any]:
     start = time.perf_counter()
-    report = run_conure(load_config(config, ["train.progress=false", "train.sinks=[]", *overrides]), str(out), CPU)
+    cfg = load_config(config, ["train.progress=false", "train.sinks=[]", *overrides])
+    build_missing_shards(cfg.data, CPU)  # as `conure run` does on first use
+    report = run_conure(cfg, str(out), CPU)
     report["bench_seconds"] = time.perf_counter() - start
     return report
 

@@ -27,6 +27,7 @@ from conure_dist.train.batches import negative_drawer
 from conure_dist.train.context import RunContext, build_context
 from conure_dist.train.engine import TorchEngine
 from conure_dist.train.phase import phase_parameters
+from data_tools.prepare import build_missing_shards
 
 
 def measure(trainer: RunContext, task_index: int, steps: int) -> dict:
@@ -76,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, ["train.progress=false"])
     with process_group(cfg.dist) as dist:
+        build_missing_shards(cfg.data, dist)  # as `conure run` does on first use
         trainer = build_context(cfg, None, dist)
         results = {"world_size": dist.world_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "config": args.config, "t1": measure(trainer, 0, args.steps)}

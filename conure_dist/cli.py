@@ -9,8 +9,13 @@ import logging
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 import fsspec
+
+if TYPE_CHECKING:
+    from conure_dist.dist import DistInfo
+    from conure_dist.experiment.harness import Experiment
 
 log = logging.getLogger("conure_dist")
 
@@ -39,39 +44,27 @@ def _seeds(text: str) -> list[int]:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="convert raw data into WebDataset shards + manifest")
+    """``conure data SOURCE``: the flags that are ``data`` config keys come from the schema
+    (``config.data_flags``), so they say what a run config says."""
+    from conure_dist.config.data_flags import add_data_flags
+
+    data = sub.add_parser("data", help="convert raw data into WebDataset shards + manifest, or describe shards")
     kinds = data.add_subparsers(dest="source", required=True)
     syn = kinds.add_parser("synthetic", help="the embedded synthetic dataset (planted structure)")
-    syn.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
-    syn.add_argument("--num-users", type=int, default=3000)
-    syn.add_argument("--num-items", type=int, default=500)
-    syn.add_argument("--seq-len", type=int, default=20)
-    syn.add_argument("--seed", type=int, default=0, help="generator seed")
-    syn.add_argument("--split-seed", type=int, default=0, help="seed of the 80/5/15 split")
-    syn.add_argument("--relation", choices=["shared_taste", "related", "independent"], default="shared_taste",
-                     help="how the later tasks relate (see data.synthetic.relation)")
-    syn.add_argument("--relation-strength", type=float, default=1.0, help="related only: share of likes among clicks")
-    syn.add_argument("--instances-per-shard", type=int, default=50_000)
+    add_data_flags(syn, "synthetic")
     ttl = kinds.add_parser("ttl", help="Tencent TTL files: a pretraining file and task files (source,,targets)")
     ttl.add_argument("--pretrain", required=True, help="T1 file: one user per line, comma-separated item tokens")
     ttl.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
                      help="a later task, in training order: KIND is item or class (repeat the option)")
-    ttl.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
-    ttl.add_argument("--seq-len", type=int, default=100)
-    ttl.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
-    ttl.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted in the manifest)")
-    ttl.add_argument("--instances-per-shard", type=int, default=50_000)
+    add_data_flags(ttl, "ttl")
     ml = kinds.add_parser("movielens", help="MovieLens in a public layout: ML-100K (u.data, u.user), ML-1M "
                           "(ratings.dat, users.dat), ratings.csv (20M/25M/32M/latest) or RecBole (*.inter, *.user)")
-    ml.add_argument("--src", required=True, help="directory holding the release's files (layout detected)")
     ml.add_argument("--layout", choices=["ml-100k", "ml-1m", "csv", "recbole"], help="skip detection")
-    ml.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix)")
-    ml.add_argument("--seq-len", type=int, default=30)
-    ml.add_argument("--seed", type=int, default=0, help="seed of the 80/5/15 split")
-    ml.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted in the manifest)")
-    ml.add_argument("--min-t1-interactions", type=int, default=0,
-                    help="keep only users with at least this many T1 ratings (the paper: 6)")
-    ml.add_argument("--instances-per-shard", type=int, default=50_000)
+    add_data_flags(ml, "movielens")
+    ds = kinds.add_parser("describe", help="validate existing shards against their manifest and describe them: "
+                                           "counts, sha256, sizes, a sample instance per task")
+    ds.add_argument("root", help="data root (directory or URL such as s3://bucket/prefix) holding manifest.json")
+    ds.add_argument("--json", action="store_true", help="print the description as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,31 +148,18 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    if args.source == "synthetic":
-        from data_tools.synthetic import SyntheticSpec, write_synthetic
+    if args.source == "describe":
+        from data_tools.describe import describe_command
 
-        spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed,
-                             relation=args.relation, relation_strength=args.relation_strength)
-        manifest = write_synthetic(args.out, spec, split_seed=args.split_seed,
-                                   instances_per_shard=args.instances_per_shard)
-    elif args.source == "ttl":
-        from data_tools.ttl import TaskFile, write_ttl
+        return describe_command(args.root, as_json=args.json)
+    from conure_dist.config.data_flags import data_config
+    from data_tools.prepare import log_summary, write_shards
 
-        manifest = write_ttl(args.pretrain, [TaskFile.parse(t) for t in args.task], args.out, seq_len=args.seq_len,
-                             seed=args.seed, skip_bad_rows=args.skip_bad_rows,
-                             instances_per_shard=args.instances_per_shard)
-    else:
-        from data_tools.movielens import write_movielens
-
-        manifest = write_movielens(args.src, args.out, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
-                                   skip_bad_rows=args.skip_bad_rows, instances_per_shard=args.instances_per_shard,
-                                   min_t1_interactions=args.min_t1_interactions)
-    for task in manifest.tasks:
-        sizes = ", ".join(f"{s} {task.splits[s].num_instances}" for s in ("train", "valid", "test"))
-        log.info("%-12s %-8s outputs %-6d %s", task.name, task.kind, task.num_outputs, sizes)
-    if manifest.skipped_rows:
-        log.warning("skipped rows: %s", manifest.skipped_rows)
-    print(f"wrote {len(manifest.tasks)} tasks to {args.out}")
+    data = data_config(args.source, args)
+    manifest = write_shards(args.source, data, layout=getattr(args, "layout", None),
+                            pretrain=getattr(args, "pretrain", None), task_files=getattr(args, "task", []))
+    log_summary(manifest)
+    print(f"wrote {len(manifest.tasks)} tasks to {data.root}")
     return 0
 
 
@@ -188,12 +168,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.dist import process_group
     from conure_dist.methods import run_method
     from conure_dist.report import format_table
+    from data_tools.prepare import build_missing_shards
 
     cfg = load_config(args.config, args.overrides)
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
         raise ValueError(f"--out {args.out} is a file; the run needs a directory")
     with process_group(cfg.dist) as dist:
+        build_missing_shards(cfg.data, dist)
         report = run_method(cfg, args.out, dist, resume=args.resume)
     if dist.is_main:
         print(format_table(report))
@@ -227,12 +209,29 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.seeds:
         experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
+        _build_experiment_shards(experiment, dist)
         summary = run_experiment(experiment, args.out, dist, jobs=args.jobs,
                                  share_first_task=args.share_first_task)
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
     return 0
+
+
+def _build_experiment_shards(experiment: Experiment, dist: DistInfo) -> None:
+    """The missing shards of every data root the experiment's runs read, each built once."""
+    from conure_dist.config import DataConfig
+    from conure_dist.experiment.harness import run_config
+    from data_tools.prepare import build_missing_shards
+
+    roots: dict[str, DataConfig] = {}
+    for variant in experiment.variants:
+        for method in variant.methods or experiment.methods:
+            for seed in experiment.seeds:
+                data = run_config(experiment, variant, method, seed).data
+                roots.setdefault(data.root, data)
+    for data in roots.values():
+        build_missing_shards(data, dist)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

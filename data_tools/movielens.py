@@ -45,11 +45,11 @@ from conure_dist.data.manifest import Manifest
 from conure_dist.fs import join
 from data_tools.movielens_layouts import (
     GENDERS,
-    _Profile,
-    _Ratings,
-    _read_source,
-    _Source,
+    ParsedSource,
+    Profile,
+    Ratings,
     detect_layout,
+    read_source,
 )
 from data_tools.rows import RowChecker, numbers_first
 from data_tools.shards import TaskData, write_dataset
@@ -62,7 +62,7 @@ LOW_RATING = 4
 
 
 def _t1_table(
-    ratings: _Ratings, seq_len: int, min_t1_interactions: int = 0
+    ratings: Ratings, seq_len: int, min_t1_interactions: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """T1 sequences [num_t1_users, seq_len], their raw user ids (sorted), T1 raw item ids, and
     how many users with some rating below 4 were dropped for having fewer than
@@ -88,7 +88,7 @@ def _t1_table(
 
 
 def _like_task(
-    name: str, parsed: _Source, low: float, high: float, t1_users: np.ndarray
+    name: str, parsed: ParsedSource, low: float, high: float, t1_users: np.ndarray
 ) -> tuple[TaskData, int]:
     """Item task over the ratings in [low, high); also returns how many were dropped (no T1)."""
     ratings = parsed.ratings
@@ -109,7 +109,7 @@ def _like_task(
 
 
 def _profile_tasks(
-    profiles: dict[int, _Profile], fields: tuple[str, ...], t1_users: np.ndarray
+    profiles: dict[int, Profile], fields: tuple[str, ...], t1_users: np.ndarray
 ) -> tuple[list[TaskData], int]:
     """gender, age, occupation tasks (those in ``fields``) over users with a profile and a T1 sequence."""
     with_t1 = set(t1_users.tolist())
@@ -149,7 +149,7 @@ def read_movielens(
         raise ValueError(f"min_t1_interactions must be >= 0, got {min_t1_interactions}")
     checker = RowChecker(skip_bad_rows)
     layout = layout or detect_layout(src_dir)
-    parsed = _read_source(src_dir, layout, checker)
+    parsed = read_source(src_dir, layout, checker)
     ratings, profiles = parsed.ratings, parsed.profiles
     ratings_file, *profile_file = parsed.files
     parsed.files[ratings_file]["valid_rows"] = len(ratings.user)
@@ -195,14 +195,6 @@ def read_movielens(
         "user_ids": parsed.raw("user", t1_users),  # moved out to users.json by write_movielens
     }
     return t1_seqs, [t1, like4, like5, *profile_tasks], source, dict(checker.counts)
-
-
-def read_ml100k(
-    src_dir: str, *, seq_len: int = 30, skip_bad_rows: bool = False, min_t1_interactions: int = 0
-) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
-    """``read_movielens`` for GroupLens' ML-100K files (``u.data``, ``u.user``)."""
-    return read_movielens(src_dir, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout="ml-100k",
-                          min_t1_interactions=min_t1_interactions)
 
 
 def write_movielens(

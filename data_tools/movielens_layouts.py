@@ -1,6 +1,8 @@
 """Reading MovieLens in its public layouts (listed in ``movielens``): layout detection and the
 rating and profile readers, which check every row (see ``movielens`` for how bad rows are
-handled); ``movielens`` turns what they read into Conure tasks."""
+handled). The interface is ``read_source``, which returns a ``ParsedSource`` (``Ratings`` and
+``Profile`` records, and the files read); ``movielens`` turns that into Conure tasks. The two
+change for different reasons (a new layout here, the paper's recipe there)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ GENDERS: tuple[str, ...] = ("F", "M")
 
 
 @dataclass
-class _Ratings:
+class Ratings:
     """Valid rating rows in file order: int64 user and item ids, float64 rating and timestamp."""
 
     user: np.ndarray
@@ -28,12 +30,12 @@ class _Ratings:
     line: np.ndarray
     """1-based line of each row in its file."""
 
-    def take(self, rows: np.ndarray) -> _Ratings:
-        return _Ratings(self.user[rows], self.item[rows], self.rating[rows], self.timestamp[rows], self.line[rows])
+    def take(self, rows: np.ndarray) -> Ratings:
+        return Ratings(self.user[rows], self.item[rows], self.rating[rows], self.timestamp[rows], self.line[rows])
 
 
 @dataclass(frozen=True)
-class _Profile:
+class Profile:
     """What a layout knows of a user; None where it has no such field."""
 
     age: int | None
@@ -42,12 +44,12 @@ class _Profile:
 
 
 @dataclass
-class _Source:
+class ParsedSource:
     """A layout's parsed files."""
 
     layout: str
-    ratings: _Ratings
-    profiles: dict[int, _Profile]
+    ratings: Ratings
+    profiles: dict[int, Profile]
     files: dict[str, dict[str, Any]]
     profile_fields: tuple[str, ...]
     tokens: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -64,14 +66,14 @@ def _rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
             yield line_no, line.split(sep)
 
 
-def _ratings(columns: list[list[float]], lines: list[int]) -> _Ratings:
+def _ratings(columns: list[list[float]], lines: list[int]) -> Ratings:
     user, item, rating, timestamp = columns
-    return _Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
+    return Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
                     np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64),
                     np.asarray(lines, dtype=np.int64))
 
 
-def _drop_duplicates(label: str, path: str, ratings: _Ratings, checker: RowChecker) -> _Ratings:
+def _drop_duplicates(label: str, path: str, ratings: Ratings, checker: RowChecker) -> Ratings:
     """A user rates an item once. A repeated (user, item) row is a bad row: kept, it could put
     the same instance in both the training and the test split."""
     order = np.lexsort((ratings.item, ratings.user))  # stable: equal pairs stay in file order
@@ -91,7 +93,7 @@ def _drop_duplicates(label: str, path: str, ratings: _Ratings, checker: RowCheck
     return ratings.take(np.flatnonzero(~repeat))
 
 
-def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowChecker) -> _Ratings:
+def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowChecker) -> Ratings:
     """``u.data`` / ``ratings.dat``: user, item, whole-star rating 1..5, timestamp; all integers."""
     columns: list[list[float]] = [[], [], [], []]
     lines: list[int] = []
@@ -124,7 +126,7 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
 CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
 
 
-def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
+def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
     """``ratings.csv`` (MovieLens-20M/25M/32M, latest): header, then half-star ratings 0.5..5."""
     label = "ratings.csv"
     columns: list[list[float]] = [[], [], [], []]
@@ -195,7 +197,7 @@ class _TokenIds:
         self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
 
 
-def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_Ratings, _TokenIds, _TokenIds]:
+def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[Ratings, _TokenIds, _TokenIds]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id", "item_id", "rating", "timestamp"), checker)
     users: list[str] = []
@@ -234,7 +236,7 @@ class _ProfileReader:
     path: str
     checker: RowChecker
     rated: set[int]
-    profiles: dict[int, _Profile] = field(default_factory=dict)
+    profiles: dict[int, Profile] = field(default_factory=dict)
 
     def add(self, line_no: int, user: int | None, user_raw: str, age_raw: str | None, gender: str | None,
             occupation: str | None) -> None:
@@ -256,9 +258,9 @@ class _ProfileReader:
             bad(self.label, self.path, line_no, f"user not in {self._ratings_file()}",
                 f"user {user_raw.strip()} has no rating in {self._ratings_file()}")
         else:
-            self.profiles[user] = _Profile(age, gender, occupation)
+            self.profiles[user] = Profile(age, gender, occupation)
 
-    def finish(self) -> dict[int, _Profile]:
+    def finish(self) -> dict[int, Profile]:
         """The profiles; a file without any valid row is an error (its tasks would have no class)."""
         if not self.profiles:
             raise ValueError(f"{self.path}: no valid user rows")
@@ -269,7 +271,7 @@ class _ProfileReader:
 
 
 def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: tuple[int, int, int],
-                             checker: RowChecker, rated: set[int]) -> dict[int, _Profile]:
+                             checker: RowChecker, rated: set[int]) -> dict[int, Profile]:
     """``u.user`` (id|age|gender|occupation|zip) and ``users.dat`` (id::gender::age::occupation::zip);
     ``order`` gives the positions of age, gender and occupation."""
     reader = _ProfileReader(label, path, checker, rated)
@@ -284,7 +286,7 @@ def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: 
 
 
 def _read_recbole_profiles(path: str, text: str, checker: RowChecker, rated: set[int],
-                           user_ids: _TokenIds) -> tuple[dict[int, _Profile], tuple[str, ...]]:
+                           user_ids: _TokenIds) -> tuple[dict[int, Profile], tuple[str, ...]]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id",), checker)
     present = tuple(f for f in ("gender", "age", "occupation") if f in where)
@@ -333,7 +335,8 @@ def _only(src_dir: str, suffix: str, required: bool) -> str | None:
     return join(src_dir, found[0])
 
 
-def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
+def read_source(src_dir: str, layout: str, checker: RowChecker) -> ParsedSource:
+    """The ratings and profiles of the release under ``src_dir`` in ``layout``, each row checked."""
     files: dict[str, dict[str, Any]] = {}
 
     def load(url: str) -> tuple[str, str]:
@@ -364,7 +367,7 @@ def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
             profiles, profile_fields = _read_recbole_profiles(path, text, checker, set(np.unique(ratings.user).tolist()),
                                                               user_ids)
         tokens = {kind: {i: t for t, i in ids.ids.items()} for kind, ids in (("user", user_ids), ("item", item_ids))}
-        return _Source(layout, ratings, profiles, files, profile_fields, tokens)
+        return ParsedSource(layout, ratings, profiles, files, profile_fields, tokens)
     else:
         raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
-    return _Source(layout, ratings, profiles, files, profile_fields)
+    return ParsedSource(layout, ratings, profiles, files, profile_fields)

@@ -1,93 +1,70 @@
-"""A run's data: the manifest under ``data.root``, built from the configured source when missing,
-and checked against what the configured tasks need."""
+"""Building a dataset's shards from ``data`` keys: those of ``conure data``'s flags
+(``config.data_flags``), or a run config's, when ``conure run`` or ``conure experiment`` finds
+no shards under ``data.root`` (``build_missing_shards``). The library itself only reads shards
+(``conure_dist.data.dataset``)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
 
-from conure_dist.config import RunConfig
-from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
+from conure_dist.config import DataConfig
+from conure_dist.data.manifest import Manifest, manifest_exists
 from conure_dist.dist import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
 
-def prepare_data(cfg: RunConfig, dist: DistInfo) -> Manifest:
-    """Load the manifest under ``data.root``, generating the shards first when there are none.
+def build_missing_shards(data: DataConfig, dist: DistInfo) -> None:
+    """Build the shards of ``data.source`` under ``data.root`` when it holds no manifest yet.
 
-    Only rank 0 looks and generates; every rank then meets at the same barrier (a rank must not
+    Only rank 0 looks and builds; every rank then meets at the same barrier (a rank must not
     skip it because the manifest appeared in the meantime)."""
-    root = cfg.data.root
-    if dist.is_main and cfg.data.source != "none" and not manifest_exists(root):
-        generate_shards(cfg)
+    if dist.is_main and data.source != "none" and not manifest_exists(data.root):
+        log.info("building the %s shards under %s", data.source, where(data.root))
+        write_shards(data.source, data)
     barrier(dist)
-    if not manifest_exists(root):
-        raise FileNotFoundError(
-            f"no manifest.json under data.root={root}; build shards with `conure data ...` "
-            "or set data.source to 'synthetic' or 'movielens'"
-        )
-    manifest = Manifest.load(root)
-    if cfg.data.source != "none":
-        differ = {key: (have, want) for key, (have, want) in _built_with(cfg, manifest).items() if have != want}
-        if differ:
-            listed = ", ".join(f"{key}={want} (the shards have {have})" for key, (have, want) in differ.items())
-            raise ValueError(f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
-                             "point data.root to another directory, or delete it to rebuild")
-    return manifest
 
 
-def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]]:
-    """Config key -> (what the shards were built with, what the config asks for)."""
-    d = cfg.data
-    pairs = {"data.split": ([manifest.split.get(k) for k in ("train", "valid", "test")], list(d.split)),
-             "data.split_seed": (manifest.split.get("seed"), d.split_seed)}
-    if d.source == "synthetic":
-        spec = manifest.source.get("spec", {})
-        # Shards written before a key existed were built with its default.
-        defaults = {"relation": "shared_taste", "relation_strength": 1.0}
-        for key in ("num_users", "num_items", "seq_len", "seed", *defaults):
-            pairs[f"data.synthetic.{key}"] = (spec.get(key, defaults.get(key)), getattr(d.synthetic, key))
-    else:
-        pairs["data.seq_len"] = (manifest.seq_len, d.seq_len)
-        recipe = manifest.source.get("recipe", {})
-        pairs["data.min_t1_interactions"] = (recipe.get("min_t1_interactions", 0), d.min_t1_interactions)
-    return pairs
+def where(root: str) -> str:
+    """``root`` as a reader should find it: a relative local path made absolute, saying so."""
+    if "://" in root or os.path.isabs(root):
+        return root
+    return (f"{os.path.abspath(root)} (data.root={root} is relative to the current directory; "
+            "set data.root to build them elsewhere)")
 
 
-def generate_shards(cfg: RunConfig) -> Manifest:
-    """Write the shards of ``data.source`` (synthetic or MovieLens) under ``data.root``."""
-    shard_args = {"instances_per_shard": cfg.data.instances_per_shard, "split": tuple(cfg.data.split)}
-    if cfg.data.source == "synthetic":
+def write_shards(source: str, data: DataConfig, *, layout: str | None = None, pretrain: str | None = None,
+                 task_files: list[str] = ()) -> Manifest:
+    """Write the shards of ``source`` that ``data`` describes under ``data.root``. ``layout``
+    (MovieLens, detected when None), ``pretrain`` and ``task_files`` (TTL, ``NAME=KIND:PATH``) are
+    the ``conure data`` flags without a config key."""
+    shard_args = {"instances_per_shard": data.instances_per_shard, "split": tuple(data.split)}
+    if source == "synthetic":
         from data_tools.synthetic import SyntheticSpec, write_synthetic
 
-        s = cfg.data.synthetic
+        s = data.synthetic
         spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed,
                              relation=s.relation, relation_strength=s.relation_strength)
-        log.info("generating synthetic shards under %s", cfg.data.root)
-        return write_synthetic(cfg.data.root, spec, split_seed=cfg.data.split_seed, **shard_args)
-    from data_tools.movielens import write_movielens
+        return write_synthetic(data.root, spec, split_seed=data.split_seed, **shard_args)
+    if source == "movielens":
+        from data_tools.movielens import write_movielens
 
-    log.info("converting MovieLens from %s to shards under %s", cfg.data.source_dir, cfg.data.root)
-    return write_movielens(cfg.data.source_dir, cfg.data.root, seq_len=cfg.data.seq_len, seed=cfg.data.split_seed,
-                           skip_bad_rows=cfg.data.skip_bad_rows, min_t1_interactions=cfg.data.min_t1_interactions,
-                           **shard_args)
+        log.info("converting MovieLens from %s", data.source_dir)
+        return write_movielens(data.source_dir, data.root, seq_len=data.seq_len, seed=data.split_seed, layout=layout,
+                               skip_bad_rows=data.skip_bad_rows, min_t1_interactions=data.min_t1_interactions,
+                               **shard_args)
+    assert source == "ttl" and pretrain is not None, f"no shard writer for source '{source}'"
+    from data_tools.ttl import TaskFile, write_ttl
+
+    return write_ttl(pretrain, [TaskFile.parse(t) for t in task_files], data.root, seq_len=data.seq_len,
+                     seed=data.split_seed, skip_bad_rows=data.skip_bad_rows, **shard_args)
 
 
-def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
-    """The manifest's record of each configured task; the first task, and only it, is T1."""
-    infos = []
-    for i, task in enumerate(cfg.tasks):
-        try:
-            info = manifest.task(task.name)
-        except ValueError as exc:
-            raise ValueError(f"tasks.{i}.name: {exc}") from None
-        if (i == 0) != (info.kind == "sequence"):
-            raise ValueError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
-                             f"'{task.name}' is of kind '{info.kind}'")
-        empty = [split for split in ("train", "valid", "test") if info.splits[split].num_instances == 0]
-        if empty:
-            raise ValueError(f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
-                             f"data.root={cfg.data.root}; it needs more data or larger data.split fractions")
-        infos.append(info)
-    return infos
+def log_summary(manifest: Manifest) -> None:
+    """One line per task: kind, outputs, instances per split; and the rows skipped."""
+    for task in manifest.tasks:
+        sizes = ", ".join(f"{s} {task.splits[s].num_instances}" for s in ("train", "valid", "test"))
+        log.info("%-12s %-8s outputs %-6d %s", task.name, task.kind, task.num_outputs, sizes)
+    if manifest.skipped_rows:
+        log.warning("skipped rows: %s", manifest.skipped_rows)

@@ -30,6 +30,39 @@ def tiny_config(tmp_path: Path, tasks, name: str = "c.yaml", data_root: str | No
     return path
 
 
+def with_shards(cfg):
+    """``cfg`` (a ``RunConfig``) once the shards it names exist: built as ``conure run`` builds them
+    on first use (the library only reads shards)."""
+    import torch
+
+    from conure_dist.dist import DistInfo
+    from data_tools.prepare import build_missing_shards
+
+    build_missing_shards(cfg.data, DistInfo(0, 1, 0, torch.device("cpu"), None))
+    return cfg
+
+
+def run_conure(cfg, out: str, dist, resume: bool = False) -> dict:
+    """The library's ``run_conure`` after building missing shards, as ``conure run`` does."""
+    from conure_dist.train.loop import run_conure as run
+
+    return run(with_shards(cfg), out, dist, resume=resume)
+
+
+def run_method(cfg, out: str, dist, resume: bool = False) -> dict:
+    """The library's ``run_method`` after building missing shards, as ``conure run`` does."""
+    from conure_dist.methods import run_method as run
+
+    return run(with_shards(cfg), out, dist, resume=resume)
+
+
+def build_context(cfg, out: str | None, dist):
+    """The library's ``build_context`` after building missing shards, as ``conure run`` does."""
+    from conure_dist.train.context import build_context as build
+
+    return build(with_shards(cfg), out, dist)
+
+
 def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 900,
            popen: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run the real CLI: ``python -m conure_dist`` or, with nproc > 1, under torchrun."""

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers import conure, tiny_config
+from helpers import conure, run_method, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.methods import run_method
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)

@@ -12,7 +12,7 @@ import pytest
 
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
-from data_tools.movielens import AGE_BRACKETS, read_ml100k, write_movielens
+from data_tools.movielens import AGE_BRACKETS, read_movielens, write_movielens
 from data_tools.rows import parse_int
 from data_tools.split import split_sizes
 
@@ -42,6 +42,12 @@ RATINGS = [
 ]
 # id|age|gender|occupation|zip: GroupLens' u.user layout.
 USERS = ["1|17|M|student|12345", "2|56|F|writer|T8H1N", "3|30|M|artist|02139"]
+
+
+def read_ml100k(src_dir: str, **options) -> tuple:
+    """``read_movielens`` for GroupLens' ML-100K files (``u.data``, ``u.user``): the layout given,
+    not detected."""
+    return read_movielens(src_dir, layout="ml-100k", **options)
 
 
 def write_files(
@@ -402,17 +408,15 @@ def test_min_t1_interactions_on_small_files(tmp_path: Path) -> None:
 
 def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> None:
     """The paper's filter on ML-100K: 894 of the 941 users with a T1 rating have 6 or more."""
-    import torch
-
     _require_ml100k()
     from conure_dist.config import load_config
-    from conure_dist.dist import DistInfo
-    from data_tools.prepare import generate_shards, prepare_data
+    from conure_dist.data.dataset import open_dataset
+    from data_tools.prepare import write_shards
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml",
                       [f"data.root={tmp_path / 'ml'}", f"data.source_dir={ML100K}"])
     assert cfg.data.min_t1_interactions == 6  # the preset follows the paper
-    manifest = generate_shards(cfg)
+    manifest = write_shards(cfg.data.source, cfg.data)
     low = Counter(user for user, _, rating in _rows(ML100K) if rating < 4)
     assert sum(count >= 6 for count in low.values()) == 894
     assert manifest.source["num_t1_users"] == 894 and manifest.source["users_below_min_t1"] == 47
@@ -425,7 +429,7 @@ def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> 
     # Shards built with the filter are refused for a config without it, naming the key.
     cfg.data.min_t1_interactions = 0
     with pytest.raises(ValueError, match=r"data.min_t1_interactions=0 \(the shards have 6\)"):
-        prepare_data(cfg, DistInfo(0, 1, 0, torch.device("cpu"), None))
+        open_dataset(cfg)
 
 
 def _rows(src: Path) -> list[tuple[int, int, int]]:

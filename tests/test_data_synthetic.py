@@ -358,21 +358,27 @@ def test_shards_of_another_relation_are_refused(tmp_path: Path) -> None:
     import torch
 
     from conure_dist.config import load_config
+    from conure_dist.data.dataset import open_dataset
     from conure_dist.dist import DistInfo
-    from data_tools.prepare import prepare_data
+    from data_tools.prepare import build_missing_shards
 
     cpu = DistInfo(0, 1, 0, torch.device("cpu"), None)
+
+    def prepare_data(cfg):  # as `conure run` does: build what is missing, then read
+        build_missing_shards(cfg.data, cpu)
+        return open_dataset(cfg)[0]
+
     preset = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     small = [f"data.root={tmp_path / 'd'}", "data.synthetic.num_users=200", "data.synthetic.num_items=60"]
-    assert prepare_data(load_config(preset, small), cpu).source["spec"]["relation"] == "shared_taste"
+    assert prepare_data(load_config(preset, small)).source["spec"]["relation"] == "shared_taste"
     related = load_config(preset, [*small, "data.synthetic.relation=related"])
     with pytest.raises(ValueError, match=r"data.synthetic.relation=related \(the shards have shared_taste\)"):
-        prepare_data(related, cpu)
+        prepare_data(related)
     manifest_path = tmp_path / "d" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     for key in ("relation", "relation_strength", "like_rate"):
         del manifest["source"]["spec"][key]
     manifest_path.write_text(json.dumps(manifest))
-    assert prepare_data(load_config(preset, small), cpu).task("like").num_outputs == 200
+    assert prepare_data(load_config(preset, small)).task("like").num_outputs == 200
     with pytest.raises(ValueError, match=r"relation_strength.*applies to relation 'related' only"):
         load_config(preset, [*small, "data.synthetic.relation_strength=0.5"])

@@ -4,16 +4,15 @@ import json
 import shutil
 
 import pytest
-from helpers import REPO, tiny_config
+from helpers import REPO, run_conure, tiny_config, with_shards
 
 from conure_dist.checkpoint.format import COMMIT
 from conure_dist.cli import main
 from conure_dist.config import load_config
+from conure_dist.data.dataset import open_dataset
 from conure_dist.data.manifest import Manifest
 from conure_dist.dist import DistInfo
-from conure_dist.train.loop import run_conure
 from conure_dist.train.state import CapacityError
-from data_tools.prepare import prepare_data
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +142,7 @@ def test_shards_built_otherwise_and_empty_splits_fail_before_training(tmp_path):
     other = load_config(tiny_config(tmp_path, TASKS[:1]), ["data.synthetic.num_users=500", "data.split_seed=4"])
     with pytest.raises(ValueError, match=r"built otherwise than this config asks: data.split_seed=4 \(the shards "
                                          r"have 0\), data.synthetic.num_users=500 \(the shards have 400\)"):
-        prepare_data(other, CPU)
+        open_dataset(other)
     few = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "few")),
                       ["data.synthetic.num_users=10", "data.split=[0.8,0.01,0.19]"])
     with pytest.raises(ValueError, match=r"tasks.0: task 't1' has no valid instances under data.root=.*few"):
@@ -181,7 +180,7 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     assert "--k: must be >= 1, got 0" in capsys.readouterr().err
     # Shards that do not describe the checkpoint's tasks are refused by name.
     other = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "other")), ["data.synthetic.num_items=80"])
-    prepare_data(other, CPU)
+    with_shards(other)
     assert main(["eval", "--ckpt", str(tmp_path / "p"), "--data-root", str(tmp_path / "other")]) == 2
     assert "do not match the checkpoint" in (err := capsys.readouterr().err) and "num_seq_items is 81 there, 61 in" in err
     seqs.write_text('{"items": [1]}\n')

@@ -10,11 +10,10 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import cli, tiny_config
+from helpers import cli, run_method, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.methods import run_method
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train.first_task import FirstTaskCache, phase_key
 

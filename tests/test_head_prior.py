@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import build_context, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import evaluate_task, reference_metrics
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)

@@ -32,14 +32,13 @@ from xml.etree import ElementTree
 
 import pytest
 import torch
-from helpers import REPO, tiny_config
+from helpers import REPO, build_context, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
 from conure_dist.kernels import KERNELS, fused_negative_logsumexp, fused_target_ranks, use_triton
 from conure_dist.model.chunked_softmax import negative_logsumexp
 from conure_dist.model.heads import ItemHead, SampledSoftmaxHead
-from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import evaluate_task, fused_ranking
 from conure_dist.train.metrics import target_ranks
 

@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli, conure, tiny_config
+from helpers import cli, conure, run_conure, tiny_config
 
 from conure_dist.checkpoint.format import COMMIT
 from conure_dist.config import ConfigError, config_from_dict, load_config
 from conure_dist.dist import DistInfo
-from conure_dist.train.loop import run_conure
 from conure_dist.train.prune_search import bisect_largest, within_tolerance
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)

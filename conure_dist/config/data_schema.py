@@ -40,7 +40,8 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards live and how to build them when they are missing."""
+    """Where the shards live and how to build them when they are missing. The keys that build
+    shards are also ``conure data``'s flags (``data_flags``): one definition serves both."""
 
     root: str = "runs/data/quickstart"
     """Directory or fsspec URL (``s3://bucket/prefix``) holding ``manifest.json`` and the shards."""
@@ -50,7 +51,7 @@ class DataConfig:
     """Raw files for ``source: movielens``: a MovieLens release in any public layout (ML-100K,
     ML-1M, ``ratings.csv``) or RecBole atomic files."""
     seq_len: int = 30
-    """T1 sequence length used when converting MovieLens."""
+    """T1 sequence length when converting raw files (MovieLens; ``conure data ttl`` defaults to 100)."""
     skip_bad_rows: bool = False
     """When converting raw files: skip malformed rows (counted in the manifest) instead of failing."""
     min_t1_interactions: int = 0

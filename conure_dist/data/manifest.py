@@ -30,7 +30,8 @@ class ShardInfo:
     """One tar shard: its URL relative to the root, checksum and size as written."""
 
     url: str
-    sha256: str
+    sha256: str | None
+    """null in the manifest where no checksum was recorded (readers then check size and count only)."""
     num_instances: int
     num_bytes: int
 
@@ -329,7 +330,7 @@ def _parse_split(f: _Fields) -> SplitInfo:
     shards = tuple(
         ShardInfo(
             url=s.get("url", str),
-            sha256=s.get("sha256", str),
+            sha256=s.get("sha256", str, optional=True),
             num_instances=s.count("num_instances", minimum=1),
             num_bytes=s.count("num_bytes", minimum=1),
         )

@@ -24,32 +24,244 @@ Either way one pass gives every instance of the split to exactly one rank. With 
 the stream restarts (a new pass with a new shuffle) as often as needed, so every rank yields
 exactly ``num_steps - start_step`` batches.
 
-The read plan and the stages that open, check and decode shards are in ``shard_reader``; the
-chunk stages after them (shuffle, stride, batching) are here.
+The module reads in order: the read plan (which shards a rank reads in a pass, in which order,
+and which slice of each), the stages that open, check and decode a shard (``read_shard`` is the
+same check for one shard, used by ``data_tools.describe``), then the chunk stages (shuffle,
+stride, batching).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from conure_dist.data.manifest import Manifest
-from conure_dist.data.shard_reader import (
-    Partition,
-    ShardError,
-    _Chunk,
-    _decode_shards,
-    _make_plan,
-    _open_shards,
-    _ReadPlan,
-)
+from conure_dist.data.manifest import Manifest, ShardInfo
+
+Partition = Literal["auto", "range", "stride"]
+
+
+class ShardError(ValueError):
+    """A shard is missing, truncated, corrupted or disagrees with the manifest."""
+
+
+class _Chunk(NamedTuple):
+    seq: np.ndarray
+    target: np.ndarray | None
+    user: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.user)
+
+    def take(self, index: Any) -> _Chunk:
+        return _Chunk(
+            self.seq[index], None if self.target is None else self.target[index], self.user[index]
+        )
+
+
+@dataclass(frozen=True)
+class _ShardSlice:
+    """A shard and the instances ``[start, stop)`` of it that this rank keeps in a pass."""
+
+    url: str
+    info: ShardInfo
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class _ReadPlan:
+    shards: tuple[tuple[str, ShardInfo], ...]
+    seq_len: int
+    has_target: bool
+    shuffle: bool
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    partition: Literal["range", "stride"]
+    shuffle_buffer: int
+
+    @property
+    def num_instances(self) -> int:
+        return sum(info.num_instances for _, info in self.shards)
+
+    def rng(self, pass_index: int, purpose: int) -> np.random.Generator:
+        # Stride ranks must draw the same global shuffle; range ranks shuffle their own slices.
+        rank_key = self.rank if self.partition == "range" else 0
+        return np.random.default_rng([self.seed, self.epoch, pass_index, purpose, rank_key])
+
+    def pass_slices(self, pass_index: int) -> list[_ShardSlice]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = (
+                np.random.default_rng([self.seed, self.epoch, pass_index, 0])
+                .permutation(len(order))
+                .tolist()
+            )
+        if self.partition == "stride":
+            return [
+                _ShardSlice(url, info, 0, info.num_instances)
+                for url, info in (self.shards[i] for i in order)
+            ]
+        total = self.num_instances
+        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        slices, offset = [], 0
+        for url, info in (self.shards[i] for i in order):
+            start, stop = max(lo - offset, 0), min(hi - offset, info.num_instances)
+            if start < stop:
+                slices.append(_ShardSlice(url, info, start, stop))
+            offset += info.num_instances
+        return slices
+
+
+def _make_plan(
+    manifest: Manifest,
+    task: str,
+    split: str,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    shuffle_buffer: int,
+    partition: Partition,
+) -> _ReadPlan:
+    info = manifest.task(task)
+    split_info = manifest.split_info(task, split)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    if partition not in ("auto", "range", "stride"):
+        raise ValueError(f"partition must be 'auto', 'range' or 'stride', got '{partition}'")
+    if partition == "auto":
+        partition = "range" if len(split_info.shards) >= world_size else "stride"
+    urls = manifest.shard_urls(task, split)
+    return _ReadPlan(
+        shards=tuple(zip(urls, split_info.shards, strict=True)),
+        seq_len=manifest.seq_len,
+        has_target=info.kind != "sequence",
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        partition=partition,
+        shuffle_buffer=max(shuffle_buffer, 0),
+    )
+
+
+def read_shard(url: str, info: ShardInfo, seq_len: int, has_target: bool) -> dict[str, np.ndarray]:
+    """Every instance of one shard (``seq``, ``user`` and, for item and class tasks, ``target``),
+    after the checks the stream makes: present, size and sha256 as the manifest records them (no
+    sha256 check where it records none), readable, and holding its instances. Raises ``ShardError``
+    naming the shard."""
+    chunks = _decode_shard(url, _read_checked(url, info), info, seq_len, has_target)
+    arrays = {"seq": np.concatenate([c.seq for c in chunks]), "user": np.concatenate([c.user for c in chunks])}
+    if has_target:
+        arrays["target"] = np.concatenate([c.target for c in chunks])  # type: ignore[misc]
+    return arrays
+
+
+def _read_checked(url: str, info: ShardInfo) -> bytes:
+    """A shard's bytes, read whole through fsspec and checked against the manifest."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as exn:
+        raise ShardError(f"shard {url}: missing") from exn
+    except Exception as exn:  # OSError, and object-store clients' own errors (botocore's)
+        raise ShardError(f"shard {url}: cannot be read ({type(exn).__name__}: {exn})") from exn
+    if len(data) != info.num_bytes:
+        raise ShardError(f"shard {url}: {len(data)} bytes, the manifest says {info.num_bytes} (truncated?)")
+    if info.sha256 is not None and hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ShardError(f"shard {url}: sha256 differs from the manifest (corrupted?)")
+    return data
+
+
+def _decode_shard(url: str, data: bytes, info: ShardInfo, seq_len: int, has_target: bool) -> list[_Chunk]:
+    """A checked shard's chunks; their count must be the manifest's."""
+    try:
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}]))
+        chunks = [_decode_chunk(s, seq_len, has_target) for s in samples]
+    except Exception as exn:  # tarfile and numpy raise many types; all mean a bad shard
+        raise ShardError(f"shard {url}: unreadable ({type(exn).__name__}: {_first_arg(exn)})") from exn
+    found = sum(c.size for c in chunks)
+    if found != info.num_instances:
+        raise ShardError(f"shard {url}: holds {found} instances, the manifest says {info.num_instances}")
+    return chunks
+
+
+def _open_shards(src: Iterable[dict[str, Any]], slices: dict[str, _ShardSlice]) -> Iterator[dict[str, Any]]:
+    """URL opener stage: read each shard whole and check it against the manifest."""
+    for sample in src:
+        url = sample["url"]
+        yield {"url": url, "data": _read_checked(url, slices[url].info)}
+
+
+def _decode_shards(
+    src: Iterable[dict[str, Any]], slices: dict[str, _ShardSlice], seq_len: int, has_target: bool
+) -> Iterator[_Chunk]:
+    """Tar stage: turn each opened shard into chunks, check the count, keep this rank's slice."""
+    for opened in src:
+        piece = slices[opened["url"]]
+        chunks = _decode_shard(opened["url"], opened["data"], piece.info, seq_len, has_target)
+        yield from _slice_chunks(chunks, piece.start, piece.stop)
+
+
+def _first_arg(exn: Exception) -> str:
+    # WebDataset appends the stream object and URL to exception args; keep the original message.
+    text = str(exn.args[0]) if exn.args else str(exn)
+    return text.split(" @ <", 1)[0]
+
+
+def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Chunk:
+    expected = {"seq.npy", "user.npy"} | ({"target.npy"} if has_target else set())
+    found = {k for k in sample if not k.startswith("__")}
+    if found != expected:
+        raise ValueError(
+            f"sample {sample.get('__key__')}: members {sorted(found)}, expected {sorted(expected)}"
+        )
+    seq = _load_npy(sample["seq.npy"])
+    user = _load_npy(sample["user.npy"])
+    target = _load_npy(sample["target.npy"]) if has_target else None
+    n = len(user)
+    if (
+        seq.shape != (n, seq_len)
+        or user.shape != (n,)
+        or (target is not None and target.shape != (n,))
+    ):
+        raise ValueError(
+            f"sample {sample['__key__']}: inconsistent shapes seq {seq.shape}, user {user.shape}, "
+            f"target {None if target is None else target.shape} for seq_len {seq_len}"
+        )
+    return _Chunk(seq, target, user)
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _slice_chunks(chunks: list[_Chunk], start: int, stop: int) -> Iterator[_Chunk]:
+    offset = 0
+    for chunk in chunks:
+        lo, hi = max(start - offset, 0), min(stop - offset, chunk.size)
+        if lo < hi:
+            yield chunk if (lo, hi) == (0, chunk.size) else chunk.take(slice(lo, hi))
+        offset += chunk.size
 
 
 @dataclass
@@ -60,7 +272,6 @@ class Batch:
     """int64 [B]: item or class id; None for the sequence task."""
     user: torch.Tensor
     """int64 [B]: user index (row of the T1 table)."""
-
 
 
 def num_steps_per_epoch(
@@ -262,4 +473,4 @@ def _to_batches(src: Iterable[_Chunk]) -> Iterator[Batch]:
         )
 
 
-__all__ = ["Batch", "ShardError", "iter_batches", "num_steps_per_epoch"]
+__all__ = ["Batch", "ShardError", "iter_batches", "num_steps_per_epoch", "read_shard"]

@@ -6,11 +6,12 @@ Each run is the one the sequential loop would make (same config, same output fol
 give the runs ``train.num_threads`` (CPU GEMMs round by how they split their work). A run without
 it gets ``cpu_count // jobs`` threads instead of torch's default of every core.
 
-The data come first, one ``data.root`` at a time in this process, so that no two runs generate the
-same shards. A run that reuses another's T1 (``PlannedRun.after``) starts once that run has stored
-it (its ``first_task.json`` appears) or has ended; until then the free process takes the next run
-that can start. A failed run does not stop the others: every run that finishes keeps its report (the
-next call reuses it), and the failures are raised together at the end, each named.
+The shards exist before the runs start (``conure experiment`` builds missing ones first, one
+``data.root`` at a time, so that no two runs build the same shards). A run that reuses another's T1
+(``PlannedRun.after``) starts once that run has stored it (its ``first_task.json`` appears) or has
+ended; until then the free process takes the next run that can start. A failed run does not stop
+the others: every run that finishes keeps its report (the next call reuses it), and the failures
+are raised together at the end, each named.
 """
 
 from __future__ import annotations
@@ -48,16 +49,8 @@ class RunsFailed(RuntimeError):
 
 def run_side_by_side(runs: list[PlannedRun], jobs: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Every run in ``runs``, at most ``jobs`` at a time: ``{run.out: report}``."""
-    from data_tools.prepare import prepare_data
-
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    single = _single_process(device)
-    first_of_root: dict[str, RunConfig] = {}
-    for run in runs:  # the first run of a root builds its shards, as in the sequential loop
-        first_of_root.setdefault(run.cfg.data.root, run.cfg)
-    for cfg in first_of_root.values():
-        prepare_data(cfg, single)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     reports: dict[str, dict[str, Any]] = {}
     failures: list[str] = []

@@ -15,6 +15,7 @@ from conure_dist.config import RunConfig, TaskConfig
 from conure_dist.continual.audit import checksum_of_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
+from conure_dist.data.dataset import open_dataset
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.dist import DistInfo, barrier
 from conure_dist.fs import join
@@ -27,7 +28,6 @@ from conure_dist.train.phase import Phase
 from conure_dist.train.profile import StepProfiler
 from conure_dist.train.sinks import make_sinks
 from conure_dist.train.state import PhaseResume, RunState
-from data_tools.prepare import check_tasks, prepare_data
 
 
 def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
@@ -133,8 +133,8 @@ class RunContext:
 
 
 def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext:
-    """Data (generated if missing), model, empty ownership records and logger of a run (no log
-    without ``out``)."""
+    """Data (the shards must exist: ``conure run`` builds missing ones first), model, empty
+    ownership records and logger of a run (no log without ``out``)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     parts = dist.world_size * cfg.train.grad_accum
@@ -143,8 +143,7 @@ def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext
             accum = f" x train.grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
             raise ValueError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
                              f"{dist.world_size}{accum}")
-    manifest = prepare_data(cfg, dist)
-    infos = check_tasks(cfg, manifest)
+    manifest, infos = open_dataset(cfg)
     if cfg.data.partition == "range":
         for i, info in enumerate(infos):
             if info.splits["train"].num_instances < dist.world_size:
