@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 from data_tools.rows import RowChecker, parse_int, parse_number, read_text
 
@@ -117,7 +118,7 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
             column.append(value)
         lines.append(line_no)
     if not columns[0]:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
@@ -133,7 +134,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
     first = next(rows, None)
     if first is None or [f.strip() for f in first[1]] != CSV_HEADER:
         got = ",".join(first[1]) if first else "an empty file"
-        raise ValueError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
+        raise UserError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
     for line_no, fields in rows:
         if len(fields) != 4:
             checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
@@ -155,7 +156,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> _Ratings:
             column.append(value)
         lines.append(line_no)
     if not columns[0]:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
@@ -168,11 +169,11 @@ def _recbole_rows(
     rows = _rows(text, "\t")
     first = next(rows, None)
     if first is None:
-        raise ValueError(f"{path} line 1: empty file, expected a header of name:type fields")
+        raise UserError(f"{path} line 1: empty file, expected a header of name:type fields")
     names = [f.strip().split(":", 1)[0] for f in first[1]]
     missing = [n for n in required if n not in names]
     if missing:
-        raise ValueError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
+        raise UserError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
 
     def data() -> Iterator[tuple[int, list[str]]]:
         for line_no, fields in rows:
@@ -219,7 +220,7 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[_R
             values.append((rating, timestamp))
             lines.append(line_no)
     if not users:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     user_ids, item_ids = _TokenIds(users), _TokenIds(items)
     ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
                         [v[0] for v in values], [v[1] for v in values]], lines)
@@ -261,7 +262,7 @@ class _ProfileReader:
     def finish(self) -> dict[int, _Profile]:
         """The profiles; a file without any valid row is an error (its tasks would have no class)."""
         if not self.profiles:
-            raise ValueError(f"{self.path}: no valid user rows")
+            raise UserError(f"{self.path}: no valid user rows")
         return self.profiles
 
     def _ratings_file(self) -> str:
@@ -318,14 +319,14 @@ def detect_layout(src_dir: str) -> str:
     if [n for n in names if n.endswith(".inter")]:
         return "recbole"
     known = "; ".join(f"{k}: {v}" for k, v in LAYOUT_FILES.items())
-    raise ValueError(f"{src_dir}: no MovieLens layout recognized (expected {known}); found {sorted(names)}")
+    raise UserError(f"{src_dir}: no MovieLens layout recognized (expected {known}); found {sorted(names)}")
 
 
 def _only(src_dir: str, suffix: str, required: bool) -> str | None:
     fs, root = fsspec.core.url_to_fs(src_dir)
     found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(suffix))
     if len(found) > 1:
-        raise ValueError(f"{src_dir}: several {suffix} files {found}; keep one per directory")
+        raise UserError(f"{src_dir}: several {suffix} files {found}; keep one per directory")
     if not found:
         if required:
             raise FileNotFoundError(f"{src_dir}: no {suffix} file")
@@ -366,5 +367,5 @@ def _read_source(src_dir: str, layout: str, checker: RowChecker) -> _Source:
         tokens = {kind: {i: t for t, i in ids.ids.items()} for kind, ids in (("user", user_ids), ("item", item_ids))}
         return _Source(layout, ratings, profiles, files, profile_fields, tokens)
     else:
-        raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
+        raise UserError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
     return _Source(layout, ratings, profiles, files, profile_fields)

@@ -283,3 +283,33 @@ def test_intervals_and_paired_differences_by_hand():
     assert out["relative_mean"]["mean"] == pytest.approx((0.1 + 0.228571) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="same seeds"):
         contrast(a, [b[1], b[0]], ["click"])
+
+
+def test_command_line_overrides_reach_every_run_and_guard_reuse(tmp_path, capsys, caplog):
+    """``conure experiment ... key=value``: applied after the file's overrides, validated like
+    ``conure run``'s before any compute, recorded in results.json, and a report made without
+    them is refused rather than mixed in."""
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment.harness")
+    path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
+    out = tmp_path / "out"
+    command = ["experiment", "--config", str(path), "--out", str(out)]
+    for bad, message in (("tasks.2.lr=fast", "key 'tasks.2.lr': expected a finite number, got 'fast' (set by the "
+                                             "override 'tasks.2.lr=fast')"),
+                         ("seed=4", "override 'seed=4': the experiment sets each run's seed and method")):
+        assert main([*command, bad]) == 2
+        assert message in capsys.readouterr().err, bad
+        assert not out.exists(), "refused before any compute"
+    cli(*command, "tasks.2.lr=0.05", "tasks.0.epochs=1")  # gender is the base config's tasks.2
+    report = json.loads((out / "runs/main/conure/seed0/report.json").read_text())
+    assert report["config"]["tasks"][1]["lr"] == 0.05 and report["config"]["tasks"][0]["epochs"] == 1
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["overrides"] == ["tasks.0.epochs=2"]
+    assert summary["command_overrides"] == ["tasks.2.lr=0.05", "tasks.0.epochs=1"]
+    assert "then from the command line ['tasks.2.lr=0.05', 'tasks.0.epochs=1']" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(command) == 2  # without them: the stored run was made with other settings
+    err = capsys.readouterr().err
+    assert "tasks.0.epochs=2 (the run: 1)" in err and "tasks.1.lr=0.003 (the run: 0.05)" in err
+    caplog.clear()
+    cli(*command, "tasks.2.lr=0.05", "tasks.0.epochs=1", "train.eval_batch_size=64")
+    assert "main/conure/seed0: report exists, not run again" in caplog.text

@@ -15,11 +15,12 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from conure_dist.data.manifest import Manifest, ShardInfo
+from conure_dist.errors import UserError
 
 Partition = Literal["auto", "range", "stride"]
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard is missing, truncated, corrupted or disagrees with the manifest."""
 
 
@@ -189,7 +190,7 @@ def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Ch
     expected = {"seq.npy", "user.npy"} | ({"target.npy"} if has_target else set())
     found = {k for k in sample if not k.startswith("__")}
     if found != expected:
-        raise ValueError(
+        raise ShardError(
             f"sample {sample.get('__key__')}: members {sorted(found)}, expected {sorted(expected)}"
         )
     seq = _load_npy(sample["seq.npy"])
@@ -201,7 +202,7 @@ def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Ch
         or user.shape != (n,)
         or (target is not None and target.shape != (n,))
     ):
-        raise ValueError(
+        raise ShardError(
             f"sample {sample['__key__']}: inconsistent shapes seq {seq.shape}, user {user.shape}, "
             f"target {None if target is None else target.shape} for seq_len {seq_len}"
         )

@@ -50,6 +50,7 @@ from conure_dist.data.shard_reader import (
     _open_shards,
     _ReadPlan,
 )
+from conure_dist.errors import UserError
 
 
 @dataclass
@@ -111,12 +112,12 @@ def iter_batches(
     )
     _check_steps(batch_size, num_steps, start_step)
     if num_steps is not None and num_steps > start_step and plan.num_instances == 0:
-        raise ValueError(
+        raise UserError(
             f"cannot draw {num_steps} steps from {task}/{split}: the split has no instances"
         )
     if num_steps is not None and plan.partition == "range" and plan.num_instances < world_size:
         # Some rank's range would be empty and a repeating stream over it would never yield.
-        raise ValueError(
+        raise UserError(
             f"{task}/{split} has {plan.num_instances} instances for {world_size} ranks: too few "
             "for data.partition=range; use stride (or auto)"
         )

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import fsspec
 
+from conure_dist.errors import UserError
 from conure_dist.fs import is_local, join
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ValueError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
+            raise UserError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
         local = _local_path(out) if is_local(out) else tempfile.mkdtemp(prefix="conure-wandb-")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "conure_dist"), dir=local, config=config)
         # Several events share an optimizer step: each is its own row, plotted against global_step.
@@ -111,10 +112,10 @@ class MLflowSink:
         try:
             import mlflow
         except ImportError:
-            raise ValueError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
+            raise UserError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
         if "MLFLOW_TRACKING_URI" not in os.environ:
             if not is_local(out):
-                raise ValueError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
+                raise UserError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
                                  "keeps its own tracking store; it cannot write one into an object store)")
             # A file store needs no database; MLflow 3 keeps it (in maintenance) behind this switch.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
