@@ -313,3 +313,30 @@ def test_command_line_overrides_reach_every_run_and_guard_reuse(tmp_path, capsys
     caplog.clear()
     cli(*command, "tasks.2.lr=0.05", "tasks.0.epochs=1", "train.eval_batch_size=64")
     assert "main/conure/seed0: report exists, not run again" in caplog.text
+
+
+def test_error_bars_stop_at_the_metrics_bounds():
+    from conure_dist.experiment.plots import clipped_error_bars
+
+    below, above = clipped_error_bars([0.02, 0.5, 0.99, 0.0], [0.05, 0.1, 0.03, 0.0])
+    assert below == pytest.approx([0.02, 0.1, 0.03, 0.0]) and above == pytest.approx([0.05, 0.1, 0.01, 0.0])
+    assert all(m - b >= 0 and m + a <= 1 + 1e-12 for m, b, a in zip([0.02, 0.5, 0.99, 0.0], below, above))
+
+
+def test_plots_of_a_summary_with_small_scores(tmp_path):
+    """Scores near 0 with wide intervals (two seeds): the bars reach 0 and not below."""
+    from conure_dist.experiment.plots import write_plots
+
+    def row(scores, stored):
+        learned = {t: {"mean": m, "ci95": 0.2, "std": 0.1} for t, m in scores.items()}
+        n = len(scores)
+        matrix = [[list(scores.values())[j] if j <= i else None for j in range(n)] for i in range(n)]
+        return {"tasks": list(scores), "metrics": ["mrr@5", "mrr@5", "acc"], "learned": learned,
+                "matrix_mean": matrix, "reference": {"t1": 0.01, "click": 0.02, "gender": 0.5},
+                "stored_parameters": stored}
+
+    summary = {"variants": {"main": {"conure": row({"t1": 0.05, "click": 0.03, "gender": 0.7}, 1e5),
+                                     "stl": row({"t1": 0.05, "click": 0.04, "gender": 0.9}, 3e5)}}}
+    paths = write_plots(summary, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["main_forgetting.png", "main_tasks.png", "main_storage.png"]
+    assert all((tmp_path / "plots" / p.rsplit("/", 1)[1]).stat().st_size > 10_000 for p in paths)
