@@ -217,7 +217,7 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "2 of 6 runs failed" in failed.stderr
     for seed in (0, 1):
-        assert f"other_data/finetune/seed{seed}: ValueError: data.root=" in failed.stderr
+        assert f"other_data/finetune/seed{seed}: UserError: data.root=" in failed.stderr
     reports = sorted(p.relative_to(seq) for p in (seq / "runs").rglob("report.json"))
     assert len(reports) == 4 and sorted(p.relative_to(par) for p in (par / "runs").rglob("report.json")) == reports
     for rel in reports:
