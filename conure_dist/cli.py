@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from conure_dist.errors import UserError
+
 if TYPE_CHECKING:
     from conure_dist.dist import DistInfo
     from conure_dist.experiment.harness import Experiment
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-share-first-task", dest="share_first_task", action="store_false",
                     help="every run trains T1 itself (default: runs that would train it identically "
                          "share one copy through OUT/first_task; their results are the same either way)")
+    ex.add_argument("overrides", nargs="*", help="key=value overrides applied to every run's config after the "
+                    "file's, as for run (reports under --out made with other settings are refused)")
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
@@ -173,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
-        raise ValueError(f"--out {args.out} is a file; the run needs a directory")
+        raise UserError(f"--out {args.out} is a file; the run needs a directory")
     with process_group(cfg.dist) as dist:
         build_missing_shards(cfg.data, dist)
         report = run_method(cfg, args.out, dist, resume=args.resume)
@@ -188,7 +192,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from conure_dist.config.describe import describe, format_keys, value_at
 
     if args.overrides and not args.config:
-        raise ValueError("key=value overrides apply to a preset: add --config")
+        raise UserError("key=value overrides apply to a preset: add --config")
     values = load_config(args.config, args.overrides).to_dict() if args.config else None
     keys = describe()
     if args.json:
@@ -205,7 +209,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.experiment.harness import load_experiment, run_experiment
     from conure_dist.experiment.report import format_markdown
 
-    experiment = load_experiment(args.config)
+    experiment = load_experiment(args.config, args.overrides)
     if args.seeds:
         experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
@@ -266,12 +270,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from conure_dist.experiment.compare import compare_runs, format_comparison
+    from conure_dist.experiment.compare import compare_runs, data_note, format_comparison
 
     rows = compare_runs(*args.runs)
     if not rows:
-        raise ValueError(f"{args.runs[0]} and {args.runs[1]} have no epoch in common")
+        raise UserError(f"{args.runs[0]} and {args.runs[1]} have no epoch in common")
     print(json.dumps(rows, indent=1) if args.json else format_comparison(rows))
+    note = data_note(*args.runs, rows)
+    if note:
+        print(f"\nnote: {note}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -331,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from conure_dist.checkpoint.format import CheckpointError
-    from conure_dist.config import ConfigError
     from conure_dist.experiment.jobs import RunsFailed
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:
         code = COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, CapacityError, DivergedError,
-            RunsFailed) as exc:
+    # A user's mistake (UserError: config, paths, data files, checkpoints that do not fit) gets
+    # its one-line message; anything else is a bug and keeps its traceback.
+    except (UserError, FileNotFoundError, CheckpointError, CapacityError, DivergedError, RunsFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

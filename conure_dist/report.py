@@ -92,7 +92,17 @@ def format_table(report: dict[str, Any]) -> str:
     for task, search in report.get("prune_search", {}).items():
         tried = ", ".join(f"{p['ratio']:g}{'' if p['within_tolerance'] else ' (out)'}" for p in search["probes"])
         lines.append(f"prune ratio of {task}: {search['chosen']:g} (auto; tried {tried})")
-    lines.append(
-        f"wall {report['wall_seconds']:.1f}s, world size {report['world_size']}, engine {report['engine']}"
-    )
+    lines.append(f"wall {report['wall_seconds']:.1f}s, {describe_engine(report)}")
     return "\n".join(lines)
+
+
+def describe_engine(report: dict[str, Any]) -> str:
+    """What ran, in words: one process trains without DDP's wrapper, whatever ``dist.engine`` says."""
+    world_size = report["world_size"]
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if report["engine"] == "deepspeed":
+        stage = report.get("config", {}).get("dist", {}).get("zero_stage")
+        return f"{processes}, DeepSpeed" + ("" if stage is None else f" ZeRO-{stage}")
+    if report["engine"] == "ddp":
+        return f"{processes}, DDP" if world_size > 1 else f"{processes} (no DDP)"
+    return f"{processes}, engine {report['engine']}"

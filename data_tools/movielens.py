@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 from data_tools.movielens_layouts import (
     GENDERS,
@@ -144,9 +145,9 @@ def read_movielens(
     """Parse a MovieLens release under ``src_dir`` (layout detected unless given) into
     (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise UserError(f"seq_len must be >= 2, got {seq_len}")
     if min_t1_interactions < 0:
-        raise ValueError(f"min_t1_interactions must be >= 0, got {min_t1_interactions}")
+        raise UserError(f"min_t1_interactions must be >= 0, got {min_t1_interactions}")
     checker = RowChecker(skip_bad_rows)
     layout = layout or detect_layout(src_dir)
     parsed = read_source(src_dir, layout, checker)
@@ -159,7 +160,7 @@ def read_movielens(
     t1_seqs, t1_users, t1_vocab, below_min = _t1_table(ratings, seq_len, min_t1_interactions)
     if len(t1_users) == 0:
         enough = "a rating" if min_t1_interactions <= 1 else f"{min_t1_interactions} or more ratings"
-        raise ValueError(
+        raise UserError(
             f"{join(src_dir, ratings_file)}: no user has {enough} below {LOW_RATING}, so there is no T1 sequence"
         )
     like4, dropped4 = _like_task("like4", parsed, 4, 5, t1_users)

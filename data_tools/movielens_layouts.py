@@ -13,6 +13,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 from data_tools.rows import RowChecker, parse_int, parse_number, read_text
 
@@ -119,7 +120,7 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
             column.append(value)
         lines.append(line_no)
     if not columns[0]:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
@@ -135,7 +136,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
     first = next(rows, None)
     if first is None or [f.strip() for f in first[1]] != CSV_HEADER:
         got = ",".join(first[1]) if first else "an empty file"
-        raise ValueError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
+        raise UserError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
     for line_no, fields in rows:
         if len(fields) != 4:
             checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
@@ -157,7 +158,7 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
             column.append(value)
         lines.append(line_no)
     if not columns[0]:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     return _drop_duplicates(label, path, _ratings(columns, lines), checker)
 
 
@@ -170,11 +171,11 @@ def _recbole_rows(
     rows = _rows(text, "\t")
     first = next(rows, None)
     if first is None:
-        raise ValueError(f"{path} line 1: empty file, expected a header of name:type fields")
+        raise UserError(f"{path} line 1: empty file, expected a header of name:type fields")
     names = [f.strip().split(":", 1)[0] for f in first[1]]
     missing = [n for n in required if n not in names]
     if missing:
-        raise ValueError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
+        raise UserError(f"{path} line {first[0]}: the header has no {missing} field (found {names})")
 
     def data() -> Iterator[tuple[int, list[str]]]:
         for line_no, fields in rows:
@@ -221,7 +222,7 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[Ra
             values.append((rating, timestamp))
             lines.append(line_no)
     if not users:
-        raise ValueError(f"{path}: no valid ratings")
+        raise UserError(f"{path}: no valid ratings")
     user_ids, item_ids = _TokenIds(users), _TokenIds(items)
     ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
                         [v[0] for v in values], [v[1] for v in values]], lines)
@@ -263,7 +264,7 @@ class _ProfileReader:
     def finish(self) -> dict[int, Profile]:
         """The profiles; a file without any valid row is an error (its tasks would have no class)."""
         if not self.profiles:
-            raise ValueError(f"{self.path}: no valid user rows")
+            raise UserError(f"{self.path}: no valid user rows")
         return self.profiles
 
     def _ratings_file(self) -> str:
@@ -320,14 +321,14 @@ def detect_layout(src_dir: str) -> str:
     if [n for n in names if n.endswith(".inter")]:
         return "recbole"
     known = "; ".join(f"{k}: {v}" for k, v in LAYOUT_FILES.items())
-    raise ValueError(f"{src_dir}: no MovieLens layout recognized (expected {known}); found {sorted(names)}")
+    raise UserError(f"{src_dir}: no MovieLens layout recognized (expected {known}); found {sorted(names)}")
 
 
 def _only(src_dir: str, suffix: str, required: bool) -> str | None:
     fs, root = fsspec.core.url_to_fs(src_dir)
     found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(suffix))
     if len(found) > 1:
-        raise ValueError(f"{src_dir}: several {suffix} files {found}; keep one per directory")
+        raise UserError(f"{src_dir}: several {suffix} files {found}; keep one per directory")
     if not found:
         if required:
             raise FileNotFoundError(f"{src_dir}: no {suffix} file")
@@ -369,5 +370,5 @@ def read_source(src_dir: str, layout: str, checker: RowChecker) -> ParsedSource:
         tokens = {kind: {i: t for t, i in ids.ids.items()} for kind, ids in (("user", user_ids), ("item", item_ids))}
         return ParsedSource(layout, ratings, profiles, files, profile_fields, tokens)
     else:
-        raise ValueError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
+        raise UserError(f"unknown MovieLens layout '{layout}', expected one of {sorted(LAYOUT_FILES)}")
     return ParsedSource(layout, ratings, profiles, files, profile_fields)

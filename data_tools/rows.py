@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from conure_dist.errors import UserError
+
 
 @dataclass
 class RowChecker:
@@ -19,7 +21,7 @@ class RowChecker:
 
     def bad(self, label: str, path: str, line_no: int, reason: str, detail: str) -> None:
         if not self.skip:
-            raise ValueError(f"{path} line {line_no}: {detail}")
+            raise UserError(f"{path} line {line_no}: {detail}")
         key = f"{label}: {reason}"
         self.counts[key] = self.counts.get(key, 0) + 1
 

@@ -15,6 +15,7 @@ import numpy as np
 import webdataset as wds
 
 from conure_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, ShardInfo
+from conure_dist.errors import UserError
 from conure_dist.fs import is_local, join
 from data_tools.split import check_fractions
 
@@ -54,7 +55,7 @@ def check_writer_args(split: tuple[float, float, float], seed: int, instances_pe
     """What both writers check before they remove anything."""
     check_fractions(split)
     if seed < 0 or instances_per_shard < 1 or records_per_sample < 1:
-        raise ValueError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
+        raise UserError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
                          f"{seed}, {instances_per_shard}, {records_per_sample}")
 
 

@@ -7,19 +7,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conure_dist.errors import UserError
+
 SPLIT_NAMES: tuple[str, str, str] = ("train", "valid", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.05, 0.15)
 
 
 def check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions):
-        raise ValueError(
+        raise UserError(
             f"split must be three non-negative fractions (train, valid, test), got {fractions}"
         )
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
-        raise ValueError(f"split fractions must sum to 1, got {fractions} (sum {sum(fractions)})")
+        raise UserError(f"split fractions must sum to 1, got {fractions} (sum {sum(fractions)})")
     if fractions[0] == 0:
-        raise ValueError(f"the train fraction must be positive, got {fractions}")
+        raise UserError(f"the train fraction must be positive, got {fractions}")
 
 
 def split_sizes(

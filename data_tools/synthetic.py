@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.errors import UserError
 from data_tools.shards import TaskData, write_dataset
 from data_tools.split import DEFAULT_FRACTIONS
 
@@ -132,7 +133,7 @@ class SyntheticSpec:
         }
         bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid SyntheticSpec: {'; '.join(bad)}")
+            raise UserError(f"invalid SyntheticSpec: {'; '.join(bad)}")
 
 
 @dataclass(frozen=True)

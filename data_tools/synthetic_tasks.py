@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.errors import UserError
 from data_tools.shards import TaskData, write_dataset
 from data_tools.synthetic import SyntheticSpec, generate
 
@@ -44,9 +45,9 @@ def generate_tasks(num_tasks: int, spec: SyntheticSpec, classes: int = 3, noise:
                    ) -> tuple[np.ndarray, list[TaskData], dict[str, Any]]:
     """T1 sequences, the ``num_tasks`` tasks (T1 first), and the source record of the manifest."""
     if num_tasks < BASE_TASKS:
-        raise ValueError(f"num_tasks must be >= {BASE_TASKS} (the embedded dataset's tasks), got {num_tasks}")
+        raise UserError(f"num_tasks must be >= {BASE_TASKS} (the embedded dataset's tasks), got {num_tasks}")
     if classes < 2:
-        raise ValueError(f"classes must be >= 2, got {classes}")
+        raise UserError(f"classes must be >= 2, got {classes}")
     t1_seqs, tasks, source = generate(spec)
     rng = np.random.default_rng([spec.seed, num_tasks, 7])
     for j in range(1, num_tasks - BASE_TASKS + 1):

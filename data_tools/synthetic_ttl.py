@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.errors import UserError
 from data_tools.shard_streaming import StreamingDatasetWriter, StreamTask
 from data_tools.split import DEFAULT_FRACTIONS
 
@@ -68,7 +69,7 @@ class TTLSpec:
                   "like_rate": (0 < self.like_rate <= 1, "in (0, 1]")}
         bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in bounds.items() if not ok]
         if bad:
-            raise ValueError(f"invalid TTLSpec: {'; '.join(bad)}")
+            raise UserError(f"invalid TTLSpec: {'; '.join(bad)}")
 
 
 class _Catalogue:

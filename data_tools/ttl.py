@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import Manifest
+from conure_dist.errors import UserError
 from data_tools.rows import RowChecker, numbers_first, read_text
 from data_tools.shards import TaskData, write_dataset
 from data_tools.split import DEFAULT_FRACTIONS
@@ -45,7 +46,7 @@ class TaskFile:
         name, _, rest = spec.partition("=")
         kind, _, path = rest.partition(":")
         if not name or kind not in ("item", "class") or not path:
-            raise ValueError(f"task '{spec}' is not of the form NAME=item:PATH or NAME=class:PATH")
+            raise UserError(f"task '{spec}' is not of the form NAME=item:PATH or NAME=class:PATH")
         return cls(name, kind, path)
 
 
@@ -71,7 +72,7 @@ def _read_pretrain(path: str, seq_len: int, checker: RowChecker) -> tuple[list[l
         else:
             rows.append(tokens)
     if not rows:
-        raise ValueError(f"{path}: no valid sequence")
+        raise UserError(f"{path}: no valid sequence")
     return rows, sha
 
 
@@ -105,7 +106,7 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
             sources.append(tokens)
             targets.append(wanted)
     if not sources:
-        raise ValueError(f"{task.path}: no valid row")
+        raise UserError(f"{task.path}: no valid row")
     return sources, targets, sha
 
 
@@ -113,10 +114,10 @@ def read_ttl(pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100,
              skip_bad_rows: bool = False) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
     """Parse the TTL files into (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
-        raise ValueError(f"seq_len (--seq-len) must be >= 2, got {seq_len}")
+        raise UserError(f"seq_len (--seq-len) must be >= 2, got {seq_len}")
     names = ["t1", *(t.name for t in tasks)]
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be distinct (and not 't1'): {names}")
+        raise UserError(f"task names must be distinct (and not 't1'): {names}")
     checker = RowChecker(skip_bad_rows)
     pre_rows, pre_sha = _read_pretrain(pretrain, seq_len, checker)
     vocab = _sorted_ids({t for row in pre_rows for t in row if t != PAD})

@@ -125,3 +125,16 @@ def shards_digest(manifest) -> str:
             for shard in task.splits[split].shards:
                 digest.update(shard.sha256.encode())
     return digest.hexdigest()
+
+
+def collect_scores(model, manifest, task, split: str, batch_size: int, device):
+    """All scores (logits) of a split in manifest order, on one process: for no-forgetting checks."""
+    import torch
+
+    from conure_dist.data.stream import iter_batches
+
+    model.eval()
+    with torch.no_grad():
+        out = [model(b.seq.to(device), task.name).float().cpu()
+               for b in iter_batches(manifest, task.name, split, batch_size, shuffle=False, seed=0, epoch=0)]
+    return torch.cat(out)

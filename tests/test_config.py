@@ -8,11 +8,16 @@ from conure_dist.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
+EXPERIMENTS = sorted((CONFIGS / "experiments").glob("*.yaml"))
 
 
-def test_all_four_presets_exist():
-    names = {p.name for p in PRESETS}
-    assert {"quickstart.yaml", "ml100k.yaml", "ttl.yaml", "ml25m.yaml"} <= names
+def test_every_yaml_under_configs_is_a_preset_or_an_experiment():
+    """The two parametrized tests below load every file: a YAML elsewhere would go unchecked."""
+    assert sorted(CONFIGS.rglob("*.y*ml")) == sorted(PRESETS + EXPERIMENTS)
+    assert {p.name for p in PRESETS} == {
+        "quickstart.yaml", "ml100k.yaml", "ml1m.yaml", "ml25m.yaml", "ttl.yaml", "paper_ttl.yaml",
+        "paper_synthetic.yaml", "growth_12tasks.yaml"}
+    assert len(EXPERIMENTS) >= 9
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
@@ -20,7 +25,35 @@ def test_every_preset_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.tasks, "a preset lists its tasks"
     assert cfg.tasks[0].name in ("t1",), "T1 comes first"
-    assert all(0 <= t.prune_ratio < 1 for t in cfg.tasks)
+    assert all(0 <= t.prune_ratio < 1 for t in cfg.tasks if t.prune_ratio != "auto")
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_file_loads_and_validates(path):
+    from conure_dist.config import METHODS
+    from conure_dist.experiment.harness import load_experiment, run_config
+
+    experiment = load_experiment(path)  # loads every (variant, method) run config
+    assert experiment.base in PRESETS, "an experiment varies one of the presets"
+    assert experiment.methods and set(experiment.methods) <= set(METHODS)
+    assert experiment.seeds and len(set(experiment.seeds)) == len(experiment.seeds)
+    for variant in experiment.variants:
+        for method in variant.methods or experiment.methods:
+            cfg = run_config(experiment, variant, method, experiment.seeds[-1])
+            assert cfg.method.name == method and cfg.seed == experiment.seeds[-1]
+            assert cfg.tasks[0].name == "t1"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_json_agrees_with_a_run_config(path):
+    import json
+
+    from conure_dist.config import DistConfig
+    from conure_dist.train.deepspeed_engine import deepspeed_config
+
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    ds = deepspeed_config(32, DistConfig(engine="deepspeed", zero_stage=stage, deepspeed_config=str(path)))
+    assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == 32
 
 
 def test_paper_presets_use_paper_hyperparameters():

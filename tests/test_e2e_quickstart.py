@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from helpers import collect_scores
 
 from conure_dist.checkpoint.format import COMMIT, load_checkpoint
 from conure_dist.cli import main
 from conure_dist.continual.audit import model_from_checkpoint
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
-from conure_dist.train.evaluate import collect_scores
 
 pytestmark = pytest.mark.slow
 

@@ -158,6 +158,7 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and all(x["class"] in (0, 1) for x in lines)
+    assert all(abs(sum(x["probabilities"]) - 1) < 1e-4 and x["probabilities"][x["class"]] >= 0.5 for x in lines)
     # The sequence task recommends what follows the whole history: its last item counts.
     seqs.write_text('{"seq": [5, 6, 7, 8, 9]}\n{"seq": [5, 6, 7, 8, 21]}\n{"seq": [6, 7, 8, 21]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--input", str(seqs), "--k", "5"]) == 0

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-from helpers import cli, cli_on, tiny_config
+from helpers import cli, cli_on, collect_scores, tiny_config
 
 from conure_dist.checkpoint.format import load_checkpoint
 from conure_dist.continual.audit import model_from_checkpoint
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
-from conure_dist.train.evaluate import collect_scores
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
 EMBEDDING = "backbone.embedding.weight"

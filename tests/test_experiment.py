@@ -217,7 +217,7 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "2 of 6 runs failed" in failed.stderr
     for seed in (0, 1):
-        assert f"other_data/finetune/seed{seed}: ValueError: data.root=" in failed.stderr
+        assert f"other_data/finetune/seed{seed}: UserError: data.root=" in failed.stderr
     reports = sorted(p.relative_to(seq) for p in (seq / "runs").rglob("report.json"))
     assert len(reports) == 4 and sorted(p.relative_to(par) for p in (par / "runs").rglob("report.json")) == reports
     for rel in reports:
@@ -283,3 +283,60 @@ def test_intervals_and_paired_differences_by_hand():
     assert out["relative_mean"]["mean"] == pytest.approx((0.1 + 0.228571) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="same seeds"):
         contrast(a, [b[1], b[0]], ["click"])
+
+
+def test_command_line_overrides_reach_every_run_and_guard_reuse(tmp_path, capsys, caplog):
+    """``conure experiment ... key=value``: applied after the file's overrides, validated like
+    ``conure run``'s before any compute, recorded in results.json, and a report made without
+    them is refused rather than mixed in."""
+    caplog.set_level(logging.INFO, logger="conure_dist.experiment.harness")
+    path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
+    out = tmp_path / "out"
+    command = ["experiment", "--config", str(path), "--out", str(out)]
+    for bad, message in (("tasks.2.lr=fast", "key 'tasks.2.lr': expected a finite number, got 'fast' (set by the "
+                                             "override 'tasks.2.lr=fast')"),
+                         ("seed=4", "override 'seed=4': the experiment sets each run's seed and method")):
+        assert main([*command, bad]) == 2
+        assert message in capsys.readouterr().err, bad
+        assert not out.exists(), "refused before any compute"
+    cli(*command, "tasks.2.lr=0.05", "tasks.0.epochs=1")  # gender is the base config's tasks.2
+    report = json.loads((out / "runs/main/conure/seed0/report.json").read_text())
+    assert report["config"]["tasks"][1]["lr"] == 0.05 and report["config"]["tasks"][0]["epochs"] == 1
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["overrides"] == ["tasks.0.epochs=2"]
+    assert summary["command_overrides"] == ["tasks.2.lr=0.05", "tasks.0.epochs=1"]
+    assert "then from the command line ['tasks.2.lr=0.05', 'tasks.0.epochs=1']" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(command) == 2  # without them: the stored run was made with other settings
+    err = capsys.readouterr().err
+    assert "tasks.0.epochs=2 (the run: 1)" in err and "tasks.1.lr=0.003 (the run: 0.05)" in err
+    caplog.clear()
+    cli(*command, "tasks.2.lr=0.05", "tasks.0.epochs=1", "train.eval_batch_size=64")
+    assert "main/conure/seed0: report exists, not run again" in caplog.text
+
+
+def test_error_bars_stop_at_the_metrics_bounds():
+    from conure_dist.experiment.plots import clipped_error_bars
+
+    below, above = clipped_error_bars([0.02, 0.5, 0.99, 0.0], [0.05, 0.1, 0.03, 0.0])
+    assert below == pytest.approx([0.02, 0.1, 0.03, 0.0]) and above == pytest.approx([0.05, 0.1, 0.01, 0.0])
+    assert all(m - b >= 0 and m + a <= 1 + 1e-12 for m, b, a in zip([0.02, 0.5, 0.99, 0.0], below, above, strict=True))
+
+
+def test_plots_of_a_summary_with_small_scores(tmp_path):
+    """Scores near 0 with wide intervals (two seeds): the bars reach 0 and not below."""
+    from conure_dist.experiment.plots import write_plots
+
+    def row(scores, stored):
+        learned = {t: {"mean": m, "ci95": 0.2, "std": 0.1} for t, m in scores.items()}
+        n = len(scores)
+        matrix = [[list(scores.values())[j] if j <= i else None for j in range(n)] for i in range(n)]
+        return {"tasks": list(scores), "metrics": ["mrr@5", "mrr@5", "acc"], "learned": learned,
+                "matrix_mean": matrix, "reference": {"t1": 0.01, "click": 0.02, "gender": 0.5},
+                "stored_parameters": stored}
+
+    summary = {"variants": {"main": {"conure": row({"t1": 0.05, "click": 0.03, "gender": 0.7}, 1e5),
+                                     "stl": row({"t1": 0.05, "click": 0.04, "gender": 0.9}, 3e5)}}}
+    paths = write_plots(summary, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["main_forgetting.png", "main_tasks.png", "main_storage.png"]
+    assert all((tmp_path / "plots" / p.rsplit("/", 1)[1]).stat().st_size > 10_000 for p in paths)

@@ -147,7 +147,7 @@ def test_answers_equal_conure_predict_single_and_batched(client, run_dir, task):
     assert (after["requests"] - before["requests"], after["sequences"] - before["sequences"],
             after["forward_passes"] - before["forward_passes"]) == (1, 20, 2)
     if task == "gender":
-        assert all(r["label"] == "FM"[r["class"]] and len(r["scores"]) == 2 for r in expected)
+        assert all(r["label"] == "FM"[r["class"]] and len(r["probabilities"]) == 2 for r in expected)
     else:
         assert all(len(r["items"]) == K == len(r["scores"]) for r in expected)
 

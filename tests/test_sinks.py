@@ -43,6 +43,11 @@ def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_step
     assert curves["test/gender/acc"][0][1] == pytest.approx(done["gender"]["test"]["acc"], rel=1e-6)
     assert [v for _, v in curves["capacity/free_fraction"]] == pytest.approx(
         [done[t]["capacity"]["free_fraction"] for t, _ in TASKS], rel=1e-6)
+    assert {t for t in curves if t.startswith("capacity/owned_by_")} == {f"capacity/owned_by_{t}" for t, _ in TASKS}
+    assert [v for _, v in curves["capacity/owned_by_click"]] == pytest.approx(
+        [done[t]["capacity"]["owned_fraction"]["2"] for t in ("click", "gender")], rel=1e-6)
+    for tag, points in curves.items():  # no curve folds back: every tag's steps strictly increase
+        assert all(a < b for (a, _), (b, _) in zip(points, points[1:], strict=False)), tag
 
     from mlflow.tracking import MlflowClient
 
@@ -58,6 +63,26 @@ def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_step
     trace = json.loads((profile / "trace-steps1-3-rank0.json").read_text())
     assert any("aten::" in ev.get("name", "") for ev in trace["traceEvents"])
     assert "Self CPU" in (profile / "top-ops-steps1-3-rank0.txt").read_text()
+
+
+def test_tensorboard_steps_strictly_increase_per_tag_and_capacity_curves_carry_task_names(tmp_path):
+    """The retrain's first validation (before any retrain step) comes at the train phase's last
+    step: it goes one step later on its curve. Capacity curves are named by task."""
+    (sink,) = make_sinks(["tensorboard"], str(tmp_path), {"tasks": [{"name": "t1"}, {"name": "click"}]})
+    for phase, epoch, step, mrr in [("train", 1, 5, 0.1), ("train", 2, 10, 0.2), ("retrain", 0, 10, 0.25),
+                                    ("retrain", 1, 15, 0.3)]:
+        sink.log("epoch", {"task": "t1", "phase": phase, "epoch": epoch, "global_step": step, "loss": 1.0,
+                           "valid": {"mrr@5": mrr, "count": 9}})
+    sink.log("task_done", {"task": "click", "global_step": 20, "test": {"mrr@5": 0.4, "count": 9},
+                           "capacity": {"owned_fraction": {"1": 0.3, "2": 0.2}, "free_fraction": 0.5}})
+    sink.close()
+    curves = _scalars(tmp_path / "tensorboard")
+    assert curves["valid/t1/mrr@5"] == [(5, pytest.approx(0.1)), (10, pytest.approx(0.2)), (11, pytest.approx(0.25)),
+                                        (15, pytest.approx(0.3))]
+    assert [s for s, _ in curves["epoch_loss/t1/retrain"]] == [10, 15]  # its own tag: no collision
+    assert curves["capacity/owned_by_t1"] == [(20, pytest.approx(0.3))]
+    assert curves["capacity/owned_by_click"] == [(20, pytest.approx(0.2))]
+    assert not any("owned_by_task" in tag for tag in curves)
 
 
 def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from conure_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value or key is wrong; the message names the key and the file."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from conure_dist.config import RunConfig
 from conure_dist.config.data_flags import data_command
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
+from conure_dist.errors import UserError
 
 
 class MissingShardsError(FileNotFoundError):
@@ -32,7 +33,7 @@ def open_dataset(cfg: RunConfig) -> tuple[Manifest, list[TaskInfo]]:
         differ = {key: (have, want) for key, (have, want) in _built_with(cfg, manifest).items() if have != want}
         if differ:
             listed = ", ".join(f"{key}={want} (the shards have {have})" for key, (have, want) in differ.items())
-            raise ValueError(f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
+            raise UserError(f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
                              "point data.root to another directory, or delete it to rebuild")
     return manifest, check_tasks(cfg, manifest)
 
@@ -74,13 +75,13 @@ def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
         try:
             info = manifest.task(task.name)
         except ValueError as exc:
-            raise ValueError(f"tasks.{i}.name: {exc}") from None
+            raise UserError(f"tasks.{i}.name: {exc}") from None
         if (i == 0) != (info.kind == "sequence"):
-            raise ValueError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
+            raise UserError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
                              f"'{task.name}' is of kind '{info.kind}'")
         empty = [split for split in ("train", "valid", "test") if info.splits[split].num_instances == 0]
         if empty:
-            raise ValueError(f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
+            raise UserError(f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
                              f"data.root={cfg.data.root}; it needs more data or larger data.split fractions")
         infos.append(info)
     return infos

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import fsspec
 import numpy as np
 
+from conure_dist.errors import UserError
 from conure_dist.fs import join, write_atomic
 
 TaskKind = Literal["sequence", "item", "class"]
@@ -99,12 +100,12 @@ class Manifest:
             if info.name == name:
                 return info
         names = ", ".join(t.name for t in self.tasks)
-        raise ValueError(f"no task '{name}' in {self.path}; available: {names}")
+        raise UserError(f"no task '{name}' in {self.path}; available: {names}")
 
     def split_info(self, task: str, split: str) -> SplitInfo:
         info = self.task(task)
         if split not in info.splits:
-            raise ValueError(
+            raise UserError(
                 f"no split '{split}' for task '{task}' in {self.path}; available: {', '.join(info.splits)}"
             )
         return info.splits[split]
@@ -121,9 +122,9 @@ class Manifest:
             with fsspec.open(url, "rb") as f:
                 counts = np.load(f, allow_pickle=False)
         except FileNotFoundError as exn:
-            raise ValueError(f"train counts of task '{task}' missing: {url}") from exn
+            raise UserError(f"train counts of task '{task}' missing: {url}") from exn
         if counts.dtype != np.int64 or counts.shape != (info.num_outputs,):
-            raise ValueError(
+            raise UserError(
                 f"{url}: expected int64 array of shape ({info.num_outputs},), "
                 f"got {counts.dtype} {counts.shape}"
             )
@@ -144,11 +145,11 @@ class Manifest:
             with fsspec.open(url, "r") as f:
                 ids = json.load(f)
         except FileNotFoundError as exn:
-            raise ValueError(f"{url} is missing (listed in {self.path})") from exn
+            raise UserError(f"{url} is missing (listed in {self.path})") from exn
         except json.JSONDecodeError as exn:
-            raise ValueError(f"{url}: invalid JSON ({exn})") from exn
+            raise UserError(f"{url}: invalid JSON ({exn})") from exn
         if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids) or length not in (None, len(ids)):
-            raise ValueError(f"{url}: expected a list of {length or 'the'} raw ids (strings)")
+            raise UserError(f"{url}: expected a list of {length or 'the'} raw ids (strings)")
         return ids
 
     def to_json(self) -> dict[str, Any]:
@@ -180,7 +181,7 @@ class Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exn:
-            raise ValueError(f"{path}: invalid JSON ({exn})") from exn
+            raise UserError(f"{path}: invalid JSON ({exn})") from exn
         return _parse_manifest(_Fields(raw, path, ""), root)
 
 
@@ -215,7 +216,7 @@ class _Fields:
         self.raw: dict[str, Any] = raw
 
     def fail(self, key: str, msg: str) -> None:
-        raise ValueError(f"{self.path}: key '{key}': {msg}")
+        raise UserError(f"{self.path}: key '{key}': {msg}")
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name

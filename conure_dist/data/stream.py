@@ -47,11 +47,12 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from conure_dist.data.manifest import Manifest, ShardInfo
+from conure_dist.errors import UserError
 
 Partition = Literal["auto", "range", "stride"]
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard is missing, truncated, corrupted or disagrees with the manifest."""
 
 
@@ -232,7 +233,7 @@ def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Ch
     expected = {"seq.npy", "user.npy"} | ({"target.npy"} if has_target else set())
     found = {k for k in sample if not k.startswith("__")}
     if found != expected:
-        raise ValueError(
+        raise ShardError(
             f"sample {sample.get('__key__')}: members {sorted(found)}, expected {sorted(expected)}"
         )
     seq = _load_npy(sample["seq.npy"])
@@ -244,7 +245,7 @@ def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Ch
         or user.shape != (n,)
         or (target is not None and target.shape != (n,))
     ):
-        raise ValueError(
+        raise ShardError(
             f"sample {sample['__key__']}: inconsistent shapes seq {seq.shape}, user {user.shape}, "
             f"target {None if target is None else target.shape} for seq_len {seq_len}"
         )
@@ -322,12 +323,12 @@ def iter_batches(
     )
     _check_steps(batch_size, num_steps, start_step)
     if num_steps is not None and num_steps > start_step and plan.num_instances == 0:
-        raise ValueError(
+        raise UserError(
             f"cannot draw {num_steps} steps from {task}/{split}: the split has no instances"
         )
     if num_steps is not None and plan.partition == "range" and plan.num_instances < world_size:
         # Some rank's range would be empty and a repeating stream over it would never yield.
-        raise ValueError(
+        raise UserError(
             f"{task}/{split} has {plan.num_instances} instances for {world_size} ranks: too few "
             "for data.partition=range; use stride (or auto)"
         )

@@ -15,6 +15,8 @@ from typing import Any
 
 import fsspec
 
+from conure_dist.config import config_changes
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 
 
@@ -28,10 +30,47 @@ def epoch_entries(run: str) -> dict[tuple[str, str, int], dict[str, Any]]:
             try:
                 record = json.loads(line)
             except ValueError as exc:
-                raise ValueError(f"{path} line {line_no}: not JSON ({exc})") from None
+                raise UserError(f"{path} line {line_no}: not JSON ({exc})") from None
             if record.get("event") == "epoch":
                 entries[(record["task"], record["phase"], record["epoch"])] = record
     return entries
+
+
+def start_entry(run: str) -> dict[str, Any] | None:
+    """The run's last ``start`` log entry (its world size and config), None if it logs none."""
+    last = None
+    with fsspec.open(join(run, "log.jsonl"), "r") as f:
+        for line in f:
+            if '"start"' in line and (record := json.loads(line)).get("event") == "start":
+                last = record
+    return last
+
+
+# Keys that decide which batches an epoch trains on, besides the world size.
+DATA_KEYS = ("seed", "data.")
+
+
+def data_note(run_a: str, run_b: str, rows: list[dict[str, Any]]) -> str | None:
+    """Why the runs saw other data, when some epoch's fingerprints differ, and what to set."""
+    if not any(r["same_data"] is False for r in rows):
+        return None
+    a, b = start_entry(run_a), start_entry(run_b)
+    if a is None or b is None or "config" not in a or "config" not in b:
+        return "the runs trained on other data (their logs record no config to say why)"
+    sizes = (a["world_size"], b["world_size"])
+    partitions = (a["config"]["data"]["partition"], b["config"]["data"]["partition"])
+    if sizes[0] != sizes[1] and partitions != ("stride", "stride"):
+        return (f"the runs trained on other data because they ran {sizes[0]} and {sizes[1]} processes with "
+                f"data.partition={partitions[0]} and {partitions[1]}: under range (and auto, wherever a split "
+                "has as many shards as processes) each process reads shards of its own, so the global "
+                "batches differ with the number of processes. To compare them on the same data, run both "
+                "with data.partition=stride (the processes' batches together are then the 1-process batch).")
+    changes = [f"{k}: {x} / {y}" for k, (x, y) in config_changes(a["config"], b["config"]).items()
+               if k.startswith(DATA_KEYS)]
+    if changes:
+        return f"the runs trained on other data: their configs differ in {'; '.join(changes)}"
+    return (f"the runs trained on other data with the same data settings on {sizes[0]} and {sizes[1]} "
+            "processes: check that data.root holds the same shards")
 
 
 def _relative(a: float | None, b: float | None) -> float | None:

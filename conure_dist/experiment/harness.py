@@ -45,6 +45,7 @@ from conure_dist.config import (
     load_config,
 )
 from conure_dist.dist import DistInfo
+from conure_dist.errors import UserError
 from conure_dist.experiment.report import summarize, write_results
 from conure_dist.fs import join
 from conure_dist.report import as_conure_minus
@@ -79,6 +80,8 @@ class Experiment:
     seeds: list[int]
     variants: list[Variant]
     contrasts: list[Contrast] = field(default_factory=list)
+    command_overrides: list[str] = field(default_factory=list)
+    """``conure experiment``'s own ``key=value`` overrides: applied to every run, after the file's."""
 
 
 def _list_of(value: Any, kind: type, key: str, path: Path) -> list:
@@ -87,9 +90,14 @@ def _list_of(value: Any, kind: type, key: str, path: Path) -> list:
     return value
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and check an experiment file; errors name the file and key."""
+def load_experiment(path: str | Path, command_overrides: list[str] = ()) -> Experiment:
+    """Read and check an experiment file (with the command line's ``key=value`` overrides, which
+    every run config takes after the file's own); errors name the file and key."""
     path = Path(path)
+    for override in command_overrides:
+        if override.split("=", 1)[0].strip() in ("seed", "method.name"):
+            raise ConfigError(f"override '{override}': the experiment sets each run's seed and method "
+                              "(give --seeds, or the methods in the file)")
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found")
     try:
@@ -129,7 +137,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not methods:
         raise ConfigError(f"{path}: key 'methods' must list at least one method")
     experiment = Experiment(path, base, _list_of(data.get("overrides", []), str, "overrides", path), methods,
-                            seeds, variants)
+                            seeds, variants, command_overrides=list(command_overrides))
     tasks = {}  # every run config must load before any compute
     for variant in variants:
         for method in variant.methods or methods:
@@ -172,7 +180,8 @@ def _distinct(values: list[str], key: str, path: Path) -> list[str]:
 
 def run_config(experiment: Experiment, variant: Variant, method: str, seed: int) -> RunConfig:
     """The run config of one (variant, method, seed)."""
-    overrides = [*experiment.overrides, *variant.overrides, f"method.name={method}", f"seed={seed}"]
+    overrides = [*experiment.overrides, *variant.overrides, *experiment.command_overrides, f"method.name={method}",
+                 f"seed={seed}"]
     try:
         cfg = load_config(experiment.base, overrides)
     except ConfigError as exc:
@@ -294,7 +303,7 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     ran = (report.get("method"), report.get("seed"), [t["name"] for t in report["tasks"]])
     want = (cfg.method.name, cfg.seed, [t.name for t in cfg.tasks])
     if ran != want:
-        raise ValueError(f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
+        raise UserError(f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
                          f"for {want}; delete it or use another --out")
     if "config" not in report:
         log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
@@ -308,7 +317,7 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in changes.items()
               if k not in NOT_RESULTS and k not in newer]
     if differ:
-        raise ValueError(f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out")
+        raise UserError(f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out")
 
 
 def _has_key(tree: Any, dotted: str) -> bool:

@@ -49,7 +49,7 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused
                             "wall_seconds": interval([r["wall_seconds"] for r in runs])}
         variants[variant] = rows
     return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
-            "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
+            "command_overrides": experiment.command_overrides, "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
             "wall_seconds": round(wall_seconds, 1), "reused_seconds": round(reused_seconds, 1)}
 
 
@@ -90,9 +90,15 @@ def _reused_part(summary: dict[str, Any]) -> str:
     return f" (of which {reused:.0f} s are runs reused from earlier calls, at the time they took then)" if reused else ""
 
 
+def _command_part(summary: dict[str, Any]) -> str:
+    given = summary.get("command_overrides")
+    return f", then from the command line {given}" if given else ""
+
+
 def format_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Experiment `{summary['experiment']}`", "",
-             f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}; "
+             f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}"
+             f"{_command_part(summary)}; "
              f"wall time {summary['wall_seconds']:.0f} s{_reused_part(summary)}.", "",
              "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
              "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.", ""]

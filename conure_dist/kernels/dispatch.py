@@ -18,6 +18,8 @@ import importlib.util
 
 import torch
 
+from conure_dist.errors import UserError
+
 KERNELS = ("auto", "chunked", "triton")
 AUTO_DTYPES = (torch.bfloat16, torch.float16)
 """Product dtypes for which ``auto`` picks the kernels (tensor-core products)."""
@@ -62,6 +64,6 @@ def use_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
         from conure_dist.kernels.common import INTERPRETED
 
         if not INTERPRETED:
-            raise ValueError(f"kernel='triton' on {device.type} tensors runs in Triton's interpreter: set "
+            raise UserError(f"kernel='triton' on {device.type} tensors runs in Triton's interpreter: set "
                              "TRITON_INTERPRET=1 before the kernels are first used")
     return True

@@ -46,6 +46,7 @@ import torch.distributed as tdist
 from conure_dist.data.manifest import SPLITS
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo, barrier
+from conure_dist.errors import UserError
 from conure_dist.fs import join, write_atomic
 from conure_dist.serving.export import TaskNetwork, baked_network, check_exportable, task_input
 from conure_dist.serving.inference import load_trained, manifest_for
@@ -164,7 +165,7 @@ def prepare_out(out: str, dist: DistInfo) -> None:
     names = [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)] if fs.exists(path) else []
     foreign = sorted(n for n in names if n != INDEX and not SHARD_NAME.fullmatch(n))
     if foreign:
-        raise ValueError(f"--out {out} is not empty and not a previous conure embedding (it holds "
+        raise UserError(f"--out {out} is not empty and not a previous conure embedding (it holds "
                          f"{', '.join(foreign[:5])}): choose a new or empty location")
     barrier(dist)
     if dist.is_main:

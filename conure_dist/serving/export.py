@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conure_dist.continual.views import MaskedModel
+from conure_dist.errors import UserError
 from conure_dist.fs import write_atomic
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.serving.inference import TrainedRun, load_trained, manifest_for
@@ -80,7 +81,7 @@ def check_exportable(run: TrainedRun, task: str) -> None:
     run.check_finished(task)
     method = run.ckpt.meta["config"].get("method", {}).get("name", "conure")
     if method != "conure" or any(name.startswith("patches.") for name in run.ckpt.model):
-        raise ValueError(f"{run.ckpt.url}: only Conure checkpoints can be exported or embedded, "
+        raise UserError(f"{run.ckpt.url}: only Conure checkpoints can be exported or embedded, "
                          f"this one was trained with method '{method}'")
 
 
@@ -147,7 +148,7 @@ def load_exported(path: str | Path) -> TaskNetwork:
     config = read_config(root)
     digest = _sha256(root / WEIGHTS)
     if digest != config["files"][WEIGHTS]["sha256"]:
-        raise ValueError(f"{root / WEIGHTS}: sha256 {digest} differs from the {config['files'][WEIGHTS]['sha256']} "
+        raise UserError(f"{root / WEIGHTS}: sha256 {digest} differs from the {config['files'][WEIGHTS]['sha256']} "
                          f"recorded in {root / CONFIG}")
     # Fresh (64-byte aligned) copies: safetensors places tensors at 8-byte offsets of the file,
     # and the CPU matrix kernels round differently on such data for a batch of 1 to 3 rows.
@@ -163,11 +164,11 @@ def read_config(root: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{root}: no {CONFIG}; not a (complete) conure export") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{root / CONFIG}: invalid JSON ({exc})") from None
+        raise UserError(f"{root / CONFIG}: invalid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{root / CONFIG}: not a conure export (format {FORMAT!r} expected)")
+        raise UserError(f"{root / CONFIG}: not a conure export (format {FORMAT!r} expected)")
     if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{root / CONFIG}: format version {config.get('format_version')}, this code reads "
+        raise UserError(f"{root / CONFIG}: format version {config.get('format_version')}, this code reads "
                          f"{FORMAT_VERSION}")
     return config
 
@@ -190,10 +191,10 @@ def _prepare_out(out: str) -> Path:
     """The output directory, created or emptied of a previous export's files; anything else in
     it makes the export refuse, so that it never overwrites what it did not write."""
     if "://" in out and not out.startswith("file://"):
-        raise ValueError(f"--out {out}: export writes to a local directory (copy it to object storage after)")
+        raise UserError(f"--out {out}: export writes to a local directory (copy it to object storage after)")
     root = Path(out.removeprefix("file://"))
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
+        raise UserError(f"--out {out} is a file, not a directory")
     if root.is_dir():
         present = sorted(p.name for p in root.iterdir())
         foreign = [n for n in present if n not in EXPORT_FILES or not (root / n).is_file()]
@@ -203,7 +204,7 @@ def _prepare_out(out: str) -> Path:
             except ValueError:
                 foreign = [CONFIG]
         if foreign:
-            raise ValueError(f"--out {out} is not empty and not a previous conure export (it holds "
+            raise UserError(f"--out {out} is not empty and not a previous conure export (it holds "
                              f"{', '.join(foreign[:5])}): choose a new or empty directory")
         # config.json first: a directory without it is never taken for a complete export.
         for name in sorted(present, key=lambda n: n != CONFIG):

@@ -18,6 +18,7 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
 from conure_dist.data.stream import iter_batches
 from conure_dist.dist import DistInfo
+from conure_dist.errors import UserError
 from conure_dist.model import ConureModel
 from conure_dist.train.evaluate import evaluate_task
 
@@ -44,9 +45,9 @@ class TrainedRun:
 
     def check_finished(self, task: str, flag: str = "--task") -> None:
         if task not in self.task_names:
-            raise ValueError(f"{flag}: no task '{task}' in {self.ckpt.url} (its tasks: {', '.join(self.task_names)})")
+            raise UserError(f"{flag}: no task '{task}' in {self.ckpt.url} (its tasks: {', '.join(self.task_names)})")
         if task not in self.finished:
-            raise ValueError(f"{flag}: task '{task}' is not finished in {self.ckpt.url} (finished: "
+            raise UserError(f"{flag}: task '{task}' is not finished in {self.ckpt.url} (finished: "
                              f"{', '.join(self.finished)})")
 
 
@@ -73,7 +74,7 @@ def manifest_for(ckpt: Checkpoint, data_root: str | None) -> Manifest:
                    (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"])]
     wrong = [f"{key} is {have} there, {want} in the checkpoint" for key, have, want in differ if have != want]
     if wrong:
-        raise ValueError(f"{root}: these shards do not match the checkpoint {ckpt.url}: {'; '.join(wrong)}")
+        raise UserError(f"{root}: these shards do not match the checkpoint {ckpt.url}: {'; '.join(wrong)}")
     return manifest
 
 
@@ -103,12 +104,12 @@ def check_history(seq: Any, num_items: int) -> list[int]:
     """``seq`` itself if it is a history of T1 item ids (integers in 0..num_items-1, 0 being
     padding, at least one item); else a ValueError that says what is wrong."""
     if not isinstance(seq, list) or not all(type(x) is int for x in seq):
-        raise ValueError(f"'seq' must be a list of integer item ids, got {seq!r}")
+        raise UserError(f"'seq' must be a list of integer item ids, got {seq!r}")
     outside = [x for x in seq if not 0 <= x < num_items]
     if outside:
-        raise ValueError(f"item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
+        raise UserError(f"item ids {outside[:5]} are outside the T1 vocabulary 1..{num_items - 1}")
     if not any(seq):
-        raise ValueError("the sequence has no item (0 is padding)")
+        raise UserError("the sequence has no item (0 is padding)")
     return seq
 
 
@@ -143,16 +144,17 @@ def score_histories(masked: MaskedModel, task: str, seqs_BL: torch.Tensor) -> to
 
 def format_record(kind: str, scores: torch.Tensor, k: int, class_names: list[str] | None = None,
                   vocab: list[str] | None = None) -> dict[str, Any]:
-    """What ``predict`` reports for one history's scores: the class (with its name where known)
-    and every class score, or the top ``k`` items (with their raw ids where known) and scores.
-    The sequence task never lists its padding item 0 (scored -inf)."""
+    """What ``predict`` reports for one history's scores (the head's logits): the class (with
+    its name where known) and every class's probability (softmax, summing to 1), or the top ``k``
+    items (with their raw ids where known) and their scores, logits that only rank. The sequence
+    task never lists its padding item 0 (scored -inf)."""
     out: dict[str, Any] = {}
     if kind == "class":
         label = int(scores.argmax())
         out["class"] = label
         if class_names:
             out["label"] = class_names[label]
-        out["scores"] = [round(v, 5) for v in scores.tolist()]
+        out["probabilities"] = [round(v, 5) for v in torch.softmax(scores.double(), -1).tolist()]
     else:
         top = torch.topk(scores, min(k, scores.numel() - (kind == "sequence")))
         out["items"] = top.indices.tolist()
@@ -175,20 +177,20 @@ def read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] |
             try:
                 seq = json.loads(line)["seq"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
+                raise UserError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
             if index is not None:
                 if not isinstance(seq, list) or not all(isinstance(x, (str, int)) and type(x) is not bool for x in seq):
-                    raise ValueError(f"{where}: 'seq' must be a list of raw item ids, got {seq!r}")
+                    raise UserError(f"{where}: 'seq' must be a list of raw item ids, got {seq!r}")
                 unknown = [x for x in seq if str(x) not in index]
                 if unknown:
-                    raise ValueError(f"{where}: raw item ids {unknown[:5]} are not in the T1 vocabulary")
+                    raise UserError(f"{where}: raw item ids {unknown[:5]} are not in the T1 vocabulary")
                 seq = [index[str(x)] for x in seq]
             try:
                 seqs.append(pad_history(check_history(seq, num_items), seq_len))
             except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
+                raise UserError(f"{where}: {exc}") from None
     if not seqs:
-        raise ValueError(f"{path}: no sequence in the file")
+        raise UserError(f"{path}: no sequence in the file")
     return seqs
 
 
@@ -208,7 +210,7 @@ def predict(run: TrainedRun, task: str, data_root: str | None = None, input_path
         manifest = None
     t1_vocab = manifest.load_vocab(run.task_names[0]) if manifest is not None else None
     if raw_ids and t1_vocab is None:
-        raise ValueError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
+        raise UserError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
                          "their raw ids already, or were converted before vocabularies were recorded)")
     users: list[str | int | None]
     if input_path:

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from conure_dist.continual.views import MaskedModel
+from conure_dist.errors import UserError
 from conure_dist.serving.inference import (
     TrainedRun,
     check_history,
@@ -287,9 +288,9 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
     loaded here, once. ``max_batch`` histories at most per forward pass; a request waits at most
     ``max_wait_ms`` for others to share its pass."""
     if max_batch < 1:
-        raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        raise UserError(f"max_batch: must be >= 1, got {max_batch}")
     if not max_wait_ms >= 0:
-        raise ValueError(f"max_wait_ms: must be >= 0, got {max_wait_ms}")
+        raise UserError(f"max_wait_ms: must be >= 0, got {max_wait_ms}")
     scorer = load_scorer(ckpt, max_batch)
     counters = {name: Counters() for name in ["*", *scorer.tasks]}
     batchers: dict[str, TaskBatcher] = {}

@@ -18,6 +18,7 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.data.dataset import open_dataset
 from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.dist import DistInfo, barrier
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.report import build_report, write_report
@@ -141,13 +142,13 @@ def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext
     for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
         if task.batch_size % parts:
             accum = f" x train.grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
-            raise ValueError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
+            raise UserError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
                              f"{dist.world_size}{accum}")
     manifest, infos = open_dataset(cfg)
     if cfg.data.partition == "range":
         for i, info in enumerate(infos):
             if info.splits["train"].num_instances < dist.world_size:
-                raise ValueError(f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
+                raise UserError(f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
                                  f"instances for {dist.world_size} ranks: too few for data.partition=range")
     model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
     if cfg.model.head_prior:

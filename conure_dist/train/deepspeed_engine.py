@@ -22,6 +22,7 @@ from torch import nn
 from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
+from conure_dist.errors import UserError
 from conure_dist.train.loss import MicroBatchLoss, training_loss
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,17 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1,
             try:
                 base = json.load(f)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{cfg.deepspeed_config}: not valid JSON: {exc}") from None
+                raise UserError(f"{cfg.deepspeed_config}: not valid JSON: {exc}") from None
         for key in FORBIDDEN_KEYS:
             if key in base:
-                raise ValueError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
+                raise UserError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
                                  "(tasks.*.batch_size, train.grad_accum, dist.precision, tasks.*.lr); remove it")
         if clip_grad_norm is not None and base.get("gradient_clipping", clip_grad_norm) != clip_grad_norm:
-            raise ValueError(f"{cfg.deepspeed_config}: 'gradient_clipping' is {base['gradient_clipping']} but "
+            raise UserError(f"{cfg.deepspeed_config}: 'gradient_clipping' is {base['gradient_clipping']} but "
                              f"train.clip_grad_norm is {clip_grad_norm}; set one of them")
         stage = base.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:
-            raise ValueError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
+            raise UserError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
                              f"dist.zero_stage is {cfg.zero_stage}")
     config = {
         **base,
@@ -224,10 +225,10 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
             first["param_groups"] = _param_groups(saved, zero, c)
         mappings = saved.get(c.PARAM_SLICE_MAPPINGS)
         if mappings is None:
-            raise ValueError(f"the checkpoint's ZeRO state (DeepSpeed {saved.get(c.DS_VERSION)}) does not map its "
+            raise UserError(f"the checkpoint's ZeRO state (DeepSpeed {saved.get(c.DS_VERSION)}) does not map its "
                              f"partitions to parameters: resume it on the {shards.world_size} processes that saved it")
         if len(mappings) != len(partitions):
-            raise ValueError(f"the checkpoint's ZeRO state has {len(mappings)} parameter groups, this optimizer "
+            raise UserError(f"the checkpoint's ZeRO state has {len(mappings)} parameter groups, this optimizer "
                              f"{len(partitions)}")
         for group, mapping in enumerate(mappings):
             flat, scalars = _group_state(saved, group, c)
@@ -240,7 +241,7 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
                 if target is None:
                     continue
                 if target.group != group:
-                    raise ValueError(f"the checkpoint's ZeRO state has {name} in parameter group {group}, "
+                    raise UserError(f"the checkpoint's ZeRO state has {name} in parameter group {group}, "
                                      f"this optimizer in group {target.group}")
                 lo, hi = max(begin, target.lp_start), min(end, target.lp_start + target.numel)
                 if lo >= hi:
@@ -253,7 +254,7 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
         del saved
     wrong = sorted(n for n in sizes if seen.get(n, 0) != sizes[n]) + sorted(set(seen) - set(sizes))
     if wrong:
-        raise ValueError(f"the checkpoint's ZeRO state does not cover the same parameters as this phase: {wrong}")
+        raise UserError(f"the checkpoint's ZeRO state does not cover the same parameters as this phase: {wrong}")
     assert all(copied[n] == t.numel for n, t in targets.items()), "a fragment of this rank's partition was not filled"
     assert first is not None
     param_groups = first.pop("param_groups")

@@ -115,16 +115,6 @@ def evaluate_task(
     return finalize(_reduce(sums, sum_keys(task.kind, k), dist))
 
 
-@torch.no_grad()
-def collect_scores(model: MaskedModel, manifest: Manifest, task: TaskInfo, split: str, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """All scores (logits) of a split in manifest order, on one process: for no-forgetting checks."""
-    model.eval()
-    out = [model(b.seq.to(device), task.name).float().cpu()
-           for b in iter_batches(manifest, task.name, split, batch_size, shuffle=False, seed=0, epoch=0)]
-    return torch.cat(out)
-
-
 def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs) -> dict[str, float]:
     """The trivial predictor on the same split: most popular training items, or majority class."""
     counts = manifest.load_train_counts(task.name).astype(np.int64)

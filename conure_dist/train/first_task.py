@@ -35,6 +35,7 @@ import fsspec
 import torch
 import torch.distributed as tdist
 
+from conure_dist.errors import UserError
 from conure_dist.fs import join, write_atomic
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,11 @@ class FirstTaskCache:
             return None
         meta = json.loads(fs.cat_file(f"{path}/meta.json"))
         if meta.get("key") != key:
-            raise ValueError(f"{folder}: the entry was stored under another key ({meta.get('key')}); "
+            raise UserError(f"{folder}: the entry was stored under another key ({meta.get('key')}); "
                              "delete the folder or use another train.first_task_cache")
         data = fs.cat_file(f"{path}/state.pt")
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{folder}/state.pt does not match the sha256 in its meta.json (a damaged entry): "
+            raise UserError(f"{folder}/state.pt does not match the sha256 in its meta.json (a damaged entry): "
                              "delete the folder to train T1 again")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), meta
 

@@ -12,6 +12,7 @@ from conure_dist.config import RunConfig
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
+from conure_dist.errors import UserError
 from conure_dist.train.context import build_context, task_specs
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
@@ -43,7 +44,7 @@ class ContinualLoop:
             if restored is not None:
                 self.state, self.phase_resume = restored
         elif self.checkpointer.committed():
-            raise ValueError(f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
+            raise UserError(f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
                              "it, or choose another --out")
         self.state.num_checkpoints = max(self.state.num_checkpoints, self.checkpointer.last_index())
         # Every rank has read the last index before any rank writes the next checkpoint's parts.

@@ -20,6 +20,7 @@ from conure_dist.config import RunConfig, config_changes
 from conure_dist.continual.growth import apply_growth
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo
+from conure_dist.errors import UserError
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import sum_digest_over_ranks
 from conure_dist.train.deepspeed_engine import SavedShards
@@ -38,7 +39,7 @@ def check_resumed_config(ckpt: Checkpoint, cfg: RunConfig) -> None:
                if not (k.startswith("tasks.") and int(k.split(".")[1]) >= finished)}
     model = [f"{k} is {now}, the checkpoint's {saved}" for k, (saved, now) in changed.items() if k.startswith("model.")]
     if model:
-        raise ValueError(f"{ckpt.path}: the run's checkpoints hold another model ({', '.join(model)}); "
+        raise UserError(f"{ckpt.path}: the run's checkpoints hold another model ({', '.join(model)}); "
                          "resume with the checkpoint's model.* settings, or write to another directory")
     relevant = [f"{k}={now} (was {saved})" for k, (saved, now) in changed.items()
                 if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
@@ -58,7 +59,7 @@ def restore(checkpointer: Checkpointer, model: ConureModel, ownership: TaskOwner
     task_names = [t.name for t in cfg.tasks]
     saved = [t["name"] for t in ckpt.meta["tasks"]]
     if task_names[: len(saved)] != saved:
-        raise ValueError(f"{ckpt.path}: the checkpoint's tasks {saved} are not the first tasks of the config "
+        raise UserError(f"{ckpt.path}: the checkpoint's tasks {saved} are not the first tasks of the config "
                          f"{task_names}; a resumed run may only append tasks")
     check_resumed_config(ckpt, cfg)
     apply_growth(model, ownership, ckpt.meta["state"].get("growth", []))
@@ -89,7 +90,7 @@ def check_phase_resumable(ckpt: Checkpoint, cfg: RunConfig, dist: DistInfo) -> N
     data of the epoch under way."""
     message = _layout_mismatch(ckpt, _sharded(cfg.dist.engine, cfg.dist.zero_stage))
     if message:
-        raise ValueError(message)
+        raise UserError(message)
     saved_world = ckpt.meta["world_size"]
     if saved_world == dist.world_size:
         return
@@ -148,7 +149,7 @@ def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> Phas
     def engine_state(engine: Engine) -> dict:
         message = _layout_mismatch(ckpt, engine.sharded_state)
         if message:
-            raise ValueError(message)
+            raise UserError(message)
         if not engine.sharded_state:
             return ckpt.read_part("optimizer.pt", weights_only=isinstance(engine, TorchEngine))
 

@@ -4,7 +4,8 @@ MLflow on request, all behind one small interface (``Sink``).
 The JSONL logger hands every event to the sinks (rank 0 only). Each maps the events it knows to
 its own calls: per-step training figures (``step``: loss, sequences/s, learning rate, peak GPU
 memory), per-epoch validation metrics (``epoch``), and each finished task's test metrics and the
-share of conv weights every task owns (``task_done``). The x axis is the run's optimizer step.
+share of conv weights every task owns (``task_done``, one curve per task name). The x axis is
+the run's optimizer step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import fsspec
 
+from conure_dist.errors import UserError
 from conure_dist.fs import is_local, join
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,9 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def scalars(event: str, fields: dict[str, Any]) -> dict[str, float]:
-    """The scalar series an event adds (tag -> value), the same for every sink."""
+def scalars(event: str, fields: dict[str, Any], task_names: list[str] = ()) -> dict[str, float]:
+    """The scalar series an event adds (tag -> value), the same for every sink. ``task_names``:
+    the run's tasks in order, which name the capacity curves (task id t is the t-th task)."""
     out: dict[str, float] = {}
     task, phase = fields.get("task"), fields.get("phase")
     if event == "step":
@@ -46,24 +49,35 @@ def scalars(event: str, fields: dict[str, Any]) -> dict[str, float]:
         capacity = fields.get("capacity")
         if capacity:
             out["capacity/free_fraction"] = capacity["free_fraction"]
-            out.update({f"capacity/owned_by_task_{k}": v for k, v in capacity["owned_fraction"].items()})
+            for task_id, fraction in capacity["owned_fraction"].items():
+                t = int(task_id)
+                out[f"capacity/owned_by_{task_names[t - 1] if t <= len(task_names) else f'task_{t}'}"] = fraction
     return out
 
 
 class TensorBoardSink:
     """Event files under ``{out}/tensorboard``. Object stores cannot append: for an ``s3://``
-    run the files are written to a local folder and uploaded at every flush (phase ends)."""
+    run the files are written to a local folder and uploaded at every flush (phase ends).
 
-    def __init__(self, out: str) -> None:
+    Each tag's steps strictly increase: a point logged at a step its tag already has (the
+    retrain's first validation, before any retrain step, shares the train phase's last step)
+    goes one step later, so that a curve never folds back on itself."""
+
+    def __init__(self, out: str, task_names: list[str] = ()) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.remote = None if is_local(out) else join(out, "tensorboard")
         self.dir = _local_path(join(out, "tensorboard")) if self.remote is None else tempfile.mkdtemp(prefix="conure-tb-")
         self.writer = SummaryWriter(self.dir)
+        self.task_names = list(task_names)
+        self.last_step: dict[str, int] = {}
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        step = fields.get("global_step", 0)
-        for tag, value in scalars(event, fields).items():
+        for tag, value in scalars(event, fields, self.task_names).items():
+            step = fields.get("global_step", 0)
+            if tag in self.last_step:
+                step = max(step, self.last_step[tag] + 1)
+            self.last_step[tag] = step
             self.writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
@@ -85,15 +99,16 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ValueError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
+            raise UserError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
         local = _local_path(out) if is_local(out) else tempfile.mkdtemp(prefix="conure-wandb-")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "conure_dist"), dir=local, config=config)
+        self.task_names = _task_names(config)
         # Several events share an optimizer step: each is its own row, plotted against global_step.
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        values = scalars(event, fields)
+        values = scalars(event, fields, self.task_names)
         if values:
             self.run.log({"global_step": fields.get("global_step", 0), **values})
 
@@ -111,15 +126,16 @@ class MLflowSink:
         try:
             import mlflow
         except ImportError:
-            raise ValueError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
+            raise UserError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
         if "MLFLOW_TRACKING_URI" not in os.environ:
             if not is_local(out):
-                raise ValueError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
+                raise UserError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
                                  "keeps its own tracking store; it cannot write one into an object store)")
             # A file store needs no database; MLflow 3 keeps it (in maintenance) behind this switch.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(Path(_local_path(join(out, "mlruns"))).absolute().as_uri())
         self.mlflow = mlflow
+        self.task_names = _task_names(config)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "conure_dist"))
         self.run = mlflow.start_run()
         flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
@@ -127,7 +143,7 @@ class MLflowSink:
             mlflow.log_params(dict(list(flat.items())[start:start + 100]))
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        values = {tag.replace("@", "_at_"): v for tag, v in scalars(event, fields).items()}
+        values = {tag.replace("@", "_at_"): v for tag, v in scalars(event, fields, self.task_names).items()}
         if values:
             self.mlflow.log_metrics(values, step=fields.get("global_step", 0))
 
@@ -145,6 +161,10 @@ def _local_path(url: str) -> str:
     return path
 
 
+def _task_names(config: dict[str, Any]) -> list[str]:
+    return [t["name"] for t in config.get("tasks", [])]
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
@@ -153,6 +173,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def make_sinks(names: list[str], out: str, config: dict[str, Any]) -> list[Sink]:
     """The sinks ``train.sinks`` names, writing under the run directory ``out``."""
-    makers = {"tensorboard": lambda: TensorBoardSink(out), "wandb": lambda: WandbSink(out, config),
+    makers = {"tensorboard": lambda: TensorBoardSink(out, _task_names(config)), "wandb": lambda: WandbSink(out, config),
               "mlflow": lambda: MLflowSink(out, config)}
     return [makers[name]() for name in names]
