@@ -11,7 +11,7 @@ from helpers import conure, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.methods import run_method
+from conure_dist.methods.run import run_method
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
@@ -95,9 +95,9 @@ def test_conure_minus_scores_each_task_before_its_pruning(reports):
         for j in range(i):  # older tasks: the same model as Conure's
             assert minus["matrix"][i][j] == conure["matrix"][i][j]
     # Its final test metrics agree with its matrix's last row, and so does the experiment's view.
-    from conure_dist.report import as_conure_minus
+    from conure_dist.report import as_before_pruning
 
-    for report in (minus, as_conure_minus(conure)):
+    for report in (minus, as_before_pruning(conure, "conure_minus")):
         assert report["test_metrics"]["gender"]["acc"] == report["matrix"][2][2] == conure["before_prune"]["gender"]
         assert report["test_metrics"]["t1"] == conure["test_metrics"]["t1"]
 

@@ -14,7 +14,7 @@ from helpers import cli, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.methods import run_method
+from conure_dist.methods.run import run_method
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train.first_task import FirstTaskCache, phase_key
 
