@@ -188,6 +188,16 @@ def test_patches_are_added_from_outside_with_the_keys_and_draws_of_the_model_the
     assert torch.equal(patched(seq, "t1"), plain(seq, "t1"))
 
 
+def test_every_methods_model_has_the_state_dict_layout_its_checkpoints_were_written_with(tmp_path):
+    """A checkpoint's ``model.pt`` pickles the state dict's metadata, which lists every submodule:
+    every method's model keeps the (empty unless PeterRec) patch container, so bytes stay as written."""
+    path = tiny_config(tmp_path, TASKS)
+    for name, method in METHODS.items():
+        model = context.build_model(load_config(str(path), [f"method.name={name}"]), 60, SPECS)
+        assert "patches" in model.state_dict()._metadata, name
+        assert patched_tasks(model) == (["click", "gender"] if method.patches else []), name
+
+
 def test_the_joint_loss_adds_t1s_weighted_mean_loss_from_outside_the_model():
     model = _model()
     masked = MaskedModel(model, TaskOwnership.empty({}))

@@ -65,12 +65,16 @@ def add_patches(model: ConureModel, tasks: list[str], dim: int) -> None:
     """Give each of ``tasks`` one ``dim``-wide patch after every conv of ``model``'s backbone.
 
     Call it right after building the model: the patches draw their initial values from torch's
-    global generator, after the backbone and heads (as PeterRec's patches always have here)."""
-    if not tasks:
-        return
+    global generator, after the backbone and heads (as PeterRec's patches always have here).
+
+    With no ``tasks`` the container is still registered, empty: the model's state-dict metadata,
+    and so the bytes of a checkpoint's ``model.pt``, stay those of the runs written when every
+    model held one."""
     convs = [conv for block in model.backbone.blocks for conv in (block.conv1, block.conv2)]
     channels = model.backbone.embedding.embedding_dim
     model.patches = nn.ModuleDict({task: nn.ModuleList(ModelPatch(channels, dim) for _ in convs) for task in tasks})
+    if not tasks:
+        return
     patching = _Patching(model.patches)
     model.register_forward_pre_hook(patching.enter, with_kwargs=True)
     model.register_forward_hook(patching.leave)

@@ -38,13 +38,13 @@ def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
 
 def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> ConureModel:
     """The model, initialised from the run's seed, with what its method adds (PeterRec's patches
-    for every task after the first, created last)."""
+    for every task after the first, created last; an empty container for the other methods)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
                         prune_embedding=m.prune_embedding, softmax_kernel=m.softmax_kernel)
-    if METHODS[cfg.method.name].patches:
-        add_patches(model, [s.name for s in specs[1:]], cfg.method.patch_dim)
+    patched = [s.name for s in specs[1:]] if METHODS[cfg.method.name].patches else []
+    add_patches(model, patched, cfg.method.patch_dim)
     return model
 
 
