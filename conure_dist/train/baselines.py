@@ -65,7 +65,8 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
     method = METHODS[cfg.method.name]
     start = time.perf_counter()
     context = build_context(cfg, out, dist)
-    manifest, infos, model, masked, logger = context.manifest, context.infos, context.model, context.masked, context.logger
+    manifest, infos, model, masked = context.manifest, context.infos, context.model, context.masked
+    logger = context.logger
     logger.log("start", config=cfg.to_dict(), world_size=dist.world_size, method=method.name)
     state = RunState()
     backbone = _backbone_names(model)
