@@ -170,7 +170,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.config import load_config
     from conure_dist.dist import process_group
-    from conure_dist.methods import run_method
+    from conure_dist.methods.run import run_method
     from conure_dist.report import format_table
     from data_tools.prepare import build_missing_shards
 

@@ -11,6 +11,7 @@ from conure_dist.config import RunConfig
 from conure_dist.data.manifest import TaskInfo
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join
+from conure_dist.methods import METHODS
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.state import RunState
 
@@ -47,13 +48,13 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: D
         "data_root": cfg.data.root,
         "config": cfg.to_dict(),
     }
-    return as_conure_minus(report) if cfg.method.name == "conure_minus" else report
+    return as_before_pruning(report, cfg.method.name) if METHODS[cfg.method.name].before_pruning else report
 
 
-def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
-    """A Conure report seen as Conure-: each task scored as it was before its own pruning and
-    retraining (the matrix's diagonal and the last task's final test metrics; earlier tasks read
-    the same pruned weights under both)."""
+def as_before_pruning(report: dict[str, Any], method: str) -> dict[str, Any]:
+    """A Conure report seen as ``method`` (Conure-): each task scored as it was before its own
+    pruning and retraining (the matrix's diagonal and the last task's final test metrics; earlier
+    tasks read the same pruned weights under both)."""
     names = [t["name"] for t in report["tasks"]]
     matrix = [list(row) for row in report["matrix"]]
     for i, row in enumerate(matrix):
@@ -62,7 +63,7 @@ def as_conure_minus(report: dict[str, Any]) -> dict[str, Any]:
     last = names[len(matrix) - 1] if matrix else None
     if last in report.get("before_prune_metrics", {}):
         test_metrics[last] = report["before_prune_metrics"][last]
-    return {**report, "method": "conure_minus", "matrix": matrix, "test_metrics": test_metrics}
+    return {**report, "method": method, "matrix": matrix, "test_metrics": test_metrics}
 
 
 def write_report(report: dict[str, Any], out: str) -> None:

@@ -51,7 +51,7 @@ def run_conure(cfg, out: str, dist, resume: bool = False) -> dict:
 
 def run_method(cfg, out: str, dist, resume: bool = False) -> dict:
     """The library's ``run_method`` after building missing shards, as ``conure run`` does."""
-    from conure_dist.methods import run_method as run
+    from conure_dist.methods.run import run_method as run
 
     return run(with_shards(cfg), out, dist, resume=resume)
 

@@ -10,6 +10,7 @@ import torch
 
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
+from conure_dist.methods.patches import add_patches
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.serving.inference import TrainedRun, load_trained, score_histories, task_view
 from conure_dist.serving.multitask import (
@@ -223,7 +224,8 @@ def test_a_changed_model_or_ownership_is_refused():
 
 def test_what_it_cannot_answer_exactly_is_refused():
     torch.manual_seed(0)
-    model = ConureModel(90, SPECS[:2], 16, 3, [1, 2], patch_tasks=["a"])
+    model = ConureModel(90, SPECS[:2], 16, 3, [1, 2])
+    add_patches(model, ["a"], 16)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     ownership.prune(1, dict(model.named_parameters()), 0.5)
     ownership.prune(2, dict(model.named_parameters()), 0.5)

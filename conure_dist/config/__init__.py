@@ -14,7 +14,6 @@ The dataclasses live in :mod:`conure_dist.config.schema`, the loading in
 
 from conure_dist.config.load import config_changes, config_from_dict, load_config
 from conure_dist.config.schema import (
-    METHODS,
     ConfigError,
     ContinualConfig,
     DataConfig,
@@ -28,7 +27,6 @@ from conure_dist.config.schema import (
 )
 
 __all__ = [
-    "METHODS",
     "ConfigError",
     "ContinualConfig",
     "DataConfig",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from conure_dist.config.checks import ConfigError  # noqa: F401 - importable with the sections
 from conure_dist.config.checks import check as _check
 from conure_dist.config.data_schema import DataConfig, SyntheticDataConfig  # noqa: F401
+from conure_dist.methods.registry import DEFAULT_METHOD, METHOD_NAMES, METHODS
 
 
 @dataclass
@@ -223,14 +224,15 @@ class DistConfig:
                    f"no such file: {self.deepspeed_config}")
 
 
-METHODS = ("conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl")
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+"""One of the methods of ``conure_dist.methods.registry``."""
 
 
 @dataclass
 class MethodConfig:
     """How the tasks share the backbone: Conure, or one of the baselines it is compared with."""
 
-    name: Literal["conure", "conure_minus", "finetune", "stl", "finesmax", "sinmo", "peterrec", "mtl"] = "conure"
+    name: MethodName = DEFAULT_METHOD
     """conure; conure_minus (Conure's run, each task scored before its pruning and retraining);
     finetune (one model fine-tuned task after task: it forgets); stl (one model per task, fully
     fine-tuned from T1); finesmax (T1's backbone frozen, only the head trains); sinmo (one model
@@ -298,7 +300,7 @@ class RunConfig:
         self.dist.validate("dist")
         self.method.validate("method")
         self.continual.validate("continual")
-        shared = self.method.name in ("conure", "conure_minus")
+        shared = METHODS[self.method.name].partitions_backbone
         _check(shared or self.continual.min_free_fraction == 0, "continual.min_free_fraction",
                f"grows Conure's shared backbone; method '{self.method.name}' has none to grow")
         _check(self.continual.max_blocks >= len(self.model.block_dilations), "continual.max_blocks",

@@ -37,7 +37,6 @@ import fsspec
 import yaml
 
 from conure_dist.config import (
-    METHODS,
     ConfigError,
     RunConfig,
     TaskConfig,
@@ -48,7 +47,8 @@ from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
 from conure_dist.experiment.report import summarize, write_results
 from conure_dist.fs import join
-from conure_dist.report import as_conure_minus
+from conure_dist.methods import DEFAULT_METHOD, METHODS
+from conure_dist.report import as_before_pruning
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def load_experiment(path: str | Path, command_overrides: list[str] = ()) -> Expe
     if "base" not in data:
         raise ConfigError(f"{path}: key 'base' (the run config) is required")
     base = (path.parent / str(data["base"])).resolve()
-    methods = _distinct(_list_of(data.get("methods", ["conure"]), str, "methods", path), "methods", path)
+    methods = _distinct(_list_of(data.get("methods", [DEFAULT_METHOD]), str, "methods", path), "methods", path)
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"{path}: key 'methods': unknown method '{m}', expected some of {list(METHODS)}")
@@ -198,8 +198,9 @@ def run_config(experiment: Experiment, variant: Variant, method: str, seed: int)
 
 
 def _runs_of(methods: list[str]) -> list[str]:
-    """The runs to make: conure_minus is read from the conure runs when both are listed."""
-    return [m for m in methods if not (m == "conure_minus" and "conure" in methods)]
+    """The runs to make: a method whose report another listed method's run yields (Conure- from
+    Conure's) is not run on its own."""
+    return [m for m in methods if METHODS[m].report_from not in methods]
 
 
 def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1,
@@ -209,7 +210,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
     the runs share T1's train phase through ``OUT/first_task`` (``train.first_task`` module;
     unless the config names its own ``train.first_task_cache``): each distinct T1 is trained
     once, and side by side the runs that reuse one start once it is stored."""
-    from conure_dist.methods import run_method
+    from conure_dist.methods.run import run_method
 
     _check_results_owner(experiment, out)
     start, reused_seconds = time.perf_counter(), 0.0
@@ -235,7 +236,7 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
             group = first_task_group(cfg)
             producer = None if group is None else producers.setdefault(group, run_out)
             runs.append(PlannedRun(f"{variant.name}/{method}/seed{seed}", cfg, run_out,
-                                   resume=method in ("conure", "conure_minus"),
+                                   resume=METHODS[method].keeps_checkpoints,
                                    after=None if producer == run_out else producer))
         fresh = run_side_by_side(runs, jobs, dist.device) if runs else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -252,12 +253,14 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
         else:
             log.info("%s/%s/seed%d: running", variant.name, method, seed)
             # A Conure run interrupted earlier continues from its last checkpoint.
-            report = run_method(cfg, run_out, dist, resume=method in ("conure", "conure_minus"))
+            report = run_method(cfg, run_out, dist, resume=METHODS[method].keeps_checkpoints)
         reports.setdefault(variant.name, {}).setdefault(method, []).append(report)
     for variant in experiment.variants:
         methods = variant.methods or experiment.methods
-        if "conure_minus" in methods and "conure" in methods:
-            reports[variant.name]["conure_minus"] = [as_conure_minus(r) for r in reports[variant.name]["conure"]]
+        for m in methods:
+            source = METHODS[m].report_from
+            if source in methods:
+                reports[variant.name][m] = [as_before_pruning(r, m) for r in reports[variant.name][source]]
         reports[variant.name] = {m: reports[variant.name][m] for m in methods}
     # Runs reused from an earlier invocation count with the time they took then.
     summary = summarize(experiment, reports, time.perf_counter() - start + reused_seconds, reused_seconds)

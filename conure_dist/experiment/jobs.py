@@ -112,7 +112,7 @@ def _start_worker(level: int) -> None:
 
 
 def _run_one(run: PlannedRun, threads: int, device: torch.device) -> dict[str, Any]:
-    from conure_dist.methods import run_method
+    from conure_dist.methods.run import run_method
 
     if run.cfg.train.num_threads is None:
         torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ from conure_dist.experiment.stats import (
     interval,
 )
 from conure_dist.fs import join
+from conure_dist.methods import METHODS
 
 if TYPE_CHECKING:
     from conure_dist.experiment.harness import Experiment
@@ -53,16 +54,13 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused
             "wall_seconds": round(wall_seconds, 1), "reused_seconds": round(reused_seconds, 1)}
 
 
-# Paired differences every variant gets when it runs Conure and these methods.
-BASELINES_COMPARED = ("finesmax", "stl")
-
-
 def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
-    """Conure - FineSmax and Conure - STL per variant on every later task, the listed contrasts
-    (name -> ``experiment_stats.contrast`` plus which runs were compared), and what sequential
-    fine-tuning forgets (``experiment_stats.forgetting``) where it ran."""
-    pairs = [(f"{v}: conure - {m}", f"{v}/conure", f"{v}/{m}", None) for v, by in reports.items()
-             if "conure" in by for m in BASELINES_COMPARED if m in by]
+    """The pairs the method records name (``Method.compared_with``: Conure - FineSmax and Conure -
+    STL) per variant on every later task, the listed contrasts (name -> ``experiment_stats.contrast``
+    plus which runs were compared), and what a method that forgets (sequential fine-tuning)
+    forgets (``experiment_stats.forgetting``) where it ran."""
+    pairs = [(f"{v}: {ref} - {m}", f"{v}/{ref}", f"{v}/{m}", None) for v, by in reports.items()
+             for ref in by for m in METHODS[ref].compared_with if m in by]
     pairs += [(c.name, c.a, c.b, c.tasks) for c in experiment.contrasts]
     out = {}
     for name, a, b, tasks in pairs:
@@ -70,9 +68,10 @@ def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
         chosen = tasks or [t["name"] for t in runs_a[0]["tasks"][1:]]
         out[name] = {"a": a, "b": b, **contrast(runs_a, runs_b, chosen)}
     for variant, by_method in reports.items():
-        if "finetune" in by_method and len(by_method["finetune"][0]["tasks"]) > 1:
-            out[f"{variant}: finetune forgetting"] = {"a": f"{variant}/finetune after the last task",
-                                                      "b": "when learned", **forgetting(by_method["finetune"])}
+        for m, runs in by_method.items():
+            if METHODS[m].forgets and len(runs[0]["tasks"]) > 1:
+                out[f"{variant}: {m} forgetting"] = {"a": f"{variant}/{m} after the last task", "b": "when learned",
+                                                     **forgetting(runs)}
     return out
 
 

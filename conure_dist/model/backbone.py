@@ -53,18 +53,12 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels)
         self.conv2 = CausalConv1d(channels, channels, kernel_size, 2 * dilation)
 
-    def forward(self, x_BLC: torch.Tensor, out_lens: tuple[int, int] | None = None,
-                patches: tuple[nn.Module, nn.Module] | None = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, out_lens: tuple[int, int] | None = None) -> torch.Tensor:
         """With ``out_lens`` = (n1, n2): conv1 at the last n1 positions, the block output at the
-        last n2 (see ``NextItNet.forward(last_only=True)``). ``patches``: one module after each
-        conv, added to its output (PeterRec's serial model patches)."""
+        last n2 (see ``NextItNet.forward(last_only=True)``)."""
         n1, n2 = out_lens or (None, None)
         h = self.conv1(F.relu(self.norm1(x_BLC)), n1)
-        if patches is not None:
-            h = h + patches[0](h)
         h = self.conv2(F.relu(self.norm2(h)), n2)
-        if patches is not None:
-            h = h + patches[1](h)
         return (x_BLC if n2 is None else x_BLC[:, x_BLC.shape[1] - n2 :]) + h
 
     def receptive_lens(self, out_len: int, length: int) -> tuple[int, int, int]:
@@ -118,21 +112,18 @@ class NextItNet(nn.Module):
             self.blocks.append(block.to(device))
         return list(range(first, len(self.blocks)))
 
-    def forward(self, seq_BL: torch.Tensor, last_only: bool = False,
-                patches: nn.ModuleList | None = None, depth: int | None = None) -> torch.Tensor:
-        """``patches``: two modules per block (see ``ResidualBlock.forward``), or None. ``depth``:
-        run only the first ``depth`` blocks (a task that came before the backbone grew)."""
+    def forward(self, seq_BL: torch.Tensor, last_only: bool = False, depth: int | None = None) -> torch.Tensor:
+        """``depth``: run only the first ``depth`` blocks (a task that came before the backbone grew)."""
         blocks = self.blocks if depth is None else self.blocks[:depth]
-        pairs = [None] * len(blocks) if patches is None else list(zip(patches[::2], patches[1::2], strict=True))
         if not last_only:
             h = self.embedding(seq_BL)
-            for block, pair in zip(blocks, pairs, strict=True):
-                h = block(h, None, pair)
+            for block in blocks:
+                h = block(h, None)
             return h
         windows = self.last_position_windows(seq_BL.shape[1], depth)
         h = self.embedding(seq_BL[:, seq_BL.shape[1] - windows[0][0] :])
-        for block, (_, mid, out), pair in zip(blocks, windows, pairs, strict=True):
-            h = block(h, (mid, out), pair)
+        for block, (_, mid, out) in zip(blocks, windows, strict=True):
+            h = block(h, (mid, out))
         return h[:, -1]
 
     def last_position_windows(self, length: int, depth: int | None = None) -> list[tuple[int, int, int]]:
@@ -161,17 +152,3 @@ def _init_conv(conv: CausalConv1d, generator: torch.Generator | None = None) -> 
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (1.0 / fan_in) ** 0.5)
     nn.init.zeros_(conv.bias)
 
-
-class ModelPatch(nn.Module):
-    """PeterRec's model patch: the bottleneck ``W2 relu(W1 h)`` that a block adds to a conv's
-    output ``h``. ``W2`` starts at zero, so a new patch leaves the pretrained network unchanged."""
-
-    def __init__(self, channels: int, dim: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(channels, dim)
-        self.up = nn.Linear(dim, channels)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(F.relu(self.down(h)))

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from conure_dist.model.backbone import ModelPatch, NextItNet
+from conure_dist.model.backbone import NextItNet
 from conure_dist.model.heads import ClassHead, ItemHead, SampledSoftmaxHead
 
 SOFTMAX_CHUNK = 8192
@@ -47,8 +47,6 @@ class ConureModel(nn.Module):
         block_dilations: list[int],
         init_std: float = 0.02,
         fast: bool = True,
-        patch_tasks: tuple[str, ...] | list[str] = (),
-        patch_dim: int = 16,
         prune_embedding: bool = False,
         softmax_kernel: str = "auto",
     ) -> None:
@@ -70,12 +68,6 @@ class ConureModel(nn.Module):
             else:
                 heads[spec.name] = ClassHead(spec.num_outputs, channels)
         self.heads = nn.ModuleDict(heads)
-        # PeterRec baseline only: per-task model patches after every conv of the shared backbone
-        # (created last, so that the backbone and heads initialise as without them).
-        self.patches = nn.ModuleDict({
-            task: nn.ModuleList(ModelPatch(channels, patch_dim) for _ in range(2 * len(block_dilations)))
-            for task in patch_tasks
-        })
         self.base_blocks = len(block_dilations)
         self.growth: list[tuple[str, list[int]]] = []
         """Blocks appended after construction, in order: (the task that added them, their
@@ -88,34 +80,24 @@ class ConureModel(nn.Module):
         task: str,
         target_B: torch.Tensor | None = None,
         negatives: torch.Tensor | None = None,
-        joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scores over all candidates, or with ``target_B`` (for sequence tasks: ``negatives``)
         the pair (sum of the examples' losses, number of examples) so that the caller can
-        normalise by the count over all ranks.
-
-        ``joint`` = (sequence task, its batch, its negatives, weight) adds that task's mean loss
-        times ``weight`` to this one's (the multi-task baseline).
-        """
+        normalise by the count over all ranks."""
         head = self.heads[task]
-        patches = self.patches[task] if task in self.patches else None
         if self.kinds[task] == "sequence":
             inputs = seq_BL[:, :-1]
             if negatives is None:
-                return head.scores(self._last_hidden(inputs, patches, task))
-            hidden = self.backbone(inputs, patches=patches, depth=self._depth_arg(task))
+                return head.scores(self._last_hidden(inputs, task))
+            hidden = self.backbone(inputs, depth=self._depth_arg(task))
             keep = _predicted(seq_BL)
             loss_sum, count = head.loss(hidden[keep], seq_BL[:, 1:][keep], negatives), keep.sum()
         else:
-            hidden = self._last_hidden(seq_BL, patches, task)
+            hidden = self._last_hidden(seq_BL, task)
             if target_B is None:
                 return head.scores(hidden)
             loss_sum = head.loss(hidden, target_B, negatives)
             count = torch.tensor(target_B.shape[0], device=target_B.device)
-        if joint is not None:
-            other, other_seq, other_negatives, weight = joint
-            other_sum, other_count = self(other_seq, other, None, other_negatives)
-            loss_sum = loss_sum + weight * other_sum * (count / other_count.clamp(min=1))
         return loss_sum, count
 
     def represent(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
@@ -123,9 +105,8 @@ class ConureModel(nn.Module):
         ``forward`` reads it (a sequence task drops the last position): ``forward(seq, task)``
         without targets is ``heads[task].scores(represent(seq, task))``. ``conure embed``'s user
         vectors."""
-        patches = self.patches[task] if task in self.patches else None
         inputs = seq_BL[:, :-1] if self.kinds[task] == "sequence" else seq_BL
-        return self._last_hidden(inputs, patches, task)
+        return self._last_hidden(inputs, task)
 
     def example_count(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
         """The number of examples a training batch of ``task`` holds, as ``forward`` counts them
@@ -140,11 +121,11 @@ class ConureModel(nn.Module):
             raise ValueError(f"task '{task}': the sequence head has no prior start")
         self.heads[task].init_prior(train_counts)
 
-    def _last_hidden(self, seq_BL: torch.Tensor, patches: nn.ModuleList | None, task: str) -> torch.Tensor:
+    def _last_hidden(self, seq_BL: torch.Tensor, task: str) -> torch.Tensor:
         depth = self._depth_arg(task)
         if self.fast:
-            return self.backbone(seq_BL, last_only=True, patches=patches, depth=depth)
-        return self.backbone(seq_BL, patches=patches, depth=depth)[:, -1]
+            return self.backbone(seq_BL, last_only=True, depth=depth)
+        return self.backbone(seq_BL, depth=depth)[:, -1]
 
     # -- capacity growth ---------------------------------------------------------------------
     def grow(self, task: str, dilations: list[int], generator: torch.Generator) -> list[str]:
@@ -156,8 +137,6 @@ class ConureModel(nn.Module):
         order = list(self.kinds)
         if self.growth and order.index(task) < order.index(self.growth[-1][0]):
             raise ValueError(f"task '{task}' comes before '{self.growth[-1][0]}', which already grew the backbone")
-        if self.patches:
-            raise ValueError("a backbone with PeterRec patches (one pair per block) cannot grow")
         indices = self.backbone.append_blocks(list(dilations), generator)
         self.growth.append((task, list(dilations)))
         return [f"backbone.blocks.{i}.{conv}.weight" for i in indices for conv in ("conv1", "conv2")]
@@ -220,11 +199,6 @@ class ConureModel(nn.Module):
         T1's shared backbone parameters (first task) and the blocks it appended."""
         first = list(self.kinds)[0] == task
         return self.head_names(task) + (self.shared_names() if first else []) + self.grown_names(task)
-
-    def patch_names(self, task: str) -> list[str]:
-        if task not in self.patches:
-            return []
-        return [f"patches.{task}.{n}" for n, _ in self.patches[task].named_parameters()]
 
     def head_names(self, task: str) -> list[str]:
         return [f"heads.{task}.{n}" for n, _ in self.heads[task].named_parameters()]

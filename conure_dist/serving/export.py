@@ -37,6 +37,7 @@ from torch import nn
 from conure_dist.continual.views import MaskedModel
 from conure_dist.errors import UserError
 from conure_dist.fs import write_atomic
+from conure_dist.methods import DEFAULT_METHOD, METHODS
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.serving.inference import TrainedRun, load_trained, manifest_for
 
@@ -79,8 +80,10 @@ def task_input(seq_BL: torch.Tensor, kind: str) -> torch.Tensor:
 def check_exportable(run: TrainedRun, task: str) -> None:
     """A clear error for an unknown or unfinished task, or a checkpoint that is not Conure's."""
     run.check_finished(task)
-    method = run.ckpt.meta["config"].get("method", {}).get("name", "conure")
-    if method != "conure" or any(name.startswith("patches.") for name in run.ckpt.model):
+    method = run.ckpt.meta["config"].get("method", {}).get("name", DEFAULT_METHOD)
+    record = METHODS.get(method)
+    if record is None or record.before_pruning or not record.partitions_backbone \
+            or any(name.startswith("patches.") for name in run.ckpt.model):
         raise UserError(f"{run.ckpt.url}: only Conure checkpoints can be exported or embedded, "
                          f"this one was trained with method '{method}'")
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conure_dist.continual.ownership import TaskOwnership
+from conure_dist.methods.patches import patched_tasks
 from conure_dist.model.conure_model import ConureModel
 from conure_dist.serving.inference import SCORE_ROW_MULTIPLE, TrainedRun
 from conure_dist.serving.multitask_spans import (  # noqa: F401 - conv_input_span is public here too
@@ -312,7 +313,7 @@ def _check_tasks(model: ConureModel, ownership: TaskOwnership, tasks: list[str],
     unowned = [t for t in tasks if ids[t] > ownership.last_task()]
     if unowned:
         raise ValueError(f"tasks {unowned} own no weights yet: they are not finished")
-    patched = [t for t in tasks if t in model.patches]
+    patched = [t for t in tasks if t in patched_tasks(model)]
     if patched:
         raise ValueError(f"tasks {patched} carry PeterRec patches, which MultiTaskScorer does not apply")
     other = sorted(set(ownership.names) - set(model.prunable_names()))

@@ -20,6 +20,8 @@ from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.dist import DistInfo, barrier
 from conure_dist.errors import UserError
 from conure_dist.fs import join
+from conure_dist.methods import METHODS
+from conure_dist.methods.patches import add_patches
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.report import build_report, write_report
 from conure_dist.train.evaluate import evaluate_task
@@ -36,12 +38,15 @@ def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
 
 
 def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> ConureModel:
+    """The model, initialised from the run's seed, with what its method adds (PeterRec's patches
+    for every task after the first, created last; an empty container for the other methods)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    patch_tasks = [s.name for s in specs[1:]] if cfg.method.name == "peterrec" else []
-    return ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
-                       patch_tasks=patch_tasks, patch_dim=cfg.method.patch_dim, prune_embedding=m.prune_embedding,
-                       softmax_kernel=m.softmax_kernel)
+    model = ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
+                        prune_embedding=m.prune_embedding, softmax_kernel=m.softmax_kernel)
+    patched = [s.name for s in specs[1:]] if METHODS[cfg.method.name].patches else []
+    add_patches(model, patched, cfg.method.patch_dim)
+    return model
 
 
 def sync_ownership(ownership: TaskOwnership, dist: DistInfo) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from conure_dist.config import TaskConfig, TrainConfig
+from conure_dist.methods.joint import JointLossModel
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import (
     JointBatches,
@@ -89,7 +90,9 @@ class Phase:
             self.trainable = phase_parameters(model, info.name, task_index == 0 and mode == "train", mode == "train")
         else:
             self.trainable = select_parameters(model, dense)
-        self.engine = build_engine(trainer.masked, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
+        # MTL (``joint_weight``) trains its joint loss: the same view with T1's loss added.
+        trained = JointLossModel(trainer.masked) if joint_weight else trainer.masked
+        self.engine = build_engine(trained, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
                                    per_rank_batch=self.global_batch // dist.world_size,
                                    row_sparse=[f"model.{n}" for n in model.item_table_names()],
                                    grad_accum=cfg.train.grad_accum, clip_grad_norm=cfg.train.clip_grad_norm)
