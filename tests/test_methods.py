@@ -11,7 +11,7 @@ import typing
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import run_method, tiny_config
 
 from conure_dist.config import ConfigError, MethodConfig, load_config
 from conure_dist.continual.ownership import TaskOwnership
@@ -20,7 +20,7 @@ from conure_dist.dist import DistInfo
 from conure_dist.methods import METHOD_NAMES, METHODS
 from conure_dist.methods.joint import JointLossModel
 from conure_dist.methods.patches import add_patches, patch_names, patched_tasks
-from conure_dist.methods.run import RUNNERS, run_method
+from conure_dist.methods.run import RUNNERS
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train import baselines, context
 

@@ -116,7 +116,7 @@ def data_command(data: DataConfig) -> str | None:
     ``source: none``): every flag whose value is not its default, paths as written."""
     if data.source == "none":
         return None
-    words = ["conure", "data", data.source]
+    words = ["conure data", data.source]  # the program and its command
     defaults = {k.key: k.default for k in describe(DataConfig)}
     for flag in SOURCE_FLAGS[data.source]:
         value = _get(data, flag.key)
