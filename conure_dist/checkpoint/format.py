@@ -8,7 +8,9 @@ rank 0, or ``optimizer-rank{r}.pt`` from every rank where ZeRO shards it. A ``CO
 written by rank 0 once every rank has written its parts, lists every part with its sha256; a
 folder without it, or with a part missing, does not exist as far as loading is concerned.
 Nothing is ever overwritten: a crash at any point leaves the previous committed checkpoint
-intact, and older ones are deleted only after a newer commit.
+intact, and older ones are deleted only after a newer commit. The first-task cache
+(``train.first_task``) commits and verifies its entries with the same ``write_commit`` and
+``read_verified``.
 """
 
 from __future__ import annotations
