@@ -198,6 +198,7 @@ class Checkpointer:
         self.parts.append(_OneFile(fname, part))
 
     def register_group(self, group: PartGroup) -> None:
+        """``group`` says itself which files each rank saves, and loads them back from the checkpoint."""
         self.parts.append(group)
 
     def save(self, index: int, tag: str) -> str:

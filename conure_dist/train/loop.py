@@ -42,6 +42,7 @@ class ContinualLoop:
         self._load()
 
     def _load(self) -> None:
+        """Load every part from the newest intact checkpoint (``resume``), once, before the loop."""
         if self.resume:
             self.checkpointer.load()
         elif self.checkpointer.committed():
