@@ -20,7 +20,7 @@ def make(request):
 
 
 def _save(ckpt: Checkpointer, index: int, value: float) -> str:
-    path = ckpt.save(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
+    path = ckpt.write(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
                                                 "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
                                                 "meta.json": {"index": index},
                                                 "phase.pt": {"best": {"w": torch.full((3,), value)}}})
@@ -95,7 +95,7 @@ class _Counter:
 def test_parts_are_any_objects_that_save_themselves(tmp_path, make):
     model = torch.nn.Linear(3, 2)
     ckpt = make(tmp_path)
-    path = ckpt.save(1, "t1-done", {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)},
+    path = ckpt.write(1, "t1-done", {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)},
                                     "meta.json": {"step": 7}}, rank_parts={"counter.pt": _Counter(41)})
     ckpt.wait()
     loaded = load_checkpoint(path)
@@ -106,4 +106,4 @@ def test_parts_are_any_objects_that_save_themselves(tmp_path, make):
     counter.load_state_dict(loaded.read_part("counter.pt"))
     assert counter.value.item() == 41
     with pytest.raises(ValueError, match=r"\['meta.json'\] not given"):
-        ckpt.save(2, "t1-bad", {"model.pt": model, "ownership.pt": {}})
+        ckpt.write(2, "t1-bad", {"model.pt": model, "ownership.pt": {}})

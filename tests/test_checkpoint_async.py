@@ -115,7 +115,7 @@ def test_state_changed_right_after_save_is_not_in_the_checkpoint(memory_root):
     # The writer serializes a part just before writing it: held at the first part (a rank part),
     # it has serialized none of the model's and optimizer's yet.
     arrived, release = hold("00001-t1-s1/first.pt")
-    path = ckpt.save(1, "t1-s1", {"model.pt": model, "optimizer.pt": optimizer, "ownership.pt": {},
+    path = ckpt.write(1, "t1-s1", {"model.pt": model, "optimizer.pt": optimizer, "ownership.pt": {},
                                   "meta.json": {"step": 1}}, {"first.pt": {}})
     assert arrived.wait(10)
     for _ in range(3):  # training goes on while the writer waits
@@ -137,21 +137,21 @@ def test_state_changed_right_after_save_is_not_in_the_checkpoint(memory_root):
 
 def test_a_failed_write_is_raised_by_wait_or_the_next_save(memory_root):
     ckpt = Checkpointer(memory_root, CPU, async_writes=True)
-    ckpt.save(1, "t1-s1", _parts(1, 1.0))
+    ckpt.write(1, "t1-s1", _parts(1, 1.0))
     ckpt.wait()
     FAILURES["/phase.pt"] = "no space left on device"
-    ckpt.save(2, "t1-s2", _parts(2, 2.0))  # returns: the failure is the writer's
+    ckpt.write(2, "t1-s2", _parts(2, 2.0))  # returns: the failure is the writer's
     with pytest.raises(CheckpointError, match=r"writing the checkpoint gatedmem://.*/00002-t1-s2 failed: "
                                               r"OSError: no space left on device") as raised:
         ckpt.wait()
     assert isinstance(raised.value.__cause__, OSError)
     ckpt.wait()  # raised once
     assert _names(ckpt) == ["00001-t1-s1"] and ckpt.latest_valid().meta["index"] == 1
-    ckpt.save(3, "t1-s3", _parts(3, 3.0))  # the next save raises what the previous write left
+    ckpt.write(3, "t1-s3", _parts(3, 3.0))  # the next save raises what the previous write left
     with pytest.raises(CheckpointError, match="00003-t1-s3 failed: OSError: no space"):
-        ckpt.save(4, "t1-s4", _parts(4, 4.0))
+        ckpt.write(4, "t1-s4", _parts(4, 4.0))
     FAILURES.clear()
-    ckpt.save(5, "t1-s5", _parts(5, 5.0))
+    ckpt.write(5, "t1-s5", _parts(5, 5.0))
     ckpt.wait()
     assert _names(ckpt) == ["00001-t1-s1", "00005-t1-s5"]
     assert torch.equal(ckpt.latest_valid().model["w"], torch.full((3,), 5.0))
@@ -159,14 +159,14 @@ def test_a_failed_write_is_raised_by_wait_or_the_next_save(memory_root):
 
 def test_old_checkpoints_go_only_after_the_new_commit_and_one_write_is_in_flight(memory_root):
     ckpt = Checkpointer(memory_root, CPU, keep=1, async_writes=True)
-    ckpt.save(1, "t1-s1", _parts(1, 1.0))
+    ckpt.write(1, "t1-s1", _parts(1, 1.0))
     ckpt.wait()
     arrived, release = hold("00002-t1-s2/phase.pt")
-    ckpt.save(2, "t1-s2", _parts(2, 2.0))
+    ckpt.write(2, "t1-s2", _parts(2, 2.0))
     assert arrived.wait(10)
     assert _names(ckpt) == ["00001-t1-s1"]
     # A third save waits for the second write before it takes its snapshot.
-    third = threading.Thread(target=ckpt.save, args=(3, "t1-s3", _parts(3, 3.0)))
+    third = threading.Thread(target=ckpt.write, args=(3, "t1-s3", _parts(3, 3.0)))
     third.start()
     time.sleep(0.3)
     assert third.is_alive() and not ckpt.fs.exists(f"{ckpt.fs_root}/00003-t1-s3")
@@ -182,7 +182,7 @@ def test_in_memory_files_hold_only_the_parts_and_the_marker():
     root = f"memory://{uuid.uuid4().hex}/run"
     ckpt = Checkpointer(root, CPU, keep=2, async_writes=True)
     for index in range(1, 4):
-        ckpt.save(index, f"t1-s{index}", _parts(index, float(index)))
+        ckpt.write(index, f"t1-s{index}", _parts(index, float(index)))
     ckpt.wait()
     assert _names(ckpt) == ["00002-t1-s2", "00003-t1-s3"]
     newest = load_checkpoint(f"{root}/checkpoints/00003-t1-s3")
@@ -199,7 +199,7 @@ def test_rank_zero_commits_only_a_complete_set_of_parts(memory_root):
     rank0 = DistInfo(0, 2, 0, torch.device("cpu"), None)
     ckpt = Checkpointer(memory_root, rank0, async_writes=True, commit_timeout_s=0.3)
     start = time.perf_counter()
-    ckpt.save(1, "t1-s1", _parts(1, 1.0))
+    ckpt.write(1, "t1-s1", _parts(1, 1.0))
     with pytest.raises(CheckpointError, match=r"rank\(s\) \[1\] did not finish their parts of gatedmem://.*"
                                               r"/00001-t1-s1 within 0.3 s \(no DONE-rank1.json\)"):
         ckpt.wait()
@@ -211,7 +211,7 @@ def test_rank_zero_commits_only_a_complete_set_of_parts(memory_root):
         fs.pipe_file(f"{folder}/optimizer-rank1.pt", b"abc")
         manifest = {"files": {"optimizer-rank1.pt": {"sha256": _sha(b"abc"), "size": size}}}
         fs.pipe_file(f"{folder}/DONE-rank1.json", json.dumps(manifest).encode())
-        ckpt.save(index, f"t1-s{index}", _parts(index, float(index)))
+        ckpt.write(index, f"t1-s{index}", _parts(index, float(index)))
         if size == 5:
             with pytest.raises(CheckpointError, match=r"00002-t1-s2/optimizer-rank1.pt of rank 1: 3 bytes, its "
                                                       r"manifest says 5"):
@@ -231,10 +231,10 @@ def _sha(data: bytes) -> str:
 def _write_then_get_killed(root: str, marker: str) -> None:
     """Commit checkpoint 1, start checkpoint 2 and signal once its writer is stuck in a write."""
     ckpt = Checkpointer(f"gatedfile://{root}", CPU, keep=1, async_writes=True)
-    ckpt.save(1, "t1-s1", _parts(1, 1.0))
+    ckpt.write(1, "t1-s1", _parts(1, 1.0))
     ckpt.wait()
     arrived, _ = hold("00002-t1-s2/phase.pt")
-    ckpt.save(2, "t1-s2", _parts(2, 2.0))
+    ckpt.write(2, "t1-s2", _parts(2, 2.0))
     assert arrived.wait(20)
     Path(marker).write_text("writing")
     time.sleep(60)  # killed before this ends
@@ -273,7 +273,7 @@ def _two_ranks(rank: int, root: str, init: str) -> None:
             if index == 2 and rank == 1:
                 _, release = hold("00002-t1-s2/optimizer-rank1.pt")
             own = {f"optimizer-rank{rank}.pt": {"m": torch.full((4,), 10.0 * index + rank)}}
-            ckpt.save(index, f"t1-s{index}", _parts(index, float(index)) if rank == 0 else {}, own)
+            ckpt.write(index, f"t1-s{index}", _parts(index, float(index)) if rank == 0 else {}, own)
             total = torch.tensor([float(rank + 1)])
             for _ in range(20):  # collectives on the training thread while the writers work
                 tdist.all_reduce(total)

@@ -4,6 +4,7 @@ would train it identically; what keys it, what a damaged or unfinished entry doe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -15,6 +16,8 @@ from helpers import cli, run_method, tiny_config
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
+from conure_dist.train import first_task
+from conure_dist.train.context import build_context
 from conure_dist.train.first_task import FirstTaskCache, phase_key
 
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]
@@ -95,7 +98,7 @@ def test_a_damaged_entry_is_refused_by_name_and_an_unfinished_one_is_ignored(run
     data[len(data) // 2] ^= 0xFF
     copy.joinpath("state.pt").write_bytes(bytes(data))
     cfg = load_config(path, ["tasks.*.epochs=2", f"train.first_task_cache={damaged}"])
-    with pytest.raises(ValueError, match=re.escape(f"{copy}/state.pt does not match the sha256")):
+    with pytest.raises(ValueError, match=re.escape(f"{copy}/state.pt does not match its checksum in COMMIT")):
         run_method(cfg, str(tmp / "damaged_run"), CPU)
     # Without COMMIT (a writer killed before its end) the entry does not count: the run trains
     # T1 and commits the entry.
@@ -104,7 +107,35 @@ def test_a_damaged_entry_is_refused_by_name_and_an_unfinished_one_is_ignored(run
     report = run_method(cfg, str(tmp / "unfinished_run"), CPU)
     assert json.loads((tmp / "unfinished_run" / "first_task.json").read_text())["reused"] is False
     assert copy.joinpath("COMMIT").exists()
-    assert FirstTaskCache(str(damaged)).load(copy.joinpath("COMMIT").read_text().strip()) is not None
+    assert FirstTaskCache(str(damaged)).load(json.loads(copy.joinpath("meta.json").read_text())["key"]) is not None
+    assert report["matrix"] == json.loads((tmp / "plain" / "report.json").read_text())["matrix"]
+
+
+def test_an_entry_of_format_1_is_ignored_and_t1_trained_again(runs, monkeypatch):
+    """Entries written before the cache was committed as checkpoints are (``COMMIT`` held the key,
+    ``meta.json`` the hash) sit under keys that format 2 never computes: a run trains T1 and stores
+    it beside them, with the uncached run's results."""
+    tmp, path = runs
+    cfg = load_config(path, ["tasks.*.epochs=2", f"train.first_task_cache={tmp / 'old'}"])
+    initial = build_context(cfg, None, CPU).model.state_dict()
+    monkeypatch.setattr(first_task, "FORMAT_VERSION", 1)
+    old_key = phase_key(cfg.to_dict(), initial, "t1", 1, torch.device("cpu"))
+    monkeypatch.undo()
+    (entry,) = (tmp / "cache").iterdir()
+    old = tmp / "old" / old_key[:32]
+    old.mkdir(parents=True)
+    data = entry.joinpath("state.pt").read_bytes()
+    meta = {**json.loads(entry.joinpath("meta.json").read_text()), "format": 1, "key": old_key,
+            "sha256": hashlib.sha256(data).hexdigest()}
+    old.joinpath("state.pt").write_bytes(data)
+    old.joinpath("meta.json").write_text(json.dumps(meta))
+    old.joinpath("COMMIT").write_text(old_key + "\n")
+    report = run_method(cfg, str(tmp / "after_format_1"), CPU)
+    marker = json.loads((tmp / "after_format_1" / "first_task.json").read_text())
+    assert marker["reused"] is False and marker["key"] != old_key
+    assert sorted(p.name for p in (tmp / "old").iterdir()) == sorted([old_key[:32], marker["key"][:32]])
+    assert sorted(json.loads(tmp.joinpath("old", marker["key"][:32], "COMMIT").read_text())["files"]) == \
+        ["meta.json", "state.pt"]
     assert report["matrix"] == json.loads((tmp / "plain" / "report.json").read_text())["matrix"]
 
 

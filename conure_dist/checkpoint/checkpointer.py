@@ -1,6 +1,8 @@
-"""One checkpointer for everything needed to resume, on any fsspec filesystem: the writing side.
+"""One checkpointer for everything needed to resume, on any fsspec filesystem.
 
-The format (folders, parts, ``COMMIT``) and its reading are ``checkpoint_format``'s.
+The run's stateful parts register once (torchtitan's ``CheckpointManager`` pattern): ``save``
+writes every registered part, ``load`` reads each back into the object it came from, verified
+against ``COMMIT``. The format (folders, parts, ``COMMIT``) and its reading are ``format``'s.
 
 Asynchronous writes (``async_writes=True``): ``save`` reads every part's ``state_dict()`` and
 copies its tensors to host memory (pinned, and reused between checkpoints, for GPU tensors) on
@@ -30,14 +32,13 @@ import posixpath
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 import torch
 import torch.distributed as tdist
 
 from conure_dist.checkpoint.format import (
-    COMMIT,
     FORMAT_VERSION,
     MAIN_PARTS,
     RANK_DONE,
@@ -45,6 +46,7 @@ from conure_dist.checkpoint.format import (
     CheckpointError,
     committed_folders,
     load_checkpoint,
+    write_commit,
 )
 from conure_dist.dist import DistInfo
 from conure_dist.fs import join, url_of, write_atomic
@@ -83,7 +85,7 @@ class _HashedFile:
         return self.f.write(data)
 
 
-def _write_part(fs: fsspec.AbstractFileSystem, path: str, state: Any) -> dict[str, Any]:
+def write_part(fs: fsspec.AbstractFileSystem, path: str, state: Any) -> dict[str, Any]:
     """Write ``state``'s bytes as they are, anything else through ``torch.save``; its sha256 and size."""
     with fs.open(path, "wb") as f:
         out = _HashedFile(f)
@@ -135,11 +137,51 @@ class _Snapshot:
         return buffer
 
 
+class Stateful(Protocol):
+    """A piece of the run's state: what it saves, and how it takes that back."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class PartGroup(Protocol):
+    """Parts whose files depend on the rank or the moment: a phase's RNG, best parameters and
+    optimizer state exist only inside a phase, the optimizer's as one file per rank under ZeRO."""
+
+    def files(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What to save now: rank 0's files, and this rank's own (file name -> object with
+        ``state_dict()``, or plain value)."""
+        ...
+
+    def load_from(self, ckpt: Checkpoint) -> None:
+        """Take back what ``files`` saved (nothing there: the group's state is cleared)."""
+        ...
+
+
+class _OneFile:
+    """A part that rank 0 saves to one file and every rank loads back."""
+
+    def __init__(self, fname: str, part: Stateful) -> None:
+        self.fname, self.part = fname, part
+
+    def files(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {self.fname: self.part}, {}
+
+    def load_from(self, ckpt: Checkpoint) -> None:
+        try:
+            self.part.load_state_dict(ckpt.state_of(self.fname))
+        except (ValueError, CheckpointError) as exc:  # a user's mismatch or a damaged part: say which
+            raise type(exc)(f"{posixpath.join(ckpt.path, self.fname)}: {exc}") from exc
+
+
 class Checkpointer:
     def __init__(self, out: str, dist: DistInfo, keep: int = 2, async_writes: bool = False,
                  commit_timeout_s: float = 1800.0) -> None:
         """``async_writes``: ``save`` returns after a snapshot, a writer thread does the rest;
         call ``wait()`` before exiting. ``commit_timeout_s``: rank 0's wait for other ranks."""
+        self.parts: list[PartGroup] = []
+        """The registered parts, in the order they load (a part may read what an earlier one loaded)."""
         self.root = join(out, "checkpoints")
         self.fs, self.fs_root = fsspec.core.url_to_fs(self.root)
         self.dist, self.keep = dist, keep
@@ -150,8 +192,39 @@ class Checkpointer:
         self._pending: Future[None] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
+    # -- the registered parts ----------------------------------------------------------
+    def register(self, fname: str, part: Stateful) -> None:
+        """``part`` is saved by rank 0 to ``fname`` and loaded back on every rank."""
+        self.parts.append(_OneFile(fname, part))
+
+    def register_group(self, group: PartGroup) -> None:
+        """``group`` says itself which files each rank saves, and loads them back from the checkpoint."""
+        self.parts.append(group)
+
+    def save(self, index: int, tag: str) -> str:
+        """Collective: write every registered part as the checkpoint ``{index:05d}-{tag}``."""
+        main: dict[str, Any] = {}
+        mine: dict[str, Any] = {}
+        for group in self.parts:
+            on_main, on_rank = group.files()
+            main.update(on_main)
+            mine.update(on_rank)
+        return self.write(index, tag, main, mine)
+
+    def load(self) -> Checkpoint | None:
+        """Load the newest intact checkpoint into every registered part, in registration order;
+        None (nothing loaded) when nothing was committed yet."""
+        ckpt = self.latest_valid()
+        if ckpt is None:
+            log.info("no committed checkpoint under %s: starting fresh", self.root)
+            return None
+        for group in self.parts:
+            group.load_from(ckpt)
+        log.info("loaded %s", ckpt.url)
+        return ckpt
+
     # -- writing -------------------------------------------------------------------------
-    def save(self, index: int, tag: str, parts: Mapping[str, Any], rank_parts: Mapping[str, Any] | None = None) -> str:
+    def write(self, index: int, tag: str, parts: Mapping[str, Any], rank_parts: Mapping[str, Any] | None = None) -> str:
         """Collective: rank 0 writes ``parts`` (at least ``model.pt``, ``ownership.pt`` and
         ``meta.json``), every rank writes its ``rank_parts``, then rank 0 writes the commit
         marker. Returns the path; with asynchronous writes, once the parts are copied.
@@ -196,7 +269,7 @@ class Checkpointer:
         parts_bytes = {fname: _part_bytes(fname, obj) for fname, obj in parts.items()}
         if parts_bytes:
             self.fs.makedirs(path, exist_ok=True)
-            digests = {fname: _write_part(self.fs, posixpath.join(path, fname), data)["sha256"]
+            digests = {fname: write_part(self.fs, posixpath.join(path, fname), data)["sha256"]
                        for fname, data in parts_bytes.items()}
         if self.dist.is_distributed:
             gathered: list[dict[str, str] | None] = [None] * self.dist.world_size
@@ -214,7 +287,7 @@ class Checkpointer:
         try:
             if states:
                 self.fs.makedirs(path, exist_ok=True)
-            files = {fname: _write_part(self.fs, posixpath.join(path, fname), state) for fname, state in states.items()}
+            files = {fname: write_part(self.fs, posixpath.join(path, fname), state) for fname, state in states.items()}
             if not self.dist.is_main:
                 done = posixpath.join(path, RANK_DONE.format(rank=self.dist.rank))
                 write_atomic(url_of(self.fs, done), json.dumps({"files": files}))
@@ -252,8 +325,7 @@ class Checkpointer:
                 digests[fname] = entry["sha256"]
 
     def _commit(self, path: str, digests: Mapping[str, str]) -> None:
-        # Atomic, so a kill can never leave a torn marker that looks committed.
-        write_atomic(url_of(self.fs, posixpath.join(path, COMMIT)), json.dumps({"files": dict(digests)}))
+        write_commit(self.fs, path, dict(digests))
         self._delete_old()
 
     def _delete_old(self) -> None:

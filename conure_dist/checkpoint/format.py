@@ -8,7 +8,9 @@ rank 0, or ``optimizer-rank{r}.pt`` from every rank where ZeRO shards it. A ``CO
 written by rank 0 once every rank has written its parts, lists every part with its sha256; a
 folder without it, or with a part missing, does not exist as far as loading is concerned.
 Nothing is ever overwritten: a crash at any point leaves the previous committed checkpoint
-intact, and older ones are deleted only after a newer commit.
+intact, and older ones are deleted only after a newer commit. The first-task cache
+(``train.first_task``) commits and verifies its entries with the same ``write_commit`` and
+``read_verified``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import fsspec
 import torch
 
-from conure_dist.fs import url_of
+from conure_dist.fs import url_of, write_atomic
 
 COMMIT = "COMMIT"
 MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
@@ -54,9 +56,14 @@ class Checkpoint:
     def has_part(self, name: str) -> bool:
         return name in self.digests
 
+    def state_of(self, name: str, weights_only: bool = True) -> Any:
+        """What the part ``name`` holds, verified: a main part as read already, another read now."""
+        main = {"model.pt": self.model, "ownership.pt": self.ownership, "meta.json": self.meta}
+        return main[name] if name in main else self.read_part(name, weights_only)
+
     def read_part(self, name: str, weights_only: bool = True) -> Any:
         """Load one further part (phase state, optimizer state), verified against COMMIT."""
-        data = _read_verified(self.fs, self.path, name, self.digests[name])
+        data = read_verified(self.fs, self.path, name, self.digests[name])
         # On CPU whatever device rank 0 saved from: every rank places what it needs itself.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
 
@@ -85,7 +92,29 @@ def resolve_checkpoint(path: str) -> str:
     return url_of(fs, folders[-1])
 
 
-def _read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
+def write_commit(fs: fsspec.AbstractFileSystem, path: str, digests: dict[str, str]) -> None:
+    """Commit the folder ``path``: its ``COMMIT`` lists every part with its sha256. Atomic, so a
+    kill can never leave a torn marker that looks committed."""
+    write_atomic(url_of(fs, posixpath.join(path, COMMIT)), json.dumps({"files": dict(digests)}))
+
+
+def read_commit(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, str]:
+    """The parts and sha256 that the folder ``path``'s ``COMMIT`` lists; an error naming the file
+    when it is missing or unreadable."""
+    commit_path = posixpath.join(path, COMMIT)
+    if not fs.exists(commit_path):
+        raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
+    try:
+        digests = json.loads(fs.cat_file(commit_path))["files"]
+        if not isinstance(digests, dict):
+            raise TypeError("'files' is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{commit_path} is unreadable ({type(exc).__name__}: {exc})") from None
+    return digests
+
+
+def read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
+    """The bytes of the part ``fname`` of the folder ``path``, checked against its sha256."""
     fpath = posixpath.join(path, fname)
     if not fs.exists(fpath):
         raise CheckpointError(f"{fpath} is missing")
@@ -100,19 +129,11 @@ def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> C
     the main parts are read and checked now, the others when they are read."""
     if fs is None:
         fs, path = fsspec.core.url_to_fs(path)
-    commit_path = posixpath.join(path, COMMIT)
-    if not fs.exists(commit_path):
-        raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
-    try:
-        digests = json.loads(fs.cat_file(commit_path))["files"]
-        if not isinstance(digests, dict):
-            raise TypeError("'files' is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{commit_path} is unreadable ({type(exc).__name__}: {exc})") from None
+    digests = read_commit(fs, path)
     for fname in (*MAIN_PARTS, *digests):
         if fname not in digests or not fs.exists(posixpath.join(path, fname)):
             raise CheckpointError(f"{posixpath.join(path, fname)} is missing")
-    data = {fname: _read_verified(fs, path, fname, digests[fname]) for fname in MAIN_PARTS}
+    data = {fname: read_verified(fs, path, fname, digests[fname]) for fname in MAIN_PARTS}
     try:
         meta = json.loads(data["meta.json"])
     except ValueError as exc:

@@ -91,13 +91,15 @@ class RunContext:
                   save_mid=None, *, dense: list[str] | None = None, joint_weight: float = 0.0) -> dict[str, Any]:
         """Train one phase (``Phase``) and return its summary: best validation score, epochs. T1's
         train phase goes through ``train.first_task_cache`` when set (``first_task``)."""
-        def train() -> dict[str, Any]:
+        def train() -> tuple[dict[str, Any], int]:
             phase = Phase(self, task_index, mode, task_cfg, dense=dense, joint_weight=joint_weight)
-            return phase.run(resume, save_mid)
+            return phase.run(resume, save_mid), self.global_step
 
         if task_index == 0 and mode == "train" and resume is None and self.cfg.train.first_task_cache:
-            return run_first_phase(self, train, self.out)
-        return train()
+            summary, self.global_step = run_first_phase(self.cfg, self.dist, self.model, self.logger, self.out,
+                                                        self.global_step, train)
+            return summary
+        return train()[0]
 
     def prune(self, task_index: int, ratio: float) -> None:
         """Decided on rank 0 from the fp32 weights, broadcast, then verified on every rank."""

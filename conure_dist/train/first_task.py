@@ -14,11 +14,13 @@ have trained itself: the backbone and T1's head after the phase, the step count,
 summary, and its log events, replayed into the run's own log. What the phase does not touch
 (later tasks' heads, PeterRec's patches) keeps the run's own initial values.
 
-An entry is a folder ``DIR/<key>/`` of ``state.pt`` and ``meta.json`` (which holds ``state.pt``'s
-sha256) written before ``COMMIT``: a reader ignores an entry without ``COMMIT`` and refuses one
-whose ``state.pt`` does not match its hash, so a killed writer never leaves an entry that loads.
-Rank 0 decides and reads; the other ranks receive the tensors by broadcast, so DIR need not be
-shared between nodes.
+An entry is a folder ``DIR/<key>/`` stored as a checkpoint is (``checkpoint.format``): its parts
+``state.pt`` and ``meta.json``, then ``COMMIT`` listing their sha256. A reader ignores an entry
+without ``COMMIT`` and refuses one whose parts do not match their hashes, so a killed writer never
+leaves an entry that loads. (Entries of format 1, whose ``COMMIT`` held the key, sit under keys
+that format 2 never computes: they are never read, and T1 is trained and stored again.) Rank 0
+decides and reads; the other ranks receive the tensors by broadcast, so DIR need not be shared
+between nodes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -35,12 +38,26 @@ import fsspec
 import torch
 import torch.distributed as tdist
 
+from conure_dist.checkpoint.checkpointer import write_part
+from conure_dist.checkpoint.format import (
+    COMMIT,
+    CheckpointError,
+    read_commit,
+    read_verified,
+    write_commit,
+)
+from conure_dist.config import RunConfig
+from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
 from conure_dist.fs import join, write_atomic
+from conure_dist.model import ConureModel
+from conure_dist.train.logger import JsonlLogger
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: entries committed as checkpoints are (1: ``COMMIT`` held the key, ``meta.json`` the hash)."""
+PARTS = ("state.pt", "meta.json")
 MARKER = "first_task.json"
 """Written into a run's output folder once its T1 train phase is trained or loaded (what
 ``conure experiment`` waits for before it starts the runs that reuse it)."""
@@ -102,34 +119,36 @@ class FirstTaskCache:
         """The entry's tensors and meta, or None when no committed entry has this key."""
         folder = self.folder(key)
         fs, path = fsspec.core.url_to_fs(folder)
-        if not fs.exists(f"{path}/COMMIT"):
+        if not fs.exists(posixpath.join(path, COMMIT)):
             return None
-        meta = json.loads(fs.cat_file(f"{path}/meta.json"))
-        if meta.get("key") != key:
-            raise UserError(f"{folder}: the entry was stored under another key ({meta.get('key')}); "
-                             "delete the folder or use another train.first_task_cache")
-        data = fs.cat_file(f"{path}/state.pt")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise UserError(f"{folder}/state.pt does not match the sha256 in its meta.json (a damaged entry): "
-                             "delete the folder to train T1 again")
+        try:
+            digests = read_commit(fs, path)
+            if sorted(digests) != sorted(PARTS):
+                raise CheckpointError(f"{posixpath.join(path, COMMIT)} lists {sorted(digests)}, not {sorted(PARTS)}")
+            meta = json.loads(read_verified(fs, path, "meta.json", digests["meta.json"]))
+            if meta.get("key") != key:
+                raise CheckpointError(f"the entry was stored under another key ({meta.get('key')})")
+            data = read_verified(fs, path, "state.pt", digests["state.pt"])
+        except CheckpointError as exc:
+            raise UserError(f"{folder}: a damaged entry of the first-task cache ({exc}): delete the folder to "
+                             "train T1 again") from None
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), meta
 
     def store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Write the entry (``COMMIT`` last); an entry already committed under the key stays."""
-        folder = self.folder(key)
-        fs, path = fsspec.core.url_to_fs(folder)
-        if fs.exists(f"{path}/COMMIT"):
+        fs, path = fsspec.core.url_to_fs(self.folder(key))
+        if fs.exists(posixpath.join(path, COMMIT)):
             return
-        buffer = io.BytesIO()
-        torch.save({n: t.detach().cpu() for n, t in tensors.items()}, buffer)
-        data = buffer.getvalue()
         fs.makedirs(path, exist_ok=True)
-        partial = f"{path}/state.pt.{uuid.uuid4().hex}.partial"
-        with fs.open(partial, "wb") as f:
-            f.write(data)
-        fs.mv(partial, f"{path}/state.pt")
-        write_atomic(join(folder, "meta.json"), json.dumps({**meta, "key": key, "sha256": hashlib.sha256(data).hexdigest()}))
-        write_atomic(join(folder, "COMMIT"), key + "\n")
+        contents = {"state.pt": {n: t.detach().cpu() for n, t in tensors.items()},
+                    "meta.json": json.dumps({**meta, "key": key}).encode()}
+        digests = {}
+        for fname, content in contents.items():
+            # Under a unique name first: a second writer of the same key never tears this one's part.
+            partial = posixpath.join(path, f"{fname}.{uuid.uuid4().hex}.partial")
+            digests[fname] = write_part(fs, partial, content)["sha256"]
+            fs.mv(partial, posixpath.join(path, fname))
+        write_commit(fs, path, digests)
 
 
 class EventRecorder:
@@ -142,11 +161,13 @@ class EventRecorder:
         self.events.append({"event": event, **fields})
 
 
-def run_first_phase(trainer: Any, train_phase: Callable[[], dict[str, Any]], out: str | None) -> dict[str, Any]:
+def run_first_phase(cfg: RunConfig, dist: DistInfo, model: ConureModel, logger: JsonlLogger, out: str | None,
+                    global_step: int, train_phase: Callable[[], tuple[dict[str, Any], int]]) -> tuple[dict[str, Any], int]:
     """T1's train phase through the cache at ``train.first_task_cache``: loaded when an entry
-    has the run's key, otherwise trained by ``train_phase`` and stored. Returns the phase summary."""
-    cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
-    first = trainer.infos[0].name
+    has the run's key, otherwise trained by ``train_phase`` (which returns the phase summary and
+    the run's step count after it) and stored. Returns the summary and the step count after the
+    phase, ``global_step`` being the count before it."""
+    first = cfg.tasks[0].name
     state = model.state_dict()
     names = phase_names(state, first)
     key = phase_key(cfg.to_dict(), state, first, dist.world_size, dist.device)
@@ -157,32 +178,19 @@ def run_first_phase(trainer: Any, train_phase: Callable[[], dict[str, Any]], out
         tdist.broadcast_object_list(decision, src=0)
     meta = decision[0]
     if meta is not None:
-        with torch.no_grad():
-            for name in names:
-                if dist.is_main:
-                    state[name].copy_(found[0][name])
-                if dist.is_distributed:
-                    tdist.broadcast(state[name], src=0)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        trainer.global_step += meta["steps"]
-        trainer.logger.log("first_task_reused", task=first, cache=cache.folder(key), key=key)
-        for event in meta["events"]:
-            fields = dict(event)
-            name = fields.pop("event")
-            if "global_step" in fields:
-                fields["global_step"] += trainer.global_step - meta["steps"]
-            trainer.logger.log(name, **fields)
-        summary, reused = meta["summary"], True
+        _load_phase(model, {n: state[n] for n in names}, None if found is None else found[0], dist)
+        logger.log("first_task_reused", task=first, cache=cache.folder(key), key=key)
+        _replay(logger, meta["events"], global_step)
+        summary, reused, global_step = meta["summary"], True, global_step + meta["steps"]
     else:
         rng = torch.get_rng_state()
-        start_step = trainer.global_step
+        start_step = global_step
         recorder = EventRecorder()
-        trainer.logger.recorders.append(recorder)
+        logger.recorders.append(recorder)
         try:
-            summary = train_phase()
+            summary, global_step = train_phase()
         finally:
-            trainer.logger.recorders.remove(recorder)
+            logger.recorders.remove(recorder)
         reused = False
         if not torch.equal(rng, torch.get_rng_state()):
             # Nothing in a phase draws from the global generator today; if that changes, a stored
@@ -193,8 +201,32 @@ def run_first_phase(trainer: Any, train_phase: Callable[[], dict[str, Any]], out
             events = [{**e, "global_step": e["global_step"] - start_step} if "global_step" in e else e
                       for e in recorder.events]
             cache.store(key, {n: state[n] for n in names},
-                        {"format": FORMAT_VERSION, "task": first, "steps": trainer.global_step - start_step,
+                        {"format": FORMAT_VERSION, "task": first, "steps": global_step - start_step,
                          "summary": summary, "events": events})
     if dist.is_main and out:
         write_atomic(join(out, MARKER), json.dumps({"key": key, "cache": cache.folder(key), "reused": reused}) + "\n")
-    return summary
+    return summary, global_step
+
+
+def _load_phase(model: ConureModel, targets: dict[str, torch.Tensor], found: dict[str, torch.Tensor] | None,
+                dist: DistInfo) -> None:
+    """Copy the entry's tensors (read on rank 0, broadcast to the others) into ``targets``; the
+    phase leaves nothing trainable."""
+    with torch.no_grad():
+        for name, target in targets.items():
+            if found is not None:
+                target.copy_(found[name])
+            if dist.is_distributed:
+                tdist.broadcast(target, src=0)
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def _replay(logger: JsonlLogger, events: list[dict[str, Any]], global_step: int) -> None:
+    """Log a stored phase's events as the run would have, its step counts after ``global_step``."""
+    for event in events:
+        fields = dict(event)
+        name = fields.pop("event")
+        if "global_step" in fields:
+            fields["global_step"] += global_step
+        logger.log(name, **fields)

@@ -68,13 +68,17 @@ class PhaseResume:
 
 @dataclass
 class RunState:
-    """Progress and results; plain JSON inside every checkpoint."""
+    """Progress and results; plain JSON inside every checkpoint (``meta.json``'s ``state``).
+
+    The cursor (``task_index``, ``stage``, ``phase``) says where the run stands, and each step of
+    a task asks it whether it is already done (``done``): a resumed run skips what its checkpoint
+    holds. ``stage`` is the cursor's form on disk, kept as earlier checkpoints wrote it."""
 
     task_index: int = 0
     """Index (0-based) of the task being worked on."""
     stage: str = "start"
     """Stage reached on that task: start, in_train, trained (train phase done, not yet pruned)
-    or in_retrain."""
+    or in_retrain (pruned)."""
     matrix: list[list[float | None]] = field(default_factory=list)
     metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -101,3 +105,42 @@ class RunState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunState:
         return cls(**data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_json()
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Take a checkpoint's state in place (every field: strict, as ``from_json``)."""
+        self.__dict__.update(RunState.from_json(data).__dict__)
+
+    # -- the cursor ---------------------------------------------------------------------
+    def done(self, step: str) -> bool:
+        """Whether ``step`` (train, prune) of the task under way is already done."""
+        return TASK_STEPS.index(step) < _STEPS_DONE[self.stage]
+
+    def complete(self, step: str) -> None:
+        """``step`` of the task under way is done (a phase's position, if any, is over)."""
+        self.stage, self.phase = _STAGE_AFTER[step], None
+
+    def enter_phase(self, progress: dict[str, Any]) -> None:
+        """A checkpoint inside a phase will hold its position ``progress`` (``PhaseProgress``)."""
+        self.stage, self.phase = f"in_{progress['mode']}", progress
+
+    def next_task(self) -> None:
+        self.task_index, self.stage, self.phase = self.task_index + 1, "start", None
+
+    @property
+    def tasks_begun(self) -> int:
+        """Tasks finished or under way (one whose work has left a trace in the model)."""
+        return self.task_index + (self.stage != "start")
+
+    def resume_point(self) -> dict[str, Any]:
+        """Where a (resumed) run starts, as its ``start`` log event names it."""
+        position = None if self.phase is None else {"epoch": self.phase["epoch"], "step": self.phase["step"]}
+        return {"task_index": self.task_index, "stage": self.stage, "position": position}
+
+
+TASK_STEPS = ("train", "prune")
+"""The steps of a task whose completion a checkpoint can record before the task is done."""
+_STEPS_DONE = {"start": 0, "in_train": 0, "trained": 1, "in_retrain": 2}
+_STAGE_AFTER = {"train": "trained", "prune": "in_retrain"}
