@@ -17,7 +17,7 @@ from conure_dist.errors import UserError
 
 if TYPE_CHECKING:
     from conure_dist.dist import DistInfo
-    from conure_dist.experiment.harness import Experiment
+    from conure_dist.experiment.spec import Experiment
 
 log = logging.getLogger("conure_dist")
 
@@ -206,8 +206,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.config import DistConfig
     from conure_dist.dist import process_group
-    from conure_dist.experiment.harness import load_experiment, run_experiment
+    from conure_dist.experiment.harness import run_experiment
     from conure_dist.experiment.report import format_markdown
+    from conure_dist.experiment.spec import load_experiment
 
     experiment = load_experiment(args.config, args.overrides)
     if args.seeds:
@@ -225,7 +226,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def _build_experiment_shards(experiment: Experiment, dist: DistInfo) -> None:
     """The missing shards of every data root the experiment's runs read, each built once."""
     from conure_dist.config import DataConfig
-    from conure_dist.experiment.harness import run_config
+    from conure_dist.experiment.spec import run_config
     from data_tools.prepare import build_missing_shards
 
     roots: dict[str, DataConfig] = {}

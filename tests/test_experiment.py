@@ -19,7 +19,7 @@ from helpers import cli, tiny_config
 
 from conure_dist.cli import main
 from conure_dist.config import ConfigError
-from conure_dist.experiment.harness import load_experiment
+from conure_dist.experiment.spec import load_experiment
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
 TASKS = [("t1", 0.6), ("click", 0.5), ("gender", 0.5)]

@@ -21,12 +21,13 @@ def _modules() -> dict[str, pathlib.Path]:
     return mods
 
 
-def _imports(path: pathlib.Path) -> list[str]:
-    """Every module named by an import, lazy ones too; not those only for type checkers."""
+def _imports(path: pathlib.Path, typing_only_too: bool = False) -> list[str]:
+    """Every module named by an import, lazy ones too; those only for type checkers
+    (``if TYPE_CHECKING:``) when ``typing_only_too``."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(sub) for node in ast.walk(tree)
-                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                   for sub in ast.walk(node)}
+    typing_only = set() if typing_only_too else {
+        id(sub) for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
     names = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -38,7 +39,9 @@ def _imports(path: pathlib.Path) -> list[str]:
     return names
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(typing_only_too: bool = True) -> dict[str, set[str]]:
+    """Which modules each module imports; type-only imports count (a cycle through them is still
+    two modules that cannot be read apart)."""
     mods = _modules()
 
     def owner(name: str) -> str | None:
@@ -46,7 +49,7 @@ def _graph() -> dict[str, set[str]]:
             name = name.rpartition(".")[0]
         return name or None
 
-    return {m: {o for n in _imports(p) if (o := owner(n)) and o != m} for m, p in mods.items()}
+    return {m: {o for n in _imports(p, typing_only_too) if (o := owner(n)) and o != m} for m, p in mods.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -85,6 +88,13 @@ def test_no_import_circle():
     graph = _graph()
     assert "conure_dist.train.context" in graph["conure_dist.train.loop"]  # the graph sees real imports
     assert _cycles(graph) == []
+
+
+def test_the_graph_sees_imports_only_for_type_checkers(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from a.b import C\nimport d\n")
+    assert _imports(module) == ["typing", "typing.TYPE_CHECKING", "d"]
+    assert sorted(_imports(module, typing_only_too=True)) == ["a.b", "a.b.C", "d", "typing", "typing.TYPE_CHECKING"]
 
 
 def test_the_cycle_finder_finds_a_circle():

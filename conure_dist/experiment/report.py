@@ -26,7 +26,7 @@ from conure_dist.fs import join
 from conure_dist.methods import METHODS
 
 if TYPE_CHECKING:
-    from conure_dist.experiment.harness import Experiment
+    from conure_dist.experiment.spec import Experiment
 
 
 def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused_seconds: float = 0.0) -> dict[str, Any]:

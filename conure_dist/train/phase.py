@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from conure_dist.config import TaskConfig, TrainConfig
+from conure_dist.config import RunConfig, TaskConfig, TrainConfig
+from conure_dist.continual.views import MaskedModel
+from conure_dist.data.manifest import Manifest, TaskInfo
+from conure_dist.dist import DistInfo
 from conure_dist.methods.joint import JointLossModel
 from conure_dist.model import ConureModel
 from conure_dist.train.batches import (
@@ -28,14 +31,28 @@ from conure_dist.train.batches import (
 )
 from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
+from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.metrics import primary_metric_name
-from conure_dist.train.profile import StepMeter
+from conure_dist.train.profile import StepMeter, StepProfiler
 from conure_dist.train.samplers import hash_seed, make_generator
 from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
 
-if TYPE_CHECKING:
-    from conure_dist.train.context import RunContext
+
+class PhaseHost(Protocol):
+    """What a phase reads from the run it belongs to (``context.RunContext`` provides it): the
+    phase depends on this shape, not on the context module."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    manifest: Manifest
+    infos: list[TaskInfo]
+    model: ConureModel
+    masked: MaskedModel
+    logger: JsonlLogger
+    profiler: StepProfiler | None
+    global_step: int
+
 
 PHASE_IDS = {"train": 0, "retrain": 1}
 
@@ -77,7 +94,7 @@ class Phase:
     baselines, the parameters named in ``dense`` under the dense view (no ownership), with
     ``joint_weight`` times T1's loss on T1 batches added to each step."""
 
-    def __init__(self, trainer: RunContext, task_index: int, mode: str, task_cfg: TaskConfig, *,
+    def __init__(self, trainer: PhaseHost, task_index: int, mode: str, task_cfg: TaskConfig, *,
                  dense: list[str] | None = None, joint_weight: float = 0.0) -> None:
         cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
         self.trainer, self.mode, self.task_index = trainer, mode, task_index
