@@ -19,9 +19,12 @@ def environment(script: str, argv: list[str] | None, device_arg: str) -> dict[st
     return {
         "command": "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)]),
         "device": device_arg,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
 

@@ -54,8 +54,13 @@ def auto_against_fixed(seeds: list[int], tolerance: float, out: Path) -> dict[st
     for seed in seeds:
         base = [f"seed={seed}", f"data.root={out / 'data_quickstart'}"]
         runs["fixed"].append(_run(config, base, out / f"fixed_s{seed}"))
-        runs["auto"].append(_run(config, [*base, "tasks.*.prune_ratio=auto", f"tasks.*.prune_tolerance={tolerance}"],
-                                 out / f"auto_s{seed}"))
+        runs["auto"].append(
+            _run(
+                config,
+                [*base, "tasks.*.prune_ratio=auto", f"tasks.*.prune_tolerance={tolerance}"],
+                out / f"auto_s{seed}",
+            )
+        )
     tasks = [t["name"] for t in runs["fixed"][0]["tasks"]]
     per_task = {}
     for i, task in enumerate(tasks):
@@ -64,14 +69,21 @@ def auto_against_fixed(seeds: list[int], tolerance: float, out: Path) -> dict[st
             "fixed_ratio": runs["fixed"][0]["capacity"][i]["prune_ratio"],
             "auto_ratios": [r["capacity"][i]["prune_ratio"] for r in runs["auto"]],
             "probes": [len(r["prune_search"][task]["probes"]) for r in runs["auto"]],
-            "score_fixed": interval(score["fixed"]), "score_auto": interval(score["auto"]),
+            "score_fixed": interval(score["fixed"]),
+            "score_auto": interval(score["auto"]),
             "score_auto_minus_fixed": paired(score["auto"], score["fixed"]),
         }
     free = {k: [r["capacity"][-1]["free_fraction"] for r in v] for k, v in runs.items()}
-    return {"config": "configs/quickstart.yaml", "tolerance": tolerance, "seeds": seeds, "tasks": per_task,
-            "free_after_last_fixed": interval(free["fixed"]), "free_after_last_auto": interval(free["auto"]),
-            "free_auto_minus_fixed": paired(free["auto"], free["fixed"]),
-            "seconds": {k: interval([r["bench_seconds"] for r in v]) for k, v in runs.items()}}
+    return {
+        "config": "configs/quickstart.yaml",
+        "tolerance": tolerance,
+        "seeds": seeds,
+        "tasks": per_task,
+        "free_after_last_fixed": interval(free["fixed"]),
+        "free_after_last_auto": interval(free["auto"]),
+        "free_auto_minus_fixed": paired(free["auto"], free["fixed"]),
+        "seconds": {k: interval([r["bench_seconds"] for r in v]) for k, v in runs.items()},
+    }
 
 
 def twelve_tasks(out: Path) -> dict[str, Any]:
@@ -87,17 +99,20 @@ def twelve_tasks(out: Path) -> dict[str, Any]:
         result["fixed_backbone"] = f"CapacityError: {exc}"
     report = _run(config, [f"data.root={data}"], out / "grow12")
     matrix = report["matrix"]
-    result.update({
-        "tasks_finished": len(matrix),
-        "growth": report["growth"],
-        "blocks": [c["num_blocks"] for c in report["capacity"]],
-        "free_after_each_task": [round(c["free_fraction"], 4) for c in report["capacity"]],
-        "score": {t["name"]: matrix[i][i] for i, t in enumerate(report["tasks"])},
-        "reference": report["reference"],
-        "earlier_scores_moved": any(matrix[j][i] != matrix[i][i] for i in range(len(matrix))
-                                    for j in range(i, len(matrix))),
-        "seconds": report["bench_seconds"],
-    })
+    result.update(
+        {
+            "tasks_finished": len(matrix),
+            "growth": report["growth"],
+            "blocks": [c["num_blocks"] for c in report["capacity"]],
+            "free_after_each_task": [round(c["free_fraction"], 4) for c in report["capacity"]],
+            "score": {t["name"]: matrix[i][i] for i, t in enumerate(report["tasks"])},
+            "reference": report["reference"],
+            "earlier_scores_moved": any(
+                matrix[j][i] != matrix[i][i] for i in range(len(matrix)) for j in range(i, len(matrix))
+            ),
+            "seconds": report["bench_seconds"],
+        }
+    )
     return result
 
 
@@ -109,12 +124,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "capacity_cpu.json")
     parser.add_argument("--skip", choices=["auto", "growth"], action="append", default=[])
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result: dict[str, Any] = {"command": "python benchmarks/capacity.py " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}", f"--tolerance {args.tolerance}"]),
-        "commit": commit, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    result: dict[str, Any] = {
+        "command": "python benchmarks/capacity.py "
+        + " ".join([f"--seeds {' '.join(map(str, args.seeds))}", f"--tolerance {args.tolerance}"]),
+        "commit": commit,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
     if "auto" not in args.skip:
         result["auto_against_fixed"] = auto_against_fixed(args.seeds, args.tolerance, args.out)
     if "growth" not in args.skip:

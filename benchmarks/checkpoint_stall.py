@@ -85,8 +85,13 @@ def build(items: int, channels: int, args: argparse.Namespace, device: torch.dev
     optimizer.zero_grad(set_to_none=True)
     ownership = TaskOwnership.empty({n: params[n].shape for n in model.prunable_names()})
     best = {n: p.detach().clone() for n, p in params.items()}
-    return {"model.pt": model, "ownership.pt": ownership, "meta.json": {"items": items, "channels": channels},
-            "phase.pt": {"generator": torch.Generator().get_state(), "best": best}, "optimizer.pt": _Adam(optimizer)}
+    return {
+        "model.pt": model,
+        "ownership.pt": ownership,
+        "meta.json": {"items": items, "channels": channels},
+        "phase.pt": {"generator": torch.Generator().get_state(), "best": best},
+        "optimizer.pt": _Adam(optimizer),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -104,8 +109,14 @@ def compute(steps: int, work: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(parts: dict[str, Any], async_writes: bool, out: str, args: argparse.Namespace,
-            device: torch.device, work: torch.Tensor) -> dict[str, Any]:
+def measure(
+    parts: dict[str, Any],
+    async_writes: bool,
+    out: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    work: torch.Tensor,
+) -> dict[str, Any]:
     """``--repeats`` checkpoints, each committed before the next; in asynchronous mode the
     stand-in training runs while the last one is written."""
     dist = DistInfo(0, 1, 0, device, None)
@@ -121,8 +132,14 @@ def measure(parts: dict[str, Any], async_writes: bool, out: str, args: argparse.
     path = ckpt.committed()[-1]
     nbytes = sum(ckpt.fs.size(f) for f in ckpt.fs.ls(path, detail=False))
     later = slice(1, None) if args.repeats > 1 else slice(None)
-    result = {"save_s": statistics.median(saves[later]), "total_s": statistics.median(totals[later]),
-              "first_save_s": saves[0], "save_runs_s": saves, "total_runs_s": totals, "checkpoint_bytes": nbytes}
+    result = {
+        "save_s": statistics.median(saves[later]),
+        "total_s": statistics.median(totals[later]),
+        "first_save_s": saves[0],
+        "save_runs_s": saves,
+        "total_runs_s": totals,
+        "checkpoint_bytes": nbytes,
+    }
     if async_writes:  # one more checkpoint, the stand-in training running while it is written
         ckpt.save(args.repeats + 1, "t1-train-e1-s1", parts, {})
         result["compute_s_during_write"] = compute(args.compute_steps, work)
@@ -149,17 +166,22 @@ def snapshot_ok(parts: dict[str, Any], out: str, device: torch.device) -> bool:
 
 def run_size(items: int, channels: int, args: argparse.Namespace, device: torch.device, out: str) -> dict[str, Any]:
     parts = build(items, channels, args, device)
-    work = torch.randn(512, 512, device=device) / 512 ** 0.5
+    work = torch.randn(512, 512, device=device) / 512**0.5
     compute(2, work)  # warm-up
     alone = compute(args.compute_steps, work)
     modes = {}
     for mode, async_writes in (("sync", False), ("async", True)):
         modes[mode] = measure(parts, async_writes, join(out, f"{items}x{channels}-{mode}"), args, device, work)
     model = parts["model.pt"]
-    return {"items": items, "channels": channels, "parameters": sum(p.numel() for p in model.parameters()),
-            "compute_s_alone": alone, **modes,
-            "stall_reduction": modes["sync"]["save_s"] / modes["async"]["save_s"],
-            "snapshot_ok": snapshot_ok(parts, join(out, f"{items}x{channels}-check"), device)}
+    return {
+        "items": items,
+        "channels": channels,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "compute_s_alone": alone,
+        **modes,
+        "stall_reduction": modes["sync"]["save_s"] / modes["async"]["save_s"],
+        "snapshot_ok": snapshot_ok(parts, join(out, f"{items}x{channels}-check"), device),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -173,12 +195,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **environment("benchmarks/checkpoint_stall.py", argv, args.device),
         "out": "temporary local folder" if args.out is None else args.out,
         "filesystem": type(fsspec.core.url_to_fs(out)[0]).__name__,
-        "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks, "repeats": args.repeats,
+        "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks,
+        "repeats": args.repeats,
         "load_average_before": os.getloadavg(),
     }
     try:
-        report["results"] = [run_size(int(i), int(c), args, device, out)
-                             for i, c in zip(args.items.split(","), args.channels.split(","), strict=True)]
+        report["results"] = [
+            run_size(int(i), int(c), args, device, out)
+            for i, c in zip(args.items.split(","), args.channels.split(","), strict=True)
+        ]
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)

@@ -34,10 +34,18 @@ def measure(trainer: RunContext, task_index: int, steps: int) -> dict:
     info, task_cfg, dist = trainer.infos[task_index], trainer.cfg.tasks[task_index], trainer.dist
     trainer.masked.set_view("train", task_index + 1)
     trainable = phase_parameters(trainer.model, info.name, task_index == 0)
-    engine = TorchEngine(trainer.masked, trainable, task_cfg.lr, task_cfg.l2, dist, "fp32",
-                         row_sparse=[f"model.{n}" for n in trainer.model.item_table_names()])
+    engine = TorchEngine(
+        trainer.masked,
+        trainable,
+        task_cfg.lr,
+        task_cfg.l2,
+        dist,
+        "fp32",
+        row_sparse=[f"model.{n}" for n in trainer.model.item_table_names()],
+    )
     reduced, sparse = [0], [0]
     if dist.is_distributed:
+
         def counting_hook(state, bucket):
             reduced[0] += bucket.buffer().numel() * bucket.buffer().element_size()
             return default_hooks.allreduce_hook(state, bucket)
@@ -45,9 +53,19 @@ def measure(trainer: RunContext, task_index: int, steps: int) -> dict:
         engine.module.register_comm_hook(None, counting_hook)
     draw = negative_drawer(trainer.cfg, trainer.manifest, trainer.dist, info, task_cfg.batch_size)
     generator = torch.Generator().manual_seed(0)
-    batches = iter_batches(trainer.manifest, info.name, "train", task_cfg.batch_size // dist.world_size,
-                           shuffle=True, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size,
-                           num_steps=steps + 5, drop_last=True)
+    batches = iter_batches(
+        trainer.manifest,
+        info.name,
+        "train",
+        task_cfg.batch_size // dist.world_size,
+        shuffle=True,
+        seed=0,
+        epoch=0,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_steps=steps + 5,
+        drop_last=True,
+    )
     for step, batch in enumerate(batches):
         if step == 5:  # warm-up excluded
             reduced[0] = 0
@@ -61,12 +79,16 @@ def measure(trainer: RunContext, task_index: int, steps: int) -> dict:
             sparse[0] += engine.sparse.bytes_last_step
     elapsed = time.perf_counter() - start
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
-    return {"task": info.name, "global_batch": task_cfg.batch_size, "steps_per_s": steps / elapsed,
-            "sequences_per_s": steps * task_cfg.batch_size / elapsed,
-            "allreduced_bytes_per_step_per_rank": reduced[0] / steps,
-            "row_sparse_bytes_per_step_per_rank": sparse[0] / steps,
-            "ring_wire_bytes_per_step_per_rank": 2 * (dist.world_size - 1) / dist.world_size * reduced[0] / steps,
-            "trainable_parameter_bytes": trainable_bytes}
+    return {
+        "task": info.name,
+        "global_batch": task_cfg.batch_size,
+        "steps_per_s": steps / elapsed,
+        "sequences_per_s": steps * task_cfg.batch_size / elapsed,
+        "allreduced_bytes_per_step_per_rank": reduced[0] / steps,
+        "row_sparse_bytes_per_step_per_rank": sparse[0] / steps,
+        "ring_wire_bytes_per_step_per_rank": 2 * (dist.world_size - 1) / dist.world_size * reduced[0] / steps,
+        "trainable_parameter_bytes": trainable_bytes,
+    }
 
 
 def main() -> None:
@@ -79,8 +101,13 @@ def main() -> None:
     with process_group(cfg.dist) as dist:
         build_missing_shards(cfg.data, dist)  # as `conure run` does on first use
         trainer = build_context(cfg, None, dist)
-        results = {"world_size": dist.world_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "config": args.config, "t1": measure(trainer, 0, args.steps)}
+        results = {
+            "world_size": dist.world_size,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "config": args.config,
+            "t1": measure(trainer, 0, args.steps),
+        }
         trainer.prune(0, cfg.tasks[0].prune_ratio)
         results["later"] = measure(trainer, 1, args.steps)
     if dist.is_main:

@@ -110,18 +110,24 @@ def check(device: torch.device) -> dict:
     chunked = lse_and_grads(case, lambda *a: negative_logsumexp(*a, chunk=777), False)
     fused = lse_and_grads(case, fused_negative_logsumexp, False)
     out = {"sizes": {"rows": n, "channels": c, "negatives": s, "items": items}}
-    out["fp32_rel_err"] = dict(zip(("lse", "hidden", "weight", "bias"), map(relative_error, fused, chunked), strict=True))
+    out["fp32_rel_err"] = dict(
+        zip(("lse", "hidden", "weight", "bias"), map(relative_error, fused, chunked), strict=True)
+    )
     # bf16: against fp32 math on the bf16-rounded rows and tables (biases stay fp32 under autocast).
     hidden, table, bias, negatives, target = case
     rounded = [hidden.bfloat16().float(), table.bfloat16().float(), bias, negatives, target]
     exact = lse_and_grads(rounded, lambda *a: negative_logsumexp(*a, chunk=777), False)
     fused_bf16 = lse_and_grads(case, fused_negative_logsumexp, True)
-    out["bf16_rel_err"] = dict(zip(("lse", "hidden", "weight", "bias"), map(relative_error, fused_bf16, exact),
-                                   strict=True))
+    out["bf16_rel_err"] = dict(
+        zip(("lse", "hidden", "weight", "bias"), map(relative_error, fused_bf16, exact), strict=True)
+    )
     out["ranks"] = check_ranks(device, n, c, items)
-    out["ok"] = (all(v <= 1e-5 for v in out["fp32_rel_err"].values()) and out["bf16_rel_err"]["lse"] <= 1e-5
-                 and all(out["bf16_rel_err"][k] <= 1e-2 for k in ("hidden", "weight", "bias"))
-                 and out["ranks"]["integer_scores_equal"])
+    out["ok"] = (
+        all(v <= 1e-5 for v in out["fp32_rel_err"].values())
+        and out["bf16_rel_err"]["lse"] <= 1e-5
+        and all(out["bf16_rel_err"][k] <= 1e-2 for k in ("hidden", "weight", "bias"))
+        and out["ranks"]["integer_scores_equal"]
+    )
     return out
 
 
@@ -164,10 +170,12 @@ def bench_softmax(p: dict, device: torch.device) -> dict:
     if device.type == "cuda":  # today's GPU path: blocks of 32,768 whose element-wise work is compiled
         paths["chunked_compiled"] = (32768, True, "chunked")
     for name, (chunk, compiled, kernel) in paths.items():
+
         def step(chunk=chunk, compiled=compiled, kernel=kernel):
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                lse = negative_logsumexp(hidden, table[negatives], bias[negatives], negatives, target, chunk,
-                                         compiled, kernel)
+                lse = negative_logsumexp(
+                    hidden, table[negatives], bias[negatives], negatives, target, chunk, compiled, kernel
+                )
             lse.sum().backward()
             hidden.grad = table.grad = bias.grad = None
 
@@ -184,11 +192,14 @@ def bench_ranking(p: dict, device: torch.device) -> dict:
     bias, target = torch.randn(v, generator=g).to(device), torch.randint(1, v, (users,), generator=g).to(device)
     out = {"users": users, "items": v, "channels": c}
     for precision, autocast in (("fp32", False), ("bf16", True)):
-        paths = {"materialized": lambda: target_ranks(scores(hidden, table, bias), target),
-                 "fused": lambda: fused_target_ranks(hidden, table, bias, target, padding_first=True)}
+        paths = {
+            "materialized": lambda: target_ranks(scores(hidden, table, bias), target),
+            "fused": lambda: fused_target_ranks(hidden, table, bias, target, padding_first=True),
+        }
         if autocast and device.type == "cuda":
             paths["materialized_compiled"] = lambda: target_ranks(scores(hidden, table, bias), target, compiled=True)
         for name, fn in paths.items():
+
             def call(fn=fn, autocast=autocast):
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     fn()
@@ -203,14 +214,21 @@ def bench_ranking(p: dict, device: torch.device) -> dict:
 def bench_t1_step(p: dict, device: torch.device, compile_on: bool) -> dict:
     from conure_dist import compiled
 
-    out = {"batch": p["batch"], "seq_len": p["seq_len"], "items": p["items"], "channels": p["channels"],
-           "compiled_backbone": compile_on}
+    out = {
+        "batch": p["batch"],
+        "seq_len": p["seq_len"],
+        "items": p["items"],
+        "channels": p["channels"],
+        "compiled_backbone": compile_on,
+    }
     g = torch.Generator().manual_seed(3)
     seq = (torch.rand(p["batch"], p["seq_len"], generator=g).pow(3.0) * (p["items"] - 2)).long().add(1).to(device)
     num_negatives = int(NEGATIVE_FRACTION * p["items"])
     for name in ("chunked", "triton"):
         torch.manual_seed(0)
-        model = ConureModel(p["items"], [TaskSpec("t1", "sequence", p["items"])], p["channels"], 3, [1, 4] * 4).to(device)
+        model = ConureModel(p["items"], [TaskSpec("t1", "sequence", p["items"])], p["channels"], 3, [1, 4] * 4).to(
+            device
+        )
         if compile_on:
             compiled.compile_model(model)
         model.heads["t1"].kernel = name
@@ -247,14 +265,20 @@ def bench_sweep(p: dict, device: torch.device) -> dict:
     lse = fused_negative_logsumexp(h, w, b, negatives, target).contiguous()
     scale = torch.ones_like(lse)
     defaults = sampled_softmax.GPU_TILES["16-bit"]
-    candidates = {"forward": [Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 4)],
-                  "hidden": [Tiles(32, 64, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 32, 4, 3)],
-                  "weight": [Tiles(64, 32, 8, 2), Tiles(64, 64, 8, 2), Tiles(32, 64, 4, 3)]}
-    runs = {"forward": lambda t: sampled_softmax._forward(h, w, b, negatives, target, torch.bfloat16, {"forward": t}),
-            "hidden": lambda t: sampled_softmax._hidden_grad(h, w, b, negatives, target, lse, scale, torch.bfloat16,
-                                                             {"hidden": t}),
-            "weight": lambda t: sampled_softmax._weight_grad(h, w, b, negatives, target, lse, scale, torch.bfloat16,
-                                                             {"weight": t})}
+    candidates = {
+        "forward": [Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 4)],
+        "hidden": [Tiles(32, 64, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 32, 4, 3)],
+        "weight": [Tiles(64, 32, 8, 2), Tiles(64, 64, 8, 2), Tiles(32, 64, 4, 3)],
+    }
+    runs = {
+        "forward": lambda t: sampled_softmax._forward(h, w, b, negatives, target, torch.bfloat16, {"forward": t}),
+        "hidden": lambda t: sampled_softmax._hidden_grad(
+            h, w, b, negatives, target, lse, scale, torch.bfloat16, {"hidden": t}
+        ),
+        "weight": lambda t: sampled_softmax._weight_grad(
+            h, w, b, negatives, target, lse, scale, torch.bfloat16, {"weight": t}
+        ),
+    }
     out: dict = {}
     for kind, tiles in candidates.items():
         for t in [defaults[kind], *tiles]:
@@ -268,8 +292,10 @@ def bench_sweep(p: dict, device: torch.device) -> dict:
     for t in [topk.GPU_TILES["16-bit"], Tiles(128, 128, 8, 3), Tiles(64, 64, 4, 3), Tiles(64, 256, 8, 3)]:
         key = f"rank {t.rows}x{t.cols} w{t.num_warps} s{t.num_stages}"
         try:
-            out[key] = measure(lambda t=t: fused_target_ranks(uh, table, bias, ut, True, t), device, 3, warmup=1)[
-                "seconds"] * 1e3
+            out[key] = (
+                measure(lambda t=t: fused_target_ranks(uh, table, bias, ut, True, t), device, 3, warmup=1)["seconds"]
+                * 1e3
+            )
         except Exception as error:
             out[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return {"milliseconds": out}
@@ -281,15 +307,23 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="these sections (default: all but sweep)")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--compile", action="store_true", help="t1_step: compile the backbone (as dist.compile=auto on CUDA)")
+    parser.add_argument(
+        "--compile", action="store_true", help="t1_step: compile the backbone (as dist.compile=auto on CUDA)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
     p = {**PRESETS[args.device], **({"steps": args.steps} if args.steps else {})}
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-                    "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
-                    "sizes": p}
+    report: dict = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "sizes": p,
+    }
     try:
         import triton
 
@@ -297,9 +331,13 @@ def main() -> None:
     except ImportError:
         sys.exit("benchmarks/kernels.py needs triton")
     sections = args.only or [s for s in SECTIONS if s != "sweep"]
-    runners = {"check": lambda: check(device), "softmax": lambda: bench_softmax(p, device),
-               "ranking": lambda: bench_ranking(p, device), "t1_step": lambda: bench_t1_step(p, device, args.compile),
-               "sweep": lambda: bench_sweep(p, device)}
+    runners = {
+        "check": lambda: check(device),
+        "softmax": lambda: bench_softmax(p, device),
+        "ranking": lambda: bench_ranking(p, device),
+        "t1_step": lambda: bench_t1_step(p, device, args.compile),
+        "sweep": lambda: bench_sweep(p, device),
+    }
     for section in sections:
         report[section] = runners[section]()
         text = json.dumps(report, indent=1)

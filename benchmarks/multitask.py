@@ -58,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--rows-only", action="store_true", help="print the conv GEMM rows per user of both paths "
-                                                             "(the work one call can skip) and stop")
+    p.add_argument(
+        "--rows-only",
+        action="store_true",
+        help="print the conv GEMM rows per user of both paths (the work one call can skip) and stop",
+    )
     return p.parse_args(argv)
 
 
@@ -110,13 +113,18 @@ def conv_gemm_rows(model: ConureModel, seq_len: int) -> dict[str, int | float]:
     inside it that the dilations reach. Every other GEMM operand is the same on both paths, so
     ``per_task / multitask`` bounds what one call saves in conv arithmetic when the rows are
     full histories and the GEMMs run at the same speed on both paths."""
+
     def rows(spans: list) -> int:
         return sum(mid[0] + out[0] for _, mid, out in spans)
 
     per_task = rows(model_spans(model, seq_len, len(model.backbone.blocks)))
     multitask = rows(last_position_spans(model.backbone, seq_len))
-    return {"per_task": per_task, "multitask": multitask, "every_position": 2 * seq_len * len(model.backbone.blocks),
-            "per_task_over_multitask": per_task / multitask}
+    return {
+        "per_task": per_task,
+        "multitask": multitask,
+        "every_position": 2 * seq_len * len(model.backbone.blocks),
+        "per_task_over_multitask": per_task / multitask,
+    }
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -145,8 +153,14 @@ def agreement(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], kinds:
     return out
 
 
-def measure(model: ConureModel, ownership: TaskOwnership, batch: int, lengths: str, args: argparse.Namespace,
-            device: torch.device) -> dict:
+def measure(
+    model: ConureModel,
+    ownership: TaskOwnership,
+    batch: int,
+    lengths: str,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
     gen = torch.Generator().manual_seed(args.seed + batch)
     seqs = histories(batch, args.seq_len, args.items, gen, lengths).to(device)
     views_s, views = timed(lambda: [_view(model, ownership, i + 1) for i in range(len(model.kinds))], device)
@@ -163,10 +177,17 @@ def measure(model: ConureModel, ownership: TaskOwnership, batch: int, lengths: s
         if i >= args.warmup:
             per.append(t_per)
             multi.append(t_multi)
-    result = {"batch": batch, "lengths": lengths, "mean_length": float((seqs != 0).sum(1).float().mean()),
-              "per_task_s": statistics.median(per), "multitask_s": statistics.median(multi),
-              "per_task_runs_s": per, "multitask_runs_s": multi, "views_build_s": views_s,
-              "scorer_build_s": build_s}
+    result = {
+        "batch": batch,
+        "lengths": lengths,
+        "mean_length": float((seqs != 0).sum(1).float().mean()),
+        "per_task_s": statistics.median(per),
+        "multitask_s": statistics.median(multi),
+        "per_task_runs_s": per,
+        "multitask_runs_s": multi,
+        "views_build_s": views_s,
+        "scorer_build_s": build_s,
+    }
     result["speedup"] = result["per_task_s"] / result["multitask_s"]
     # The fastest run of each is the one least disturbed by other load on a shared machine.
     result["speedup_of_fastest_runs"] = min(per) / min(multi)
@@ -196,15 +217,24 @@ def main(argv: list[str] | None = None) -> dict:
         return rows
     report = {
         **environment("benchmarks/multitask.py", argv, args.device),
-        "sizes": {"channels": args.channels, "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks,
-                  "seq_len": args.seq_len, "tasks": {n: k for n, k in model.kinds.items()},
-                  "outputs": {n: h.scores(torch.zeros(1, args.channels, device=device)).shape[1]
-                              for n, h in model.heads.items()},
-                  "prune_ratio": args.prune_ratio, "capacity_free": ownership.capacity().free,
-                  "conv_gemm_rows_per_user": conv_gemm_rows(model, args.seq_len)},
+        "sizes": {
+            "channels": args.channels,
+            "dilations": [int(d) for d in args.dilations.split(",")] * args.stacks,
+            "seq_len": args.seq_len,
+            "tasks": {n: k for n, k in model.kinds.items()},
+            "outputs": {
+                n: h.scores(torch.zeros(1, args.channels, device=device)).shape[1] for n, h in model.heads.items()
+            },
+            "prune_ratio": args.prune_ratio,
+            "capacity_free": ownership.capacity().free,
+            "conv_gemm_rows_per_user": conv_gemm_rows(model, args.seq_len),
+        },
         "load_average_before": os.getloadavg(),
-        "results": [measure(model, ownership, int(b), lengths, args, device)
-                    for b in args.batches.split(",") for lengths in args.lengths.split(",")],
+        "results": [
+            measure(model, ownership, int(b), lengths, args, device)
+            for b in args.batches.split(",")
+            for lengths in args.lengths.split(",")
+        ],
         "load_average_after": os.getloadavg(),
     }
     emit(report, args.json)

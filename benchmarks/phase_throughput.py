@@ -39,10 +39,17 @@ def phase_figures(run: str, batch_sizes: dict[str, int]) -> list[dict[str, Any]]
         task, phase = key
         trained_steps = entries[-1]["global_step"] - entries[0]["global_step"]
         wall = entries[-1]["time"] - entries[0]["time"]
-        rows.append({"task": task, "phase": phase, "epochs": len(entries) - 1, "steps": trained_steps,
-                     "loop_sequences_per_s": statistics.fmean(windows[key]) if windows[key] else None,
-                     "phase_sequences_per_s": trained_steps * batch_sizes[task] / wall if wall > 0 else None,
-                     "phase_wall_s": wall})
+        rows.append(
+            {
+                "task": task,
+                "phase": phase,
+                "epochs": len(entries) - 1,
+                "steps": trained_steps,
+                "loop_sequences_per_s": statistics.fmean(windows[key]) if windows[key] else None,
+                "phase_sequences_per_s": trained_steps * batch_sizes[task] / wall if wall > 0 else None,
+                "phase_wall_s": wall,
+            }
+        )
     return rows
 
 

@@ -103,8 +103,9 @@ def random_sequences(n: int, sizes: Sizes, g: torch.Generator) -> torch.Tensor:
     return (ranks * (sizes.items - 1)).long().clamp(max=sizes.items - 2) + 1
 
 
-def time_steps(step, steps: int, device: torch.device, warmup: int = 3, out: dict | None = None,
-               key: str = "") -> float:
+def time_steps(
+    step, steps: int, device: torch.device, warmup: int = 3, out: dict | None = None, key: str = ""
+) -> float:
     """Seconds per step after ``warmup`` steps (whose time, compilation included, goes to
     ``out[key + "_warmup_s"]``)."""
     start = time.perf_counter()
@@ -120,8 +121,9 @@ def time_steps(step, steps: int, device: torch.device, warmup: int = 3, out: dic
     return (time.perf_counter() - start) / steps
 
 
-def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInfo,
-                   compile_on: bool = False) -> dict[str, float]:
+def bench_training(
+    sizes: Sizes, fast: bool, device: torch.device, dist: DistInfo, compile_on: bool = False
+) -> dict[str, float]:
     model, masked = build(sizes, fast, device, compile_on)
     g = torch.Generator().manual_seed(1)
     sampler = SharedNegativeSampler(sizes.items, NEGATIVE_FRACTION)
@@ -132,8 +134,13 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.t1_batch, sizes, g).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(lambda: engine.train_step([(seq, "t1", None, sampler.sample(g).to(device))]), sizes.steps, device,
-                         out=out, key="t1")
+    seconds = time_steps(
+        lambda: engine.train_step([(seq, "t1", None, sampler.sample(g).to(device))]),
+        sizes.steps,
+        device,
+        out=out,
+        key="t1",
+    )
     out["t1_seq_per_s"] = sizes.t1_batch / seconds
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -146,8 +153,9 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
     seq = random_sequences(sizes.later_batch, sizes, g).to(device)
     target = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
     negative = torch.randint(0, sizes.later_items, (sizes.later_batch,), generator=g).to(device)
-    seconds = time_steps(lambda: engine.train_step([(seq, "later", target, negative)]), sizes.steps, device,
-                         out=out, key="later")
+    seconds = time_steps(
+        lambda: engine.train_step([(seq, "later", target, negative)]), sizes.steps, device, out=out, key="later"
+    )
     out["later_seq_per_s"] = sizes.later_batch / seconds
 
     masked.set_view("infer", 1)
@@ -160,8 +168,9 @@ def bench_training(sizes: Sizes, fast: bool, device: torch.device, dist: DistInf
             scores = masked(seq, "t1")
         target_ranks(scores, seq[:, -1]).sum().item()
 
-    out["eval_users_per_s"] = sizes.eval_batch / time_steps(evaluate, max(3, sizes.steps // 3), device, warmup=2,
-                                                            out=out, key="eval")
+    out["eval_users_per_s"] = sizes.eval_batch / time_steps(
+        evaluate, max(3, sizes.steps // 3), device, warmup=2, out=out, key="eval"
+    )
     return out
 
 
@@ -205,8 +214,18 @@ def bench_t1_memory(sizes: Sizes) -> dict[str, float]:
 
     out = {}
     for path in ("plain", "fast"):
-        cmd = [sys.executable, __file__, "--probe-t1-memory", path, "--items", str(sizes.items),
-               "--channels", str(sizes.channels), "--t1-batch", str(sizes.t1_batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--probe-t1-memory",
+            path,
+            "--items",
+            str(sizes.items),
+            "--channels",
+            str(sizes.channels),
+            "--t1-batch",
+            str(sizes.t1_batch),
+        ]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         out[f"t1_step_peak_rss_gb_{path}"] = result["peak_gb"]
         out[f"t1_step_extra_rss_gb_{path}"] = result["peak_gb"] - result["steady_gb"]
@@ -222,8 +241,16 @@ def bench_loader(num_sequences: int, seq_len: int, items: int) -> dict[str, floa
     seqs = rng.integers(1, items, size=(num_sequences, seq_len), dtype=np.int32)
     with tempfile.TemporaryDirectory() as root:
         t1 = TaskData("t1", "sequence", seqs, np.arange(num_sequences, dtype=np.int64), None, num_items=items)
-        write_dataset(root, dataset="bench", t1_seqs=seqs, tasks=[t1], seed=0, source={}, skipped_rows={},
-                      instances_per_shard=100_000)
+        write_dataset(
+            root,
+            dataset="bench",
+            t1_seqs=seqs,
+            tasks=[t1],
+            seed=0,
+            source={},
+            skipped_rows={},
+            instances_per_shard=100_000,
+        )
         manifest = Manifest.load(root)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -232,8 +259,7 @@ def bench_loader(num_sequences: int, seq_len: int, items: int) -> dict[str, floa
             count += batch.seq.shape[0]
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         torch.set_num_threads(threads)
-    return {"loader_seq_per_s_per_core": count / cpu, "loader_seq_per_s_wall": count / wall,
-            "loader_sequences": count}
+    return {"loader_seq_per_s_per_core": count / cpu, "loader_seq_per_s_wall": count / wall, "loader_sequences": count}
 
 
 def _comm_worker(rank: int, init: str, sizes: Sizes, steps: int, results: dict) -> None:
@@ -243,8 +269,15 @@ def _comm_worker(rank: int, init: str, sizes: Sizes, steps: int, results: dict) 
         dist = DistInfo(rank, 2, rank, torch.device("cpu"), "gloo")
         model, masked = build(sizes, True, dist.device)
         masked.set_view("train", 1)
-        engine = TorchEngine(masked, phase_parameters(model, "t1", True), 1e-3, 0.02, dist, "fp32",
-                             row_sparse=[f"model.{n}" for n in model.item_table_names()])
+        engine = TorchEngine(
+            masked,
+            phase_parameters(model, "t1", True),
+            1e-3,
+            0.02,
+            dist,
+            "fp32",
+            row_sparse=[f"model.{n}" for n in model.item_table_names()],
+        )
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own sequences
         shared = torch.Generator().manual_seed(7)  # negatives shared by the global batch
         sampler = SharedNegativeSampler(sizes.items, NEGATIVE_FRACTION)
@@ -253,8 +286,10 @@ def _comm_worker(rank: int, init: str, sizes: Sizes, steps: int, results: dict) 
             seq = random_sequences(PAPER_T1_BATCH // 2, sizes, g)
             engine.train_step([(seq, "t1", None, sampler.sample(shared))])
             sent.append(engine.sparse.bytes_last_step)
-        results[rank] = {"t1_comm_bytes_per_step": float(np.mean(sent)),
-                         "t1_dense_allreduce_bytes": engine.sparse.dense_bytes()}
+        results[rank] = {
+            "t1_comm_bytes_per_step": float(np.mean(sent)),
+            "t1_dense_allreduce_bytes": engine.sparse.dense_bytes(),
+        }
     finally:
         tdist.destroy_process_group()
 
@@ -279,14 +314,26 @@ def main() -> None:
     parser.add_argument("--later-batch", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--precision", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", choices=["auto", "always", "never"], default="auto",
-                        help="torch.compile on the fast path, as dist.compile (auto: on CUDA only)")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="torch.compile on the fast path, as dist.compile (auto: on CUDA only)",
+    )
     parser.add_argument("--loader-sequences", type=int, default=200_000)
     parser.add_argument("--comm-items", type=int, help="T1 vocabulary of the 2-process communication run")
-    parser.add_argument("--memory-items", type=int, default=646_000,
-                        help="CPU: T1 vocabulary of the plain-vs-fast T1 memory probe (paper size)")
-    parser.add_argument("--memory-channels", type=int, default=PRESETS["cuda"].channels,
-                        help="CPU: channels of the T1 memory probe (paper size)")
+    parser.add_argument(
+        "--memory-items",
+        type=int,
+        default=646_000,
+        help="CPU: T1 vocabulary of the plain-vs-fast T1 memory probe (paper size)",
+    )
+    parser.add_argument(
+        "--memory-channels",
+        type=int,
+        default=PRESETS["cuda"].channels,
+        help="CPU: channels of the T1 memory probe (paper size)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["loader", "comm", "memory"])
     parser.add_argument("--probe-t1-memory", choices=["plain", "fast"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,8 +348,12 @@ def main() -> None:
     device = torch.device(args.device)
     dist = DistInfo(0, 1, 0, device, None)
     report: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "sizes": sizes.__dict__.copy(),
     }
@@ -318,8 +369,18 @@ def main() -> None:
     if device.type == "cpu":
         report["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cpu" and "memory" not in args.skip:
-        report.update(bench_t1_memory(Sizes(**{**PRESETS["cuda"].__dict__, "items": args.memory_items,
-                                                 "channels": args.memory_channels, "t1_batch": PAPER_T1_BATCH})))
+        report.update(
+            bench_t1_memory(
+                Sizes(
+                    **{
+                        **PRESETS["cuda"].__dict__,
+                        "items": args.memory_items,
+                        "channels": args.memory_channels,
+                        "t1_batch": PAPER_T1_BATCH,
+                    }
+                )
+            )
+        )
     if "loader" not in args.skip:
         report.update(bench_loader(args.loader_sequences, sizes.seq_len, sizes.items))
     if "comm" not in args.skip:

@@ -40,9 +40,20 @@ def interval(values: list[float]) -> dict[str, float]:
 def run(out: Path, seed: int, nproc: int, data: Path) -> None:
     if (out / "report.json").exists():
         return
-    args = ["-m", "conure_dist", "run", "--config", "configs/quickstart.yaml", "--out", str(out),
-            f"data.root={data}", f"seed={seed}", "data.partition=stride", "train.num_threads=1",
-            "train.progress=false"]
+    args = [
+        "-m",
+        "conure_dist",
+        "run",
+        "--config",
+        "configs/quickstart.yaml",
+        "--out",
+        str(out),
+        f"data.root={data}",
+        f"seed={seed}",
+        "data.partition=stride",
+        "train.num_threads=1",
+        "train.progress=false",
+    ]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,12 +85,22 @@ def main() -> None:
         for j, task in enumerate(a["tasks"]):
             final_gap.setdefault(task["name"], []).append(abs(a["matrix"][-1][j] - b["matrix"][-1][j]))
     names = list(final_gap)
-    seed_gap = {name: [abs(x[j] - y[j]) for x, y in zip(finals, finals[1:], strict=False)]
-                for j, name in enumerate(names)}
+    seed_gap = {
+        name: [abs(x[j] - y[j]) for x, y in zip(finals, finals[1:], strict=False)] for j, name in enumerate(names)
+    }
     result = {
-        "command": " ".join(["python", *sys.argv]), "seeds": args.seeds,
-        "epochs": [{"task": t, "phase": p, "epoch": e, "same_data_all_seeds": all(s["same"]),
-                    "loss_rel_diff": interval(s["loss"])} for (t, p, e), s in per_position.items()],
+        "command": " ".join(["python", *sys.argv]),
+        "seeds": args.seeds,
+        "epochs": [
+            {
+                "task": t,
+                "phase": p,
+                "epoch": e,
+                "same_data_all_seeds": all(s["same"]),
+                "loss_rel_diff": interval(s["loss"]),
+            }
+            for (t, p, e), s in per_position.items()
+        ],
         "final_metric_abs_diff_1_vs_2_processes": {n: interval(v) for n, v in final_gap.items()},
         "final_metric_abs_diff_between_consecutive_seeds": {n: interval(v) for n, v in seed_gap.items() if v},
     }

@@ -56,15 +56,26 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     add_data_flags(syn, "synthetic")
     ttl = kinds.add_parser("ttl", help="Tencent TTL files: a pretraining file and task files (source,,targets)")
     ttl.add_argument("--pretrain", required=True, help="T1 file: one user per line, comma-separated item tokens")
-    ttl.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
-                     help="a later task, in training order: KIND is item or class (repeat the option)")
+    ttl.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=KIND:PATH",
+        help="a later task, in training order: KIND is item or class (repeat the option)",
+    )
     add_data_flags(ttl, "ttl")
-    ml = kinds.add_parser("movielens", help="MovieLens in a public layout: ML-100K (u.data, u.user), ML-1M "
-                          "(ratings.dat, users.dat), ratings.csv (20M/25M/32M/latest) or RecBole (*.inter, *.user)")
+    ml = kinds.add_parser(
+        "movielens",
+        help="MovieLens in a public layout: ML-100K (u.data, u.user), ML-1M "
+        "(ratings.dat, users.dat), ratings.csv (20M/25M/32M/latest) or RecBole (*.inter, *.user)",
+    )
     ml.add_argument("--layout", choices=["ml-100k", "ml-1m", "csv", "recbole"], help="skip detection")
     add_data_flags(ml, "movielens")
-    ds = kinds.add_parser("describe", help="validate existing shards against their manifest and describe them: "
-                                           "counts, sha256, sizes, a sample instance per task")
+    ds = kinds.add_parser(
+        "describe",
+        help="validate existing shards against their manifest and describe them: "
+        "counts, sha256, sizes, a sample instance per task",
+    )
     ds.add_argument("root", help="data root (directory or URL such as s3://bucket/prefix) holding manifest.json")
     ds.add_argument("--json", action="store_true", help="print the description as JSON")
 
@@ -81,40 +92,69 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
     run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
-    cf = sub.add_parser("config", help="every config key with its type, default and meaning (with --config: "
-                                       "that preset's values, after overrides)")
+    cf = sub.add_parser(
+        "config",
+        help="every config key with its type, default and meaning (with --config: "
+        "that preset's values, after overrides)",
+    )
     cf.add_argument("--config", help="a YAML preset whose resolved values to show instead of the defaults")
     cf.add_argument("--json", action="store_true", help="print the keys as JSON")
     cf.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
     ex = sub.add_parser("experiment", help="methods x seeds (x variants): comparison table, JSON and plots")
     ex.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/ml100k_table2.yaml")
     ex.add_argument("--out", required=True, help="directory or URL: runs/, results.json, table.md, plots/")
-    ex.add_argument("--jobs", type=_positive, default=1,
-                    help="runs side by side, each a process of its own (default 1); give the runs "
-                         "train.num_threads so that jobs x threads fits the cores")
-    ex.add_argument("--seeds", type=_seeds,
-                    help="seeds instead of the file's, e.g. 0-14 (reports already under --out are reused)")
-    ex.add_argument("--no-share-first-task", dest="share_first_task", action="store_false",
-                    help="every run trains T1 itself (default: runs that would train it identically "
-                         "share one copy through OUT/first_task; their results are the same either way)")
-    ex.add_argument("overrides", nargs="*", help="key=value overrides applied to every run's config after the "
-                    "file's, as for run (reports under --out made with other settings are refused)")
+    ex.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="runs side by side, each a process of its own (default 1); give the runs "
+        "train.num_threads so that jobs x threads fits the cores",
+    )
+    ex.add_argument(
+        "--seeds", type=_seeds, help="seeds instead of the file's, e.g. 0-14 (reports already under --out are reused)"
+    )
+    ex.add_argument(
+        "--no-share-first-task",
+        dest="share_first_task",
+        action="store_false",
+        help="every run trains T1 itself (default: runs that would train it identically "
+        "share one copy through OUT/first_task; their results are the same either way)",
+    )
+    ex.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides applied to every run's config after the "
+        "file's, as for run (reports under --out made with other settings are refused)",
+    )
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)")
+    ev.add_argument(
+        "--split", default="test", choices=["train", "valid", "test"], help="split to score (default: test)"
+    )
     ev.add_argument("--data-root", help="shards to evaluate on (default: the run's data.root)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pr = sub.add_parser("predict", help="top-k items or the class of a task for given sequences (for the "
-                                          "sequence task: the items that follow the whole sequence)")
+    pr = sub.add_parser(
+        "predict",
+        help="top-k items or the class of a task for given sequences (for the "
+        "sequence task: the items that follow the whole sequence)",
+    )
     pr.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     pr.add_argument("--task", required=True, help="a finished task of the checkpoint, e.g. t1, click, gender")
-    pr.add_argument("--input", help="JSONL file of {\"seq\": [T1 item ids]}, oldest first (default: the task's "
-                    "test split)")
-    pr.add_argument("--raw-ids", action="store_true",
-                    help="--input holds the source's raw item ids (e.g. MovieLens movie ids), not T1 ids")
+    pr.add_argument(
+        "--input", help='JSONL file of {"seq": [T1 item ids]}, oldest first (default: the task\'s test split)'
+    )
+    pr.add_argument(
+        "--raw-ids",
+        action="store_true",
+        help="--input holds the source's raw item ids (e.g. MovieLens movie ids), not T1 ids",
+    )
     pr.add_argument("--data-root", help="shards for the default input (default: the run's data.root)")
-    pr.add_argument("--k", type=_positive, default=5, help="items listed per sequence, for item and sequence tasks (default: 5)")
-    pr.add_argument("--limit", type=_positive, default=10, help="sequences taken from the test split without --input (default: 10)")
+    pr.add_argument(
+        "--k", type=_positive, default=5, help="items listed per sequence, for item and sequence tasks (default: 5)"
+    )
+    pr.add_argument(
+        "--limit", type=_positive, default=10, help="sequences taken from the test split without --input (default: 10)"
+    )
     cm = sub.add_parser("compare", help="two runs side by side, epoch by epoch: same data? how far apart?")
     cm.add_argument("runs", nargs=2, metavar="RUN", help="run directories (--out of conure run)")
     cm.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -128,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     """What serves the learned representations outside training: export, embed, serve."""
     ckpt_help = "run directory, its checkpoints folder, or one checkpoint folder"
-    ex = sub.add_parser("export", help="one finished task as a self-contained inference artifact "
-                                       "(safetensors weights, a loader, a torch.export program)")
+    ex = sub.add_parser(
+        "export",
+        help="one finished task as a self-contained inference artifact "
+        "(safetensors weights, a loader, a torch.export program)",
+    )
     ex.add_argument("--ckpt", required=True, help=ckpt_help)
     ex.add_argument("--task", required=True, help="a finished task of the checkpoint")
     ex.add_argument("--out", required=True, help="directory to write the artifact to")
@@ -139,16 +182,25 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--out", required=True, help="directory or URL to write the shards to")
     em.add_argument("--data-root", help="shards whose users to embed (default: the run's data.root)")
     em.add_argument("--batch-size", type=_positive, default=1024, help="users per forward pass (default: 1024)")
-    em.add_argument("--users-per-shard", type=_positive, default=100_000,
-                    help="users per output shard (default: 100000)")
+    em.add_argument(
+        "--users-per-shard", type=_positive, default=100_000, help="users per output shard (default: 100000)"
+    )
     sv = sub.add_parser("serve", help="an HTTP endpoint answering every finished task for posted item sequences")
     sv.add_argument("--ckpt", required=True, help=ckpt_help)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    sv.add_argument("--max-batch", type=_positive, default=64,
-                    help="requests answered together in one forward pass, at most (default: 64)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
-                    help="how long a request may wait for others to batch with (default: 5)")
+    sv.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=64,
+        help="requests answered together in one forward pass, at most (default: 64)",
+    )
+    sv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request may wait for others to batch with (default: 5)",
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -160,8 +212,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     from data_tools.prepare import log_summary, write_shards
 
     data = data_config(args.source, args)
-    manifest = write_shards(args.source, data, layout=getattr(args, "layout", None),
-                            pretrain=getattr(args, "pretrain", None), task_files=getattr(args, "task", []))
+    manifest = write_shards(
+        args.source,
+        data,
+        layout=getattr(args, "layout", None),
+        pretrain=getattr(args, "pretrain", None),
+        task_files=getattr(args, "task", []),
+    )
     log_summary(manifest)
     print(f"wrote {len(manifest.tasks)} tasks to {data.root}")
     return 0
@@ -196,8 +253,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     values = load_config(args.config, args.overrides).to_dict() if args.config else None
     keys = describe()
     if args.json:
-        print(json.dumps([{**k.__dict__, **({} if values is None else {"value": value_at(values, k.key)})}
-                          for k in keys], indent=1, default=str))
+        print(
+            json.dumps(
+                [{**k.__dict__, **({} if values is None else {"value": value_at(values, k.key)})} for k in keys],
+                indent=1,
+                default=str,
+            )
+        )
     else:
         print(format_keys(keys, values))
     return 0
@@ -215,8 +277,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
         _build_experiment_shards(experiment, dist)
-        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs,
-                                 share_first_task=args.share_first_task)
+        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs, share_first_task=args.share_first_task)
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
@@ -263,8 +324,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from conure_dist.serving.inference import load_trained, predict
 
-    records = predict(load_trained(args.ckpt), args.task, data_root=args.data_root, input_path=args.input,
-                      raw_ids=args.raw_ids, k=args.k, limit=args.limit)
+    records = predict(
+        load_trained(args.ckpt),
+        args.task,
+        data_root=args.data_root,
+        input_path=args.input,
+        raw_ids=args.raw_ids,
+        k=args.k,
+        limit=args.limit,
+    )
     for record in records:
         print(json.dumps(record))
     return 0
@@ -297,8 +365,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from conure_dist.serving.embed import embed_users
 
     with process_group(DistConfig()) as dist:
-        summary = embed_users(args.ckpt, args.task, args.out, dist, data_root=args.data_root,
-                              batch_size=args.batch_size, users_per_shard=args.users_per_shard)
+        summary = embed_users(
+            args.ckpt,
+            args.task,
+            args.out,
+            dist,
+            data_root=args.data_root,
+            batch_size=args.batch_size,
+            users_per_shard=args.users_per_shard,
+        )
     if dist.is_main:
         print(json.dumps(summary, indent=1))
     return 0
@@ -319,9 +394,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     results = audit_checkpoint(ckpt)
     ok = all(r.ok for r in results) and bool(results)
     if args.json:
-        print(json.dumps({"checkpoint": ckpt.url, "ok": ok,
-                          "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok}
-                                    for r in results}}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": ckpt.url,
+                    "ok": ok,
+                    "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok} for r in results},
+                },
+                indent=1,
+            )
+        )
     else:
         for r in results:
             print(f"{r.task:14s} {'ok' if r.ok else 'CHANGED'}  {r.recomputed[:16]}")
@@ -329,15 +411,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"data": cmd_data, "run": cmd_run, "config": cmd_config, "experiment": cmd_experiment, "eval": cmd_eval, "predict": cmd_predict,
-            "compare": cmd_compare, "audit": cmd_audit, "export": cmd_export, "embed": cmd_embed,
-            "serve": cmd_serve}
+COMMANDS = {
+    "data": cmd_data,
+    "run": cmd_run,
+    "config": cmd_config,
+    "experiment": cmd_experiment,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "compare": cmd_compare,
+    "audit": cmd_audit,
+    "export": cmd_export,
+    "embed": cmd_embed,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from conure_dist.checkpoint.format import CheckpointError
     from conure_dist.experiment.jobs import RunsFailed
     from conure_dist.train.state import CapacityError, DivergedError

@@ -72,8 +72,13 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
             os.environ.setdefault("WORLD_SIZE", "1")
             tdist.init_process_group(backend=backend, store=tdist.HashStore(), rank=0, world_size=1)
         else:
-            tdist.init_process_group(backend=backend, store=_restart_store(), rank=rank, world_size=world_size,
-                                     device_id=device if device.type == "cuda" else None)
+            tdist.init_process_group(
+                backend=backend,
+                store=_restart_store(),
+                rank=rank,
+                world_size=world_size,
+                device_id=device if device.type == "cuda" else None,
+            )
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 

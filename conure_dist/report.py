@@ -16,8 +16,9 @@ from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.state import RunState
 
 
-def build_report(cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: DistInfo,
-                 storage: dict[str, int] | None = None) -> dict[str, Any]:
+def build_report(
+    cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: DistInfo, storage: dict[str, int] | None = None
+) -> dict[str, Any]:
     """``storage``: ``num_backbones`` and ``stored_parameters`` (what serving every task keeps)."""
     k = cfg.train.topk
     metric = {t.name: primary_metric_name(t.kind, k) for t in infos}
@@ -29,9 +30,13 @@ def build_report(cfg: RunConfig, infos: list[TaskInfo], state: RunState, dist: D
         "before_prune_metrics": state.before_prune,
         "reference": {name: ref[metric[name]] for name, ref in state.reference.items()},
         "capacity": [
-            {"task": c["task"], "owned_fraction": sum(c["owned_fraction"].values()), "free_fraction": c["free_fraction"],
-             "owned_by_task": c["owned_fraction"],
-             **{k: c[k] for k in ("prune_ratio", "num_blocks", "num_weights") if k in c}}
+            {
+                "task": c["task"],
+                "owned_fraction": sum(c["owned_fraction"].values()),
+                "free_fraction": c["free_fraction"],
+                "owned_by_task": c["owned_fraction"],
+                **{k: c[k] for k in ("prune_ratio", "num_blocks", "num_weights") if k in c},
+            }
             for c in state.capacity
         ],
         "growth": state.growth,
@@ -81,15 +86,15 @@ def format_table(report: dict[str, Any]) -> str:
         cap = report["capacity"][i] if i < len(report["capacity"]) else None
         tail = f"   {cap['owned_fraction']:.3f} {cap['free_fraction']:.3f}" if cap else ""
         lines.append(names[i].ljust(14) + cells + tail)
-    ref = "".join(
-        (f"{report['reference'][n]:.4f}" if n in report["reference"] else "-").rjust(width) for n in names
-    )
+    ref = "".join((f"{report['reference'][n]:.4f}" if n in report["reference"] else "-").rjust(width) for n in names)
     lines.append("reference".ljust(14) + ref)
     metrics = "".join(t["primary_metric"].rjust(width) for t in report["tasks"])
     lines.append("metric".ljust(14) + metrics)
     for event in report.get("growth", []):
-        lines.append(f"grown before {event['task']}: +{len(event['dilations'])} blocks (to {event['blocks']}), free "
-                     f"{event['free_before']:.3f} -> {event['free_after']:.3f}")
+        lines.append(
+            f"grown before {event['task']}: +{len(event['dilations'])} blocks (to {event['blocks']}), free "
+            f"{event['free_before']:.3f} -> {event['free_after']:.3f}"
+        )
     for task, search in report.get("prune_search", {}).items():
         tried = ", ".join(f"{p['ratio']:g}{'' if p['within_tolerance'] else ' (out)'}" for p in search["probes"])
         lines.append(f"prune ratio of {task}: {search['chosen']:g} (auto; tried {tried})")

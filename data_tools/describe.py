@@ -42,38 +42,54 @@ def _describe_task(manifest: Manifest, task: TaskInfo) -> dict[str, Any]:
             if sample is None and split == "train":
                 sample = {name: values[0].tolist() for name, values in arrays.items()}
         with_sha = sum(s.sha256 is not None for s in info.shards)
-        splits[split] = {"instances": info.num_instances, "shards": len(info.shards),
-                         "bytes": sum(s.num_bytes for s in info.shards),
-                         "sha256_verified": with_sha, "sha256_not_recorded": len(info.shards) - with_sha}
+        splits[split] = {
+            "instances": info.num_instances,
+            "shards": len(info.shards),
+            "bytes": sum(s.num_bytes for s in info.shards),
+            "sha256_verified": with_sha,
+            "sha256_not_recorded": len(info.shards) - with_sha,
+        }
     manifest.load_train_counts(task.name)  # present, and one count per output
     if sample is not None and task.class_names is not None:
         sample["class_name"] = task.class_names[sample["target"]]
-    return {"name": task.name, "kind": task.kind, "num_outputs": task.num_outputs,
-            "bytes": sum(s["bytes"] for s in splits.values()), "splits": splits, "sample": sample}
+    return {
+        "name": task.name,
+        "kind": task.kind,
+        "num_outputs": task.num_outputs,
+        "bytes": sum(s["bytes"] for s in splits.values()),
+        "splits": splits,
+        "sample": sample,
+    }
 
 
 def format_description(d: dict[str, Any]) -> str:
     split = d["split"]
-    lines = [f"{d['root']}: {d['dataset']}, seq_len {d['seq_len']}, split "
-             f"{split['train']}/{split['valid']}/{split['test']} (seed {split['seed']}), {len(d['tasks'])} tasks",
-             f"{'task':12s} {'kind':8s} {'outputs':>7s}  {'split':5s} {'instances':>9s} {'shards':>6s} "
-             f"{'bytes':>11s}  sha256"]
+    lines = [
+        f"{d['root']}: {d['dataset']}, seq_len {d['seq_len']}, split "
+        f"{split['train']}/{split['valid']}/{split['test']} (seed {split['seed']}), {len(d['tasks'])} tasks",
+        f"{'task':12s} {'kind':8s} {'outputs':>7s}  {'split':5s} {'instances':>9s} {'shards':>6s} "
+        f"{'bytes':>11s}  sha256",
+    ]
     for task in d["tasks"]:
         for i, (name, s) in enumerate(task["splits"].items()):
             head = f"{task['name']:12s} {task['kind']:8s} {task['num_outputs']:7d}" if i == 0 else " " * 29
-            sha = f"{s['sha256_verified']} verified" + (f", {s['sha256_not_recorded']} not recorded"
-                                                         if s["sha256_not_recorded"] else "")
+            sha = f"{s['sha256_verified']} verified" + (
+                f", {s['sha256_not_recorded']} not recorded" if s["sha256_not_recorded"] else ""
+            )
             lines.append(f"{head}  {name:5s} {s['instances']:9d} {s['shards']:6d} {s['bytes']:11d}  {sha}")
-        lines.append(f"{'':29s}  {'all':5s} {sum(s['instances'] for s in task['splits'].values()):9d} "
-                     f"{sum(s['shards'] for s in task['splits'].values()):6d} {task['bytes']:11d}")
+        lines.append(
+            f"{'':29s}  {'all':5s} {sum(s['instances'] for s in task['splits'].values()):9d} "
+            f"{sum(s['shards'] for s in task['splits'].values()):6d} {task['bytes']:11d}"
+        )
     for task in d["tasks"]:
         lines.append(f"sample of {task['name']}: {_format_sample(task['sample'])}")
     shards = [s for t in d["tasks"] for s in t["splits"].values()]
     unrecorded = sum(s["sha256_not_recorded"] for s in shards)
-    lines.append(f"all {sum(s['shards'] for s in shards)} shards verified ({sum(t['bytes'] for t in d['tasks'])} "
-                 "bytes): size, instance count and sha256"
-                 + (f" ({unrecorded} shards have no sha256 in the manifest: size and count checked only)"
-                    if unrecorded else ""))
+    lines.append(
+        f"all {sum(s['shards'] for s in shards)} shards verified ({sum(t['bytes'] for t in d['tasks'])} "
+        "bytes): size, instance count and sha256"
+        + (f" ({unrecorded} shards have no sha256 in the manifest: size and count checked only)" if unrecorded else "")
+    )
     if d["skipped_rows"]:
         lines.append(f"rows skipped when converting: {d['skipped_rows']}")
     return "\n".join(lines)

@@ -30,9 +30,9 @@ Recipe (the Conure paper's MovieLens setup), the same for every layout:
   the distinct values found (numbers in numeric order, then names in sorted order).
 
 Malformed rows, and a rating repeating an earlier row's user and item (it could land in both the
-training and the test split), raise ``ValueError`` naming the file and 1-based line; with
-``skip_bad_rows`` they are skipped and counted (``skipped_rows`` in the manifest). Blank lines carry no row and are ignored.
-A ratings or profile file left without any valid row is an error naming the file.
+training and the test split), raise ``UserError`` naming the file and 1-based line; with
+``skip_bad_rows`` they are skipped and counted (``skipped_rows`` in the manifest). Blank lines
+carry no row and are ignored. A ratings or profile file left without any valid row is an error naming the file.
 """
 
 from __future__ import annotations
@@ -82,15 +82,11 @@ def _t1_table(
     kept_items = items[keep]
     vocab = np.unique(kept_items)
     seqs = np.zeros((len(t1_users), seq_len), dtype=np.int32)
-    seqs[np.searchsorted(t1_users, users[keep]), seq_len - 1 - from_end[keep]] = (
-        np.searchsorted(vocab, kept_items) + 1
-    )
+    seqs[np.searchsorted(t1_users, users[keep]), seq_len - 1 - from_end[keep]] = np.searchsorted(vocab, kept_items) + 1
     return seqs, t1_users, vocab, len(few)
 
 
-def _like_task(
-    name: str, parsed: ParsedSource, low: float, high: float, t1_users: np.ndarray
-) -> tuple[TaskData, int]:
+def _like_task(name: str, parsed: ParsedSource, low: float, high: float, t1_users: np.ndarray) -> tuple[TaskData, int]:
     """Item task over the ratings in [low, high); also returns how many were dropped (no T1)."""
     ratings = parsed.ratings
     chosen = np.flatnonzero((ratings.rating >= low) & (ratings.rating < high))
@@ -129,8 +125,17 @@ def _profile_tasks(
     for name in ("gender", "age", "occupation"):
         if name in fields:
             ids, names = labels[name]()
-            tasks.append(TaskData(name, "class", None, rows, np.asarray(ids, dtype=np.int64),
-                                  num_classes=len(names), class_names=names))
+            tasks.append(
+                TaskData(
+                    name,
+                    "class",
+                    None,
+                    rows,
+                    np.asarray(ids, dtype=np.int64),
+                    num_classes=len(names),
+                    class_names=names,
+                )
+            )
     return tasks, len(profiles) - len(kept)
 
 
@@ -213,8 +218,9 @@ def write_movielens(
 ) -> Manifest:
     """Convert the MovieLens release under ``src`` into shards + manifest under ``out``;
     ``seed`` seeds the split."""
-    t1_seqs, tasks, source, skipped = read_movielens(src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout,
-                                                     min_t1_interactions=min_t1_interactions)
+    t1_seqs, tasks, source, skipped = read_movielens(
+        src, seq_len=seq_len, skip_bad_rows=skip_bad_rows, layout=layout, min_t1_interactions=min_t1_interactions
+    )
     user_ids = source.pop("user_ids")
     return write_dataset(
         out,

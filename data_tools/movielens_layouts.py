@@ -69,9 +69,13 @@ def _rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
 
 def _ratings(columns: list[list[float]], lines: list[int]) -> Ratings:
     user, item, rating, timestamp = columns
-    return Ratings(np.asarray(user, dtype=np.int64), np.asarray(item, dtype=np.int64),
-                    np.asarray(rating, dtype=np.float64), np.asarray(timestamp, dtype=np.float64),
-                    np.asarray(lines, dtype=np.int64))
+    return Ratings(
+        np.asarray(user, dtype=np.int64),
+        np.asarray(item, dtype=np.int64),
+        np.asarray(rating, dtype=np.float64),
+        np.asarray(timestamp, dtype=np.float64),
+        np.asarray(lines, dtype=np.int64),
+    )
 
 
 def _drop_duplicates(label: str, path: str, ratings: Ratings, checker: RowChecker) -> Ratings:
@@ -89,8 +93,13 @@ def _drop_duplicates(label: str, path: str, ratings: Ratings, checker: RowChecke
     repeat = np.zeros(len(order), dtype=bool)
     repeat[order] = repeat_sorted
     for row in np.flatnonzero(repeat):  # in file order
-        checker.bad(label, path, int(ratings.line[row]), "duplicate rating",
-                    f"the same user and item as line {int(ratings.line[first[row]])} (each user rates an item once)")
+        checker.bad(
+            label,
+            path,
+            int(ratings.line[row]),
+            "duplicate rating",
+            f"the same user and item as line {int(ratings.line[first[row]])} (each user rates an item once)",
+        )
     return ratings.take(np.flatnonzero(~repeat))
 
 
@@ -102,7 +111,9 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
     shown = "tab" if sep == "\t" else f"'{sep}'"
     for line_no, fields in _rows(text, sep):
         if len(fields) != 4:
-            checker.bad(label, path, line_no, "wrong field count", f"expected 4 {shown}-separated fields, got {len(fields)}")
+            checker.bad(
+                label, path, line_no, "wrong field count", f"expected 4 {shown}-separated fields, got {len(fields)}"
+            )
             continue
         values = [parse_int(v) for v in fields]
         missing = [f"{n} '{v.strip()}'" for n, v, x in zip(names, fields, values, strict=True) if x is None]
@@ -136,15 +147,27 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
     first = next(rows, None)
     if first is None or [f.strip() for f in first[1]] != CSV_HEADER:
         got = ",".join(first[1]) if first else "an empty file"
-        raise UserError(f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'")
+        raise UserError(
+            f"{path} line {first[0] if first else 1}: expected the header {','.join(CSV_HEADER)}, got '{got}'"
+        )
     for line_no, fields in rows:
         if len(fields) != 4:
-            checker.bad(label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}")
+            checker.bad(
+                label, path, line_no, "wrong field count", f"expected 4 comma-separated fields, got {len(fields)}"
+            )
             continue
         user, item, timestamp = parse_int(fields[0]), parse_int(fields[1]), parse_int(fields[3])
         rating = parse_number(fields[2])
-        bad = [f"{n} '{v.strip()}'" for n, v, x in zip(("userId", "movieId", "timestamp"), (fields[0], fields[1], fields[3]),
-                                                       (user, item, timestamp), strict=True) if x is None]
+        bad = [
+            f"{n} '{v.strip()}'"
+            for n, v, x in zip(
+                ("userId", "movieId", "timestamp"),
+                (fields[0], fields[1], fields[3]),
+                (user, item, timestamp),
+                strict=True,
+            )
+            if x is None
+        ]
         if bad:
             checker.bad(label, path, line_no, "non-integer field", f"non-integer {', '.join(bad)}")
             continue
@@ -152,7 +175,9 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
             checker.bad(label, path, line_no, "non-positive id", f"ids must be >= 1, got userId {user}, movieId {item}")
             continue
         if rating is None or not 0.5 <= rating <= 5 or rating * 2 != int(rating * 2):
-            checker.bad(label, path, line_no, "bad rating", f"rating '{fields[2].strip()}' is not one of 0.5, 1.0, ..., 5.0")
+            checker.bad(
+                label, path, line_no, "bad rating", f"rating '{fields[2].strip()}' is not one of 0.5, 1.0, ..., 5.0"
+            )
             continue
         for column, value in zip(columns, (user, item, rating, timestamp), strict=True):
             column.append(value)
@@ -182,8 +207,13 @@ def _recbole_rows(
             if len(fields) == len(names):
                 yield line_no, fields
             else:
-                checker.bad(label, path, line_no, "wrong field count",
-                            f"expected {len(names)} tab-separated fields, got {len(fields)}")
+                checker.bad(
+                    label,
+                    path,
+                    line_no,
+                    "wrong field count",
+                    f"expected {len(names)} tab-separated fields, got {len(fields)}",
+                )
 
     return {n: i for i, n in enumerate(names)}, data()
 
@@ -212,8 +242,13 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[Ra
             checker.bad(label, path, line_no, "empty id", "empty user_id or item_id")
         elif rating is None or timestamp is None:
             bad = fields[where["rating"]] if rating is None else fields[where["timestamp"]]
-            checker.bad(label, path, line_no, "non-numeric field",
-                        f"non-numeric {'rating' if rating is None else 'timestamp'} '{bad.strip()}'")
+            checker.bad(
+                label,
+                path,
+                line_no,
+                "non-numeric field",
+                f"non-numeric {'rating' if rating is None else 'timestamp'} '{bad.strip()}'",
+            )
         elif not 0 < rating <= 5:
             checker.bad(label, path, line_no, "rating outside (0, 5]", f"rating {rating:g} outside (0, 5]")
         else:
@@ -224,8 +259,15 @@ def _read_recbole_ratings(path: str, text: str, checker: RowChecker) -> tuple[Ra
     if not users:
         raise UserError(f"{path}: no valid ratings")
     user_ids, item_ids = _TokenIds(users), _TokenIds(items)
-    ratings = _ratings([[user_ids.ids[u] for u in users], [item_ids.ids[i] for i in items],
-                        [v[0] for v in values], [v[1] for v in values]], lines)
+    ratings = _ratings(
+        [
+            [user_ids.ids[u] for u in users],
+            [item_ids.ids[i] for i in items],
+            [v[0] for v in values],
+            [v[1] for v in values],
+        ],
+        lines,
+    )
     return _drop_duplicates(label, path, ratings, checker), user_ids, item_ids
 
 
@@ -239,14 +281,26 @@ class _ProfileReader:
     rated: set[int]
     profiles: dict[int, Profile] = field(default_factory=dict)
 
-    def add(self, line_no: int, user: int | None, user_raw: str, age_raw: str | None, gender: str | None,
-            occupation: str | None) -> None:
+    def add(
+        self,
+        line_no: int,
+        user: int | None,
+        user_raw: str,
+        age_raw: str | None,
+        gender: str | None,
+        occupation: str | None,
+    ) -> None:
         bad = self.checker.bad
         age = None if age_raw is None else parse_int(age_raw)
         if user is None or (age_raw is not None and age is None):
             shown = user_raw if user is None else age_raw
-            bad(self.label, self.path, line_no, "non-integer field",
-                f"non-integer {'user id' if user is None else 'age'} '{shown.strip()}'")
+            bad(
+                self.label,
+                self.path,
+                line_no,
+                "non-integer field",
+                f"non-integer {'user id' if user is None else 'age'} '{shown.strip()}'",
+            )
         elif age is not None and age < 0:
             bad(self.label, self.path, line_no, "age out of range", f"age {age} is negative")
         elif gender is not None and gender not in GENDERS:
@@ -256,8 +310,13 @@ class _ProfileReader:
         elif user in self.profiles:
             bad(self.label, self.path, line_no, "duplicate user id", f"user {user_raw.strip()} listed twice")
         elif user not in self.rated:
-            bad(self.label, self.path, line_no, f"user not in {self._ratings_file()}",
-                f"user {user_raw.strip()} has no rating in {self._ratings_file()}")
+            bad(
+                self.label,
+                self.path,
+                line_no,
+                f"user not in {self._ratings_file()}",
+                f"user {user_raw.strip()} has no rating in {self._ratings_file()}",
+            )
         else:
             self.profiles[user] = Profile(age, gender, occupation)
 
@@ -271,23 +330,33 @@ class _ProfileReader:
         return {"u.user": "u.data", "users.dat": "ratings.dat"}.get(self.label, "the .inter file")
 
 
-def _read_delimited_profiles(label: str, path: str, text: str, sep: str, order: tuple[int, int, int],
-                             checker: RowChecker, rated: set[int]) -> dict[int, Profile]:
+def _read_delimited_profiles(
+    label: str, path: str, text: str, sep: str, order: tuple[int, int, int], checker: RowChecker, rated: set[int]
+) -> dict[int, Profile]:
     """``u.user`` (id|age|gender|occupation|zip) and ``users.dat`` (id::gender::age::occupation::zip);
     ``order`` gives the positions of age, gender and occupation."""
     reader = _ProfileReader(label, path, checker, rated)
     age_at, gender_at, occupation_at = order
     for line_no, fields in _rows(text, sep):
         if len(fields) != 5:
-            checker.bad(label, path, line_no, "wrong field count", f"expected 5 '{sep}'-separated fields, got {len(fields)}")
+            checker.bad(
+                label, path, line_no, "wrong field count", f"expected 5 '{sep}'-separated fields, got {len(fields)}"
+            )
             continue
-        reader.add(line_no, parse_int(fields[0]), fields[0], fields[age_at], fields[gender_at].strip(),
-                   fields[occupation_at].strip())
+        reader.add(
+            line_no,
+            parse_int(fields[0]),
+            fields[0],
+            fields[age_at],
+            fields[gender_at].strip(),
+            fields[occupation_at].strip(),
+        )
     return reader.finish()
 
 
-def _read_recbole_profiles(path: str, text: str, checker: RowChecker, rated: set[int],
-                           user_ids: _TokenIds) -> tuple[dict[int, Profile], tuple[str, ...]]:
+def _read_recbole_profiles(
+    path: str, text: str, checker: RowChecker, rated: set[int], user_ids: _TokenIds
+) -> tuple[dict[int, Profile], tuple[str, ...]]:
     label = path.rsplit("/", 1)[-1]
     where, rows = _recbole_rows(path, text, ("user_id",), checker)
     present = tuple(f for f in ("gender", "age", "occupation") if f in where)
@@ -347,14 +416,17 @@ def read_source(src_dir: str, layout: str, checker: RowChecker) -> ParsedSource:
 
     profile_fields: tuple[str, ...] = ("gender", "age", "occupation")
     if layout in ("ml-100k", "ml-1m"):
-        data_name, user_name, sep = ("u.data", "u.user", "\t") if layout == "ml-100k" else ("ratings.dat", "users.dat", "::")
+        data_name, user_name, sep = (
+            ("u.data", "u.user", "\t") if layout == "ml-100k" else ("ratings.dat", "users.dat", "::")
+        )
         path, text = load(join(src_dir, data_name))
         ratings = _read_int_ratings(data_name, path, text, sep, checker)
         rated = set(np.unique(ratings.user).tolist())
         path, text = load(join(src_dir, user_name))
         order = (1, 2, 3) if layout == "ml-100k" else (2, 1, 3)
-        profiles = _read_delimited_profiles(user_name, path, text, "|" if layout == "ml-100k" else "::", order,
-                                            checker, rated)
+        profiles = _read_delimited_profiles(
+            user_name, path, text, "|" if layout == "ml-100k" else "::", order, checker, rated
+        )
     elif layout == "csv":
         path, text = load(join(src_dir, "ratings.csv"))
         ratings, profiles, profile_fields = _read_csv_ratings(path, text, checker), {}, ()
@@ -365,8 +437,9 @@ def read_source(src_dir: str, layout: str, checker: RowChecker) -> ParsedSource:
         profiles, profile_fields = {}, ()
         if user_url is not None:
             path, text = load(user_url)
-            profiles, profile_fields = _read_recbole_profiles(path, text, checker, set(np.unique(ratings.user).tolist()),
-                                                              user_ids)
+            profiles, profile_fields = _read_recbole_profiles(
+                path, text, checker, set(np.unique(ratings.user).tolist()), user_ids
+            )
         tokens = {kind: {i: t for t, i in ids.ids.items()} for kind, ids in (("user", user_ids), ("item", item_ids))}
         return ParsedSource(layout, ratings, profiles, files, profile_fields, tokens)
     else:

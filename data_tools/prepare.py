@@ -30,12 +30,15 @@ def where(root: str) -> str:
     """``root`` as a reader should find it: a relative local path made absolute, saying so."""
     if "://" in root or os.path.isabs(root):
         return root
-    return (f"{os.path.abspath(root)} (data.root={root} is relative to the current directory; "
-            "set data.root to build them elsewhere)")
+    return (
+        f"{os.path.abspath(root)} (data.root={root} is relative to the current directory; "
+        "set data.root to build them elsewhere)"
+    )
 
 
-def write_shards(source: str, data: DataConfig, *, layout: str | None = None, pretrain: str | None = None,
-                 task_files: list[str] = ()) -> Manifest:
+def write_shards(
+    source: str, data: DataConfig, *, layout: str | None = None, pretrain: str | None = None, task_files: list[str] = ()
+) -> Manifest:
     """Write the shards of ``source`` that ``data`` describes under ``data.root``. ``layout``
     (MovieLens, detected when None), ``pretrain`` and ``task_files`` (TTL, ``NAME=KIND:PATH``) are
     the ``conure data`` flags without a config key."""
@@ -44,21 +47,41 @@ def write_shards(source: str, data: DataConfig, *, layout: str | None = None, pr
         from data_tools.synthetic import SyntheticSpec, write_synthetic
 
         s = data.synthetic
-        spec = SyntheticSpec(num_users=s.num_users, num_items=s.num_items, seq_len=s.seq_len, seed=s.seed,
-                             relation=s.relation, relation_strength=s.relation_strength)
+        spec = SyntheticSpec(
+            num_users=s.num_users,
+            num_items=s.num_items,
+            seq_len=s.seq_len,
+            seed=s.seed,
+            relation=s.relation,
+            relation_strength=s.relation_strength,
+        )
         return write_synthetic(data.root, spec, split_seed=data.split_seed, **shard_args)
     if source == "movielens":
         from data_tools.movielens import write_movielens
 
         log.info("converting MovieLens from %s", data.source_dir)
-        return write_movielens(data.source_dir, data.root, seq_len=data.seq_len, seed=data.split_seed, layout=layout,
-                               skip_bad_rows=data.skip_bad_rows, min_t1_interactions=data.min_t1_interactions,
-                               **shard_args)
+        return write_movielens(
+            data.source_dir,
+            data.root,
+            seq_len=data.seq_len,
+            seed=data.split_seed,
+            layout=layout,
+            skip_bad_rows=data.skip_bad_rows,
+            min_t1_interactions=data.min_t1_interactions,
+            **shard_args,
+        )
     assert source == "ttl" and pretrain is not None, f"no shard writer for source '{source}'"
     from data_tools.ttl import TaskFile, write_ttl
 
-    return write_ttl(pretrain, [TaskFile.parse(t) for t in task_files], data.root, seq_len=data.seq_len,
-                     seed=data.split_seed, skip_bad_rows=data.skip_bad_rows, **shard_args)
+    return write_ttl(
+        pretrain,
+        [TaskFile.parse(t) for t in task_files],
+        data.root,
+        seq_len=data.seq_len,
+        seed=data.split_seed,
+        skip_bad_rows=data.skip_bad_rows,
+        **shard_args,
+    )
 
 
 def log_summary(manifest: Manifest) -> None:

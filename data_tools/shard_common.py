@@ -50,13 +50,16 @@ class TaskData:
         return len(self.users)
 
 
-def check_writer_args(split: tuple[float, float, float], seed: int, instances_per_shard: int,
-                       records_per_sample: int) -> None:
+def check_writer_args(
+    split: tuple[float, float, float], seed: int, instances_per_shard: int, records_per_sample: int
+) -> None:
     """What both writers check before they remove anything."""
     check_fractions(split)
     if seed < 0 or instances_per_shard < 1 or records_per_sample < 1:
-        raise UserError(f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
-                         f"{seed}, {instances_per_shard}, {records_per_sample}")
+        raise UserError(
+            f"need seed >= 0, instances_per_shard >= 1 and records_per_sample >= 1, got "
+            f"{seed}, {instances_per_shard}, {records_per_sample}"
+        )
 
 
 def remove_old_manifest(out: str) -> None:
@@ -82,17 +85,11 @@ def write_shard(
         # A fixed mtime makes shards byte-identical across runs, so their checksums are too.
         with wds.TarWriter(sink, encoder=False, mtime=0.0) as tar:
             for key, start in enumerate(range(0, len(part), records_per_sample)):
-                tar.write(
-                    _chunk_sample(key, task, part[start : start + records_per_sample], t1_seqs)
-                )
-    return ShardInfo(
-        url=relative, sha256=sink.hexdigest(), num_instances=len(part), num_bytes=sink.num_bytes
-    )
+                tar.write(_chunk_sample(key, task, part[start : start + records_per_sample], t1_seqs))
+    return ShardInfo(url=relative, sha256=sink.hexdigest(), num_instances=len(part), num_bytes=sink.num_bytes)
 
 
-def _chunk_sample(
-    key: int, task: TaskData, rows: np.ndarray, t1_seqs: np.ndarray
-) -> dict[str, Any]:
+def _chunk_sample(key: int, task: TaskData, rows: np.ndarray, t1_seqs: np.ndarray) -> dict[str, Any]:
     users = np.asarray(task.users, dtype=np.int64)[rows]
     seqs = task.seqs[rows] if task.seqs is not None else t1_seqs[users]
     sample = {
@@ -137,4 +134,3 @@ def write_bytes(url: str, data: bytes) -> None:
     _make_parent_dir(url)
     with fsspec.open(url, "wb") as f:
         f.write(data)
-

@@ -42,9 +42,18 @@ class StreamingDatasetWriter:
     manifest.
     """
 
-    def __init__(self, out: str, *, dataset: str, tasks: list[StreamTask], seq_len: int, seed: int,
-                 split: tuple[float, float, float] = DEFAULT_FRACTIONS, instances_per_shard: int = 50_000,
-                 records_per_sample: int = 256) -> None:
+    def __init__(
+        self,
+        out: str,
+        *,
+        dataset: str,
+        tasks: list[StreamTask],
+        seq_len: int,
+        seed: int,
+        split: tuple[float, float, float] = DEFAULT_FRACTIONS,
+        instances_per_shard: int = 50_000,
+        records_per_sample: int = 256,
+    ) -> None:
         check_writer_args(split, seed, instances_per_shard, records_per_sample)
         if not tasks or tasks[0].kind != "sequence" or any(t.kind == "sequence" for t in tasks[1:]):
             raise ValueError("the first task, and only it, must be the sequence task")
@@ -72,8 +81,9 @@ class StreamingDatasetWriter:
         if (targets is None) != (spec.kind == "sequence"):
             raise ValueError(f"task '{task}' ({spec.kind}): targets are required for item/class tasks only")
         if targets is not None and len(targets) and (targets.min() < 0 or targets.max() >= spec.num_outputs):
-            raise ValueError(f"task '{task}': targets must lie in 0..{spec.num_outputs - 1}, "
-                             f"got {targets.min()}..{targets.max()}")
+            raise ValueError(
+                f"task '{task}': targets must lie in 0..{spec.num_outputs - 1}, got {targets.min()}..{targets.max()}"
+            )
         rng = np.random.default_rng([self.seed, index, self.chunks[task]])
         self.chunks[task] += 1
         draw = rng.random(len(users))
@@ -83,8 +93,11 @@ class StreamingDatasetWriter:
             rows = np.flatnonzero(which == s)
             if not len(rows):
                 continue
-            part = (seqs[rows].astype(np.int32), users[rows].astype(np.int64),
-                    None if targets is None else targets[rows].astype(np.int64))
+            part = (
+                seqs[rows].astype(np.int32),
+                users[rows].astype(np.int64),
+                None if targets is None else targets[rows].astype(np.int64),
+            )
             if split == "train":
                 predicted = part[0][:, 1:].ravel() if targets is None else part[2]
                 self.counts[task] += np.bincount(predicted, minlength=len(self.counts[task]))
@@ -108,8 +121,7 @@ class StreamingDatasetWriter:
         for start in range(0, written, size):
             rows = np.arange(start, min(start + size, written))
             relative = f"{task}/{split}-{len(self.shards[task, split]):06d}.tar"
-            self.shards[task, split].append(
-                write_shard(self.out, relative, data, rows, seqs, self.records_per_sample))
+            self.shards[task, split].append(write_shard(self.out, relative, data, rows, seqs, self.records_per_sample))
         # Copies: views would keep the whole concatenated buffer alive.
         rest = (seqs[written:].copy(), users[written:].copy(), None if targets is None else targets[written:].copy())
         self.buffers[task, split] = [rest] if written < len(users) else []
@@ -125,17 +137,37 @@ class StreamingDatasetWriter:
                 counts[0] = 0
             counts_path = f"{task.name}/train_counts.npy"
             write_bytes(join(self.out, counts_path), npy_bytes(counts))
-            splits = {s: SplitInfo(num_instances=sum(sh.num_instances for sh in self.shards[task.name, s]),
-                                   shards=tuple(self.shards[task.name, s])) for s in SPLIT_NAMES}
-            infos.append(TaskInfo(
-                name=task.name, kind=task.kind,  # type: ignore[arg-type]
-                num_items=task.num_outputs if task.kind != "class" else None,
-                num_classes=task.num_outputs if task.kind == "class" else None,
-                class_names=tuple(task.class_names) if task.class_names is not None else None,
-                train_counts=counts_path, splits=splits))
-        manifest = Manifest(root=self.out, dataset=self.dataset, seq_len=self.seq_len,
-                            split={"train": self.fractions[0], "valid": self.fractions[1],
-                                   "test": self.fractions[2], "seed": self.seed},
-                            source=source, skipped_rows={}, tasks=tuple(infos))
+            splits = {
+                s: SplitInfo(
+                    num_instances=sum(sh.num_instances for sh in self.shards[task.name, s]),
+                    shards=tuple(self.shards[task.name, s]),
+                )
+                for s in SPLIT_NAMES
+            }
+            infos.append(
+                TaskInfo(
+                    name=task.name,
+                    kind=task.kind,  # type: ignore[arg-type]
+                    num_items=task.num_outputs if task.kind != "class" else None,
+                    num_classes=task.num_outputs if task.kind == "class" else None,
+                    class_names=tuple(task.class_names) if task.class_names is not None else None,
+                    train_counts=counts_path,
+                    splits=splits,
+                )
+            )
+        manifest = Manifest(
+            root=self.out,
+            dataset=self.dataset,
+            seq_len=self.seq_len,
+            split={
+                "train": self.fractions[0],
+                "valid": self.fractions[1],
+                "test": self.fractions[2],
+                "seed": self.seed,
+            },
+            source=source,
+            skipped_rows={},
+            tasks=tuple(infos),
+        )
         manifest.save()
         return manifest

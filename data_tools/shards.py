@@ -87,9 +87,7 @@ def validate_tasks(t1_seqs: np.ndarray, tasks: list[TaskData]) -> None:
     if t1_seqs.ndim != 2 or t1_seqs.shape[1] < 2:
         raise ValueError(f"t1_seqs must be [num_users, seq_len >= 2], got shape {t1_seqs.shape}")
     if not tasks or tasks[0].kind != "sequence" or sum(t.kind == "sequence" for t in tasks) != 1:
-        raise ValueError(
-            f"need exactly one 'sequence' task and it must be first, got kinds {[t.kind for t in tasks]}"
-        )
+        raise ValueError(f"need exactly one 'sequence' task and it must be first, got kinds {[t.kind for t in tasks]}")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate task names in {names}")
@@ -101,19 +99,13 @@ def validate_tasks(t1_seqs: np.ndarray, tasks: list[TaskData]) -> None:
 def _check_t1_table(t1_seqs: np.ndarray, seq_task: TaskData) -> None:
     vocab = seq_task.num_items
     if vocab is None or vocab < 2:
-        raise ValueError(
-            f"sequence task '{seq_task.name}' needs num_items >= 2 (pad + items), got {vocab}"
-        )
+        raise ValueError(f"sequence task '{seq_task.name}' needs num_items >= 2 (pad + items), got {vocab}")
     if t1_seqs.min() < 0 or t1_seqs.max() >= vocab:
-        raise ValueError(
-            f"t1_seqs ids must lie in 0..{vocab - 1}, got {t1_seqs.min()}..{t1_seqs.max()}"
-        )
+        raise ValueError(f"t1_seqs ids must lie in 0..{vocab - 1}, got {t1_seqs.min()}..{t1_seqs.max()}")
     present = t1_seqs > 0
     if not present[:, -1].all():
         rows = np.flatnonzero(~present[:, -1])[:5].tolist()
-        raise ValueError(
-            f"every T1 sequence needs at least one item at the last position; rows {rows} do not"
-        )
+        raise ValueError(f"every T1 sequence needs at least one item at the last position; rows {rows} do not")
     # Left padding means that once an item appears, every later position holds one too.
     if (np.diff(present.astype(np.int8), axis=1) < 0).any():
         raise ValueError("t1_seqs must be left-padded: found padding (0) after an item")
@@ -124,17 +116,17 @@ def _check_t1_table(t1_seqs: np.ndarray, seq_task: TaskData) -> None:
 def _check_task(task: TaskData, num_users: int) -> None:
     where = f"task '{task.name}'"
     if not task.name or "/" in task.name:
-        raise ValueError(
-            f"{where}: a task name must be non-empty and free of '/' (it names a directory)"
-        )
+        raise ValueError(f"{where}: a task name must be non-empty and free of '/' (it names a directory)")
     if task.kind not in TASK_KINDS:
         raise ValueError(f"{where}: unknown kind '{task.kind}', expected one of {list(TASK_KINDS)}")
     users = np.asarray(task.users)
     if users.ndim != 1 or (len(users) and (users.min() < 0 or users.max() >= num_users)):
         raise ValueError(f"{where}: users must be a 1-D array of T1 rows in 0..{num_users - 1}")
     if task.vocab is not None and (task.kind == "class" or len(task.vocab) != task.num_items):
-        raise ValueError(f"{where}: vocab has {len(task.vocab)} ids for num_items={task.num_items}"
-                         + (" (class tasks name their classes in class_names)" if task.kind == "class" else ""))
+        raise ValueError(
+            f"{where}: vocab has {len(task.vocab)} ids for num_items={task.num_items}"
+            + (" (class tasks name their classes in class_names)" if task.kind == "class" else "")
+        )
     if task.kind == "sequence":
         return
     if task.seqs is not None:
@@ -148,14 +140,9 @@ def _check_task(task: TaskData, num_users: int) -> None:
     if targets is None or targets.shape != users.shape:
         raise ValueError(f"{where}: targets must be an array shaped like users {users.shape}")
     if len(targets) and (targets.min() < 0 or targets.max() >= num_outputs):
-        raise ValueError(
-            f"{where}: targets must lie in 0..{num_outputs - 1}, got {targets.min()}..{targets.max()}"
-        )
+        raise ValueError(f"{where}: targets must lie in 0..{num_outputs - 1}, got {targets.min()}..{targets.max()}")
     if task.class_names is not None and len(task.class_names) != task.num_classes:
-        raise ValueError(
-            f"{where}: {len(task.class_names)} class names for num_classes={task.num_classes}"
-        )
-
+        raise ValueError(f"{where}: {len(task.class_names)} class names for num_classes={task.num_classes}")
 
 
 def _write_task(
@@ -170,9 +157,7 @@ def _write_task(
 ) -> TaskInfo:
     indices = split_indices(task.num_instances, seed=seed, task_index=task_index, fractions=split)
     splits = {
-        name: _write_split(
-            out, task, name, indices[name], t1_seqs, instances_per_shard, records_per_sample
-        )
+        name: _write_split(out, task, name, indices[name], t1_seqs, instances_per_shard, records_per_sample)
         for name in SPLIT_NAMES
     }
     counts_path = f"{task.name}/train_counts.npy"
@@ -226,10 +211,7 @@ def _write_split(
     # Equal-sized shards (rather than full ones plus a small tail) keep per-shard work balanced.
     parts = np.array_split(indices, num_shards) if num_shards else []
     shards = tuple(
-        write_shard(
-            out, f"{task.name}/{split}-{s:06d}.tar", task, part, t1_seqs, records_per_sample
-        )
+        write_shard(out, f"{task.name}/{split}-{s:06d}.tar", task, part, t1_seqs, records_per_sample)
         for s, part in enumerate(parts)
     )
     return SplitInfo(num_instances=len(indices), shards=shards)
-

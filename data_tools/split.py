@@ -15,18 +15,14 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.05, 0.15)
 
 def check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions):
-        raise UserError(
-            f"split must be three non-negative fractions (train, valid, test), got {fractions}"
-        )
+        raise UserError(f"split must be three non-negative fractions (train, valid, test), got {fractions}")
     if not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
         raise UserError(f"split fractions must sum to 1, got {fractions} (sum {sum(fractions)})")
     if fractions[0] == 0:
         raise UserError(f"the train fraction must be positive, got {fractions}")
 
 
-def split_sizes(
-    num_instances: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
-) -> list[int]:
+def split_sizes(num_instances: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[int]:
     """Sizes closest to ``fractions`` that sum exactly to ``num_instances`` (largest remainder)."""
     check_fractions(fractions)
     exact = [num_instances * f for f in fractions]

@@ -125,8 +125,7 @@ class SyntheticSpec:
             "age_noise": (self.age_noise >= 0, ">= 0"),
             "relation": (self.relation in RELATIONS, f"one of {list(RELATIONS)}"),
             "relation_strength": (
-                0 <= self.relation_strength <= 1
-                and (self.relation == "related" or self.relation_strength == 1),
+                0 <= self.relation_strength <= 1 and (self.relation == "related" or self.relation_strength == 1),
                 "in [0, 1], and 1 unless relation is 'related'",
             ),
             "like_rate": (0 < self.like_rate <= 1, "in (0, 1]"),
@@ -217,9 +216,7 @@ def _t1_sequences(
     return seqs
 
 
-def _related_items(
-    rng: np.random.Generator, source: _Catalogue, target: _Catalogue, vocab: int
-) -> np.ndarray:
+def _related_items(rng: np.random.Generator, source: _Catalogue, target: _Catalogue, vocab: int) -> np.ndarray:
     """For every T1 item, one fixed item of the same genre in the ``target`` catalogue."""
     related = np.zeros(vocab, dtype=np.int64)
     genres = source.item_genre
@@ -299,15 +296,32 @@ def _paired_tasks(
     halves = {"click": first_half, "other": ~first_half}
     t1_genre = np.r_[0, t1_catalogue.item_genre]  # genre of each T1 id (the pad id gets 0)
     top = taste**2 / (taste**2).sum(axis=1, keepdims=True)
-    click = _item_task(rng_click, "click", _restricted(taste, first_half), click_catalogue, t1_seqs,
-                       click_related, spec, (1, spec.max_clicks), recent_ok=first_half[t1_genre])
+    click = _item_task(
+        rng_click,
+        "click",
+        _restricted(taste, first_half),
+        click_catalogue,
+        t1_seqs,
+        click_related,
+        spec,
+        (1, spec.max_clicks),
+        recent_ok=first_half[t1_genre],
+    )
     top_click = _restricted(top, first_half)
     genre = click_catalogue.item_genre[click.targets]
     weight = top_click[click.users, genre] / top_click[click.users].max(axis=1)
     liked = rng_like.random(click.num_instances) < spec.like_rate * weight
     users = click.users[liked]
-    elsewhere = _draw_targets(rng_like, users, _restricted(top, halves["other"]), click_catalogue,
-                              t1_seqs, click_related, spec, recent_ok=halves["other"][t1_genre])
+    elsewhere = _draw_targets(
+        rng_like,
+        users,
+        _restricted(top, halves["other"]),
+        click_catalogue,
+        t1_seqs,
+        click_related,
+        spec,
+        recent_ok=halves["other"][t1_genre],
+    )
     strength = spec.relation_strength if spec.relation == "related" else 0.0
     keep = rng_like.random(len(users)) < strength
     targets = np.where(keep, click.targets[liked], elsewhere)
@@ -322,9 +336,7 @@ def _standardised_score(rng: np.random.Generator, taste: np.ndarray) -> np.ndarr
     return (score - np.median(score)) / (score.std() + 1e-12)
 
 
-def _class_tasks(
-    rng: np.random.Generator, spec: SyntheticSpec, taste: np.ndarray
-) -> list[TaskData]:
+def _class_tasks(rng: np.random.Generator, spec: SyntheticSpec, taste: np.ndarray) -> list[TaskData]:
     """gender and age from ``taste`` ([U, G]: the latent taste, or the observed genre mix)."""
     users = np.arange(spec.num_users, dtype=np.int64)
     p_male = 1.0 / (1.0 + np.exp(-spec.gender_sharpness * _standardised_score(rng, taste)))
@@ -333,8 +345,7 @@ def _class_tasks(
     age = np.searchsorted(np.quantile(noisy, AGE_QUANTILES), noisy, side="right").astype(np.int64)
     return [
         TaskData("gender", "class", None, users, gender, num_classes=2, class_names=["F", "M"]),
-        TaskData("age", "class", None, users, age, num_classes=len(AGE_BRACKETS),
-                 class_names=list(AGE_BRACKETS)),
+        TaskData("age", "class", None, users, age, num_classes=len(AGE_BRACKETS), class_names=list(AGE_BRACKETS)),
     ]
 
 
@@ -342,9 +353,7 @@ def generate(spec: SyntheticSpec) -> tuple[np.ndarray, list[TaskData], dict[str,
     """T1 table [num_users, seq_len], the tasks (t1, click, like, gender, age) and a source record."""
     # Independent streams per component, so changing one task's draws leaves the others unchanged.
     streams = np.random.SeedSequence(spec.seed).spawn(6)
-    rng_taste, rng_t1, rng_click, rng_like, rng_class, rng_cat = (
-        np.random.default_rng(s) for s in streams
-    )
+    rng_taste, rng_t1, rng_click, rng_like, rng_class, rng_cat = (np.random.default_rng(s) for s in streams)
     genres = spec.num_genres
     taste = rng_taste.dirichlet(np.full(genres, spec.taste_concentration), size=spec.num_users)
     t1_catalogue = _make_catalogue(rng_cat, spec.num_items, genres, spec.zipf_exponent, first_id=1)
@@ -361,15 +370,14 @@ def generate(spec: SyntheticSpec) -> tuple[np.ndarray, list[TaskData], dict[str,
     t1 = TaskData("t1", "sequence", t1_seqs, users, None, num_items=vocab)
     source = {"generator": "data_tools.synthetic", "spec": asdict(spec)}
     if spec.relation != "shared_taste":
-        later = _paired_tasks((rng_click, rng_like, rng_class), spec, taste, t1_seqs, t1_catalogue,
-                              click_catalogue, click_related)
+        later = _paired_tasks(
+            (rng_click, rng_like, rng_class), spec, taste, t1_seqs, t1_catalogue, click_catalogue, click_related
+        )
         return t1_seqs, [t1, *later], source
     top_taste = taste**2 / (taste**2).sum(axis=1, keepdims=True)  # each user's top genres
     later = [
-        _item_task(rng_click, "click", taste, click_catalogue, t1_seqs, click_related, spec,
-                   (1, spec.max_clicks)),
-        _item_task(rng_like, "like", top_taste, like_catalogue, t1_seqs, like_related, spec,
-                   (0, spec.max_likes)),
+        _item_task(rng_click, "click", taste, click_catalogue, t1_seqs, click_related, spec, (1, spec.max_clicks)),
+        _item_task(rng_like, "like", top_taste, like_catalogue, t1_seqs, like_related, spec, (0, spec.max_likes)),
         *_class_tasks(rng_class, spec, taste),
     ]
     return t1_seqs, [t1, *later], source
@@ -386,6 +394,15 @@ def write_synthetic(
 ) -> Manifest:
     """Generate the dataset of ``spec`` and write it as shards + manifest under ``out``."""
     t1_seqs, tasks, source = generate(spec or SyntheticSpec())
-    return write_dataset(out, dataset="synthetic", t1_seqs=t1_seqs, tasks=tasks, seed=split_seed,
-                         split=split, source=source, skipped_rows={},
-                         instances_per_shard=instances_per_shard, records_per_sample=records_per_sample)
+    return write_dataset(
+        out,
+        dataset="synthetic",
+        t1_seqs=t1_seqs,
+        tasks=tasks,
+        seed=split_seed,
+        split=split,
+        source=source,
+        skipped_rows={},
+        instances_per_shard=instances_per_shard,
+        records_per_sample=records_per_sample,
+    )

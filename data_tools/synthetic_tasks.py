@@ -27,8 +27,9 @@ BASE_TASKS = 5
 """T1 and the four later tasks of the embedded synthetic dataset."""
 
 
-def profile_task(name: str, t1_seqs: np.ndarray, num_items: int, classes: int, noise: float,
-                 rng: np.random.Generator) -> TaskData:
+def profile_task(
+    name: str, t1_seqs: np.ndarray, num_items: int, classes: int, noise: float, rng: np.random.Generator
+) -> TaskData:
     """One profile task: equal-frequency classes of a noisy random item weighting of the history."""
     weights = rng.standard_normal(num_items + 1)
     weights[0] = 0.0  # padding carries nothing
@@ -37,12 +38,20 @@ def profile_task(name: str, t1_seqs: np.ndarray, num_items: int, classes: int, n
     score = (score - score.mean()) / (score.std() + 1e-12) + noise * rng.standard_normal(len(score))
     edges = np.quantile(score, np.linspace(0, 1, classes + 1)[1:-1])
     labels = np.searchsorted(edges, score, side="right").astype(np.int64)
-    return TaskData(name=name, kind="class", seqs=None, users=np.arange(len(t1_seqs), dtype=np.int64),
-                    targets=labels, num_classes=classes, class_names=[f"c{i}" for i in range(classes)])
+    return TaskData(
+        name=name,
+        kind="class",
+        seqs=None,
+        users=np.arange(len(t1_seqs), dtype=np.int64),
+        targets=labels,
+        num_classes=classes,
+        class_names=[f"c{i}" for i in range(classes)],
+    )
 
 
-def generate_tasks(num_tasks: int, spec: SyntheticSpec, classes: int = 3, noise: float = 0.5
-                   ) -> tuple[np.ndarray, list[TaskData], dict[str, Any]]:
+def generate_tasks(
+    num_tasks: int, spec: SyntheticSpec, classes: int = 3, noise: float = 0.5
+) -> tuple[np.ndarray, list[TaskData], dict[str, Any]]:
     """T1 sequences, the ``num_tasks`` tasks (T1 first), and the source record of the manifest."""
     if num_tasks < BASE_TASKS:
         raise UserError(f"num_tasks must be >= {BASE_TASKS} (the embedded dataset's tasks), got {num_tasks}")
@@ -52,16 +61,42 @@ def generate_tasks(num_tasks: int, spec: SyntheticSpec, classes: int = 3, noise:
     rng = np.random.default_rng([spec.seed, num_tasks, 7])
     for j in range(1, num_tasks - BASE_TASKS + 1):
         tasks.append(profile_task(f"p{j:02d}", t1_seqs, spec.num_items, classes, noise, rng))
-    return t1_seqs, tasks, {**source, "generator": "synthetic_tasks", "num_tasks": num_tasks, "classes": classes,
-                            "noise": noise, "spec": asdict(spec)}
+    return (
+        t1_seqs,
+        tasks,
+        {
+            **source,
+            "generator": "synthetic_tasks",
+            "num_tasks": num_tasks,
+            "classes": classes,
+            "noise": noise,
+            "spec": asdict(spec),
+        },
+    )
 
 
-def write_synthetic_tasks(out: str, num_tasks: int, spec: SyntheticSpec | None = None, *, classes: int = 3,
-                          noise: float = 0.5, split_seed: int = 0, instances_per_shard: int = 50_000) -> Manifest:
+def write_synthetic_tasks(
+    out: str,
+    num_tasks: int,
+    spec: SyntheticSpec | None = None,
+    *,
+    classes: int = 3,
+    noise: float = 0.5,
+    split_seed: int = 0,
+    instances_per_shard: int = 50_000,
+) -> Manifest:
     """Generate ``num_tasks`` tasks and write them as shards + manifest under ``out``."""
     t1_seqs, tasks, source = generate_tasks(num_tasks, spec or SyntheticSpec(), classes, noise)
-    return write_dataset(out, dataset="synthetic_tasks", t1_seqs=t1_seqs, tasks=tasks, seed=split_seed,
-                         source=source, skipped_rows={}, instances_per_shard=instances_per_shard)
+    return write_dataset(
+        out,
+        dataset="synthetic_tasks",
+        t1_seqs=t1_seqs,
+        tasks=tasks,
+        seed=split_seed,
+        source=source,
+        skipped_rows={},
+        instances_per_shard=instances_per_shard,
+    )
 
 
 def main(argv: list[str] | None = None) -> Manifest:
@@ -77,8 +112,14 @@ def main(argv: list[str] | None = None) -> Manifest:
     parser.add_argument("--instances-per-shard", type=int, default=2000)
     args = parser.parse_args(argv)
     spec = SyntheticSpec(num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len, seed=args.seed)
-    manifest = write_synthetic_tasks(args.out, args.num_tasks, spec, classes=args.classes, noise=args.noise,
-                                     instances_per_shard=args.instances_per_shard)
+    manifest = write_synthetic_tasks(
+        args.out,
+        args.num_tasks,
+        spec,
+        classes=args.classes,
+        noise=args.noise,
+        instances_per_shard=args.instances_per_shard,
+    )
     print(f"wrote {len(manifest.tasks)} tasks under {args.out}: {', '.join(t.name for t in manifest.tasks)}")
     return manifest
 

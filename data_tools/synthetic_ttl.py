@@ -61,12 +61,15 @@ class TTLSpec:
     """``related`` / ``independent``: probability that a click also gets a thumbs-up."""
 
     def __post_init__(self) -> None:
-        bounds = {"num_items": (self.num_items >= 2 * self.num_genres, f">= 2 * num_genres = {2 * self.num_genres}"),
-                  "click_items": (self.click_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
-                  "thumbsup_items": (self.thumbsup_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
-                  "num_users": (self.num_users >= 1, ">= 1"), "seq_len": (self.seq_len >= 2, ">= 2"),
-                  "relation": (self.relation in RELATIONS, f"one of {list(RELATIONS)}"),
-                  "like_rate": (0 < self.like_rate <= 1, "in (0, 1]")}
+        bounds = {
+            "num_items": (self.num_items >= 2 * self.num_genres, f">= 2 * num_genres = {2 * self.num_genres}"),
+            "click_items": (self.click_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
+            "thumbsup_items": (self.thumbsup_items >= self.num_genres, f">= num_genres = {self.num_genres}"),
+            "num_users": (self.num_users >= 1, ">= 1"),
+            "seq_len": (self.seq_len >= 2, ">= 2"),
+            "relation": (self.relation in RELATIONS, f"one of {list(RELATIONS)}"),
+            "like_rate": (0 < self.like_rate <= 1, "in (0, 1]"),
+        }
         bad = [f"{name}={getattr(self, name)}: must be {bound}" for name, (ok, bound) in bounds.items() if not ok]
         if bad:
             raise UserError(f"invalid TTLSpec: {'; '.join(bad)}")
@@ -103,9 +106,16 @@ def _zipf_genres(rng: np.random.Generator, shape, num_genres: int, zipf: float) 
     return np.minimum(np.searchsorted(cum, rng.random(shape)), num_genres - 1)
 
 
-def _add_paired_item_tasks(writer: StreamingDatasetWriter, rng: np.random.Generator, spec: TTLSpec,
-                           clicks: _Catalogue, seqs: np.ndarray, users: np.ndarray, main: np.ndarray,
-                           second: np.ndarray) -> None:
+def _add_paired_item_tasks(
+    writer: StreamingDatasetWriter,
+    rng: np.random.Generator,
+    spec: TTLSpec,
+    clicks: _Catalogue,
+    seqs: np.ndarray,
+    users: np.ndarray,
+    main: np.ndarray,
+    second: np.ndarray,
+) -> None:
     """click and thumbs-up of a chunk for ``relation`` related / independent (module docstring).
     Both relations make the same draws, so they differ only where the thumbs-up items come from."""
     rows = np.repeat(np.arange(len(users)), rng.integers(1, 4, size=len(users)))
@@ -117,9 +127,16 @@ def _add_paired_item_tasks(writer: StreamingDatasetWriter, rng: np.random.Genera
     writer.add("thumbsup", seqs[rows[liked]], users[rows[liked]], targets)
 
 
-def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: int = 20_000, split_seed: int = 0,
-                        split: tuple[float, float, float] = DEFAULT_FRACTIONS,
-                        instances_per_shard: int = 50_000, progress: bool = False) -> Manifest:
+def write_synthetic_ttl(
+    out: str,
+    spec: TTLSpec | None = None,
+    *,
+    chunk_users: int = 20_000,
+    split_seed: int = 0,
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    instances_per_shard: int = 50_000,
+    progress: bool = False,
+) -> Manifest:
     """Generate ``spec``'s users chunk by chunk and stream them to shards under ``out``."""
     spec = spec or TTLSpec()
     start = time.perf_counter()
@@ -132,11 +149,21 @@ def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: i
     labels = {"age": 8, "gender": 2, "life_status": 6}
     genre_label = {name: rng_cat.integers(0, n, size=spec.num_genres) for name, n in labels.items()}
     thumbsup_items = spec.thumbsup_items if spec.relation == "shared_genre" else spec.click_items
-    tasks = [StreamTask("t1", "sequence", spec.num_items + 1), StreamTask("click", "item", spec.click_items),
-             StreamTask("thumbsup", "item", thumbsup_items),
-             *(StreamTask(name, "class", n, [str(c) for c in range(n)]) for name, n in labels.items())]
-    writer = StreamingDatasetWriter(out, dataset="synthetic-ttl", tasks=tasks, seq_len=spec.seq_len, seed=split_seed,
-                                    split=split, instances_per_shard=instances_per_shard)
+    tasks = [
+        StreamTask("t1", "sequence", spec.num_items + 1),
+        StreamTask("click", "item", spec.click_items),
+        StreamTask("thumbsup", "item", thumbsup_items),
+        *(StreamTask(name, "class", n, [str(c) for c in range(n)]) for name, n in labels.items()),
+    ]
+    writer = StreamingDatasetWriter(
+        out,
+        dataset="synthetic-ttl",
+        tasks=tasks,
+        seq_len=spec.seq_len,
+        seed=split_seed,
+        split=split,
+        instances_per_shard=instances_per_shard,
+    )
     for chunk, first in enumerate(range(0, spec.num_users, chunk_users)):
         rng = np.random.default_rng([spec.seed, 1, chunk])
         n = min(chunk_users, spec.num_users - first)
@@ -145,8 +172,9 @@ def write_synthetic_ttl(out: str, spec: TTLSpec | None = None, *, chunk_users: i
         second = _zipf_genres(rng, n, spec.num_genres, spec.zipf_exponent)
         u = rng.random((n, spec.seq_len))
         explore = _zipf_genres(rng, (n, spec.seq_len), spec.num_genres, spec.zipf_exponent)
-        genres = np.where(u < spec.main_prob, main[:, None],
-                          np.where(u < 1 - spec.explore_prob, second[:, None], explore))
+        genres = np.where(
+            u < spec.main_prob, main[:, None], np.where(u < 1 - spec.explore_prob, second[:, None], explore)
+        )
         seqs = items.draw(rng, genres).astype(np.int32)
         lengths = rng.integers(spec.seq_len // 2, spec.seq_len + 1, size=n)
         seqs[np.arange(spec.seq_len)[None, :] < (spec.seq_len - lengths)[:, None]] = 0
@@ -182,14 +210,18 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument("--chunk-users", type=int, default=20_000)
     parser.add_argument("--instances-per-shard", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--relation", choices=RELATIONS, default="shared_genre",
-                        help="how thumbs-up relates to click (see above)")
+    parser.add_argument(
+        "--relation", choices=RELATIONS, default="shared_genre", help="how thumbs-up relates to click (see above)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = write_synthetic_ttl(args.out, TTLSpec(num_users=args.num_users, num_items=args.num_items,
-                                                     seed=args.seed, relation=args.relation),
-                                   chunk_users=args.chunk_users, instances_per_shard=args.instances_per_shard,
-                                   progress=True)
+    manifest = write_synthetic_ttl(
+        args.out,
+        TTLSpec(num_users=args.num_users, num_items=args.num_items, seed=args.seed, relation=args.relation),
+        chunk_users=args.chunk_users,
+        instances_per_shard=args.instances_per_shard,
+        progress=True,
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     for task in manifest.tasks:
         sizes = ", ".join(f"{s} {task.splits[s].num_instances:,}" for s in ("train", "valid", "test"))

@@ -76,8 +76,9 @@ def _read_pretrain(path: str, seq_len: int, checker: RowChecker) -> tuple[list[l
     return rows, sha
 
 
-def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
-               checker: RowChecker) -> tuple[list[list[str]], list[list[str]], str]:
+def _read_task(
+    task: TaskFile, seq_len: int, vocab: dict[str, int], checker: RowChecker
+) -> tuple[list[list[str]], list[list[str]], str]:
     """Source token rows and their targets (one or more per row)."""
     text, sha = read_text(task.path)
     label = task.path.rsplit("/", 1)[-1]
@@ -91,8 +92,9 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
         if not sep:
             checker.bad(label, task.path, line_no, "no ',,' separator", "no ',,' between source and targets")
         elif len(tokens) != seq_len:
-            checker.bad(label, task.path, line_no, "wrong token count",
-                        f"expected {seq_len} source tokens, got {len(tokens)}")
+            checker.bad(
+                label, task.path, line_no, "wrong token count", f"expected {seq_len} source tokens, got {len(tokens)}"
+            )
         elif not wanted:
             checker.bad(label, task.path, line_no, "no target", "no target after ',,'")
         elif task.kind == "class" and len(wanted) != 1:
@@ -100,8 +102,13 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
         elif all(t == PAD for t in tokens):
             checker.bad(label, task.path, line_no, "empty sequence", "the source is only padding")
         elif unknown := [t for t in tokens if t != PAD and t not in vocab]:
-            checker.bad(label, task.path, line_no, "token not in T1",
-                        f"source token '{unknown[0]}' is not in the pretraining vocabulary")
+            checker.bad(
+                label,
+                task.path,
+                line_no,
+                "token not in T1",
+                f"source token '{unknown[0]}' is not in the pretraining vocabulary",
+            )
         else:
             sources.append(tokens)
             targets.append(wanted)
@@ -110,8 +117,9 @@ def _read_task(task: TaskFile, seq_len: int, vocab: dict[str, int],
     return sources, targets, sha
 
 
-def read_ttl(pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100,
-             skip_bad_rows: bool = False) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
+def read_ttl(
+    pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100, skip_bad_rows: bool = False
+) -> tuple[np.ndarray, list[TaskData], dict[str, Any], dict[str, int]]:
     """Parse the TTL files into (t1_seqs, tasks, source, skipped_rows)."""
     if seq_len < 2:
         raise UserError(f"seq_len (--seq-len) must be >= 2, got {seq_len}")
@@ -148,21 +156,51 @@ def read_ttl(pretrain: str, tasks: list[TaskFile], *, seq_len: int = 100,
         if task.kind == "item":
             out.append(TaskData(task.name, "item", None, *arrays, num_items=len(label_ids), vocab=list(label_ids)))
         else:
-            out.append(TaskData(task.name, "class", None, *arrays, num_classes=len(label_ids),
-                                class_names=list(label_ids)))
+            out.append(
+                TaskData(task.name, "class", None, *arrays, num_classes=len(label_ids), class_names=list(label_ids))
+            )
     t1_seqs = np.asarray(table, dtype=np.int32)
-    t1 = TaskData("t1", "sequence", t1_seqs[: len(pre_rows)], np.arange(len(pre_rows), dtype=np.int64), None,
-                  num_items=len(ids) + 1, vocab=["", *vocab])
-    source = {"pretrain": pretrain, "tasks": {t.name: {"kind": t.kind, "path": t.path} for t in tasks},
-              "files": files, "seq_len": seq_len, "num_t1_users": len(pre_rows),
-              "input_only_rows": len(table) - len(pre_rows)}
+    t1 = TaskData(
+        "t1",
+        "sequence",
+        t1_seqs[: len(pre_rows)],
+        np.arange(len(pre_rows), dtype=np.int64),
+        None,
+        num_items=len(ids) + 1,
+        vocab=["", *vocab],
+    )
+    source = {
+        "pretrain": pretrain,
+        "tasks": {t.name: {"kind": t.kind, "path": t.path} for t in tasks},
+        "files": files,
+        "seq_len": seq_len,
+        "num_t1_users": len(pre_rows),
+        "input_only_rows": len(table) - len(pre_rows),
+    }
     return t1_seqs, [t1, *out], source, dict(checker.counts)
 
 
-def write_ttl(pretrain: str, tasks: list[TaskFile], out: str, *, seq_len: int = 100, seed: int = 0,
-              skip_bad_rows: bool = False, split: tuple[float, float, float] = DEFAULT_FRACTIONS,
-              instances_per_shard: int = 50_000) -> Manifest:
+def write_ttl(
+    pretrain: str,
+    tasks: list[TaskFile],
+    out: str,
+    *,
+    seq_len: int = 100,
+    seed: int = 0,
+    skip_bad_rows: bool = False,
+    split: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    instances_per_shard: int = 50_000,
+) -> Manifest:
     """Convert the TTL files into shards + manifest under ``out``."""
     t1_seqs, task_data, source, skipped = read_ttl(pretrain, tasks, seq_len=seq_len, skip_bad_rows=skip_bad_rows)
-    return write_dataset(out, dataset="ttl", t1_seqs=t1_seqs, tasks=task_data, seed=seed, split=split, source=source,
-                         skipped_rows=skipped, instances_per_shard=instances_per_shard)
+    return write_dataset(
+        out,
+        dataset="ttl",
+        t1_seqs=t1_seqs,
+        tasks=task_data,
+        seed=seed,
+        split=split,
+        source=source,
+        skipped_rows=skipped,
+        instances_per_shard=instances_per_shard,
+    )

@@ -14,8 +14,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def _torch_state() -> tuple:
     import torch
 
-    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
 
 
 _TORCH_AT_START = _torch_state()
@@ -56,8 +60,12 @@ def s3_endpoint():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in AWS_VARIABLES}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY="testing-secret-key",
-                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing-key-id",
+        AWS_SECRET_ACCESS_KEY="testing-secret-key",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     import fsspec
     import s3fs
 
@@ -86,8 +94,13 @@ def tiny_trained_run(tmp_path_factory) -> Path:
     from helpers import cli, tiny_config
 
     tmp = tmp_path_factory.mktemp("tiny_trained")
-    cli("run", "--config", str(tiny_config(tmp, [("t1", 0.6), ("click", 0.5), ("gender", 0.5)])),
-        "--out", str(tmp / "run"))
+    cli(
+        "run",
+        "--config",
+        str(tiny_config(tmp, [("t1", 0.6), ("click", 0.5), ("gender", 0.5)])),
+        "--out",
+        str(tmp / "run"),
+    )
     return tmp / "run"
 
 
@@ -103,8 +116,16 @@ def quickstart_run(tmp_path_factory) -> tuple[Path, Path, dict]:
 
     tmp = tmp_path_factory.mktemp("quickstart")
     out = tmp / "run"
-    cli("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
-        f"data.root={tmp / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-        "data.partition=stride", threads=None)
+    cli(
+        "run",
+        "--config",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--out",
+        str(out),
+        f"data.root={tmp / 'data'}",
+        "train.progress=false",
+        "train.keep_checkpoints=100",
+        "data.partition=stride",
+        threads=None,
+    )
     return tmp / "data", out, json.loads((out / "report.json").read_text())
-

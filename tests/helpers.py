@@ -16,12 +16,18 @@ def tiny_config(tmp_path: Path, tasks, name: str = "c.yaml", data_root: str | No
     """A config that trains in seconds: 400 synthetic users, 16 channels, one epoch per phase."""
     cfg = {
         "seed": 3,
-        "data": {"root": data_root or str(tmp_path / "data"), "source": "synthetic", "instances_per_shard": 150,
-                 "synthetic": {"num_users": 400, "num_items": 60, "seq_len": 10, "seed": 1}},
+        "data": {
+            "root": data_root or str(tmp_path / "data"),
+            "source": "synthetic",
+            "instances_per_shard": 150,
+            "synthetic": {"num_users": 400, "num_items": 60, "seq_len": 10, "seed": 1},
+        },
         "model": {"channels": 16, "block_dilations": [1, 2]},
         "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50},
-        "tasks": [{"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 32,
-                   "prune_ratio": r} for n, r in tasks],
+        "tasks": [
+            {"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 32, "prune_ratio": r}
+            for n, r in tasks
+        ],
     }
     for section, values in sections.items():
         cfg[section].update(values)
@@ -63,14 +69,26 @@ def build_context(cfg, out: str | None, dist):
     return build(with_shards(cfg), out, dist)
 
 
-def conure(*args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 900,
-           popen: bool = False, cwd: Path = REPO) -> subprocess.CompletedProcess | subprocess.Popen:
+def conure(
+    *args: str, nproc: int = 1, max_restarts: int = 0, timeout: float = 900, popen: bool = False, cwd: Path = REPO
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run the real CLI: ``python -m conure_dist`` or, with nproc > 1, under torchrun."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "conure_dist", *args]
     if nproc > 1 or max_restarts:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "--max-restarts", str(max_restarts), "-m", "conure_dist", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "--max-restarts",
+            str(max_restarts),
+            "-m",
+            "conure_dist",
+            *args,
+        ]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -94,8 +112,11 @@ def cli(*args: str, threads: int | None = 1) -> str:
     from conure_dist.cli import main
 
     before, printed = torch.get_num_threads(), io.StringIO()
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                     torch.utils.deterministic.fill_uninitialized_memory)
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     try:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -135,6 +156,8 @@ def collect_scores(model, manifest, task, split: str, batch_size: int, device):
 
     model.eval()
     with torch.no_grad():
-        out = [model(b.seq.to(device), task.name).float().cpu()
-               for b in iter_batches(manifest, task.name, split, batch_size, shuffle=False, seed=0, epoch=0)]
+        out = [
+            model(b.seq.to(device), task.name).float().cpu()
+            for b in iter_batches(manifest, task.name, split, batch_size, shuffle=False, seed=0, epoch=0)
+        ]
     return torch.cat(out)

@@ -103,8 +103,16 @@ def test_conure_minus_scores_each_task_before_its_pruning(reports):
 
 def test_storage_per_method(reports):
     backbones = {m: r["num_backbones"] for m, r in reports.items()}
-    assert backbones == {"conure": 1, "conure_minus": 1, "finetune": 1, "finesmax": 1, "peterrec": 1,
-                         "stl": 3, "sinmo": 3, "mtl": 3}
+    assert backbones == {
+        "conure": 1,
+        "conure_minus": 1,
+        "finetune": 1,
+        "finesmax": 1,
+        "peterrec": 1,
+        "stl": 3,
+        "sinmo": 3,
+        "mtl": 3,
+    }
     stored = {m: r["stored_parameters"] for m, r in reports.items()}
     assert stored["conure"] == stored["finesmax"] == stored["finetune"]
     assert stored["finesmax"] < stored["peterrec"] < stored["stl"] == stored["sinmo"] < stored["mtl"]

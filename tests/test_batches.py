@@ -17,8 +17,8 @@ def _split(users, negatives, shared, step, world):
     """The global batch as the stride partition deals it out: rank r takes r, r+W, ..."""
     total = 0
     for dist in _ranks(world):
-        mine = None if negatives is None else (negatives if shared else negatives[dist.rank::world])
-        total += int(batch_digest(users[dist.rank::world], mine, shared, step, dist))
+        mine = None if negatives is None else (negatives if shared else negatives[dist.rank :: world])
+        total += int(batch_digest(users[dist.rank :: world], mine, shared, step, dist))
     return format_digest(total)
 
 
@@ -43,9 +43,13 @@ def test_any_change_to_the_batch_changes_the_fingerprint():
     other_user[3] += 1
     other_negative = negatives.clone()
     other_negative[7] += 1
-    variants = [batch_digest(swapped, negatives, False, 0, ONE), batch_digest(other_user, negatives, False, 0, ONE),
-                batch_digest(users, other_negative, False, 0, ONE), batch_digest(users, negatives, False, 1, ONE),
-                batch_digest(users, None, False, 0, ONE)]
+    variants = [
+        batch_digest(swapped, negatives, False, 0, ONE),
+        batch_digest(other_user, negatives, False, 0, ONE),
+        batch_digest(users, other_negative, False, 0, ONE),
+        batch_digest(users, negatives, False, 1, ONE),
+        batch_digest(users, None, False, 0, ONE),
+    ]
     assert len({base, *(format_digest(int(v)) for v in variants)}) == 6
     # A rank that dealt the batch differently (range partition: contiguous halves) disagrees.
     halves = sum(int(batch_digest(part, None, False, 0, d)) for part, d in zip(users.chunk(2), _ranks(2), strict=True))
@@ -64,7 +68,9 @@ def test_prefetching_keeps_the_order_and_the_values():
 
     direct = [(b.seq, b.target, b.user) for b in _batches(25)]
     ahead = [(b.seq, b.target, b.user) for b in Prefetcher(_batches(25), depth=3)]
-    assert len(ahead) == 25 and all(torch.equal(x, y) for a, b in zip(direct, ahead, strict=True) for x, y in zip(a, b, strict=True))
+    assert len(ahead) == 25 and all(
+        torch.equal(x, y) for a, b in zip(direct, ahead, strict=True) for x, y in zip(a, b, strict=True)
+    )
 
 
 def test_prefetching_hands_on_errors_and_stops_when_left():

@@ -10,18 +10,55 @@ from helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-KEYS = ["device", "t1_seq_per_s", "t1_seq_per_s_plain", "later_seq_per_s", "later_seq_per_s_plain",
-        "eval_users_per_s", "peak_mem_gb", "loader_seq_per_s_per_core", "t1_comm_bytes_per_step",
-        "t1_dense_allreduce_bytes"]
+KEYS = [
+    "device",
+    "t1_seq_per_s",
+    "t1_seq_per_s_plain",
+    "later_seq_per_s",
+    "later_seq_per_s_plain",
+    "eval_users_per_s",
+    "peak_mem_gb",
+    "loader_seq_per_s_per_core",
+    "t1_comm_bytes_per_step",
+    "t1_dense_allreduce_bytes",
+]
 
 
 def test_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "benchmarks/run.py", "--device", "cpu", "--items", "3000", "--channels", "16",
-                    "--t1-batch", "8", "--later-batch", "32", "--steps", "1", "--loader-sequences", "3000",
-                    "--comm-items", "20000", "--memory-items", "3000", "--memory-channels", "64",
-                    "--json", str(out)],
-                   cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/run.py",
+            "--device",
+            "cpu",
+            "--items",
+            "3000",
+            "--channels",
+            "16",
+            "--t1-batch",
+            "8",
+            "--later-batch",
+            "32",
+            "--steps",
+            "1",
+            "--loader-sequences",
+            "3000",
+            "--comm-items",
+            "20000",
+            "--memory-items",
+            "3000",
+            "--memory-channels",
+            "64",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(out.read_text())
     assert set(KEYS) <= report.keys()
     assert all(report[k] > 0 for k in KEYS if k != "device")

@@ -20,10 +20,16 @@ def make(request):
 
 
 def _save(ckpt: Checkpointer, index: int, value: float) -> str:
-    path = ckpt.write(index, f"t1-step{index}", {"model.pt": {"w": torch.full((3,), value)},
-                                                "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
-                                                "meta.json": {"index": index},
-                                                "phase.pt": {"best": {"w": torch.full((3,), value)}}})
+    path = ckpt.write(
+        index,
+        f"t1-step{index}",
+        {
+            "model.pt": {"w": torch.full((3,), value)},
+            "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
+            "meta.json": {"index": index},
+            "phase.pt": {"best": {"w": torch.full((3,), value)}},
+        },
+    )
     ckpt.wait()
     return path
 
@@ -34,7 +40,12 @@ def test_a_torn_commit_marker_falls_back_to_the_previous_checkpoint(tmp_path, ma
     newest = _save(ckpt, 1, 2.0)
     # The marker was renamed into place: nothing but the parts and COMMIT is left in the folder.
     assert {p.name for p in (tmp_path / "checkpoints" / "00001-t1-step1").iterdir()} == {
-        "model.pt", "ownership.pt", "meta.json", "phase.pt", COMMIT}
+        "model.pt",
+        "ownership.pt",
+        "meta.json",
+        "phase.pt",
+        COMMIT,
+    }
     commit = tmp_path / "checkpoints" / "00001-t1-step1" / COMMIT
     commit.write_bytes(commit.read_bytes()[:20])  # a marker cut short, as a kill mid-write would leave it
     with pytest.raises(CheckpointError, match=f"{newest}/{COMMIT} is unreadable"):
@@ -95,8 +106,12 @@ class _Counter:
 def test_parts_are_any_objects_that_save_themselves(tmp_path, make):
     model = torch.nn.Linear(3, 2)
     ckpt = make(tmp_path)
-    path = ckpt.write(1, "t1-done", {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)},
-                                    "meta.json": {"step": 7}}, rank_parts={"counter.pt": _Counter(41)})
+    path = ckpt.write(
+        1,
+        "t1-done",
+        {"model.pt": model, "ownership.pt": {"w": torch.ones(2, dtype=torch.uint8)}, "meta.json": {"step": 7}},
+        rank_parts={"counter.pt": _Counter(41)},
+    )
     ckpt.wait()
     loaded = load_checkpoint(path)
     assert loaded.meta == {"format_version": 1, "step": 7}

@@ -93,8 +93,12 @@ def memory_root() -> str:
 
 
 def _parts(index: int, value: float) -> dict:
-    return {"model.pt": {"w": torch.full((3,), value)}, "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
-            "meta.json": {"index": index}, "phase.pt": {"best": {"w": torch.full((3,), value)}}}
+    return {
+        "model.pt": {"w": torch.full((3,), value)},
+        "ownership.pt": {"w": torch.zeros(3, dtype=torch.uint8)},
+        "meta.json": {"index": index},
+        "phase.pt": {"best": {"w": torch.full((3,), value)}},
+    }
 
 
 def _names(ckpt: Checkpointer) -> list[str]:
@@ -115,8 +119,12 @@ def test_state_changed_right_after_save_is_not_in_the_checkpoint(memory_root):
     # The writer serializes a part just before writing it: held at the first part (a rank part),
     # it has serialized none of the model's and optimizer's yet.
     arrived, release = hold("00001-t1-s1/first.pt")
-    path = ckpt.write(1, "t1-s1", {"model.pt": model, "optimizer.pt": optimizer, "ownership.pt": {},
-                                  "meta.json": {"step": 1}}, {"first.pt": {}})
+    path = ckpt.write(
+        1,
+        "t1-s1",
+        {"model.pt": model, "optimizer.pt": optimizer, "ownership.pt": {}, "meta.json": {"step": 1}},
+        {"first.pt": {}},
+    )
     assert arrived.wait(10)
     for _ in range(3):  # training goes on while the writer waits
         optimizer.zero_grad()
@@ -141,8 +149,11 @@ def test_a_failed_write_is_raised_by_wait_or_the_next_save(memory_root):
     ckpt.wait()
     FAILURES["/phase.pt"] = "no space left on device"
     ckpt.write(2, "t1-s2", _parts(2, 2.0))  # returns: the failure is the writer's
-    with pytest.raises(CheckpointError, match=r"writing the checkpoint gatedmem://.*/00002-t1-s2 failed: "
-                                              r"OSError: no space left on device") as raised:
+    with pytest.raises(
+        CheckpointError,
+        match=r"writing the checkpoint gatedmem://.*/00002-t1-s2 failed: "
+        r"OSError: no space left on device",
+    ) as raised:
         ckpt.wait()
     assert isinstance(raised.value.__cause__, OSError)
     ckpt.wait()  # raised once
@@ -200,8 +211,11 @@ def test_rank_zero_commits_only_a_complete_set_of_parts(memory_root):
     ckpt = Checkpointer(memory_root, rank0, async_writes=True, commit_timeout_s=0.3)
     start = time.perf_counter()
     ckpt.write(1, "t1-s1", _parts(1, 1.0))
-    with pytest.raises(CheckpointError, match=r"rank\(s\) \[1\] did not finish their parts of gatedmem://.*"
-                                              r"/00001-t1-s1 within 0.3 s \(no DONE-rank1.json\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"rank\(s\) \[1\] did not finish their parts of gatedmem://.*"
+        r"/00001-t1-s1 within 0.3 s \(no DONE-rank1.json\)",
+    ):
         ckpt.wait()
     assert 0.3 <= time.perf_counter() - start < 5
     assert ckpt.latest_valid() is None
@@ -213,8 +227,11 @@ def test_rank_zero_commits_only_a_complete_set_of_parts(memory_root):
         fs.pipe_file(f"{folder}/DONE-rank1.json", json.dumps(manifest).encode())
         ckpt.write(index, f"t1-s{index}", _parts(index, float(index)))
         if size == 5:
-            with pytest.raises(CheckpointError, match=r"00002-t1-s2/optimizer-rank1.pt of rank 1: 3 bytes, its "
-                                                      r"manifest says 5"):
+            with pytest.raises(
+                CheckpointError,
+                match=r"00002-t1-s2/optimizer-rank1.pt of rank 1: 3 bytes, its "
+                r"manifest says 5",
+            ):
                 ckpt.wait()
     ckpt.wait()
     assert _names(ckpt) == ["00003-t1-s3"]
@@ -306,12 +323,18 @@ def _two_ranks(rank: int, root: str, init: str) -> None:
 def test_two_ranks_commit_only_after_both_ranks_parts(tmp_path):
     mp.spawn(_two_ranks, args=(str(tmp_path), f"file://{tmp_path / 'store'}"), nprocs=2, join=True)
     observed = json.loads((tmp_path / "observed.json").read_text())
-    assert observed["all_reduce_1"] == observed["all_reduce_2"] == 3.0 * 2 ** 19
+    assert observed["all_reduce_1"] == observed["all_reduce_2"] == 3.0 * 2**19
     assert observed["rank1_part_before_release"] is False
     assert observed["commit_before_release"] is False
     assert observed["committed_before_release"] == ["00001-t1-s1"]
     assert observed["committed"] == ["00002-t1-s2"]
-    assert observed["files"] == ["meta.json", "model.pt", "optimizer-rank0.pt", "optimizer-rank1.pt",
-                                 "ownership.pt", "phase.pt"]
+    assert observed["files"] == [
+        "meta.json",
+        "model.pt",
+        "optimizer-rank0.pt",
+        "optimizer-rank1.pt",
+        "ownership.pt",
+        "phase.pt",
+    ]
     assert observed["values"] == {"0": [20.0] * 4, "1": [21.0] * 4}
     assert os.path.exists(tmp_path / "checkpoints" / "00002-t1-s2" / "DONE-rank1.json")

@@ -28,18 +28,54 @@ OVERRIDES = ["tasks.*.epochs=2", "tasks.*.retrain_epochs=2", "train.keep_checkpo
 EVERY = "train.checkpoint_every_steps=8"
 
 RECORDED_FOLDERS = [
-    "00001-t1-train-e1-s8", "00002-t1-train-e2-s8", "00003-t1-trained", "00004-t1-retrain-e1-s8",
-    "00005-t1-retrain-e2-s8", "00006-t1-done", "00007-click-train-e1-s8", "00008-click-train-e1-s16",
-    "00009-click-train-e2-s8", "00010-click-train-e2-s16", "00011-click-trained", "00012-click-retrain-e1-s8",
-    "00013-click-retrain-e1-s16", "00014-click-retrain-e2-s8", "00015-click-retrain-e2-s16", "00016-click-done",
+    "00001-t1-train-e1-s8",
+    "00002-t1-train-e2-s8",
+    "00003-t1-trained",
+    "00004-t1-retrain-e1-s8",
+    "00005-t1-retrain-e2-s8",
+    "00006-t1-done",
+    "00007-click-train-e1-s8",
+    "00008-click-train-e1-s16",
+    "00009-click-train-e2-s8",
+    "00010-click-train-e2-s16",
+    "00011-click-trained",
+    "00012-click-retrain-e1-s8",
+    "00013-click-retrain-e1-s16",
+    "00014-click-retrain-e2-s8",
+    "00015-click-retrain-e2-s16",
+    "00016-click-done",
 ]
 """The checkpoints of the run below, as today's format names them: ``{index:05d}-{task}-{stage}``."""
 BETWEEN_PHASES = ["COMMIT", "meta.json", "model.pt", "ownership.pt"]
 INSIDE_A_PHASE = [*BETWEEN_PHASES, "optimizer.pt", "phase.pt"]
-META_KEYS = ["config", "data_root", "format_version", "num_seq_items", "ownership_checksum", "seq_len", "state",
-             "tasks", "world_size"]
-STATE_KEYS = ["before_prune", "capacity", "global_step", "growth", "history", "matrix", "metrics", "num_checkpoints",
-              "phase", "prune_search", "reference", "stage", "task_checksums", "task_index", "wall_seconds"]
+META_KEYS = [
+    "config",
+    "data_root",
+    "format_version",
+    "num_seq_items",
+    "ownership_checksum",
+    "seq_len",
+    "state",
+    "tasks",
+    "world_size",
+]
+STATE_KEYS = [
+    "before_prune",
+    "capacity",
+    "global_step",
+    "growth",
+    "history",
+    "matrix",
+    "metrics",
+    "num_checkpoints",
+    "phase",
+    "prune_search",
+    "reference",
+    "stage",
+    "task_checksums",
+    "task_index",
+    "wall_seconds",
+]
 PHASE_KEYS = ["best_value", "data_digest", "epoch", "epochs_log", "loss_total", "mode", "since_best", "step"]
 TASK_KEYS = ["kind", "name", "num_outputs"]
 
@@ -96,14 +132,15 @@ def test_the_format_on_disk_is_the_recorded_one(runs):
     assert json.loads((folders[-1] / "meta.json").read_text())["state"]["stage"] == "start"
 
 
-@pytest.mark.parametrize("cut", ["t1-train-e2-s8", "t1-trained", "t1-done", "click-train-e1-s16",
-                                 "click-retrain-e2-s8"])
+@pytest.mark.parametrize(
+    "cut", ["t1-train-e2-s8", "t1-trained", "t1-done", "click-train-e1-s16", "click-retrain-e2-s8"]
+)
 def test_a_resumed_run_ends_where_the_uninterrupted_one_does(runs, cut):
     tmp, path, clean, _ = runs
     index = next(i for i, f in enumerate(RECORDED_FOLDERS) if f[6:] == cut)
     out = tmp / f"cut-{cut}"
     shutil.copytree(tmp / "every", out)
-    for folder in RECORDED_FOLDERS[index + 1:]:
+    for folder in RECORDED_FOLDERS[index + 1 :]:
         (out / "checkpoints" / folder / COMMIT).unlink()
     resumed = run_conure(load_config(path, [*OVERRIDES, EVERY]), str(out), CPU, resume=True)
     start = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line][-1]

@@ -29,6 +29,8 @@ def test_synthetic_relation_reaches_the_generator(tmp_path):
 @pytest.mark.skipif(not ML100K.is_dir(), reason="needs ../shared/data/ml-100k (the real MovieLens-100K)")
 def test_movielens_keeps_users_with_more_than_five_t1_ratings(tmp_path):
     assert main(["data", "movielens", "--src", str(ML100K), "--out", str(tmp_path / "all")]) == 0
-    assert main(["data", "movielens", "--src", str(ML100K), "--out", str(tmp_path / "six"),
-                 "--min-t1-interactions", "6"]) == 0
+    assert (
+        main(["data", "movielens", "--src", str(ML100K), "--out", str(tmp_path / "six"), "--min-t1-interactions", "6"])
+        == 0
+    )
     assert _t1_users(tmp_path / "all") == 941 and _t1_users(tmp_path / "six") == 894

@@ -17,8 +17,17 @@ def _write_run(folder, world_size: int, overrides: dict, fingerprint: str):
     folder.mkdir()
     entries = [{"event": "start", "world_size": world_size, "config": cfg}]
     for epoch in range(3):  # epoch 0 only validates: no data fingerprint
-        entries.append({"event": "epoch", "task": "t1", "phase": "train", "epoch": epoch, "loss": 1.0 + epoch,
-                        "data": None if epoch == 0 else f"{fingerprint}{epoch}", "valid": {"mrr@5": 0.5, "count": 9}})
+        entries.append(
+            {
+                "event": "epoch",
+                "task": "t1",
+                "phase": "train",
+                "epoch": epoch,
+                "loss": 1.0 + epoch,
+                "data": None if epoch == 0 else f"{fingerprint}{epoch}",
+                "valid": {"mrr@5": 0.5, "count": 9},
+            }
+        )
     (folder / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     return str(folder)
 
@@ -48,5 +57,7 @@ def test_same_data_gives_no_note_and_other_seeds_are_named(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().out
     other = _write_run(tmp_path / "other", 1, {"data.split_seed": 4}, "c")
     note = data_note(one, other, compare_runs(one, other))
-    assert note == "the runs trained on other data: their configs differ in data.partition: stride / auto; " \
-                   "data.split_seed: 0 / 4"
+    assert (
+        note == "the runs trained on other data: their configs differ in data.partition: stride / auto; "
+        "data.split_seed: 0 / 4"
+    )

@@ -90,8 +90,12 @@ def test_compiled_backbone_keeps_names_and_matches_eager_under_views(compiling):
     seq[:2, :4] = 0
     target, negative = torch.randint(0, 25, (6,)), torch.randint(0, 25, (6,))
     t1_negatives = torch.randperm(59)[:20] + 1
-    steps = [("train", 1, "t1", (None, t1_negatives)), ("train", 2, "clicks", (target, negative)),
-             ("infer", 1, "t1", ()), ("infer", 2, "clicks", ())]
+    steps = [
+        ("train", 1, "t1", (None, t1_negatives)),
+        ("train", 2, "clicks", (target, negative)),
+        ("infer", 1, "t1", ()),
+        ("infer", 2, "clicks", ()),
+    ]
     for mode, task_id, task, extra in steps:
         for view in views:
             view.set_view(mode, task_id)

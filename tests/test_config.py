@@ -15,8 +15,15 @@ def test_every_yaml_under_configs_is_a_preset_or_an_experiment():
     """The two parametrized tests below load every file: a YAML elsewhere would go unchecked."""
     assert sorted(CONFIGS.rglob("*.y*ml")) == sorted(PRESETS + EXPERIMENTS)
     assert {p.name for p in PRESETS} == {
-        "quickstart.yaml", "ml100k.yaml", "ml1m.yaml", "ml25m.yaml", "ttl.yaml", "paper_ttl.yaml",
-        "paper_synthetic.yaml", "growth_12tasks.yaml"}
+        "quickstart.yaml",
+        "ml100k.yaml",
+        "ml1m.yaml",
+        "ml25m.yaml",
+        "ttl.yaml",
+        "paper_ttl.yaml",
+        "paper_synthetic.yaml",
+        "growth_12tasks.yaml",
+    }
     assert len(EXPERIMENTS) >= 9
 
 
@@ -79,7 +86,10 @@ BASE = "tasks:\n  - {name: t1}\n  - {name: b}\n"
 
 def test_overrides_dotted_indexed_and_star(tmp_path):
     path = _write(tmp_path, BASE)
-    cfg = load_config(path, ["train.eval_batch_size=64", "tasks.1.lr=0.5", "tasks.0.lr=3e-3", "tasks.*.epochs=7", "dist.precision=bf16"])
+    cfg = load_config(
+        path,
+        ["train.eval_batch_size=64", "tasks.1.lr=0.5", "tasks.0.lr=3e-3", "tasks.*.epochs=7", "dist.precision=bf16"],
+    )
     assert cfg.train.eval_batch_size == 64
     assert cfg.tasks[1].lr == 0.5 and cfg.tasks[0].lr == 3e-3 and cfg.tasks[1].l2 == 0.0
     assert [t.epochs for t in cfg.tasks] == [7, 7]
@@ -101,16 +111,28 @@ def test_overrides_dotted_indexed_and_star(tmp_path):
         ("tasks: []\n", [], "needs at least one task"),
         (BASE, ["train.progress"], "not of the form key=value"),
         (BASE, ["tasks.0.lr=.inf"], "key 'tasks.0.lr': expected a finite number"),
-        (BASE, ["train.log_every=[1"], "key 'train.log_every': expected an integer, got '[1' (set by the override 'train.log_every=[1')"),
+        (
+            BASE,
+            ["train.log_every=[1"],
+            "key 'train.log_every': expected an integer, got '[1' (set by the override 'train.log_every=[1')",
+        ),
         (BASE, ["train.topk=[5, 5]"], "key 'train.topk': lists a cut-off twice: [5, 5]"),
         (BASE, ["train.topk=[1"], "key 'train.topk': expected int | list[int], got '[1'"),
-        (BASE, ["tasks.*.prune_ratio=1.5"], "key 'tasks.0.prune_ratio': must be in [0, 1) or 'auto', got 1.5 (set by the "
-                                            "override 'tasks.*.prune_ratio=1.5')"),
+        (
+            BASE,
+            ["tasks.*.prune_ratio=1.5"],
+            "key 'tasks.0.prune_ratio': must be in [0, 1) or 'auto', got 1.5 (set by the "
+            "override 'tasks.*.prune_ratio=1.5')",
+        ),
         (BASE, ["tasks.1.name=no"], "got False (YAML reads yes/no/on/off as true/false: quote the value)"),
         (BASE, ["seed=-3"], "key 'seed': must be >= 0"),
         (BASE, ["data.split=[0.9,0.0,0.1]"], "key 'data.split': must be three fractions > 0"),
         (BASE, ["data.synthetic.num_items=15"], "key 'data.synthetic.num_items': must be >= 20"),
-        (BASE, ["dist.engine=deepspeed", "dist.deepspeed_config=nope.json"], "key 'dist.deepspeed_config': no such file"),
+        (
+            BASE,
+            ["dist.engine=deepspeed", "dist.deepspeed_config=nope.json"],
+            "key 'dist.deepspeed_config': no such file",
+        ),
         ("seed: 5\nseed: 7\n" + BASE, [], "key 'seed' is given twice (first on line 1)"),
         (BASE, ["train.bpr_rho=.nan"], "key 'train.bpr_rho': expected a finite number"),
     ],
@@ -150,8 +172,9 @@ def test_deepspeed_json_extras_cannot_contradict_the_run_config(tmp_path):
     from conure_dist.train.deepspeed_engine import deepspeed_config
 
     zero2 = CONFIGS / "deepspeed" / "zero2.json"
-    ds = deepspeed_config(16, DistConfig(engine="deepspeed", zero_stage=2, precision="bf16",
-                                         deepspeed_config=str(zero2)))
+    ds = deepspeed_config(
+        16, DistConfig(engine="deepspeed", zero_stage=2, precision="bf16", deepspeed_config=str(zero2))
+    )
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["overlap_comm"] is True
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}

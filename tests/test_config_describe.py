@@ -14,7 +14,9 @@ def test_every_key_is_listed_once_and_documented():
     keys = describe()
     names = [k.key for k in keys]
     assert len(names) == len(set(names))
-    assert {"seed", "data.root", "data.synthetic.seed", "train.grad_accum", "tasks.*.lr", "dist.zero_stage"} <= set(names)
+    assert {"seed", "data.root", "data.synthetic.seed", "train.grad_accum", "tasks.*.lr", "dist.zero_stage"} <= set(
+        names
+    )
     assert [k.key for k in keys if not k.doc] == []  # a new field needs its docstring
     defaults = RunConfig().to_dict()
     for k in keys:
@@ -26,12 +28,28 @@ def test_every_key_is_listed_once_and_documented():
 
 def test_the_command_shows_a_presets_values_after_overrides():
     preset = str(REPO / "configs" / "quickstart.yaml")
-    out = subprocess.run([sys.executable, "-m", "conure_dist", "config", "--config", preset, "--json",
-                          "tasks.*.lr=0.01", "train.topk=7"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conure_dist",
+            "config",
+            "--config",
+            preset,
+            "--json",
+            "tasks.*.lr=0.01",
+            "train.topk=7",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = {r["key"]: r for r in json.loads(out)}
     cfg = load_config(preset, ["tasks.*.lr=0.01", "train.topk=7"])
     assert rows["train.topk"]["value"] == 7 and rows["train.topk"]["default"] == 5
     assert rows["tasks.*.lr"]["value"] == [0.01] * len(cfg.tasks)
     assert rows["tasks.*.name"]["value"] == [t.name for t in cfg.tasks]
-    bad = subprocess.run([sys.executable, "-m", "conure_dist", "config", "train.topk=7"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "conure_dist", "config", "train.topk=7"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "add --config" in bad.stderr

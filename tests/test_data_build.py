@@ -43,11 +43,19 @@ def test_every_data_key_is_a_flag_or_a_reading_key_with_the_schemas_default_and_
     assert "[config key: data.min_t1_interactions] (default: 0)" in helps["--min-t1-interactions"]
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["data.synthetic.relation=related", "data.synthetic.relation_strength=0.5", "data.split=[0.15,0.05,0.8]",
-     "data.split_seed=3", "data.root=/tmp/a dir"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [
+            "data.synthetic.relation=related",
+            "data.synthetic.relation_strength=0.5",
+            "data.split=[0.15,0.05,0.8]",
+            "data.split_seed=3",
+            "data.root=/tmp/a dir",
+        ],
+    ],
+)
 def test_the_command_of_a_config_describes_the_same_shards(overrides):
     cfg = load_config(PRESET, overrides)
     command = data_command(cfg.data)
@@ -62,18 +70,23 @@ def test_the_command_of_a_config_describes_the_same_shards(overrides):
 
 def test_movielens_command_names_the_source_and_the_filter():
     cfg = load_config(PRESET.parent / "ml100k.yaml", ["data.source_dir=/data/ml 100k"])
-    assert data_command(cfg.data) == ("conure data movielens --src '/data/ml 100k' --out runs/data/ml100k "
-                                      "--min-t1-interactions 6 --instances-per-shard 10000")
+    assert data_command(cfg.data) == (
+        "conure data movielens --src '/data/ml 100k' --out runs/data/ml100k "
+        "--min-t1-interactions 6 --instances-per-shard 10000"
+    )
 
 
-def test_the_library_names_the_command_for_missing_shards_and_the_command_makes_them(tmp_path, caplog, capsys,
-                                                                                     monkeypatch):
+def test_the_library_names_the_command_for_missing_shards_and_the_command_makes_them(
+    tmp_path, caplog, capsys, monkeypatch
+):
     cfg = load_config(PRESET, [*SMALL, f"data.root={tmp_path / 'd'}"])
     with pytest.raises(MissingShardsError) as err:
         open_dataset(cfg)
     command = data_command(cfg.data)
-    assert str(err.value) == (f"no manifest.json under data.root={tmp_path / 'd'}: build the shards with "
-                              f"`{command}` (`conure run` and `conure experiment` build them on first use)")
+    assert str(err.value) == (
+        f"no manifest.json under data.root={tmp_path / 'd'}: build the shards with "
+        f"`{command}` (`conure run` and `conure experiment` build them on first use)"
+    )
     assert main(shlex.split(command)[1:]) == 0
     manifest, infos = open_dataset(cfg)  # the shards the command built are the config's
     assert [i.name for i in infos] == ["t1", "click", "like", "gender", "age"]
@@ -82,15 +95,31 @@ def test_the_library_names_the_command_for_missing_shards_and_the_command_makes_
     monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.INFO, logger="data_tools.prepare"):
         build_missing_shards(dataclasses.replace(cfg.data, root="rel/d"), CPU)
-    assert f"building the synthetic shards under {Path('rel/d').resolve()} (data.root=rel/d is relative to " \
-           "the current directory" in caplog.text
+    assert (
+        f"building the synthetic shards under {Path('rel/d').resolve()} (data.root=rel/d is relative to "
+        "the current directory" in caplog.text
+    )
     assert Manifest.load("rel/d").split == manifest.split
     # Without a source, the error still names the data root and the command family.
     none = load_config(PRESET, ["data.source=none", f"data.root={tmp_path / 'none'}"])
-    assert main(["run", "--config", str(PRESET), "--out", str(tmp_path / "r"), "data.source=none",
-                 f"data.root={tmp_path / 'none'}"]) == 2
-    assert (f"no manifest.json under data.root={tmp_path / 'none'}: build shards there with `conure data "
-            f"synthetic|movielens|ttl ... --out {tmp_path / 'none'}`") in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                str(PRESET),
+                "--out",
+                str(tmp_path / "r"),
+                "data.source=none",
+                f"data.root={tmp_path / 'none'}",
+            ]
+        )
+        == 2
+    )
+    assert (
+        f"no manifest.json under data.root={tmp_path / 'none'}: build shards there with `conure data "
+        f"synthetic|movielens|ttl ... --out {tmp_path / 'none'}`"
+    ) in capsys.readouterr().err
     with pytest.raises(MissingShardsError):
         open_dataset(none)
 
@@ -98,8 +127,23 @@ def test_the_library_names_the_command_for_missing_shards_and_the_command_makes_
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("describe") / "d"
-    assert main(["data", "synthetic", "--out", str(root), "--num-users", "300", "--num-items", "60",
-                 "--instances-per-shard", "100"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--out",
+                str(root),
+                "--num-users",
+                "300",
+                "--num-items",
+                "60",
+                "--instances-per-shard",
+                "100",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -117,10 +161,16 @@ def test_describe_counts_shards_bytes_and_a_sample_per_task(small_root, capsys):
         for split, info in task.splits.items():
             got = tasks[task.name]["splits"][split]
             assert (got["instances"], got["sha256_verified"], got["sha256_not_recorded"]) == (
-                info.num_instances, len(info.shards), 0)
+                info.num_instances,
+                len(info.shards),
+                0,
+            )
     sample = tasks["gender"]["sample"]
     assert len(sample["seq"]) == 20 and sample["class_name"] == ["F", "M"][sample["target"]]
-    assert "target" not in tasks["t1"]["sample"] and 0 <= tasks["click"]["sample"]["target"] < tasks["click"]["num_outputs"]
+    assert (
+        "target" not in tasks["t1"]["sample"]
+        and 0 <= tasks["click"]["sample"]["target"] < tasks["click"]["num_outputs"]
+    )
     assert main(["data", "describe", str(small_root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(d))
     assert main(["data", "describe", str(small_root)]) == 0
@@ -145,8 +195,11 @@ def test_describe_names_the_shard_at_fault(small_root, tmp_path, capsys, damage)
         shard.unlink()
     assert main(["data", "describe", str(root)]) == 1
     captured = capsys.readouterr()
-    why = {"altered": "sha256 differs from the manifest", "truncated": "1000 bytes, the manifest says",
-           "missing": "missing"}[damage]
+    why = {
+        "altered": "sha256 differs from the manifest",
+        "truncated": "1000 bytes, the manifest says",
+        "missing": "missing",
+    }[damage]
     assert len(captured.err.splitlines()) == 1 and captured.err.startswith(f"error: shard {shard}: {why}")
     assert captured.out == ""
 

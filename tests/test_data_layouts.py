@@ -16,8 +16,12 @@ from data_tools.movielens import detect_layout, read_movielens
 
 SHARED = REPO.parent / "shared" / "data"
 USERS_1M = ["1::M::1::4::12345", "2::F::56::20::T8H1N", "3::M::25::1::02139"]  # id::gender::age::occ::zip
-USERS_RECBOLE = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
-                 "1\t17\tM\tstudent\t12345", "2\t56\tF\twriter\tT8H1N", "3\t30\tM\tartist\t02139"]
+USERS_RECBOLE = [
+    "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
+    "1\t17\tM\tstudent\t12345",
+    "2\t56\tF\twriter\tT8H1N",
+    "3\t30\tM\tartist\t02139",
+]
 
 
 def write_ml1m(directory: Path, ratings: list[str] | None = None, users: list[str] | None = None) -> Path:
@@ -37,8 +41,11 @@ def write_csv(directory: Path, rows: list[str] | None = None, header: str = "use
 
 def write_recbole(directory: Path, inter: list[str] | None = None, users: list[str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    rows = inter if inter is not None else ["user_id:token\titem_id:token\trating:float\ttimestamp:float",
-                                            *("\t".join(map(str, r)) for r in RATINGS)]
+    rows = (
+        inter
+        if inter is not None
+        else ["user_id:token\titem_id:token\trating:float\ttimestamp:float", *("\t".join(map(str, r)) for r in RATINGS)]
+    )
     (directory / "toy.inter").write_text("\n".join(rows) + "\n")
     if users is not False:
         (directory / "toy.user").write_text("\n".join(users if users is not None else USERS_RECBOLE) + "\n")
@@ -46,8 +53,11 @@ def write_recbole(directory: Path, inter: list[str] | None = None, users: list[s
 
 
 def _item_tasks(tasks):
-    return {t.name: (t.num_items, sorted(zip(t.users.tolist(), t.targets.tolist(), strict=True)))
-            for t in tasks if t.kind == "item"}
+    return {
+        t.name: (t.num_items, sorted(zip(t.users.tolist(), t.targets.tolist(), strict=True)))
+        for t in tasks
+        if t.kind == "item"
+    }
 
 
 @pytest.mark.parametrize("layout", ["ml-1m", "csv", "recbole"])
@@ -79,7 +89,11 @@ def test_half_star_ratings_follow_the_recipe(tmp_path):
     t1, tasks, _, _ = read_movielens(str(write_csv(tmp_path, rows)), seq_len=4)
     np.testing.assert_array_equal(t1, [[0, 0, 1, 2], [0, 0, 0, 1]])  # ratings < 4 only
     like4, like5 = tasks[1], tasks[2]
-    assert like4.num_items == 3 and sorted(zip(like4.users.tolist(), like4.targets.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 2)]
+    assert like4.num_items == 3 and sorted(zip(like4.users.tolist(), like4.targets.tolist(), strict=True)) == [
+        (0, 0),
+        (0, 1),
+        (1, 2),
+    ]
     assert like5.num_items == 1 and like5.users.tolist() == [0]
 
 
@@ -111,50 +125,136 @@ def test_cli_detects_the_layout(tmp_path):
 
 def test_unknown_layout_names_what_it_expects(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"no MovieLens layout recognized \(expected ml-100k: u\.data.*\['notes\.txt'\]"):
+    with pytest.raises(
+        ValueError, match=r"no MovieLens layout recognized \(expected ml-100k: u\.data.*\['notes\.txt'\]"
+    ):
         detect_layout(str(tmp_path))
 
 
 GOOD_CSV = ["1,10,3.0,1", "1,20,4.0,2", "2,10,2.5,3"]
-GOOD_INTER = ["user_id:token\titem_id:token\trating:float\ttimestamp:float", "1\t10\t3\t1", "1\t20\t4\t2",
-              "2\t10\t2\t3"]
+GOOD_INTER = [
+    "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+    "1\t10\t3\t1",
+    "1\t20\t4\t2",
+    "2\t10\t2\t3",
+]
 
 
 @pytest.mark.parametrize(
     ("layout", "file", "bad", "message", "reason"),
     [
-        ("ml-1m", "ratings.dat", "1::10::3", r"ratings\.dat line 2: expected 4 '::'-separated fields, got 3",
-         "ratings.dat: wrong field count"),
-        ("ml-1m", "ratings.dat", "1::10::x::5", r"ratings\.dat line 2: non-integer rating 'x'",
-         "ratings.dat: non-integer field"),
-        ("ml-1m", "users.dat", "2::X::25::3::1", r"users\.dat line 2: gender 'X' is not one of",
-         "users.dat: unknown gender"),
-        ("ml-1m", "users.dat", "7::F::25::3::1", r"users\.dat line 2: user 7 has no rating in ratings\.dat",
-         "users.dat: user not in ratings.dat"),
-        ("csv", "ratings.csv", "1,30,4.3,9", r"ratings\.csv line 3: rating '4\.3' is not one of 0\.5, 1\.0",
-         "ratings.csv: bad rating"),
-        ("csv", "ratings.csv", "1,abc,4.0,9", r"ratings\.csv line 3: non-integer movieId 'abc'",
-         "ratings.csv: non-integer field"),
-        ("csv", "ratings.csv", "1_0,30,4.0,9", r"ratings\.csv line 3: non-integer userId '1_0'",
-         "ratings.csv: non-integer field"),
-        ("csv", "ratings.csv", "1,30,0_5,9", r"ratings\.csv line 3: rating '0_5' is not one of 0\.5, 1\.0",
-         "ratings.csv: bad rating"),
-        ("csv", "ratings.csv", "1,30,4.0", r"ratings\.csv line 3: expected 4 comma-separated fields, got 3",
-         "ratings.csv: wrong field count"),
-        ("csv", "ratings.csv", "1,10,5.0,9", r"ratings\.csv line 3: the same user and item as line 2",
-         "ratings.csv: duplicate rating"),
-        ("csv", "ratings.csv", "2,-1,4.0,9", r"ratings\.csv line 3: ids must be >= 1, got userId 2, movieId -1",
-         "ratings.csv: non-positive id"),
-        ("recbole", "toy.inter", "1\t10\t5\t9", r"toy\.inter line 3: the same user and item as line 2",
-         "toy.inter: duplicate rating"),
-        ("recbole", "toy.inter", "1\t30\tfive\t9", r"toy\.inter line 3: non-numeric rating 'five'",
-         "toy.inter: non-numeric field"),
-        ("recbole", "toy.inter", "1\t30\t4\t1_0", r"toy\.inter line 3: non-numeric timestamp '1_0'",
-         "toy.inter: non-numeric field"),
-        ("recbole", "toy.inter", "1\t30\t4", r"toy\.inter line 3: expected 4 tab-separated fields, got 3",
-         "toy.inter: wrong field count"),
-        ("recbole", "toy.user", "9\t30\tF\twriter\t1", r"toy\.user line 3: user 9 has no rating in the \.inter file",
-         "toy.user: user not in the .inter file"),
+        (
+            "ml-1m",
+            "ratings.dat",
+            "1::10::3",
+            r"ratings\.dat line 2: expected 4 '::'-separated fields, got 3",
+            "ratings.dat: wrong field count",
+        ),
+        (
+            "ml-1m",
+            "ratings.dat",
+            "1::10::x::5",
+            r"ratings\.dat line 2: non-integer rating 'x'",
+            "ratings.dat: non-integer field",
+        ),
+        (
+            "ml-1m",
+            "users.dat",
+            "2::X::25::3::1",
+            r"users\.dat line 2: gender 'X' is not one of",
+            "users.dat: unknown gender",
+        ),
+        (
+            "ml-1m",
+            "users.dat",
+            "7::F::25::3::1",
+            r"users\.dat line 2: user 7 has no rating in ratings\.dat",
+            "users.dat: user not in ratings.dat",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,30,4.3,9",
+            r"ratings\.csv line 3: rating '4\.3' is not one of 0\.5, 1\.0",
+            "ratings.csv: bad rating",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,abc,4.0,9",
+            r"ratings\.csv line 3: non-integer movieId 'abc'",
+            "ratings.csv: non-integer field",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1_0,30,4.0,9",
+            r"ratings\.csv line 3: non-integer userId '1_0'",
+            "ratings.csv: non-integer field",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,30,0_5,9",
+            r"ratings\.csv line 3: rating '0_5' is not one of 0\.5, 1\.0",
+            "ratings.csv: bad rating",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,30,4.0",
+            r"ratings\.csv line 3: expected 4 comma-separated fields, got 3",
+            "ratings.csv: wrong field count",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,10,5.0,9",
+            r"ratings\.csv line 3: the same user and item as line 2",
+            "ratings.csv: duplicate rating",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "2,-1,4.0,9",
+            r"ratings\.csv line 3: ids must be >= 1, got userId 2, movieId -1",
+            "ratings.csv: non-positive id",
+        ),
+        (
+            "recbole",
+            "toy.inter",
+            "1\t10\t5\t9",
+            r"toy\.inter line 3: the same user and item as line 2",
+            "toy.inter: duplicate rating",
+        ),
+        (
+            "recbole",
+            "toy.inter",
+            "1\t30\tfive\t9",
+            r"toy\.inter line 3: non-numeric rating 'five'",
+            "toy.inter: non-numeric field",
+        ),
+        (
+            "recbole",
+            "toy.inter",
+            "1\t30\t4\t1_0",
+            r"toy\.inter line 3: non-numeric timestamp '1_0'",
+            "toy.inter: non-numeric field",
+        ),
+        (
+            "recbole",
+            "toy.inter",
+            "1\t30\t4",
+            r"toy\.inter line 3: expected 4 tab-separated fields, got 3",
+            "toy.inter: wrong field count",
+        ),
+        (
+            "recbole",
+            "toy.user",
+            "9\t30\tF\twriter\t1",
+            r"toy\.user line 3: user 9 has no rating in the \.inter file",
+            "toy.user: user not in the .inter file",
+        ),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, layout, file, bad, message, reason):
@@ -182,7 +282,11 @@ def test_bad_rows_name_file_and_line(tmp_path, layout, file, bad, message, reaso
     ("layout", "header", "message"),
     [
         ("csv", "user,movie,rating,time", r"ratings\.csv line 1: expected the header userId,movieId,rating,timestamp"),
-        ("recbole", "user_id:token\titem_id:token\ttimestamp:float", r"toy\.inter line 1: the header has no \['rating'\]"),
+        (
+            "recbole",
+            "user_id:token\titem_id:token\ttimestamp:float",
+            r"toy\.inter line 1: the header has no \['rating'\]",
+        ),
     ],
 )
 def test_bad_headers_are_errors_even_when_skipping(tmp_path, layout, header, message):
@@ -207,13 +311,17 @@ def test_utf8_bom_is_not_part_of_the_header_or_first_row(tmp_path, layout):
         np.testing.assert_array_equal(t1, t1_ref)
         assert [t.users.tolist() for t in tasks] == [t.users.tolist() for t in tasks_ref]
         assert {name: f["sha256"] for name, f in source["files"].items()} == {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()
+        }
 
 
 @pytest.mark.parametrize(
     ("layout", "file", "users"),
-    [("ml-1m", "users.dat", []), ("ml-1m", "users.dat", ["7::F::25::3::1"]),
-     ("recbole", "toy.user", USERS_RECBOLE[:1])],
+    [
+        ("ml-1m", "users.dat", []),
+        ("ml-1m", "users.dat", ["7::F::25::3::1"]),
+        ("recbole", "toy.user", USERS_RECBOLE[:1]),
+    ],
 )
 def test_profile_file_without_valid_rows_names_it(tmp_path, layout, file, users):
     src = write_ml1m(tmp_path, users=users) if layout == "ml-1m" else write_recbole(tmp_path, users=users)

@@ -227,17 +227,23 @@ def test_invalid_manifest_names_key_and_file(tmp_path: Path, change: str, messag
 def test_bad_train_counts_file(tmp_path: Path) -> None:
     manifest = write_tiny(str(tmp_path))
     np.save(tmp_path / "buy" / "train_counts.npy", np.zeros(4, dtype=np.int64))
-    with pytest.raises(
-        ValueError, match=r"train_counts\.npy: expected int64 array of shape \(3,\)"
-    ):
+    with pytest.raises(ValueError, match=r"train_counts\.npy: expected int64 array of shape \(3,\)"):
         manifest.load_train_counts("buy")
 
 
 def test_raw_ids_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
     t1, tasks = tiny_tasks()
     tasks[1].vocab = ["m10", "m20", "m30"]
-    manifest = write_dataset(str(tmp_path), dataset="tiny", t1_seqs=t1, tasks=tasks, seed=3, source={},
-                             skipped_rows={}, user_ids=[f"u{i}" for i in range(20)])
+    manifest = write_dataset(
+        str(tmp_path),
+        dataset="tiny",
+        t1_seqs=t1,
+        tasks=tasks,
+        seed=3,
+        source={},
+        skipped_rows={},
+        user_ids=[f"u{i}" for i in range(20)],
+    )
     loaded = Manifest.load(str(tmp_path))
     assert loaded == manifest and loaded.users == "users.json" and loaded.task("buy").vocab == "buy/vocab.json"
     assert loaded.load_vocab("buy") == ["m10", "m20", "m30"] and loaded.load_vocab("t1") is None
@@ -250,8 +256,9 @@ def test_raw_ids_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
         loaded.load_users()
     tasks[1].vocab = ["m10"]
     with pytest.raises(ValueError, match="task 'buy': vocab has 1 ids for num_items=3"):
-        write_dataset(str(tmp_path / "again"), dataset="tiny", t1_seqs=t1, tasks=tasks, seed=3, source={},
-                      skipped_rows={})
+        write_dataset(
+            str(tmp_path / "again"), dataset="tiny", t1_seqs=t1, tasks=tasks, seed=3, source={}, skipped_rows={}
+        )
 
 
 def test_save_overwrites_atomically(tmp_path: Path) -> None:

@@ -50,9 +50,7 @@ def read_ml100k(src_dir: str, **options) -> tuple:
     return read_movielens(src_dir, layout="ml-100k", **options)
 
 
-def write_files(
-    directory: Path, ratings: list[str] | None = None, users: list[str] | None = None
-) -> Path:
+def write_files(directory: Path, ratings: list[str] | None = None, users: list[str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     rows = ratings if ratings is not None else ["\t".join(map(str, r)) for r in RATINGS]
     (directory / "u.data").write_text("\n".join(rows) + "\n")
@@ -339,9 +337,7 @@ def test_real_ml100k(tmp_path: Path) -> None:
         assert sum(sizes) == totals[task.name]
         assert sizes == split_sizes(totals[task.name])
         assert abs(sizes[0] / sum(sizes) - 0.8) < 0.01 and abs(sizes[2] / sum(sizes) - 0.15) < 0.01
-    assert (
-        manifest.task("gender").num_classes == 2 and manifest.task("occupation").num_classes == 21
-    )
+    assert manifest.task("gender").num_classes == 2 and manifest.task("occupation").num_classes == 21
     assert manifest.task("age").num_classes == 7
     # T1 vocabulary: items rated < 4 that survive the 30-item window; at most all low-rated items.
     assert 1000 < manifest.num_seq_items - 1 <= ref["t1_items"]
@@ -413,8 +409,10 @@ def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> 
     from conure_dist.data.dataset import open_dataset
     from data_tools.prepare import write_shards
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml",
-                      [f"data.root={tmp_path / 'ml'}", f"data.source_dir={ML100K}"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "ml100k.yaml",
+        [f"data.root={tmp_path / 'ml'}", f"data.source_dir={ML100K}"],
+    )
     assert cfg.data.min_t1_interactions == 6  # the preset follows the paper
     manifest = write_shards(cfg.data.source, cfg.data)
     low = Counter(user for user, _, rating in _rows(ML100K) if rating < 4)
@@ -423,8 +421,9 @@ def test_real_ml100k_keeps_users_with_more_than_5_t1_ratings(tmp_path: Path) -> 
     assert manifest.source["users_without_t1"] == 2 and manifest.source["dropped_instances"]["like4"] == 537
     sizes = {t.name: sum(t.splits[s].num_instances for s in t.splits) for t in manifest.tasks}
     assert sizes == {"t1": 894, "like4": 33637, "like5": 20454, "gender": 894, "age": 894, "occupation": 894}
-    seqs = np.concatenate([b.seq.numpy() for b in iter_batches(manifest, "t1", "train", 512, shuffle=False,
-                                                               seed=0, epoch=0)])
+    seqs = np.concatenate(
+        [b.seq.numpy() for b in iter_batches(manifest, "t1", "train", 512, shuffle=False, seed=0, epoch=0)]
+    )
     assert (seqs > 0).sum(axis=1).min() == 6
     # Shards built with the filter are refused for a config without it, naming the key.
     cfg.data.min_t1_interactions = 0

@@ -59,16 +59,8 @@ def collect(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[int]]:
     got = list(batches)
     users = np.concatenate([b.user.numpy() for b in got]) if got else np.zeros(0, dtype=np.int64)
-    targets = (
-        None
-        if not got or got[0].target is None
-        else np.concatenate([b.target.numpy() for b in got])
-    )
-    seqs = (
-        np.concatenate([b.seq.numpy() for b in got])
-        if got
-        else np.zeros((0, SPEC.seq_len), dtype=np.int64)
-    )
+    targets = None if not got or got[0].target is None else np.concatenate([b.target.numpy() for b in got])
+    seqs = np.concatenate([b.seq.numpy() for b in got]) if got else np.zeros((0, SPEC.seq_len), dtype=np.int64)
     return users, targets, seqs, [len(b.user) for b in got]
 
 
@@ -85,9 +77,7 @@ def test_unshuffled_is_manifest_order(
     request: pytest.FixtureRequest, generated, layout: str, task: str, split: str
 ) -> None:
     manifest: Manifest = request.getfixturevalue(layout)
-    users, targets, seqs, sizes = collect(
-        iter_batches(manifest, task, split, 50, shuffle=False, seed=0, epoch=0)
-    )
+    users, targets, seqs, sizes = collect(iter_batches(manifest, task, split, 50, shuffle=False, seed=0, epoch=0))
     want_users, want_targets = expected_instances(generated, task, split)
     np.testing.assert_array_equal(users, want_users)
     if task == "t1":
@@ -137,9 +127,7 @@ def test_shuffle_is_deterministic_permutation(many: Manifest, generated) -> None
 @pytest.mark.parametrize("buffer", [0, 5, 16, 17, 5000])
 def test_any_buffer_size_yields_a_permutation(many: Manifest, generated, buffer: int) -> None:
     users, targets, _, sizes = collect(
-        iter_batches(
-            many, "click", "train", 64, shuffle=True, seed=2, epoch=0, shuffle_buffer=buffer
-        )
+        iter_batches(many, "click", "train", 64, shuffle=True, seed=2, epoch=0, shuffle_buffer=buffer)
     )
     assert pairs(users, targets) == pairs(*expected_instances(generated, "click", "train"))
     assert sizes[:-1] == [64] * (len(sizes) - 1)
@@ -188,9 +176,7 @@ def test_sharded_eval_covers_split_once(
 def test_stride_ranks_split_each_global_batch(single: Manifest) -> None:
     """With the stride partition, the ranks' step-s batches together are the one-process batch s."""
     world_size, per_rank = 3, 8
-    steps = (
-        num_steps_per_epoch(single, "click", "train", world_size * per_rank) + 4
-    )  # forces a second pass
+    steps = num_steps_per_epoch(single, "click", "train", world_size * per_rank) + 4  # forces a second pass
     reference = list(
         iter_batches(
             single,
@@ -226,9 +212,7 @@ def test_stride_ranks_split_each_global_batch(single: Manifest) -> None:
     for step in range(steps):
         merged_u = np.concatenate([r[step].user.numpy() for r in ranks])
         merged_t = np.concatenate([r[step].target.numpy() for r in ranks])
-        assert pairs(merged_u, merged_t) == pairs(
-            reference[step].user.numpy(), reference[step].target.numpy()
-        )
+        assert pairs(merged_u, merged_t) == pairs(reference[step].user.numpy(), reference[step].target.numpy())
 
 
 @pytest.mark.parametrize("layout", ["many", "single"])
@@ -266,14 +250,39 @@ def test_num_steps_is_exact_on_every_rank(request: pytest.FixtureRequest, layout
 def test_range_partition_refuses_more_ranks_than_instances(many: Manifest) -> None:
     """Some rank's range would be empty: a repeating stream over it would never yield a batch."""
     n = many.split_info("click", "valid").num_instances
-    with pytest.raises(ValueError, match=f"click/valid has {n} instances for {n + 1} ranks: too few for "
-                                         "data.partition=range"):
-        iter_batches(many, "click", "valid", 1, shuffle=False, seed=0, epoch=0, rank=0, world_size=n + 1,
-                     num_steps=1, partition="range")
+    with pytest.raises(
+        ValueError, match=f"click/valid has {n} instances for {n + 1} ranks: too few for data.partition=range"
+    ):
+        iter_batches(
+            many,
+            "click",
+            "valid",
+            1,
+            shuffle=False,
+            seed=0,
+            epoch=0,
+            rank=0,
+            world_size=n + 1,
+            num_steps=1,
+            partition="range",
+        )
     # stride serves the same ranks: every one of them gets its batch.
     for rank in (0, n):
-        batches = list(iter_batches(many, "click", "valid", 1, shuffle=False, seed=0, epoch=0, rank=rank,
-                                    world_size=n + 1, num_steps=1, partition="stride"))
+        batches = list(
+            iter_batches(
+                many,
+                "click",
+                "valid",
+                1,
+                shuffle=False,
+                seed=0,
+                epoch=0,
+                rank=rank,
+                world_size=n + 1,
+                num_steps=1,
+                partition="stride",
+            )
+        )
         assert [len(b.user) for b in batches] == [1]
 
 
@@ -310,25 +319,15 @@ def test_ranks_cycle_when_their_part_runs_out(many: Manifest) -> None:
 
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (1, 2)])
-def test_start_step_resumes_mid_epoch(
-    many: Manifest, shuffle: bool, rank: int, world_size: int
-) -> None:
-    kwargs = dict(
-        shuffle=shuffle, seed=4, epoch=1, rank=rank, world_size=world_size, shuffle_buffer=200
-    )
+def test_start_step_resumes_mid_epoch(many: Manifest, shuffle: bool, rank: int, world_size: int) -> None:
+    kwargs = dict(shuffle=shuffle, seed=4, epoch=1, rank=rank, world_size=world_size, shuffle_buffer=200)
     for num_steps in (None, 30):
         full = list(iter_batches(many, "click", "train", 20, num_steps=num_steps, **kwargs))
         for start in (0, 1, 7, len(full)):
-            resumed = list(
-                iter_batches(
-                    many, "click", "train", 20, num_steps=num_steps, start_step=start, **kwargs
-                )
-            )
+            resumed = list(iter_batches(many, "click", "train", 20, num_steps=num_steps, start_step=start, **kwargs))
             assert len(resumed) == len(full) - start
             for a, b in zip(full[start:], resumed, strict=True):
-                assert np.array_equal(a.user.numpy(), b.user.numpy()) and np.array_equal(
-                    a.seq.numpy(), b.seq.numpy()
-                )
+                assert np.array_equal(a.user.numpy(), b.user.numpy()) and np.array_equal(a.seq.numpy(), b.seq.numpy())
                 assert np.array_equal(a.target.numpy(), b.target.numpy())
 
 
@@ -337,25 +336,17 @@ def test_drop_last_and_steps_per_epoch(many: Manifest) -> None:
     assert n == 1233  # fixed by SPEC and SPLIT_SEED
     assert num_steps_per_epoch(many, "click", "train", 70) == 17
     assert num_steps_per_epoch(many, "click", "train", 70, drop_last=False) == 18
-    _, _, _, sizes = collect(
-        iter_batches(many, "click", "train", 70, shuffle=False, seed=0, epoch=0, drop_last=True)
-    )
+    _, _, _, sizes = collect(iter_batches(many, "click", "train", 70, shuffle=False, seed=0, epoch=0, drop_last=True))
     assert sizes == [70] * 17
-    _, _, _, sizes = collect(
-        iter_batches(many, "click", "train", 70, shuffle=True, seed=0, epoch=0)
-    )
+    _, _, _, sizes = collect(iter_batches(many, "click", "train", 70, shuffle=True, seed=0, epoch=0))
     assert sizes == [70] * 17 + [43]
 
 
 def test_argument_errors(many: Manifest) -> None:
     with pytest.raises(ValueError, match="rank"):
-        iter_batches(
-            many, "click", "train", 8, shuffle=False, seed=0, epoch=0, rank=2, world_size=2
-        )
+        iter_batches(many, "click", "train", 8, shuffle=False, seed=0, epoch=0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="start_step"):
-        iter_batches(
-            many, "click", "train", 8, shuffle=False, seed=0, epoch=0, num_steps=3, start_step=4
-        )
+        iter_batches(many, "click", "train", 8, shuffle=False, seed=0, epoch=0, num_steps=3, start_step=4)
     with pytest.raises(ValueError, match="batch_size"):
         iter_batches(many, "click", "train", 0, shuffle=False, seed=0, epoch=0)
     with pytest.raises(ValueError, match="no task 'clicks'"):

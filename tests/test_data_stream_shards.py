@@ -37,9 +37,7 @@ def damaged(many: Manifest, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _read_all(root: Path) -> None:
-    for _ in iter_batches(
-        Manifest.load(str(root)), "click", "train", 64, shuffle=False, seed=0, epoch=0
-    ):
+    for _ in iter_batches(Manifest.load(str(root)), "click", "train", 64, shuffle=False, seed=0, epoch=0):
         pass
 
 
@@ -49,9 +47,7 @@ def _rewrite_manifest(root: Path, **shard_fields: int | str) -> None:
     task = next(t for t in raw["tasks"] if t["name"] == "click")
     shard = task["splits"]["train"]["shards"][3]
     if "num_instances" in shard_fields:
-        task["splits"]["train"]["num_instances"] += (
-            shard_fields["num_instances"] - shard["num_instances"]
-        )
+        task["splits"]["train"]["num_instances"] += shard_fields["num_instances"] - shard["num_instances"]
     shard.update(shard_fields)
     path.write_text(json.dumps(raw))
 
@@ -95,22 +91,18 @@ def test_missing_shard(damaged: tuple[Path, Path]) -> None:
 
 def test_count_mismatch(damaged: tuple[Path, Path]) -> None:
     root, shard = damaged
-    actual = json.loads((root / "manifest.json").read_text())["tasks"][1]["splits"]["train"][
-        "shards"
-    ][3]["num_instances"]
+    actual = json.loads((root / "manifest.json").read_text())["tasks"][1]["splits"]["train"]["shards"][3][
+        "num_instances"
+    ]
     _rewrite_manifest(root, num_instances=actual + 1)
-    with pytest.raises(
-        ShardError, match=f"shard {shard}: holds {actual} instances, the manifest says {actual + 1}"
-    ):
+    with pytest.raises(ShardError, match=f"shard {shard}: holds {actual} instances, the manifest says {actual + 1}"):
         _read_all(root)
     assert issubclass(ShardError, ValueError)
 
 
 def test_file_url_root(many: Manifest, generated) -> None:
     manifest = Manifest.load("file://" + many.root)
-    users, targets, _, _ = collect(
-        iter_batches(manifest, "like", "valid", 100, shuffle=False, seed=0, epoch=0)
-    )
+    users, targets, _, _ = collect(iter_batches(manifest, "like", "valid", 100, shuffle=False, seed=0, epoch=0))
     want_users, want_targets = expected_instances(generated, "like", "valid")
     np.testing.assert_array_equal(users, want_users)
     np.testing.assert_array_equal(targets, want_targets)
@@ -118,26 +110,12 @@ def test_file_url_root(many: Manifest, generated) -> None:
 
 def test_s3_round_trip(s3_endpoint: str, many: Manifest) -> None:
     root = "s3://conure-test/data/synthetic"
-    written = write_synthetic(
-        root, SPEC, split_seed=SPLIT_SEED, instances_per_shard=97, records_per_sample=16
-    )
+    written = write_synthetic(root, SPEC, split_seed=SPLIT_SEED, instances_per_shard=97, records_per_sample=16)
     loaded = Manifest.load(root)
-    assert (
-        loaded.to_json() == written.to_json() == many.to_json()
-    )  # byte-identical shards to the local ones
+    assert loaded.to_json() == written.to_json() == many.to_json()  # byte-identical shards to the local ones
     assert loaded.shard_urls("click", "train")[0] == f"{root}/click/train-000000.tar"
-    remote = collect(
-        iter_batches(
-            loaded, "click", "train", 64, shuffle=True, seed=3, epoch=1, rank=1, world_size=2
-        )
-    )
-    local = collect(
-        iter_batches(
-            many, "click", "train", 64, shuffle=True, seed=3, epoch=1, rank=1, world_size=2
-        )
-    )
+    remote = collect(iter_batches(loaded, "click", "train", 64, shuffle=True, seed=3, epoch=1, rank=1, world_size=2))
+    local = collect(iter_batches(many, "click", "train", 64, shuffle=True, seed=3, epoch=1, rank=1, world_size=2))
     np.testing.assert_array_equal(remote[0], local[0])
     np.testing.assert_array_equal(remote[1], local[1])
-    np.testing.assert_array_equal(
-        loaded.load_train_counts("click"), many.load_train_counts("click")
-    )
+    np.testing.assert_array_equal(loaded.load_train_counts("click"), many.load_train_counts("click"))

@@ -88,9 +88,7 @@ def test_next_item_beats_popularity(default_data: tuple[np.ndarray, list[TaskDat
     assert hr_pop < 0.2 and hr_bigram > 2.5 * hr_pop, (hr_bigram, hr_pop)
 
 
-def _naive_bayes_scores(
-    t1: np.ndarray, task: TaskData, task_index: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _naive_bayes_scores(t1: np.ndarray, task: TaskData, task_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Multinomial naive Bayes on the bag of T1 items: (test scores, test targets, train counts)."""
     split = split_indices(task.num_instances, seed=0, task_index=task_index)
     num_outputs = task.num_classes or task.num_items
@@ -112,9 +110,7 @@ def _naive_bayes_scores(
 
 
 @pytest.mark.parametrize(("index", "margin"), [(1, 1.4), (2, 1.4)])
-def test_item_tasks_beat_popularity(
-    default_data: tuple[np.ndarray, list[TaskData]], index: int, margin: float
-) -> None:
+def test_item_tasks_beat_popularity(default_data: tuple[np.ndarray, list[TaskData]], index: int, margin: float) -> None:
     t1, tasks = default_data
     scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
     hr_model = _hit_rate(scores, targets)
@@ -138,9 +134,7 @@ def test_click_follows_the_last_t1_item(default_data: tuple[np.ndarray, list[Tas
 
 
 @pytest.mark.parametrize(("index", "gain"), [(3, 0.15), (4, 0.1)])
-def test_class_tasks_beat_majority(
-    default_data: tuple[np.ndarray, list[TaskData]], index: int, gain: float
-) -> None:
+def test_class_tasks_beat_majority(default_data: tuple[np.ndarray, list[TaskData]], index: int, gain: float) -> None:
     t1, tasks = default_data
     scores, targets, counts = _naive_bayes_scores(t1, tasks[index], index)
     accuracy = float((scores.argmax(axis=1) == targets).mean())
@@ -168,14 +162,10 @@ def test_like_correlates_with_click(default_data: tuple[np.ndarray, list[TaskDat
 
 def test_write_synthetic(tmp_path: Path) -> None:
     spec = SyntheticSpec(num_users=500, num_items=100, seq_len=8, seed=4)
-    manifest = write_synthetic(
-        str(tmp_path / "a"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64
-    )
+    manifest = write_synthetic(str(tmp_path / "a"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64)
     assert manifest == Manifest.load(str(tmp_path / "a"))
     assert [t.name for t in manifest.tasks] == ["t1", "click", "like", "gender", "age"]
-    assert (
-        manifest.dataset == "synthetic" and manifest.seq_len == 8 and manifest.num_seq_items == 101
-    )
+    assert manifest.dataset == "synthetic" and manifest.seq_len == 8 and manifest.num_seq_items == 101
     assert manifest.source["spec"]["num_users"] == 500 and manifest.split["seed"] == 2
     _, tasks, _ = generate(spec)
     for task, info in zip(tasks, manifest.tasks, strict=True):
@@ -184,33 +174,20 @@ def test_write_synthetic(tmp_path: Path) -> None:
         for split in info.splits.values():
             for shard in split.shards:
                 data = (tmp_path / "a" / shard.url).read_bytes()
-                assert (
-                    hashlib.sha256(data).hexdigest() == shard.sha256
-                    and len(data) == shard.num_bytes
-                )
+                assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.num_bytes
     # train_counts agree with what the reader streams back.
     targets = np.concatenate(
-        [
-            b.target.numpy()
-            for b in iter_batches(manifest, "click", "train", 128, shuffle=False, seed=0, epoch=0)
-        ]
+        [b.target.numpy() for b in iter_batches(manifest, "click", "train", 128, shuffle=False, seed=0, epoch=0)]
     )
-    np.testing.assert_array_equal(
-        manifest.load_train_counts("click"), np.bincount(targets, minlength=300)
-    )
+    np.testing.assert_array_equal(manifest.load_train_counts("click"), np.bincount(targets, minlength=300))
     seqs = np.concatenate(
-        [
-            b.seq.numpy()
-            for b in iter_batches(manifest, "t1", "train", 128, shuffle=False, seed=0, epoch=0)
-        ]
+        [b.seq.numpy() for b in iter_batches(manifest, "t1", "train", 128, shuffle=False, seed=0, epoch=0)]
     )
     expected = np.bincount(seqs[:, 1:].ravel(), minlength=101)
     expected[0] = 0
     np.testing.assert_array_equal(manifest.load_train_counts("t1"), expected)
     # Same spec and split seed: byte-identical shards.
-    again = write_synthetic(
-        str(tmp_path / "b"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64
-    )
+    again = write_synthetic(str(tmp_path / "b"), spec, split_seed=2, instances_per_shard=300, records_per_sample=64)
     assert again.to_json() == manifest.to_json()
 
 
@@ -246,8 +223,6 @@ def test_spec_bounds_are_what_the_generator_needs() -> None:
 # sha256 over the shards' sha256s (manifest order) of the default spec written as the quick start
 # writes it: the quick start's data, fixed. A change here changes every quick-start number.
 DEFAULT_SHARDS_DIGEST = "4a36d35636161c7c571f6da69f7f4adf33dba538458c602ee3803796487937dc"
-
-
 
 
 def test_default_relation_keeps_the_quick_start_data(tmp_path: Path) -> None:
@@ -330,17 +305,25 @@ def test_paired_relations_are_deterministic(tmp_path: Path) -> None:
     b = write_synthetic(str(tmp_path / "b"), spec, instances_per_shard=300)
     assert a.to_json() == b.to_json() and shards_digest(a) == shards_digest(b)
     assert a.source["spec"]["relation"] == "related" and a.task("like").num_outputs == 300
-    other = write_synthetic(str(tmp_path / "c"), SyntheticSpec(num_users=400, num_items=100, seq_len=8, seed=4,
-                                                                relation="related"), instances_per_shard=300)
+    other = write_synthetic(
+        str(tmp_path / "c"),
+        SyntheticSpec(num_users=400, num_items=100, seq_len=8, seed=4, relation="related"),
+        instances_per_shard=300,
+    )
     assert shards_digest(other) != shards_digest(a)
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"relation": "related_ish"}, r"relation=related_ish: must be one of \['shared_taste', 'related', 'independent'\]"),
-        ({"relation": "independent", "relation_strength": 0.5},
-         r"relation_strength=0\.5: must be in \[0, 1\], and 1 unless relation is 'related'"),
+        (
+            {"relation": "related_ish"},
+            r"relation=related_ish: must be one of \['shared_taste', 'related', 'independent'\]",
+        ),
+        (
+            {"relation": "independent", "relation_strength": 0.5},
+            r"relation_strength=0\.5: must be in \[0, 1\], and 1 unless relation is 'related'",
+        ),
         ({"relation": "related", "relation_strength": 1.5}, r"relation_strength=1\.5"),
         ({"like_rate": 0.0}, r"like_rate=0\.0: must be in \(0, 1\]"),
     ],

@@ -17,8 +17,12 @@ def read_all(manifest, task):
     out = {}
     for split in ("train", "valid", "test"):
         batches = list(iter_batches(manifest, task, split, 512, shuffle=False, seed=0, epoch=0))
-        out[split] = tuple(torch.cat([getattr(b, f) for b in batches]).numpy() if batches and
-                           getattr(batches[0], f) is not None else None for f in ("seq", "target", "user"))
+        out[split] = tuple(
+            torch.cat([getattr(b, f) for b in batches]).numpy()
+            if batches and getattr(batches[0], f) is not None
+            else None
+            for f in ("seq", "target", "user")
+        )
     return out
 
 
@@ -51,7 +55,7 @@ def test_same_seed_same_shards(tmp_path):
     a = write_synthetic_ttl(str(tmp_path / "a"), SPEC, chunk_users=1000)
     b = write_synthetic_ttl(str(tmp_path / "b"), SPEC, chunk_users=1000)
     shas = [[sh.sha256 for s in t.splits.values() for sh in s.shards] for m in (a, b) for t in m.tasks]
-    assert shas[: len(a.tasks)] == shas[len(a.tasks):]
+    assert shas[: len(a.tasks)] == shas[len(a.tasks) :]
     assert Manifest.load(str(tmp_path / "a")).source["spec"]["num_items"] == 4000
 
 
@@ -80,8 +84,9 @@ def test_streaming_writer_writes_full_shards_until_the_last(tmp_path):
     from data_tools.shard_streaming import StreamingDatasetWriter, StreamTask
 
     tasks = [StreamTask("t1", "sequence", 50)]
-    writer = StreamingDatasetWriter(str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0,
-                                    split=(0.9, 0.05, 0.05), instances_per_shard=100)
+    writer = StreamingDatasetWriter(
+        str(tmp_path), dataset="x", tasks=tasks, seq_len=4, seed=0, split=(0.9, 0.05, 0.05), instances_per_shard=100
+    )
     seqs = np.tile(np.arange(1, 5, dtype=np.int32), (150, 1))
     for chunk in range(8):
         writer.add("t1", seqs, np.arange(150 * chunk, 150 * (chunk + 1)))
@@ -124,8 +129,6 @@ def test_ttl_spec_states_the_bounds():
 DEFAULT_SHARDS_DIGEST = "71d9c32b651550b3219fa2ab3ad5835b2881a535daf74569dd90138bd47e844d"
 
 
-
-
 def _items_by_user(manifest, task):
     """user -> set of target items over every split, and the (user, item) instances."""
     data = read_all(manifest, task)
@@ -166,10 +169,13 @@ def test_related_thumbsup_is_a_subset_of_clicks_and_independent_is_not(tmp_path)
 def test_relation_flag_of_the_command_line(tmp_path):
     from data_tools.synthetic_ttl import main
 
-    manifest = main(["--out", str(tmp_path / "cli"), "--num-users", "300", "--num-items", "2000",
-                     "--relation", "related"])
+    manifest = main(
+        ["--out", str(tmp_path / "cli"), "--num-users", "300", "--num-items", "2000", "--relation", "related"]
+    )
     assert manifest.source["spec"]["relation"] == "related" and manifest.task("thumbsup").num_outputs == 18_000
     import pytest
 
-    with pytest.raises(ValueError, match=r"relation=sideways: must be one of \['shared_genre', 'related', 'independent'\]"):
+    with pytest.raises(
+        ValueError, match=r"relation=sideways: must be one of \['shared_genre', 'related', 'independent'\]"
+    ):
         TTLSpec(relation="sideways")

@@ -20,8 +20,10 @@ def write(tmp_path, pretrain=None, clicks=None, age=None):
     files = {"pretrain.csv": pretrain or PRETRAIN, "clicks.csv": clicks or CLICKS, "age.csv": age or AGE}
     for name, rows in files.items():
         (tmp_path / name).write_text("\n".join(rows) + "\n")
-    return (str(tmp_path / "pretrain.csv"),
-            [TaskFile("click", "item", str(tmp_path / "clicks.csv")), TaskFile("age", "class", str(tmp_path / "age.csv"))])
+    return (
+        str(tmp_path / "pretrain.csv"),
+        [TaskFile("click", "item", str(tmp_path / "clicks.csv")), TaskFile("age", "class", str(tmp_path / "age.csv"))],
+    )
 
 
 def test_ttl_files_to_tasks(tmp_path):
@@ -41,8 +43,20 @@ def test_ttl_files_to_tasks(tmp_path):
 
 def test_ttl_cli_writes_shards(tmp_path):
     pretrain, tasks = write(tmp_path)
-    cli("data", "ttl", "--pretrain", pretrain, "--task", f"click=item:{tasks[0].path}",
-        "--task", f"age=class:{tasks[1].path}", "--seq-len", "5", "--out", str(tmp_path / "out"))
+    cli(
+        "data",
+        "ttl",
+        "--pretrain",
+        pretrain,
+        "--task",
+        f"click=item:{tasks[0].path}",
+        "--task",
+        f"age=class:{tasks[1].path}",
+        "--seq-len",
+        "5",
+        "--out",
+        str(tmp_path / "out"),
+    )
     manifest = Manifest.load(str(tmp_path / "out"))
     assert [t.name for t in manifest.tasks] == ["t1", "click", "age"] and manifest.dataset == "ttl"
     assert manifest.num_seq_items == 5 and manifest.seq_len == 5
@@ -57,10 +71,18 @@ def test_ttl_cli_writes_shards(tmp_path):
     ("which", "bad", "message", "reason"),
     [
         ("pretrain", "0,a7,b2", r"pretrain\.csv line 2: expected 5 tokens, got 3", "pretrain.csv: wrong token count"),
-        ("clicks", "0,0,a7,b2,c9,k5", r"clicks\.csv line 2: no ',,' between source and targets",
-         "clicks.csv: no ',,' separator"),
-        ("clicks", "0,0,a7,b2,zz,,k5", r"clicks\.csv line 2: source token 'zz' is not in the pretraining vocabulary",
-         "clicks.csv: token not in T1"),
+        (
+            "clicks",
+            "0,0,a7,b2,c9,k5",
+            r"clicks\.csv line 2: no ',,' between source and targets",
+            "clicks.csv: no ',,' separator",
+        ),
+        (
+            "clicks",
+            "0,0,a7,b2,zz,,k5",
+            r"clicks\.csv line 2: source token 'zz' is not in the pretraining vocabulary",
+            "clicks.csv: token not in T1",
+        ),
         ("clicks", "0,0,a7,b2,c9,,", r"clicks\.csv line 2: no target after ',,'", "clicks.csv: no target"),
         ("age", "0,0,a7,b2,c9,,3,4", r"age\.csv line 2: expected one label, got 2", "age.csv: several labels"),
         ("age", "0,0,0,0,0,,3", r"age\.csv line 2: the source is only padding", "age.csv: empty sequence"),
@@ -100,7 +122,8 @@ def test_utf8_bom_is_not_a_token(tmp_path):
         assert skipped == {}
         np.testing.assert_array_equal(t1_seqs, t1_ref)
         assert [d.targets is None or d.targets.tolist() for d in data] == [
-            d.targets is None or d.targets.tolist() for d in data_ref]
+            d.targets is None or d.targets.tolist() for d in data_ref
+        ]
         raw = (tmp_path / "pretrain.csv").read_bytes()  # hashed as it is, BOM included
         assert source["files"]["pretrain.csv"]["sha256"] == hashlib.sha256(raw).hexdigest()
 

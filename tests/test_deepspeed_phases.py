@@ -42,8 +42,9 @@ def _worker(rank: int, init: str, results: dict) -> None:
     try:
         torch.manual_seed(0)
         model = ConureModel(40, [TaskSpec("t1", "sequence", 40), TaskSpec("gender", "class", 2)], 8, 3, [1, 2])
-        masked = MaskedModel(model, TaskOwnership.empty(
-            {n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}))
+        masked = MaskedModel(
+            model, TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
+        )
         masked.set_view("train", 1)
         cfg = DistConfig(engine="deepspeed", zero_stage=2, deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"))
         dist = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
@@ -60,8 +61,12 @@ def _worker(rank: int, init: str, results: dict) -> None:
             gc.collect()
             alive.append(sum(ref() is not None for ref in refs))
         # In bf16 (autocast) every gradient is still exchanged in fp32, as under DDP.
-        bf16 = DistConfig(engine="deepspeed", zero_stage=2, precision="bf16",
-                          deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"))
+        bf16 = DistConfig(
+            engine="deepspeed",
+            zero_stage=2,
+            precision="bf16",
+            deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"),
+        )
         engine = build_engine(masked, phase_parameters(model, "t1", False), 1e-2, 0.0, dist, bf16, per_rank_batch=8)
         comm = {str(get_comm_dtype(p)) for p in model.parameters()}
         engine.close()

@@ -28,8 +28,15 @@ def checkpoint(out, suffix):
 def test_ddp_steps_match_one_process(tmp_path):
     """From the same initial weights and global batch, k steps on 1 and 2 processes agree."""
     path = tiny_config(tmp_path, TASKS[:2])
-    args = ["run", "--config", str(path), "data.partition=stride", "train.max_steps_per_epoch=6",
-            "tasks.*.retrain_epochs=0", "train.num_threads=1"]
+    args = [
+        "run",
+        "--config",
+        str(path),
+        "data.partition=stride",
+        "train.max_steps_per_epoch=6",
+        "tasks.*.retrain_epochs=0",
+        "train.num_threads=1",
+    ]
     cli(*args, "--out", str(tmp_path / "one"))
     conure(*args, "--out", str(tmp_path / "two"), nproc=2)
     initial = build_model(load_config(path), 61, []).state_dict()
@@ -67,8 +74,18 @@ def test_torchrun_quickstart_two_processes_epoch_by_epoch(tmp_path, quickstart_r
     seeds, measured with one thread on both sides), and what the drift leaves of the final
     metrics stays within what separates seeds."""
     data, first, one = quickstart_run
-    conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(tmp_path / "two"),
-           f"data.root={data}", "train.progress=false", "data.partition=stride", "train.num_threads=1", nproc=2)
+    conure(
+        "run",
+        "--config",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--out",
+        str(tmp_path / "two"),
+        f"data.root={data}",
+        "train.progress=false",
+        "data.partition=stride",
+        "train.num_threads=1",
+        nproc=2,
+    )
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
     rows = compare_runs(str(first), str(tmp_path / "two"))
@@ -91,8 +108,9 @@ def test_one_process_with_two_micro_batches_repeats_two_processes_bit_for_bit(tm
     """Gradient accumulation with 2 micro-batches splits each batch as the stride partition
     splits it over 2 ranks, and sums and scales the gradients as DDP does: the whole run, pruning
     and best-epoch choices included, is the 2-process run."""
-    path = tiny_config(tmp_path, TASKS, train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50,
-                                               "num_threads": 1})
+    path = tiny_config(
+        tmp_path, TASKS, train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 50, "num_threads": 1}
+    )
     args = ["run", "--config", str(path), "data.partition=stride"]
     cli(*args, "train.grad_accum=2", "--out", str(tmp_path / "one"))
     conure(*args, "--out", str(tmp_path / "two"), nproc=2)
@@ -122,17 +140,33 @@ def test_the_data_fingerprint_tells_partitions_apart(tmp_path):
     assert rows and not any(r["same_data"] for r in rows)
 
 
-@pytest.mark.parametrize("engine,stage,precision", [("ddp", 0, "bf16"), ("deepspeed", 1, "fp32"),
-                                                    ("deepspeed", 2, "bf16")])
+@pytest.mark.parametrize(
+    "engine,stage,precision", [("ddp", 0, "bf16"), ("deepspeed", 1, "fp32"), ("deepspeed", 2, "bf16")]
+)
 def test_engines_keep_frozen_weights_on_two_processes(tmp_path, engine, stage, precision):
     """The quick-start task sequence (one epoch of 6 steps per phase: bf16 is slow on CPUs
     without bf16 units) under each engine, then the audit."""
     out = tmp_path / f"{engine}{stage}"
     extra = [f"dist.deepspeed_config={REPO / 'configs/deepspeed' / f'zero{stage}.json'}"] if stage else []
-    conure("run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(out),
-           f"data.root={tmp_path / 'data'}", "train.progress=false", "train.keep_checkpoints=100",
-           "tasks.*.epochs=1", "tasks.*.retrain_epochs=1", "train.max_steps_per_epoch=6", "tasks.*.l2=0.01",
-           f"dist.engine={engine}", f"dist.zero_stage={stage}", f"dist.precision={precision}", *extra, nproc=2)
+    conure(
+        "run",
+        "--config",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--out",
+        str(out),
+        f"data.root={tmp_path / 'data'}",
+        "train.progress=false",
+        "train.keep_checkpoints=100",
+        "tasks.*.epochs=1",
+        "tasks.*.retrain_epochs=1",
+        "train.max_steps_per_epoch=6",
+        "tasks.*.l2=0.01",
+        f"dist.engine={engine}",
+        f"dist.zero_stage={stage}",
+        f"dist.precision={precision}",
+        *extra,
+        nproc=2,
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["engine"] == engine and report["world_size"] == 2 and report["precision"] == precision
     _matrix_keeps_old_tasks(report)
@@ -165,7 +199,8 @@ def test_sigkill_of_a_worker_resumes_to_the_same_result(tmp_path):
     proc = psutil.Process(launcher.pid)
     deadline = time.time() + 600
     while not (out / "checkpoints").exists() or not any(
-            (p / "COMMIT").exists() and p.name.endswith("t1-done") for p in (out / "checkpoints").iterdir()):
+        (p / "COMMIT").exists() and p.name.endswith("t1-done") for p in (out / "checkpoints").iterdir()
+    ):
         assert launcher.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
     victims = _workers(proc)
@@ -188,8 +223,16 @@ def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
     from conure_dist.checkpoint.format import COMMIT, CheckpointError
 
     path = tiny_config(tmp_path, TASKS[:2], train={"progress": False, "keep_checkpoints": 100})
-    args = ["run", "--config", str(path), "--resume", "dist.engine=deepspeed", "dist.zero_stage=2",
-            "tasks.*.epochs=2", "train.checkpoint_every_steps=4"]
+    args = [
+        "run",
+        "--config",
+        str(path),
+        "--resume",
+        "dist.engine=deepspeed",
+        "dist.zero_stage=2",
+        "tasks.*.epochs=2",
+        "train.checkpoint_every_steps=4",
+    ]
     conure(*args, "--out", str(tmp_path / "clean"), nproc=2)
     out = tmp_path / "cut"
     shutil.copytree(tmp_path / "clean", out)  # the same run, to be cut back
@@ -197,7 +240,7 @@ def test_zero_optimizer_parts_per_rank_and_resume_inside_a_phase(tmp_path):
     folders = sorted((out / "checkpoints").iterdir())
     mid = [p for p in folders if "-click-train-e2-s" in p.name][-1]
     assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "phase.pt"} <= {p.name for p in mid.iterdir()}
-    for folder in folders[folders.index(mid) + 1:]:
+    for folder in folders[folders.index(mid) + 1 :]:
         (folder / COMMIT).unlink()
     broken = folders[folders.index(mid) - 1]
     (broken / "optimizer-rank1.pt").unlink()
@@ -221,11 +264,27 @@ def test_deepspeed_launcher_runs_the_same_cli(tmp_path):
     from conftest import free_port
 
     path = tiny_config(tmp_path, TASKS[:2])
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "conure_dist", "run", "--config", str(path), "--out", str(tmp_path / "out"),
-           "dist.engine=deepspeed", "dist.zero_stage=1"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "conure_dist",
+        "run",
+        "--config",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "dist.engine=deepspeed",
+        "dist.zero_stage=1",
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["world_size"] == 2 and report["engine"] == "deepspeed"

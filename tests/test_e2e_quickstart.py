@@ -32,7 +32,7 @@ def test_old_tasks_never_change_in_the_matrix(quickstart_run):
     _, _, report = quickstart_run
     matrix = report["matrix"]
     for i, row in enumerate(matrix):
-        assert all(v is None for v in row[i + 1:])
+        assert all(v is None for v in row[i + 1 :])
         for j in range(i + 1):
             assert row[j] == matrix[j][j], f"task {j} changed after task {i}"
 
@@ -103,6 +103,7 @@ def test_audit_passes_then_fails_on_a_changed_frozen_weight(quickstart_run, tmp_
     assert "does not match its checksum" in capsys.readouterr().err
     # Re-signed (a deliberate edit): the audit recomputes and names the task whose weight changed.
     import hashlib
+
     commit = json.loads((tampered / COMMIT).read_text())
     commit["files"]["model.pt"] = hashlib.sha256(buffer.getvalue()).hexdigest()
     (tampered / COMMIT).write_text(json.dumps(commit))
@@ -119,8 +120,10 @@ def test_eval_and_predict_from_the_checkpoint(quickstart_run, capsys):
     for j, task in enumerate(report["tasks"]):
         assert evaluated[task["name"]][task["primary_metric"]] == report["matrix"][-1][j]
     item_task = next(t["name"] for t in report["tasks"] if t["kind"] == "item")
-    assert main(["predict", "--ckpt", str(out), "--task", item_task, "--k", "3", "--limit", "4",
-                 "--data-root", str(data)]) == 0
+    assert (
+        main(["predict", "--ckpt", str(out), "--task", item_task, "--k", "3", "--limit", "4", "--data-root", str(data)])
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 4 and all(len(x["items"]) == 3 for x in lines)
     assert all(x["scores"] == sorted(x["scores"], reverse=True) for x in lines)

@@ -82,8 +82,11 @@ def test_resume_refuses_a_different_task_order(tmp_path):
 def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplog):
     path = tiny_config(tmp_path, TASKS[:1])
     first = run_conure(load_config(path), str(tmp_path / "m"), CPU)
-    with pytest.raises(ValueError, match=r"checkpoints hold another model \(model.channels is 8, the checkpoint's "
-                                         r"16\); resume with the checkpoint's model"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints hold another model \(model.channels is 8, the checkpoint's "
+        r"16\); resume with the checkpoint's model",
+    ):
         run_conure(load_config(path, ["model.channels=8"]), str(tmp_path / "m"), CPU, resume=True)
     again = run_conure(load_config(path, ["seed=9", "tasks.0.lr=0.1"]), str(tmp_path / "m"), CPU, resume=True)
     assert again["matrix"] == first["matrix"]
@@ -93,8 +96,9 @@ def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplo
     run_conure(load_config(three), str(tmp_path / "n"), CPU)
     _drop_commits_after(tmp_path / "n", "click-trained")
     caplog.clear()
-    run_conure(load_config(three, ["tasks.1.retrain_epochs=2", "tasks.2.lr=0.01"]), str(tmp_path / "n"), CPU,
-               resume=True)
+    run_conure(
+        load_config(three, ["tasks.1.retrain_epochs=2", "tasks.2.lr=0.01"]), str(tmp_path / "n"), CPU, resume=True
+    )
     assert "differ from the checkpoint's: tasks.1.retrain_epochs=2 (was 1)" in caplog.text
     assert "tasks.2.lr" not in caplog.text
 
@@ -110,8 +114,20 @@ def test_unknown_task_and_missing_data_fail_clearly(tmp_path, capsys):
     assert main(["run", "--config", str(path), "--out", str(tmp_path / "x")]) == 2
     assert "tasks.1.name" in capsys.readouterr().err
     path = tiny_config(tmp_path, TASKS[:1])
-    assert main(["run", "--config", str(path), "--out", str(tmp_path / "y"), "data.source=none",
-                 f"data.root={tmp_path / 'empty'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                str(path),
+                "--out",
+                str(tmp_path / "y"),
+                "data.source=none",
+                f"data.root={tmp_path / 'empty'}",
+            ]
+        )
+        == 2
+    )
     assert "no manifest.json" in capsys.readouterr().err
 
 
@@ -140,11 +156,16 @@ def test_a_diverging_loss_stops_the_run_naming_task_and_phase(tmp_path, capsys):
 def test_shards_built_otherwise_and_empty_splits_fail_before_training(tmp_path):
     run_conure(load_config(tiny_config(tmp_path, TASKS[:1])), str(tmp_path / "a"), CPU)
     other = load_config(tiny_config(tmp_path, TASKS[:1]), ["data.synthetic.num_users=500", "data.split_seed=4"])
-    with pytest.raises(ValueError, match=r"built otherwise than this config asks: data.split_seed=4 \(the shards "
-                                         r"have 0\), data.synthetic.num_users=500 \(the shards have 400\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"built otherwise than this config asks: data.split_seed=4 \(the shards "
+        r"have 0\), data.synthetic.num_users=500 \(the shards have 400\)",
+    ):
         open_dataset(other)
-    few = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "few")),
-                      ["data.synthetic.num_users=10", "data.split=[0.8,0.01,0.19]"])
+    few = load_config(
+        tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "few")),
+        ["data.synthetic.num_users=10", "data.split=[0.8,0.01,0.19]"],
+    )
     with pytest.raises(ValueError, match=r"tasks.0: task 't1' has no valid instances under data.root=.*few"):
         run_conure(few, str(tmp_path / "b"), CPU)
     assert not (tmp_path / "b" / "checkpoints").exists()
@@ -165,11 +186,13 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
     first, second, shorter = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert first["scores"] != second["scores"] and len(first["items"]) == 5
     assert shorter != second  # a different history, with the same last item
-    for bad, message in [('{"seq": [1, 2, 99999]}', "in.jsonl line 1: item ids [99999] are outside the T1 vocabulary"),
-                         ('{"seq": [3, -5]}', "in.jsonl line 1: item ids [-5] are outside"),
-                         ('{"seq": [1.7, 2]}', "in.jsonl line 1: 'seq' must be a list of integer item ids"),
-                         ('{"seq": [0, 0]}', "in.jsonl line 1: the sequence has no item"),
-                         ("", "in.jsonl: no sequence in the file")]:
+    for bad, message in [
+        ('{"seq": [1, 2, 99999]}', "in.jsonl line 1: item ids [99999] are outside the T1 vocabulary"),
+        ('{"seq": [3, -5]}', "in.jsonl line 1: item ids [-5] are outside"),
+        ('{"seq": [1.7, 2]}', "in.jsonl line 1: 'seq' must be a list of integer item ids"),
+        ('{"seq": [0, 0]}', "in.jsonl line 1: the sequence has no item"),
+        ("", "in.jsonl: no sequence in the file"),
+    ]:
         seqs.write_text(bad + "\n")
         assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--input", str(seqs)]) == 2, bad
         assert message in capsys.readouterr().err, bad
@@ -180,10 +203,14 @@ def test_predict_reads_sequences_from_a_file(tmp_path, capsys):
         main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "t1", "--k", "0"])
     assert "--k: must be >= 1, got 0" in capsys.readouterr().err
     # Shards that do not describe the checkpoint's tasks are refused by name.
-    other = load_config(tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "other")), ["data.synthetic.num_items=80"])
+    other = load_config(
+        tiny_config(tmp_path, TASKS, data_root=str(tmp_path / "other")), ["data.synthetic.num_items=80"]
+    )
     with_shards(other)
     assert main(["eval", "--ckpt", str(tmp_path / "p"), "--data-root", str(tmp_path / "other")]) == 2
-    assert "do not match the checkpoint" in (err := capsys.readouterr().err) and "num_seq_items is 81 there, 61 in" in err
+    assert (
+        "do not match the checkpoint" in (err := capsys.readouterr().err) and "num_seq_items is 81 there, 61 in" in err
+    )
     seqs.write_text('{"items": [1]}\n')
     assert main(["predict", "--ckpt", str(tmp_path / "p"), "--task", "gender", "--input", str(seqs)]) == 2
     assert "in.jsonl line 1" in capsys.readouterr().err
@@ -203,8 +230,11 @@ ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 def test_predict_speaks_the_sources_raw_ids(tmp_path, capsys):
     if not ML100K.is_dir():
         pytest.skip(f"MovieLens-100K not found at {ML100K} (shared data directory absent)")
-    path = tiny_config(tmp_path, [("t1", 0.5), ("like5", 0.5), ("gender", 0.5)],
-                       data={"root": str(tmp_path / "ml"), "source": "movielens", "source_dir": str(ML100K)})
+    path = tiny_config(
+        tmp_path,
+        [("t1", 0.5), ("like5", 0.5), ("gender", 0.5)],
+        data={"root": str(tmp_path / "ml"), "source": "movielens", "source_dir": str(ML100K)},
+    )
     run_conure(load_config(path, ["train.max_steps_per_epoch=5"]), str(tmp_path / "run"), CPU)
     manifest = Manifest.load(str(tmp_path / "ml"))
     t1_vocab, like5_vocab = manifest.load_vocab("t1"), manifest.load_vocab("like5")
@@ -230,7 +260,7 @@ def _drop_commits_after(out, keep_last_matching: str) -> str:
     """Simulate a crash: uncommit every checkpoint after the last one whose name matches."""
     folders = sorted((out / "checkpoints").iterdir())
     keep = max(i for i, p in enumerate(folders) if keep_last_matching in p.name)
-    for folder in folders[keep + 1:]:
+    for folder in folders[keep + 1 :]:
         (folder / COMMIT).unlink()
     return folders[keep].name
 
@@ -247,11 +277,21 @@ def test_resume_inside_a_phase_restores_step_optimizer_rng_and_data_position(tmp
     assert f"-{phase}-e2-s" in kept, kept
     resumed = run_conure(cfg, str(out), CPU, resume=True)
     step = int(kept.rsplit("-s", 1)[1])
-    assert _last_start(out) == {"resume": True, "task_index": 1, "stage": f"in_{phase}",
-                                "position": {"epoch": 1, "step": step}}
+    assert _last_start(out) == {
+        "resume": True,
+        "task_index": 1,
+        "stage": f"in_{phase}",
+        "position": {"epoch": 1, "step": step},
+    }
     assert resumed["matrix"] == clean["matrix"]
     assert resumed["task_checksums"] == clean["task_checksums"]
     # The curves' step counter continues where the checkpoint left it.
-    done = [[json.loads(x)["global_step"] for x in (tmp_path / name / "log.jsonl").read_text().splitlines()
-             if '"task_done"' in x] for name in ("clean", "mid")]
+    done = [
+        [
+            json.loads(x)["global_step"]
+            for x in (tmp_path / name / "log.jsonl").read_text().splitlines()
+            if '"task_done"' in x
+        ]
+        for name in ("clean", "mid")
+    ]
     assert done[0][-1] == done[1][-1] > 0

@@ -44,7 +44,9 @@ KEYS = ("exp_avg", "exp_avg_sq")
 def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same global batch of T1 sequences and shared negatives on every rank."""
     generator = torch.Generator().manual_seed(100 + step)
-    return torch.randint(1, 40, (GLOBAL_BATCH, 10), generator=generator), torch.randperm(39, generator=generator)[:8] + 1
+    return torch.randint(1, 40, (GLOBAL_BATCH, 10), generator=generator), torch.randperm(39, generator=generator)[
+        :8
+    ] + 1
 
 
 def _full_state(engine, trainable) -> dict[str, torch.Tensor]:
@@ -52,8 +54,11 @@ def _full_state(engine, trainable) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     engine.optimizer._lazy_init_hp_params_optimizer_state()  # what a step links first, after a load too
-    return {f"{name}/{key}": safe_get_full_optimizer_state(param, key).clone()
-            for name, param in trainable.items() for key in KEYS}
+    return {
+        f"{name}/{key}": safe_get_full_optimizer_state(param, key).clone()
+        for name, param in trainable.items()
+        for key in KEYS
+    }
 
 
 def _adam_step(engine) -> int:
@@ -80,12 +85,17 @@ def _phase(rank: int, world: int, precision: str, prev: Path | None, out: Path) 
     step after it."""
     torch.manual_seed(0)
     model = ConureModel(40, [TaskSpec("t1", "sequence", 40)], 12, 3, [1, 2])
-    masked = MaskedModel(model, TaskOwnership.empty(
-        {n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}))
+    masked = MaskedModel(
+        model, TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
+    )
     masked.set_view("train", 1)
     dist = DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
-    cfg = DistConfig(engine="deepspeed", zero_stage=2, precision=precision,
-                     deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"))
+    cfg = DistConfig(
+        engine="deepspeed",
+        zero_stage=2,
+        precision=precision,
+        deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"),
+    )
     if prev is not None:
         model.load_state_dict(torch.load(prev / "model.pt"))
     trainable = phase_parameters(model, "t1", True)
@@ -147,9 +157,9 @@ def _stage(rank: int, world: int, init: str, prev: str | None, out: str, results
     try:
         for precision in PRECISIONS:
             (Path(out) / precision).mkdir(parents=True, exist_ok=True)
-            results[(world, rank, precision)] = _phase(rank, world, precision,
-                                                       None if prev is None else Path(prev) / precision,
-                                                       Path(out) / precision)
+            results[(world, rank, precision)] = _phase(
+                rank, world, precision, None if prev is None else Path(prev) / precision, Path(out) / precision
+            )
     finally:
         tdist.destroy_process_group()
 
@@ -164,8 +174,9 @@ def test_zero2_optimizer_state_moves_between_world_sizes(tmp_path):
     for i, world in enumerate((3, 2)):
         out = tmp_path / f"w{i}"
         results = manager.dict()
-        mp.spawn(_stage, args=(world, f"file://{tmp_path / f'store{i}'}", prev, str(out), results), nprocs=world,
-                 join=True)
+        mp.spawn(
+            _stage, args=(world, f"file://{tmp_path / f'store{i}'}", prev, str(out), results), nprocs=world, join=True
+        )
         if prev is not None:
             for rank in range(world):
                 for precision, tolerance in PRECISIONS.items():
@@ -182,8 +193,7 @@ def test_zero2_optimizer_state_moves_between_world_sizes(tmp_path):
 TASKS = [("t1", 0.6), ("click", 0.5)]
 # ZeRO-1 saves and restores its optimizer state as ZeRO-2 does (the same DeepSpeed optimizer and
 # the same code here, which tells stages apart only as 0 or sharded): zero2 stands for both.
-ENGINES = {"ddp": ["dist.engine=ddp"],
-           "zero2": ["dist.engine=deepspeed", "dist.zero_stage=2"]}
+ENGINES = {"ddp": ["dist.engine=ddp"], "zero2": ["dist.engine=deepspeed", "dist.zero_stage=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +204,23 @@ def data_root(tmp_path_factory) -> str:
 
 def _args(tmp_path: Path, data_root: str, engine: str) -> list[str]:
     """Two tasks, one epoch of 6 steps per phase, a checkpoint every 2 steps (s2, s4)."""
-    path = tiny_config(tmp_path, TASKS, data_root=data_root,
-                       train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 100, "num_threads": 1})
-    return ["run", "--config", str(path), "--resume", "data.partition=stride", "tasks.*.retrain_epochs=0",
-            "train.max_steps_per_epoch=6", "train.checkpoint_every_steps=2", *ENGINES[engine]]
+    path = tiny_config(
+        tmp_path,
+        TASKS,
+        data_root=data_root,
+        train={"progress": False, "eval_batch_size": 256, "keep_checkpoints": 100, "num_threads": 1},
+    )
+    return [
+        "run",
+        "--config",
+        str(path),
+        "--resume",
+        "data.partition=stride",
+        "tasks.*.retrain_epochs=0",
+        "train.max_steps_per_epoch=6",
+        "train.checkpoint_every_steps=2",
+        *ENGINES[engine],
+    ]
 
 
 def _cut_copy(run: Path, out: Path, last: str) -> None:
@@ -207,7 +230,7 @@ def _cut_copy(run: Path, out: Path, last: str) -> None:
     folders = sorted((out / "checkpoints").iterdir())
     keep = next(i for i, p in enumerate(folders) if p.name.endswith(last))
     assert (folders[keep] / COMMIT).exists()
-    for folder in folders[keep + 1:]:
+    for folder in folders[keep + 1 :]:
         shutil.rmtree(folder)
 
 
@@ -230,7 +253,9 @@ def _moments(ckpt) -> dict[str, torch.Tensor]:
             pieces.setdefault("step", [state["step"].reshape(1)])
             for name, address in mapping.items():
                 for key in KEYS:
-                    pieces.setdefault(f"{name}/{key}", []).append(state[key][address.start:address.start + address.numel])
+                    pieces.setdefault(f"{name}/{key}", []).append(
+                        state[key][address.start : address.start + address.numel]
+                    )
     return {k: torch.cat(v) for k, v in pieces.items()}
 
 
@@ -261,8 +286,13 @@ def test_a_mid_phase_checkpoint_resumes_on_another_number_of_processes(tmp_path,
             assert {f"optimizer-rank{r}.pt" for r in range(saving)} <= set(mid.digests)
         conure(*args, "--out", str(cut), nproc=resuming)
 
-        assert _last_start(cut) == {"world_size": resuming, "resume": True, "task_index": 1, "stage": "in_train",
-                                    "position": {"epoch": 0, "step": step}}
+        assert _last_start(cut) == {
+            "world_size": resuming,
+            "resume": True,
+            "task_index": 1,
+            "stage": "in_train",
+            "position": {"epoch": 0, "step": step},
+        }
         report = json.loads((cut / "report.json").read_text())
         assert report["world_size"] == resuming
         assert report["task_checksums"]["t1"] == reference["task_checksums"]["t1"]
@@ -281,7 +311,10 @@ def test_a_mid_phase_checkpoint_resumes_on_another_number_of_processes(tmp_path,
         for name, tensor in before.model.items():
             torch.testing.assert_close(after.model[name], tensor, rtol=0, atol=1e-5, msg=name)
         if step == 2:  # two steps after the resume, on 1 process: the optimizer state of 2
-            expected, continued = _moments(_checkpoint(full, "click-train-e1-s4")), _moments(_checkpoint(cut, "click-train-e1-s4"))
+            expected, continued = (
+                _moments(_checkpoint(full, "click-train-e1-s4")),
+                _moments(_checkpoint(cut, "click-train-e1-s4")),
+            )
             assert continued.keys() == expected.keys()
             for key, value in expected.items():
                 torch.testing.assert_close(continued[key], value, rtol=1e-4, atol=1e-9, msg=key)
@@ -298,10 +331,14 @@ def test_switching_between_sharded_and_whole_optimizer_state_inside_a_phase_is_r
     cli(*args, "train.max_steps_per_epoch=3", "--out", str(tmp_path / "ddp"))
     _cut_copy(tmp_path / "ddp", tmp_path / "cut", "t1-train-e1-s2")
     cpu = DistInfo(0, 1, 0, torch.device("cpu"), None)
-    cfg = load_config(Path(args[2]), [*args[4:], "train.max_steps_per_epoch=3", "dist.engine=deepspeed",
-                                      "dist.zero_stage=2"])
-    with pytest.raises(ValueError, match=r"optimizer state whole \(DDP or ZeRO-0\) \(dist.engine=ddp dist.zero_stage=0\)"
-                                         r", and this run's engine keeps it sharded: resume it with dist.engine=ddp"):
+    cfg = load_config(
+        Path(args[2]), [*args[4:], "train.max_steps_per_epoch=3", "dist.engine=deepspeed", "dist.zero_stage=2"]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer state whole \(DDP or ZeRO-0\) \(dist.engine=ddp dist.zero_stage=0\)"
+        r", and this run's engine keeps it sharded: resume it with dist.engine=ddp",
+    ):
         ContinualLoop(cfg, str(tmp_path / "cut"), cpu, resume=True)
     _cut_copy(tmp_path / "ddp", tmp_path / "between", "t1-trained")
     assert ContinualLoop(cfg, str(tmp_path / "between"), cpu, resume=True).state.stage == "trained"

@@ -37,7 +37,7 @@ def run_dir(tiny_trained_run: Path) -> Path:
 
 def embed(run_dir: Path, task: str, out: str, nproc: int = 1) -> dict:
     printed = cli_on(nproc, "embed", "--ckpt", str(run_dir), "--task", task, "--out", out, *OPTIONS)
-    return json.loads(printed[printed.index("{"):])
+    return json.loads(printed[printed.index("{") :])
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,14 @@ def one_process(run_dir: Path) -> dict[str, Path]:
     for task in ("t1", "click"):
         out[task] = run_dir.parent / f"embed-{task}"
         summary = embed(run_dir, task, str(out[task]))
-        assert summary == {"task": task, "users": NUM_USERS, "shards": 3, "dim": 16, "out": str(out[task]),
-                           "index": str(out[task] / "index.json")}
+        assert summary == {
+            "task": task,
+            "users": NUM_USERS,
+            "shards": 3,
+            "dim": 16,
+            "out": str(out[task]),
+            "index": str(out[task] / "index.json"),
+        }
     return out
 
 
@@ -192,7 +198,10 @@ def test_shard_writer_cuts_every_n_users_and_names_raw_ids():
         writer.add(users, np.full((4, 2), start, dtype=np.float32))
     writer.close()
     assert [(s["file"], s["users"]) for s in writer.written] == [
-        ("part-r002-00000.npz", 3), ("part-r002-00001.npz", 3), ("part-r002-00002.npz", 2)]
+        ("part-r002-00000.npz", 3),
+        ("part-r002-00001.npz", 3),
+        ("part-r002-00002.npz", 2),
+    ]
     with fsspec.open("memory://embed-writer/part-r002-00001.npz", "rb") as f, np.load(f) as z:
         assert z["users"].tolist() == [3, 4, 5] and z["raw_users"].tolist() == ["u3", "u4", "u5"]
         assert z["vectors"][:, 0].tolist() == [0.0, 4.0, 4.0]
@@ -209,5 +218,5 @@ def test_vectors_do_not_depend_on_the_batch_size(run_dir):
     cpu = torch.device("cpu")
     full = user_vectors(network, seq, len(seq), cpu)
     for size in (1, 2, 3, 7, 53):
-        parts = [user_vectors(network, seq[i:i + size], size, cpu) for i in range(0, len(seq), size)]
+        parts = [user_vectors(network, seq[i : i + size], size, cpu) for i in range(0, len(seq), size)]
         assert np.array_equal(np.concatenate(parts), full), size

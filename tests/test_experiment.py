@@ -38,8 +38,13 @@ def test_the_shipped_experiments_are_found():
 
 def write_experiment(tmp_path, **fields):
     base = tiny_config(tmp_path, TASKS)
-    spec = {"base": base.name, "overrides": ["tasks.0.epochs=2"], "methods": ["conure", "conure_minus", "finetune"],
-            "seeds": [0, 1], "variants": {"main": {}, "no_click": {"tasks": ["t1", "gender"], "methods": ["conure"]}}}
+    spec = {
+        "base": base.name,
+        "overrides": ["tasks.0.epochs=2"],
+        "methods": ["conure", "conure_minus", "finetune"],
+        "seeds": [0, 1],
+        "variants": {"main": {}, "no_click": {"tasks": ["t1", "gender"], "methods": ["conure"]}},
+    }
     spec.update(fields)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -47,8 +52,9 @@ def write_experiment(tmp_path, **fields):
 
 
 def test_experiment_tables_plots_and_continuation(tmp_path, caplog):
-    path = write_experiment(tmp_path, contrasts={"no_click_costs": {"a": "main/conure", "b": "no_click/conure",
-                                                                    "tasks": ["gender"]}})
+    path = write_experiment(
+        tmp_path, contrasts={"no_click_costs": {"a": "main/conure", "b": "no_click/conure", "tasks": ["gender"]}}
+    )
     out = tmp_path / "out"
     cli("experiment", "--config", str(path), "--out", str(out))
     summary = json.loads((out / "results.json").read_text())
@@ -113,12 +119,19 @@ def test_experiment_tables_plots_and_continuation(tmp_path, caplog):
         ({"seeds": [0, 0]}, r"key 'seeds' must list distinct seeds"),
         ({"methods": []}, r"key 'methods' must list at least one method"),
         ({"methods": ["finetune", "finetune"]}, r"key 'methods': \['finetune'\] listed twice"),
-        ({"variants": {"v": {"tasks": ["t1", "click", "click"]}}}, r"key 'variants\.v\.tasks': \['click'\] listed twice"),
+        (
+            {"variants": {"v": {"tasks": ["t1", "click", "click"]}}},
+            r"key 'variants\.v\.tasks': \['click'\] listed twice",
+        ),
         ({"variants": {"v": {"methods": ["stl", "stl"]}}}, r"key 'variants\.v\.methods': \['stl'\] listed twice"),
-        ({"contrasts": {"c": {"a": "main/stl", "b": "main/conure"}}},
-         r"key 'contrasts\.c\.a': 'main/stl' is not a VARIANT/METHOD"),
-        ({"contrasts": {"c": {"a": "main/conure", "b": "no_click/conure", "tasks": ["click"]}}},
-         r"key 'contrasts\.c\.tasks': \['click'\] not among the tasks that both sides learn \(\['t1', 'gender'\]\)"),
+        (
+            {"contrasts": {"c": {"a": "main/stl", "b": "main/conure"}}},
+            r"key 'contrasts\.c\.a': 'main/stl' is not a VARIANT/METHOD",
+        ),
+        (
+            {"contrasts": {"c": {"a": "main/conure", "b": "no_click/conure", "tasks": ["click"]}}},
+            r"key 'contrasts\.c\.tasks': \['click'\] not among the tasks that both sides learn \(\['t1', 'gender'\]\)",
+        ),
         ({"contrasts": {"c": {"a": "main/conure"}}}, r"key 'contrasts\.c': expected a mapping with a, b"),
     ],
 )
@@ -151,11 +164,21 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
     write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "click"]}})
     assert re.search(r"holds a run of \(method, seed, tasks\) = \('conure', 0, \['t1', 'gender'\]\)", refused())
     # Same tasks, other settings: refused too, naming them; settings that do not change results are free.
-    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
-                     overrides=["tasks.0.epochs=2", "tasks.2.lr=0.05"])  # gender: tasks.1 of the run
+    write_experiment(
+        tmp_path,
+        methods=["conure"],
+        seeds=[0],
+        variants={"main": {"tasks": ["t1", "gender"]}},
+        overrides=["tasks.0.epochs=2", "tasks.2.lr=0.05"],
+    )  # gender: tasks.1 of the run
     assert re.search(r"made with other settings: tasks\.1\.lr=0\.05 \(the run: 0\.003\)", refused())
-    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
-                     overrides=["tasks.0.epochs=2", "train.eval_batch_size=64"])
+    write_experiment(
+        tmp_path,
+        methods=["conure"],
+        seeds=[0],
+        variants={"main": {"tasks": ["t1", "gender"]}},
+        overrides=["tasks.0.epochs=2", "train.eval_batch_size=64"],
+    )
     assert reused()
     # A run made before a key existed counts as made with its default; another value is refused.
     report_path = out / "runs/main/conure/seed0/report.json"
@@ -163,8 +186,13 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
     del report["config"]["train"]["patience"], report["config"]["tasks"][1]["l2"]
     report_path.write_text(json.dumps(report))
     assert reused()
-    write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}},
-                     overrides=["tasks.0.epochs=2", "train.patience=3"])
+    write_experiment(
+        tmp_path,
+        methods=["conure"],
+        seeds=[0],
+        variants={"main": {"tasks": ["t1", "gender"]}},
+        overrides=["tasks.0.epochs=2", "train.patience=3"],
+    )
     assert re.search(r"made with other settings: train\.patience=3 \(the run: None\)", refused())
 
 
@@ -189,8 +217,12 @@ def test_seeds_on_the_command_line_replace_the_files_and_reuse_its_runs(tmp_path
     assert summary["seeds"] == [0, 1] and summary["variants"]["main"]["conure"]["seeds"] == [0, 1]
     learned = summary["variants"]["main"]["conure"]["learned"]["gender"]
     assert learned["mean"] == pytest.approx(statistics.mean(r["matrix"][1][1] for r in runs))
-    for bad, message in (("3-1", "the range '3-1' in '3-1' ends before it starts"), ("0-2,1", "lists a seed twice"),
-                         ("1-", "expected seeds such as 0-4,10, got '1-'"), ("x", "got 'x'")):
+    for bad, message in (
+        ("3-1", "the range '3-1' in '3-1' ends before it starts"),
+        ("0-2,1", "lists a seed twice"),
+        ("1-", "expected seeds such as 0-4,10, got '1-'"),
+        ("x", "got 'x'"),
+    ):
         with pytest.raises(SystemExit):
             main(["experiment", "--config", str(path), "--out", str(out), "--seeds", bad])
         assert message in capsys.readouterr().err
@@ -208,12 +240,20 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     path = write_experiment(tmp_path, overrides=overrides, methods=["conure", "finetune"], variants={"main": {}})
     seq, par = tmp_path / "seq", tmp_path / "par"
     cli("experiment", "--config", str(path), "--out", str(seq))
-    write_experiment(tmp_path, overrides=overrides, methods=["conure", "finetune"],
-                     variants={"main": {}, "other_data": {"methods": ["finetune"],
-                                                          "overrides": ["data.synthetic.num_users=300"]}})
+    write_experiment(
+        tmp_path,
+        overrides=overrides,
+        methods=["conure", "finetune"],
+        variants={"main": {}, "other_data": {"methods": ["finetune"], "overrides": ["data.synthetic.num_users=300"]}},
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    failed = subprocess.run([sys.executable, "-m", "conure_dist", "experiment", "--config", str(path), "--out",
-                             str(par), "--jobs", "2"], env=env, capture_output=True, text=True, timeout=900)
+    failed = subprocess.run(
+        [sys.executable, "-m", "conure_dist", "experiment", "--config", str(path), "--out", str(par), "--jobs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "2 of 6 runs failed" in failed.stderr
     for seed in (0, 1):
@@ -225,7 +265,9 @@ def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
         for report, root in ((a, seq), (b, par)):  # each experiment shares T1 through its own folder
             assert report["config"]["train"].pop("first_task_cache") == str(root / "first_task")
         assert a["matrix"] == b["matrix"] and a["config"] == b["config"], rel
-        assert a.get("before_prune") == b.get("before_prune") and a.get("task_checksums") == b.get("task_checksums"), rel
+        assert a.get("before_prune") == b.get("before_prune") and a.get("task_checksums") == b.get("task_checksums"), (
+            rel
+        )
 
 
 def test_results_name_files_inside_the_working_directory_relative_to_it(tmp_path, monkeypatch):
@@ -272,13 +314,18 @@ def test_intervals_and_paired_differences_by_hand():
         paired([1.0], [1.0, 2.0])
 
     def report(seed, click, gender):
-        return {"seed": seed, "tasks": [{"name": "t1"}, {"name": "click"}, {"name": "gender"}],
-                "matrix": [[0.2, None, None], [0.2, click, None], [0.2, click, gender]]}
+        return {
+            "seed": seed,
+            "tasks": [{"name": "t1"}, {"name": "click"}, {"name": "gender"}],
+            "matrix": [[0.2, None, None], [0.2, click, None], [0.2, click, gender]],
+        }
 
     a = [report(0, 0.12, 0.70), report(1, 0.14, 0.74)]
     b = [report(0, 0.10, 0.70), report(1, 0.10, 0.70)]
     out = contrast(a, b, ["click", "gender"])
-    assert out["tasks"]["click"]["mean"] == pytest.approx(0.03) and out["tasks"]["gender"]["mean"] == pytest.approx(0.02)
+    assert out["tasks"]["click"]["mean"] == pytest.approx(0.03) and out["tasks"]["gender"]["mean"] == pytest.approx(
+        0.02
+    )
     # Relative mean per seed: (0.02/0.10 + 0/0.70) / 2 = 0.1 and (0.04/0.10 + 0.04/0.70) / 2 = 0.228571.
     assert out["relative_mean"]["mean"] == pytest.approx((0.1 + 0.228571) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="same seeds"):
@@ -293,9 +340,13 @@ def test_command_line_overrides_reach_every_run_and_guard_reuse(tmp_path, capsys
     path = write_experiment(tmp_path, methods=["conure"], seeds=[0], variants={"main": {"tasks": ["t1", "gender"]}})
     out = tmp_path / "out"
     command = ["experiment", "--config", str(path), "--out", str(out)]
-    for bad, message in (("tasks.2.lr=fast", "key 'tasks.2.lr': expected a finite number, got 'fast' (set by the "
-                                             "override 'tasks.2.lr=fast')"),
-                         ("seed=4", "override 'seed=4': the experiment sets each run's seed and method")):
+    for bad, message in (
+        (
+            "tasks.2.lr=fast",
+            "key 'tasks.2.lr': expected a finite number, got 'fast' (set by the override 'tasks.2.lr=fast')",
+        ),
+        ("seed=4", "override 'seed=4': the experiment sets each run's seed and method"),
+    ):
         assert main([*command, bad]) == 2
         assert message in capsys.readouterr().err, bad
         assert not out.exists(), "refused before any compute"
@@ -331,12 +382,23 @@ def test_plots_of_a_summary_with_small_scores(tmp_path):
         learned = {t: {"mean": m, "ci95": 0.2, "std": 0.1} for t, m in scores.items()}
         n = len(scores)
         matrix = [[list(scores.values())[j] if j <= i else None for j in range(n)] for i in range(n)]
-        return {"tasks": list(scores), "metrics": ["mrr@5", "mrr@5", "acc"], "learned": learned,
-                "matrix_mean": matrix, "reference": {"t1": 0.01, "click": 0.02, "gender": 0.5},
-                "stored_parameters": stored}
+        return {
+            "tasks": list(scores),
+            "metrics": ["mrr@5", "mrr@5", "acc"],
+            "learned": learned,
+            "matrix_mean": matrix,
+            "reference": {"t1": 0.01, "click": 0.02, "gender": 0.5},
+            "stored_parameters": stored,
+        }
 
-    summary = {"variants": {"main": {"conure": row({"t1": 0.05, "click": 0.03, "gender": 0.7}, 1e5),
-                                     "stl": row({"t1": 0.05, "click": 0.04, "gender": 0.9}, 3e5)}}}
+    summary = {
+        "variants": {
+            "main": {
+                "conure": row({"t1": 0.05, "click": 0.03, "gender": 0.7}, 1e5),
+                "stl": row({"t1": 0.05, "click": 0.04, "gender": 0.9}, 3e5),
+            }
+        }
+    }
     paths = write_plots(summary, str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in paths] == ["main_forgetting.png", "main_tasks.png", "main_storage.png"]
     assert all((tmp_path / "plots" / p.rsplit("/", 1)[1]).stat().st_size > 10_000 for p in paths)

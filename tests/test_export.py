@@ -108,8 +108,12 @@ def test_weights_are_the_view_and_this_head_only(run_dir, exports, task):
     for name in set(tensors) - set(run.ownership.owners):
         assert torch.equal(tensors[name], state[name])
     config = json.loads((exports[task] / "config.json").read_text())
-    assert config["task"] == {"name": task, "kind": run.model.kinds[task], "num_outputs": num_outputs(run, task),
-                              "id": task_id}
+    assert config["task"] == {
+        "name": task,
+        "kind": run.model.kinds[task],
+        "num_outputs": num_outputs(run, task),
+        "id": task_id,
+    }
     assert config["source"]["task_checksum"] == run.ckpt.meta["state"]["task_checksums"][task]
     assert config["source"]["checkpoint"] == run.ckpt.url
     assert config["input_len"] == run.ckpt.meta["seq_len"] + (run.model.kinds[task] == "sequence")
@@ -119,8 +123,9 @@ def test_weights_are_the_view_and_this_head_only(run_dir, exports, task):
 
 def fails(*args: str) -> subprocess.CompletedProcess:
     """The real CLI, expected to refuse (exit code 2)."""
-    result = subprocess.run([sys.executable, "-m", "conure_dist", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "conure_dist", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     return result
 

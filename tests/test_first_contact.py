@@ -36,11 +36,13 @@ def test_an_internal_value_error_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="an internal invariant broke"):
         main(["compare", str(tmp_path), str(tmp_path)])
     # Through the interpreter, as a user would see it: the traceback, and not the user-error code.
-    code = ("import sys, conure_dist.experiment.compare as c\n"
-            "def broken(*runs): raise ValueError('an internal invariant broke')\n"
-            "c.compare_runs = broken\n"
-            "from conure_dist.cli import main\n"
-            f"sys.exit(main(['compare', {str(tmp_path)!r}, {str(tmp_path)!r}]))\n")
+    code = (
+        "import sys, conure_dist.experiment.compare as c\n"
+        "def broken(*runs): raise ValueError('an internal invariant broke')\n"
+        "c.compare_runs = broken\n"
+        "from conure_dist.cli import main\n"
+        f"sys.exit(main(['compare', {str(tmp_path)!r}, {str(tmp_path)!r}]))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
@@ -56,17 +58,27 @@ def test_user_errors_are_value_errors_and_config_errors_are_user_errors():
 
 
 def _report(world_size: int, engine: str, zero_stage: int = 0) -> dict:
-    return {"tasks": [{"name": "t1", "primary_metric": "mrr@5"}], "matrix": [[0.5]], "capacity": [],
-            "reference": {}, "wall_seconds": 1.25, "world_size": world_size, "engine": engine,
-            "config": {"dist": {"engine": engine, "zero_stage": zero_stage}}}
+    return {
+        "tasks": [{"name": "t1", "primary_metric": "mrr@5"}],
+        "matrix": [[0.5]],
+        "capacity": [],
+        "reference": {},
+        "wall_seconds": 1.25,
+        "world_size": world_size,
+        "engine": engine,
+        "config": {"dist": {"engine": engine, "zero_stage": zero_stage}},
+    }
 
 
-@pytest.mark.parametrize("world_size,engine,stage,line", [
-    (1, "ddp", 0, "wall 1.2s, 1 process (no DDP)"),
-    (2, "ddp", 0, "wall 1.2s, 2 processes, DDP"),
-    (4, "deepspeed", 2, "wall 1.2s, 4 processes, DeepSpeed ZeRO-2"),
-    (1, "deepspeed", 1, "wall 1.2s, 1 process, DeepSpeed ZeRO-1"),
-])
+@pytest.mark.parametrize(
+    "world_size,engine,stage,line",
+    [
+        (1, "ddp", 0, "wall 1.2s, 1 process (no DDP)"),
+        (2, "ddp", 0, "wall 1.2s, 2 processes, DDP"),
+        (4, "deepspeed", 2, "wall 1.2s, 4 processes, DeepSpeed ZeRO-2"),
+        (1, "deepspeed", 1, "wall 1.2s, 1 process, DeepSpeed ZeRO-1"),
+    ],
+)
 def test_the_summary_line_says_what_ran(world_size, engine, stage, line):
     assert format_table(_report(world_size, engine, stage)).splitlines()[-1] == line
 

@@ -38,8 +38,11 @@ def _events(out, drop=("time", "seq_per_s", "tokens_per_s", "step_seconds", "pea
 def runs(tmp_path_factory):
     """A Conure run that stores T1, the same run again (loads it), and one without the cache."""
     tmp = tmp_path_factory.mktemp("first_task")
-    path = str(tiny_config(tmp, TASKS, train={"progress": False, "eval_batch_size": 256,
-                                              "first_task_cache": str(tmp / "cache")}))
+    path = str(
+        tiny_config(
+            tmp, TASKS, train={"progress": False, "eval_batch_size": 256, "first_task_cache": str(tmp / "cache")}
+        )
+    )
     out = {}
     for name, overrides in (("stored", []), ("loaded", []), ("plain", ["train.first_task_cache=null"])):
         out[name] = run_method(load_config(path, ["tasks.*.epochs=2", *overrides]), str(tmp / name), CPU)
@@ -59,8 +62,11 @@ def test_a_run_that_loads_t1_reports_and_logs_what_training_it_gave(runs):
     plain, loaded = _events(tmp / "plain"), _events(tmp / "loaded")
     assert [e for e in loaded if e["task"] == "t1" and e.get("phase") == "train"]
     assert loaded == plain
-    reused = [json.loads(line) for line in (tmp / "loaded" / "log.jsonl").read_text().splitlines()
-              if '"first_task_reused"' in line]
+    reused = [
+        json.loads(line)
+        for line in (tmp / "loaded" / "log.jsonl").read_text().splitlines()
+        if '"first_task_reused"' in line
+    ]
     assert len(reused) == 1 and reused[0]["task"] == "t1"
 
 
@@ -76,11 +82,24 @@ def test_the_key_holds_what_t1_reads_and_nothing_after_it(runs):
 
     base = key()
     assert key() == base
-    for later in (["tasks.1.lr=0.5"], ["tasks.0.prune_ratio=0.3"], ["tasks.0.retrain_epochs=5"], ["method.name=stl"],
-                  ["train.progress=true"], ["train.first_task_cache=elsewhere"]):
+    for later in (
+        ["tasks.1.lr=0.5"],
+        ["tasks.0.prune_ratio=0.3"],
+        ["tasks.0.retrain_epochs=5"],
+        ["method.name=stl"],
+        ["train.progress=true"],
+        ["train.first_task_cache=elsewhere"],
+    ):
         assert key(later) == base, later
-    for read in (["tasks.0.lr=0.5"], ["tasks.0.epochs=7"], ["tasks.0.batch_size=16"], ["seed=4"],
-                 ["data.synthetic.num_users=300"], ["model.init_std=0.05"], ["train.negative_fraction=0.5"]):
+    for read in (
+        ["tasks.0.lr=0.5"],
+        ["tasks.0.epochs=7"],
+        ["tasks.0.batch_size=16"],
+        ["seed=4"],
+        ["data.synthetic.num_users=300"],
+        ["model.init_std=0.05"],
+        ["train.negative_fraction=0.5"],
+    ):
         assert key(read) != base, read
     assert key(seed=1) != base  # other initial weights
 
@@ -125,8 +144,12 @@ def test_an_entry_of_format_1_is_ignored_and_t1_trained_again(runs, monkeypatch)
     old = tmp / "old" / old_key[:32]
     old.mkdir(parents=True)
     data = entry.joinpath("state.pt").read_bytes()
-    meta = {**json.loads(entry.joinpath("meta.json").read_text()), "format": 1, "key": old_key,
-            "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {
+        **json.loads(entry.joinpath("meta.json").read_text()),
+        "format": 1,
+        "key": old_key,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     old.joinpath("state.pt").write_bytes(data)
     old.joinpath("meta.json").write_text(json.dumps(meta))
     old.joinpath("COMMIT").write_text(old_key + "\n")
@@ -134,19 +157,37 @@ def test_an_entry_of_format_1_is_ignored_and_t1_trained_again(runs, monkeypatch)
     marker = json.loads((tmp / "after_format_1" / "first_task.json").read_text())
     assert marker["reused"] is False and marker["key"] != old_key
     assert sorted(p.name for p in (tmp / "old").iterdir()) == sorted([old_key[:32], marker["key"][:32]])
-    assert sorted(json.loads(tmp.joinpath("old", marker["key"][:32], "COMMIT").read_text())["files"]) == \
-        ["meta.json", "state.pt"]
+    assert sorted(json.loads(tmp.joinpath("old", marker["key"][:32], "COMMIT").read_text())["files"]) == [
+        "meta.json",
+        "state.pt",
+    ]
     assert report["matrix"] == json.loads((tmp / "plain" / "report.json").read_text())["matrix"]
 
 
 def test_an_experiment_trains_each_t1_once_and_changes_no_result(tmp_path):
     config = tiny_config(tmp_path, TASKS)
     experiment = tmp_path / "exp.yaml"
-    experiment.write_text(yaml.safe_dump({"base": str(config), "overrides": ["tasks.*.epochs=2", "train.num_threads=1"],
-                                          "methods": ["conure", "finetune"], "seeds": [0, 1],
-                                          "variants": {"main": {}, "short": {"tasks": ["t1", "click"]}}}))
-    cli("experiment", "--config", str(experiment), "--out", str(tmp_path / "plain"), "--jobs", "2",
-        "--no-share-first-task")
+    experiment.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(config),
+                "overrides": ["tasks.*.epochs=2", "train.num_threads=1"],
+                "methods": ["conure", "finetune"],
+                "seeds": [0, 1],
+                "variants": {"main": {}, "short": {"tasks": ["t1", "click"]}},
+            }
+        )
+    )
+    cli(
+        "experiment",
+        "--config",
+        str(experiment),
+        "--out",
+        str(tmp_path / "plain"),
+        "--jobs",
+        "2",
+        "--no-share-first-task",
+    )
     assert not (tmp_path / "plain" / "first_task").exists()
     for out, jobs in (("shared", "2"), ("in_turn", "1")):
         cli("experiment", "--config", str(experiment), "--out", str(tmp_path / out), "--jobs", jobs)
@@ -164,8 +205,12 @@ def test_two_processes_load_t1_on_rank_0_and_share_it(tmp_path):
     on a shared disk). The loading run ends where the training run did."""
     from helpers import conure
 
-    path = tiny_config(tmp_path, TASKS[:2], data={"partition": "stride"},
-                       train={"progress": False, "eval_batch_size": 256, "first_task_cache": str(tmp_path / "cache")})
+    path = tiny_config(
+        tmp_path,
+        TASKS[:2],
+        data={"partition": "stride"},
+        train={"progress": False, "eval_batch_size": 256, "first_task_cache": str(tmp_path / "cache")},
+    )
     for name in ("stored", "loaded"):
         conure("run", "--config", str(path), "--out", str(tmp_path / name), nproc=2)
     reports = {n: json.loads((tmp_path / n / "report.json").read_text()) for n in ("stored", "loaded")}
@@ -178,8 +223,9 @@ def test_two_processes_load_t1_on_rank_0_and_share_it(tmp_path):
 def test_the_cache_lives_on_an_object_store_too(tmp_path, s3_endpoint):
     """An entry written to S3 (the moto server) is found and loaded by the next run."""
     cache = "s3://conure-test/first_task_cache"
-    path = str(tiny_config(tmp_path, TASKS[:2], train={"progress": False, "eval_batch_size": 256,
-                                                       "first_task_cache": cache}))
+    path = str(
+        tiny_config(tmp_path, TASKS[:2], train={"progress": False, "eval_batch_size": 256, "first_task_cache": cache})
+    )
     reports = [run_method(load_config(path), str(tmp_path / name), CPU) for name in ("stored", "loaded")]
     markers = [json.loads((tmp_path / name / "first_task.json").read_text()) for name in ("stored", "loaded")]
     assert [m["reused"] for m in markers] == [False, True]

@@ -77,8 +77,11 @@ def test_accumulated_step_matches_the_whole_batch(task):
 
 def test_batch_sizes_must_split_into_micro_batches(tmp_path):
     cfg = load_config(str(tiny_config(tmp_path, [("t1", 0.5), ("click", 0.5)])), ["train.grad_accum=3"])
-    with pytest.raises(ValueError, match=r"tasks.0.batch_size=32 is not divisible by the world size 1 x "
-                                         r"train.grad_accum 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"tasks.0.batch_size=32 is not divisible by the world size 1 x "
+        r"train.grad_accum 3",
+    ):
         build_context(cfg, None, CPU)
     with pytest.raises(ValueError, match=r"key 'train.grad_accum': must be >= 1, got 0 \(set by the override"):
         load_config(str(tiny_config(tmp_path, [("t1", 0.5)])), ["train.grad_accum=0"])

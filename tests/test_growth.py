@@ -62,8 +62,14 @@ def test_growth_names_partition_the_backbone():
     model = _model()
     model.grow("b", [1], torch.Generator().manual_seed(0))
     grown = model.grown_names("b")
-    assert grown == ["backbone.blocks.2.norm1.weight", "backbone.blocks.2.norm1.bias", "backbone.blocks.2.conv1.bias",
-                     "backbone.blocks.2.norm2.weight", "backbone.blocks.2.norm2.bias", "backbone.blocks.2.conv2.bias"]
+    assert grown == [
+        "backbone.blocks.2.norm1.weight",
+        "backbone.blocks.2.norm1.bias",
+        "backbone.blocks.2.conv1.bias",
+        "backbone.blocks.2.norm2.weight",
+        "backbone.blocks.2.norm2.bias",
+        "backbone.blocks.2.conv2.bias",
+    ]
     assert model.grown_names("a") == [] and not set(grown) & set(model.shared_names())
     assert model.prunable_names("a") == [f"backbone.blocks.{b}.{c}.weight" for b in (0, 1) for c in ("conv1", "conv2")]
     assert len(model.prunable_names("b")) == 6 == len(model.prunable_names())
@@ -78,8 +84,9 @@ def test_grow_for_task_reaches_the_free_fraction_or_stops_at_max_blocks():
     model = _model()
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     ownership.prune(1, dict(model.named_parameters()), 0.1)  # t1 keeps 90%
-    cfg = config_from_dict({"continual": {"min_free_fraction": 0.5, "grow_dilations": [1], "max_blocks": 6},
-                            "tasks": [{"name": "t1"}]}).continual
+    cfg = config_from_dict(
+        {"continual": {"min_free_fraction": 0.5, "grow_dilations": [1], "max_blocks": 6}, "tasks": [{"name": "t1"}]}
+    ).continual
     events = grow_for_task(model, ownership, "a", 1, 0, cfg)
     # 4 equal tensors at 10% free; a growth step adds 2 free ones: 0.4 + 2k >= 0.5 * (4 + 2k) first at k=2.
     assert [e["blocks"] for e in events] == [3, 4] and len(model.backbone.blocks) == 4
@@ -93,7 +100,9 @@ def test_grow_for_task_reaches_the_free_fraction_or_stops_at_max_blocks():
 
 def test_growth_is_refused_for_methods_without_a_shared_backbone():
     with pytest.raises(ConfigError, match="continual.min_free_fraction"):
-        config_from_dict({"method": {"name": "stl"}, "continual": {"min_free_fraction": 0.2}, "tasks": [{"name": "t1"}]})
+        config_from_dict(
+            {"method": {"name": "stl"}, "continual": {"min_free_fraction": 0.2}, "tasks": [{"name": "t1"}]}
+        )
 
 
 def test_profile_tasks_are_deterministic_and_balanced():
@@ -101,7 +110,10 @@ def test_profile_tasks_are_deterministic_and_balanced():
     seqs, tasks, source = generate_tasks(8, spec, classes=3)
     again = generate_tasks(8, spec, classes=3)[1]
     assert [t.name for t in tasks] == ["t1", "click", "like", "gender", "age", "p01", "p02", "p03"]
-    assert all(torch.equal(torch.from_numpy(x.targets), torch.from_numpy(y.targets)) for x, y in zip(tasks[1:], again[1:], strict=True))
+    assert all(
+        torch.equal(torch.from_numpy(x.targets), torch.from_numpy(y.targets))
+        for x, y in zip(tasks[1:], again[1:], strict=True)
+    )
     counts = torch.bincount(torch.from_numpy(tasks[-1].targets), minlength=3)
     assert counts.tolist() == [100, 100, 100]  # equal-frequency classes
     assert not torch.equal(torch.from_numpy(tasks[-1].targets), torch.from_numpy(tasks[-2].targets))
@@ -111,12 +123,17 @@ def test_profile_tasks_are_deterministic_and_balanced():
 
 def _twelve_task_config(tmp_path: Path, data: str, min_free: float, name: str) -> Path:
     names = ["t1", "click", "like", "gender", "age"] + [f"p{j:02d}" for j in range(1, 8)]
-    cfg = {"seed": 0, "data": {"root": data},
-           "model": {"channels": 16, "block_dilations": [1, 2]},
-           "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 100},
-           "continual": {"min_free_fraction": min_free, "grow_dilations": [1, 2]},
-           "tasks": [{"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 64,
-                      "prune_ratio": 0.3} for n in names]}
+    cfg = {
+        "seed": 0,
+        "data": {"root": data},
+        "model": {"channels": 16, "block_dilations": [1, 2]},
+        "train": {"progress": False, "eval_batch_size": 256, "keep_checkpoints": 100},
+        "continual": {"min_free_fraction": min_free, "grow_dilations": [1, 2]},
+        "tasks": [
+            {"name": n, "epochs": 1, "retrain_epochs": 1, "lr": 3e-3, "batch_size": 64, "prune_ratio": 0.3}
+            for n in names
+        ],
+    }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -125,13 +142,16 @@ def _twelve_task_config(tmp_path: Path, data: str, min_free: float, name: str) -
 @pytest.mark.slow
 def test_twelve_tasks_grow_instead_of_running_out_and_forget_nothing(tmp_path):
     data = str(tmp_path / "tasks12")
-    write_synthetic_tasks(data, 12, SyntheticSpec(num_users=300, num_items=40, seq_len=8, seed=1),
-                          instances_per_shard=200)
+    write_synthetic_tasks(
+        data, 12, SyntheticSpec(num_users=300, num_items=40, seq_len=8, seed=1), instances_per_shard=200
+    )
     # Without growth, keeping 70% of the free weights per task leaves nothing for task 8.
     with pytest.raises(CapacityError, match="'p03' cannot start"):
         run_conure(load_config(_twelve_task_config(tmp_path, data, 0.0, "fixed.yaml")), str(tmp_path / "fixed"), CPU)
 
-    report = run_conure(load_config(_twelve_task_config(tmp_path, data, 0.25, "grow.yaml")), str(tmp_path / "grow"), CPU)
+    report = run_conure(
+        load_config(_twelve_task_config(tmp_path, data, 0.25, "grow.yaml")), str(tmp_path / "grow"), CPU
+    )
     assert len(report["matrix"]) == 12 and report["growth"], "the run must have grown"
     assert all(c["free_fraction"] > 0 for c in report["capacity"])
     last_event = {e["task"]: e for e in report["growth"]}  # a task may grow several steps
@@ -152,8 +172,9 @@ def test_twelve_tasks_grow_instead_of_running_out_and_forget_nothing(tmp_path):
     for folder in ckpts[:-1]:
         earlier = load_trained(str(folder))
         task = earlier.finished[-1]
-        assert torch.equal(score_histories(task_view(earlier, task), task, seqs),
-                           score_histories(task_view(final, task), task, seqs)), task
+        assert torch.equal(
+            score_histories(task_view(earlier, task), task, seqs), score_histories(task_view(final, task), task, seqs)
+        ), task
     # All tasks in one call (grouped by depth) equal one call per task.
     together = score_all_tasks(final, None, seqs)
     for task in final.finished:
@@ -173,8 +194,9 @@ def test_twelve_tasks_grow_instead_of_running_out_and_forget_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_resume_rebuilds_the_grown_backbone(tmp_path):
     data = str(tmp_path / "tasks")
-    write_synthetic_tasks(data, 6, SyntheticSpec(num_users=300, num_items=40, seq_len=8, seed=1),
-                          instances_per_shard=200)
+    write_synthetic_tasks(
+        data, 6, SyntheticSpec(num_users=300, num_items=40, seq_len=8, seed=1), instances_per_shard=200
+    )
     path = _twelve_task_config(tmp_path, data, 0.45, "c.yaml")
     cfg = yaml.safe_load(path.read_text())
     cfg["tasks"] = cfg["tasks"][:6]

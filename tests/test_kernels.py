@@ -52,16 +52,30 @@ def interpreted(tmp_path_factory) -> dict[str, str]:
     outcome per check ("passed", or the failure's text) by name, parameters included."""
     report = tmp_path_factory.mktemp("interpreted") / "checks.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_functions=check_*",
-           f"--junitxml={report}", __file__]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_functions=check_*",
+        f"--junitxml={report}",
+        __file__,
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     # 0: all passed, 1: some failed (named below); anything else is a crash or a usage error.
-    assert result.returncode in (0, 1) and report.exists(), \
+    assert result.returncode in (0, 1) and report.exists(), (
         f"{' '.join(cmd)} exited with {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    )
     outcomes = {}
     for case in ElementTree.parse(report).iter("testcase"):
-        problems = [f"{child.tag}: {child.get('message', '')}\n{child.text or ''}" for child in case
-                    if child.tag in ("failure", "error", "skipped")]
+        problems = [
+            f"{child.tag}: {child.get('message', '')}\n{child.text or ''}"
+            for child in case
+            if child.tag in ("failure", "error", "skipped")
+        ]
         outcomes[case.get("name")] = "\n".join(problems) or "passed"
     return outcomes
 
@@ -76,8 +90,14 @@ def _passed(outcomes: dict[str, str], *checks: str) -> int:
 
 
 def test_fused_softmax_equals_the_chunked_path_in_fp32(interpreted):
-    assert _passed(interpreted, "check_softmax_fp32_equals_the_chunked_path",
-                   "check_rows_whose_negatives_are_all_hits_get_minus_infinity_and_no_gradient") == 4
+    assert (
+        _passed(
+            interpreted,
+            "check_softmax_fp32_equals_the_chunked_path",
+            "check_rows_whose_negatives_are_all_hits_get_minus_infinity_and_no_gradient",
+        )
+        == 4
+    )
 
 
 def test_fused_softmax_in_bf16(interpreted):
@@ -89,8 +109,15 @@ def test_the_head_runs_the_fused_softmax(interpreted):
 
 
 def test_fused_ranks_equal_target_ranks(interpreted):
-    assert _passed(interpreted, "check_fused_ranks_with_ties_and_nan", "check_fused_ranks_on_random_scores",
-                   "check_fused_ranks_round_scores_to_bf16_under_autocast") == 4
+    assert (
+        _passed(
+            interpreted,
+            "check_fused_ranks_with_ties_and_nan",
+            "check_fused_ranks_on_random_scores",
+            "check_fused_ranks_round_scores_to_bf16_under_autocast",
+        )
+        == 4
+    )
 
 
 def test_evaluation_with_fused_ranks_gives_the_same_metrics(interpreted):
@@ -238,7 +265,11 @@ def check_fused_ranks_with_ties_and_nan(padding_first):
 
 def check_fused_ranks_on_random_scores():
     g = torch.Generator().manual_seed(7)
-    hidden, table, bias = torch.randn(33, 32, generator=g), torch.randn(301, 32, generator=g), torch.randn(301, generator=g)
+    hidden, table, bias = (
+        torch.randn(33, 32, generator=g),
+        torch.randn(301, 32, generator=g),
+        torch.randn(301, generator=g),
+    )
     target = torch.randint(1, 301, (33,), generator=g)
     want = target_ranks(_eager_scores(hidden, table, bias, True), target)
     assert torch.equal(fused_target_ranks(hidden, table, bias, target, padding_first=True), want)
@@ -289,8 +320,13 @@ H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block of an sm_90 G
 def test_the_kernels_compile_for_hopper_without_spilling_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # bf16: the products that ``auto`` runs (fp32 only when forced; ``python -m conure_dist.kernels.aot``)
-    result = subprocess.run([sys.executable, "-m", "conure_dist.kernels.aot", "--arch", "90", "--dtype", "bfloat16"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "conure_dist.kernels.aot", "--arch", "90", "--dtype", "bfloat16"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert set(report) == {"bfloat16"}

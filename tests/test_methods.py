@@ -45,13 +45,15 @@ class SpyPhase(context.Phase):
     def run(self, *args, **kwargs):
         out = super().run(*args, **kwargs)
         params = dict(self.trainer.model.named_parameters())
-        SpyPhase.seen.append({
-            "trainable": {n.removeprefix("model.") for n in self.trainable},
-            "grad": {n for n, p in params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)},
-            "moved": {n for n, p in params.items() if not torch.equal(p, self.start[n])},
-            "start": self.start,
-            "end": {n: p.detach().clone() for n, p in params.items()},
-        })
+        SpyPhase.seen.append(
+            {
+                "trainable": {n.removeprefix("model.") for n in self.trainable},
+                "grad": {n for n, p in params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)},
+                "moved": {n for n, p in params.items() if not torch.equal(p, self.start[n])},
+                "start": self.start,
+                "end": {n: p.detach().clone() for n, p in params.items()},
+            }
+        )
         return out
 
 
@@ -217,8 +219,11 @@ def test_the_joint_loss_adds_t1s_weighted_mean_loss_from_outside_the_model():
 def _string_constants(tree: ast.AST) -> list[ast.Constant]:
     """String constants that are not docstrings (bare string statements)."""
     bare = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
-    return [node for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare
+    ]
 
 
 ALLOWED = {("conure_dist/cli.py", "conure")}

@@ -69,8 +69,9 @@ def test_sampled_softmax_masks_accidental_hits_and_ignores_padding():
 
 
 def test_scores_cover_all_candidates():
-    model = ConureModel(30, [TaskSpec("t1", "sequence", 30), TaskSpec("a", "item", 11), TaskSpec("c", "class", 4)],
-                        8, 3, [1])
+    model = ConureModel(
+        30, [TaskSpec("t1", "sequence", 30), TaskSpec("a", "item", 11), TaskSpec("c", "class", 4)], 8, 3, [1]
+    )
     seq = torch.randint(1, 30, (5, 6))
     t1 = model(seq, "t1")
     assert t1.shape == (5, 30) and torch.isinf(t1[:, 0]).all()

@@ -79,8 +79,7 @@ def test_one_call_function_and_list_input_answer_the_same(run, scorer):
     seqs = run_histories(run, 7, seed=1)
     want = per_task(run, run.finished, seqs)
     assert_equal_scores(score_all_tasks(run, None, seqs), want)
-    assert_equal_scores(score_all_tasks(run, ["gender", "t1"], seqs.tolist()),
-                        {t: want[t] for t in ["gender", "t1"]})
+    assert_equal_scores(score_all_tasks(run, ["gender", "t1"], seqs.tolist()), {t: want[t] for t in ["gender", "t1"]})
 
 
 def test_representations_are_the_views_hidden_states(run, scorer):
@@ -112,15 +111,21 @@ def test_checkpoint_with_an_unfinished_task_answers_the_finished_ones(tiny_train
         score_all_tasks(run, ["age"], seqs)
 
 
-SPECS = [TaskSpec("t1", "sequence", 90), TaskSpec("a", "item", 30), TaskSpec("b", "item", 41),
-         TaskSpec("c", "class", 2), TaskSpec("d", "class", 5)]
+SPECS = [
+    TaskSpec("t1", "sequence", 90),
+    TaskSpec("a", "item", 30),
+    TaskSpec("b", "item", 41),
+    TaskSpec("c", "class", 2),
+    TaskSpec("d", "class", 5),
+]
 
 
 SEQ_LEN = 40
 
 
-def synthetic(fast: bool = True, prune_embedding: bool = False, finished: int = 5,
-              seed: int = 0) -> tuple[ConureModel, TaskOwnership]:
+def synthetic(
+    fast: bool = True, prune_embedding: bool = False, finished: int = 5, seed: int = 0
+) -> tuple[ConureModel, TaskOwnership]:
     """A random 5-task model: after each of the first ``finished`` tasks, prune (ratio 0.6) and
     redraw the weights still free, as the next task's training would move them. Layer norms and
     conv biases are moved off their start too (T1 trains them), so that each takes part."""
@@ -141,8 +146,9 @@ def synthetic(fast: bool = True, prune_embedding: bool = False, finished: int = 
     return model, ownership
 
 
-def views_scores(model: ConureModel, ownership: TaskOwnership, seqs: torch.Tensor,
-                 count: int = len(SPECS)) -> dict[str, torch.Tensor]:
+def views_scores(
+    model: ConureModel, ownership: TaskOwnership, seqs: torch.Tensor, count: int = len(SPECS)
+) -> dict[str, torch.Tensor]:
     out = {}
     for task_id, spec in enumerate(SPECS[:count], start=1):
         masked = MaskedModel(model, ownership)
@@ -151,9 +157,16 @@ def views_scores(model: ConureModel, ownership: TaskOwnership, seqs: torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("fast, prune_embedding, per_task_shapes, chunk_rows", [
-    (True, False, False, 16), (True, False, True, 16), (True, True, False, 32), (False, False, False, 16),
-    (False, True, True, 16)])
+@pytest.mark.parametrize(
+    "fast, prune_embedding, per_task_shapes, chunk_rows",
+    [
+        (True, False, False, 16),
+        (True, False, True, 16),
+        (True, True, False, 32),
+        (False, False, False, 16),
+        (False, True, True, 16),
+    ],
+)
 def test_five_task_model_scores_equal_every_view(fast, prune_embedding, per_task_shapes, chunk_rows):
     model, ownership = synthetic(fast, prune_embedding)
     scorer = MultiTaskScorer(model, ownership, per_task_shapes=per_task_shapes, chunk_rows=chunk_rows)

@@ -13,16 +13,18 @@ from conure_dist.dist import DistInfo
 from conure_dist.train.prune_search import bisect_largest, within_tolerance
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
-AUTO = ["continual.prune_candidates=[0.3,0.5,0.7,0.9]", "tasks.1.prune_tolerance=0.05",
-        "tasks.2.prune_tolerance=0.05"]
+AUTO = ["continual.prune_candidates=[0.3,0.5,0.7,0.9]", "tasks.1.prune_tolerance=0.05", "tasks.2.prune_tolerance=0.05"]
 
 
-@pytest.mark.parametrize("threshold, chosen, tried", [
-    (0.75, 0.7, [0.7, 0.8]),       # passes up to 0.7: the middle first, then one step up
-    (1.0, 0.9, [0.7, 0.8, 0.9]),   # every candidate passes
-    (0.1, None, [0.7, 0.3]),       # none passes
-    (0.3, 0.3, [0.7, 0.3, 0.5]),
-])
+@pytest.mark.parametrize(
+    "threshold, chosen, tried",
+    [
+        (0.75, 0.7, [0.7, 0.8]),  # passes up to 0.7: the middle first, then one step up
+        (1.0, 0.9, [0.7, 0.8, 0.9]),  # every candidate passes
+        (0.1, None, [0.7, 0.3]),  # none passes
+        (0.3, 0.3, [0.7, 0.3, 0.5]),
+    ],
+)
 def test_bisection_finds_the_largest_passing_candidate_in_few_probes(threshold, chosen, tried):
     calls = []
 
@@ -103,6 +105,10 @@ def test_two_processes_choose_the_same_ratio_and_grow_the_same_way(tmp_path):
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     # Rank 1 took every decision from rank 0: ownership equal on both ranks (checked at every prune,
     # a mismatch stops the run), and the audit of the final checkpoint passes.
-    assert report["world_size"] == 2 and report["growth"] and report["prune_search"]["click"]["chosen"] in (0.3, 0.5, 0.7, 0.9)
+    assert (
+        report["world_size"] == 2
+        and report["growth"]
+        and report["prune_search"]["click"]["chosen"] in (0.3, 0.5, 0.7, 0.9)
+    )
     audit = json.loads(cli("audit", "--ckpt", str(tmp_path / "two"), "--json"))
     assert audit["ok"] and set(audit["tasks"]) == {"t1", "click", "gender"}

@@ -22,8 +22,11 @@ def _worker(rank: int, init: str, results: dict) -> None:
     try:
         dist = DistInfo(rank, WORLD, rank, torch.device("cpu"), "gloo")
         # Rank 0 holds both instances of a tiny split (stride partition); rank 1 holds none.
-        item = {"mrr@5": 1.5, "hr@5": 2.0, "ndcg@5": 1.6309297535714575, "recall@5": 2.0, "count": 2.0} \
-            if rank == 0 else {}
+        item = (
+            {"mrr@5": 1.5, "hr@5": 2.0, "ndcg@5": 1.6309297535714575, "recall@5": 2.0, "count": 2.0}
+            if rank == 0
+            else {}
+        )
         klass = {"acc": 1.0, "nll": 0.75, "count": 2.0} if rank == 0 else {}
         # Rank 0 sums 3.0 over 2 examples, rank 1 5.0 over 3: both log the global mean 8 / 5, and
         # back-propagate their sum times world size / global count.
@@ -31,8 +34,13 @@ def _worker(rank: int, init: str, results: dict) -> None:
         # Rank 1's batch diverged: both ranks must see it, so that both stop at this step.
         loss_sum = torch.tensor(float("inf") if rank == 1 else 3.0)
         _, logged = normalized_loss(loss_sum, torch.tensor(2 + rank), dist)
-        results[rank] = (finalize(_reduce(item, sum_keys("item", 5), dist)),
-                         finalize(_reduce(klass, sum_keys("class", 5), dist)), logged.item(), mean.item(), loss.item())
+        results[rank] = (
+            finalize(_reduce(item, sum_keys("item", 5), dist)),
+            finalize(_reduce(klass, sum_keys("class", 5), dist)),
+            logged.item(),
+            mean.item(),
+            loss.item(),
+        )
     finally:
         tdist.destroy_process_group()
 

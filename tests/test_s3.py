@@ -40,8 +40,9 @@ def test_run_lives_in_s3_and_resumes_after_the_local_directory_is_gone(s3_endpoi
     again = json.loads(fs.cat_file("conure-test/e2e/run/report.json"))
     assert again["matrix"] == first["matrix"]
     assert again["task_checksums"] == first["task_checksums"]
-    starts = [json.loads(x) for x in fs.cat_file("conure-test/e2e/run/log.jsonl").decode().splitlines()
-              if '"start"' in x]
+    starts = [
+        json.loads(x) for x in fs.cat_file("conure-test/e2e/run/log.jsonl").decode().splitlines() if '"start"' in x
+    ]
     assert starts[-1]["task_index"] == 2, "the second run resumed at the last task"
     audit = json.loads(cli("audit", "--ckpt", out, "--json"))
     assert audit["ok"] and audit["checkpoint"].startswith("s3://")

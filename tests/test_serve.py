@@ -49,9 +49,26 @@ def client(run_dir) -> Iterator[httpx.Client]:
     port = free_port()
     log = (run_dir.parent / "serve.log").open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "conure_dist", "serve", "--ckpt", str(run_dir), "--port", str(port),
-                             "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conure_dist",
+            "serve",
+            "--ckpt",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(MAX_BATCH),
+            "--max-wait-ms",
+            "20",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_up(base, lambda: proc.poll() is None, run_dir.parent / "serve.log")
@@ -118,7 +135,7 @@ def test_a_history_scores_the_same_alone_and_in_any_batch(run_dir):
         view = task_view(run, task)
         together = score_histories(view, task, rows)
         for size in (1, 2, 3, 7):
-            parts = torch.cat([score_histories(view, task, rows[i:i + size]) for i in range(0, len(rows), size)])
+            parts = torch.cat([score_histories(view, task, rows[i : i + size]) for i in range(0, len(rows), size)])
             assert torch.equal(parts, together), (task, size)
 
 
@@ -126,7 +143,10 @@ def test_health_and_tasks_list_the_finished_tasks(client):
     assert client.get("/health").json() == {"status": "ok"}
     listing = client.get("/tasks").json()
     assert [(t["name"], t["kind"], t["num_outputs"]) for t in listing["tasks"]] == [
-        ("t1", "sequence", 61), ("click", "item", 300), ("gender", "class", 2)]
+        ("t1", "sequence", 61),
+        ("click", "item", 300),
+        ("gender", "class", 2),
+    ]
     assert listing["tasks"][2]["class_names"] == ["F", "M"]  # from the run's manifest
     assert listing["unfinished"] == [] and listing["manifest"] is True
     assert (listing["seq_len"], listing["num_items"]) == (10, 61)
@@ -144,8 +164,11 @@ def test_answers_equal_conure_predict_single_and_batched(client, run_dir, task):
     assert batch.status_code == 200 and batch.json() == {"results": expected}
     after = stats(client, task)
     # 20 histories in one request: two passes of at most MAX_BATCH (16) rows.
-    assert (after["requests"] - before["requests"], after["sequences"] - before["sequences"],
-            after["forward_passes"] - before["forward_passes"]) == (1, 20, 2)
+    assert (
+        after["requests"] - before["requests"],
+        after["sequences"] - before["sequences"],
+        after["forward_passes"] - before["forward_passes"],
+    ) == (1, 20, 2)
     if task == "gender":
         assert all(r["label"] == "FM"[r["class"]] and len(r["probabilities"]) == 2 for r in expected)
     else:
@@ -154,14 +177,17 @@ def test_answers_equal_conure_predict_single_and_batched(client, run_dir, task):
 
 def test_concurrent_requests_share_forward_passes_and_answer_correctly(client):
     histories = [HISTORIES[i % len(HISTORIES)] for i in range(32)]
-    expected = {task: client.post("/predict", json={"task": task, "sequences": histories, "k": 3}).json()["results"]
-                for task in ("t1", "click")}
+    expected = {
+        task: client.post("/predict", json={"task": task, "sequences": histories, "k": 3}).json()["results"]
+        for task in ("t1", "click")
+    }
     before = {task: stats(client, task) for task in expected}
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=30) as http:
-            return await asyncio.gather(*(http.post("/predict", json={"task": task, "seq": h, "k": 3})
-                                          for h in histories for task in expected))
+            return await asyncio.gather(
+                *(http.post("/predict", json={"task": task, "seq": h, "k": 3}) for h in histories for task in expected)
+            )
 
     responses = asyncio.run(fire())
     answers = [r.json() for r in responses]
@@ -232,8 +258,9 @@ def test_an_unfinished_task_is_refused_and_earlier_tasks_answer_as_before(client
         assert [t["name"] for t in listing["tasks"]] == ["t1", "click"] and listing["unfinished"] == ["gender"]
         refused = early.post("/predict", json={"task": "gender", "seq": [1, 2]})
         assert refused.status_code == 409
-        assert refused.json()["detail"] == ("task: 'gender' is not finished in this checkpoint "
-                                           "(finished tasks: t1, click)")
+        assert refused.json()["detail"] == (
+            "task: 'gender' is not finished in this checkpoint (finished tasks: t1, click)"
+        )
         for task in ("t1", "click"):
             body = {"task": task, "sequences": HISTORIES[:6], "k": 4}
             assert early.post("/predict", json=body).json() == client.post("/predict", json=body).json()
@@ -253,11 +280,17 @@ def test_the_checkpoint_alone_is_enough(client, run_dir):
         body = {"task": "gender", "sequences": HISTORIES[:5]}
         with_labels = client.post("/predict", json=body).json()["results"]
         assert bare.post("/predict", json=body).json()["results"] == [
-            {k: v for k, v in r.items() if k != "label"} for r in with_labels]
+            {k: v for k, v in r.items() if k != "label"} for r in with_labels
+        ]
         assert all("label" in r for r in with_labels)
 
 
 def test_serve_refuses_a_missing_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "conure_dist", "serve", "--ckpt", str(tmp_path / "none")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "conure_dist", "serve", "--ckpt", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "error:" in result.stderr and str(tmp_path / "none") in result.stderr

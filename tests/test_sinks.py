@@ -26,8 +26,16 @@ def _log(out) -> list[dict]:
 
 def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_steps(tmp_path):
     out = tmp_path / "run"
-    cli("run", "--config", str(tiny_config(tmp_path, TASKS)), "--out", str(out), "train.log_every=2",
-        "train.sinks=[tensorboard,mlflow]", "train.profile_steps=[1,3]")
+    cli(
+        "run",
+        "--config",
+        str(tiny_config(tmp_path, TASKS)),
+        "--out",
+        str(out),
+        "train.log_every=2",
+        "train.sinks=[tensorboard,mlflow]",
+        "train.profile_steps=[1,3]",
+    )
     log, curves = _log(out), _scalars(out / "tensorboard")
     steps = [e for e in log if e["event"] == "step"]
     t1_steps = [e for e in steps if e["task"] == "t1"]
@@ -42,10 +50,12 @@ def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_step
     done = {e["task"]: e for e in log if e["event"] == "task_done"}
     assert curves["test/gender/acc"][0][1] == pytest.approx(done["gender"]["test"]["acc"], rel=1e-6)
     assert [v for _, v in curves["capacity/free_fraction"]] == pytest.approx(
-        [done[t]["capacity"]["free_fraction"] for t, _ in TASKS], rel=1e-6)
+        [done[t]["capacity"]["free_fraction"] for t, _ in TASKS], rel=1e-6
+    )
     assert {t for t in curves if t.startswith("capacity/owned_by_")} == {f"capacity/owned_by_{t}" for t, _ in TASKS}
     assert [v for _, v in curves["capacity/owned_by_click"]] == pytest.approx(
-        [done[t]["capacity"]["owned_fraction"]["2"] for t in ("click", "gender")], rel=1e-6)
+        [done[t]["capacity"]["owned_fraction"]["2"] for t in ("click", "gender")], rel=1e-6
+    )
     for tag, points in curves.items():  # no curve folds back: every tag's steps strictly increase
         assert all(a < b for (a, _), (b, _) in zip(points, points[1:], strict=False)), tag
 
@@ -69,16 +79,40 @@ def test_tensorboard_steps_strictly_increase_per_tag_and_capacity_curves_carry_t
     """The retrain's first validation (before any retrain step) comes at the train phase's last
     step: it goes one step later on its curve. Capacity curves are named by task."""
     (sink,) = make_sinks(["tensorboard"], str(tmp_path), {"tasks": [{"name": "t1"}, {"name": "click"}]})
-    for phase, epoch, step, mrr in [("train", 1, 5, 0.1), ("train", 2, 10, 0.2), ("retrain", 0, 10, 0.25),
-                                    ("retrain", 1, 15, 0.3)]:
-        sink.log("epoch", {"task": "t1", "phase": phase, "epoch": epoch, "global_step": step, "loss": 1.0,
-                           "valid": {"mrr@5": mrr, "count": 9}})
-    sink.log("task_done", {"task": "click", "global_step": 20, "test": {"mrr@5": 0.4, "count": 9},
-                           "capacity": {"owned_fraction": {"1": 0.3, "2": 0.2}, "free_fraction": 0.5}})
+    for phase, epoch, step, mrr in [
+        ("train", 1, 5, 0.1),
+        ("train", 2, 10, 0.2),
+        ("retrain", 0, 10, 0.25),
+        ("retrain", 1, 15, 0.3),
+    ]:
+        sink.log(
+            "epoch",
+            {
+                "task": "t1",
+                "phase": phase,
+                "epoch": epoch,
+                "global_step": step,
+                "loss": 1.0,
+                "valid": {"mrr@5": mrr, "count": 9},
+            },
+        )
+    sink.log(
+        "task_done",
+        {
+            "task": "click",
+            "global_step": 20,
+            "test": {"mrr@5": 0.4, "count": 9},
+            "capacity": {"owned_fraction": {"1": 0.3, "2": 0.2}, "free_fraction": 0.5},
+        },
+    )
     sink.close()
     curves = _scalars(tmp_path / "tensorboard")
-    assert curves["valid/t1/mrr@5"] == [(5, pytest.approx(0.1)), (10, pytest.approx(0.2)), (11, pytest.approx(0.25)),
-                                        (15, pytest.approx(0.3))]
+    assert curves["valid/t1/mrr@5"] == [
+        (5, pytest.approx(0.1)),
+        (10, pytest.approx(0.2)),
+        (11, pytest.approx(0.25)),
+        (15, pytest.approx(0.3)),
+    ]
     assert [s for s, _ in curves["epoch_loss/t1/retrain"]] == [10, 15]  # its own tag: no collision
     assert curves["capacity/owned_by_t1"] == [(20, pytest.approx(0.3))]
     assert curves["capacity/owned_by_click"] == [(20, pytest.approx(0.2))]
@@ -110,10 +144,13 @@ def test_wandb_offline_receives_the_same_scalars(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     (sink,) = make_sinks(["wandb"], str(tmp_path), {"seed": 3})
-    sink.log("epoch", {"task": "t1", "phase": "train", "loss": 1.25, "valid": {"mrr@5": 0.5, "count": 9},
-                       "global_step": 4})
-    sink.log("step", {"task": "t1", "loss": 2.0, "lr": 0.01, "sequences_per_s": 100.0, "gpu_memory_gb": None,
-                      "global_step": 6})
+    sink.log(
+        "epoch", {"task": "t1", "phase": "train", "loss": 1.25, "valid": {"mrr@5": 0.5, "count": 9}, "global_step": 4}
+    )
+    sink.log(
+        "step",
+        {"task": "t1", "loss": 2.0, "lr": 0.01, "sequences_per_s": 100.0, "gpu_memory_gb": None, "global_step": 6},
+    )
     assert sink.run.summary["valid/t1/mrr@5"] == 0.5 and sink.run.summary["train/t1/loss"] == 2.0
     assert sink.run.config["seed"] == 3
     sink.close()

@@ -25,9 +25,16 @@ def _imports(path: pathlib.Path, typing_only_too: bool = False) -> list[str]:
     """Every module named by an import, lazy ones too; those only for type checkers
     (``if TYPE_CHECKING:``) when ``typing_only_too``."""
     tree = ast.parse(path.read_text())
-    typing_only = set() if typing_only_too else {
-        id(sub) for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
+    typing_only = (
+        set()
+        if typing_only_too
+        else {
+            id(sub)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for sub in ast.walk(node)
+        }
+    )
     names = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -108,10 +115,16 @@ def test_no_module_but_the_command_line_imports_data_tools():
 
 def test_training_serving_and_the_harness_load_no_data_tools_module():
     """Lazy imports too: what these modules load when imported, in a fresh interpreter."""
-    modules = ["conure_dist.train.loop", "conure_dist.train.context", "conure_dist.serving.inference",
-               "conure_dist.experiment.harness"]
-    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'data_tools'))")
+    modules = [
+        "conure_dist.train.loop",
+        "conure_dist.train.context",
+        "conure_dist.serving.inference",
+        "conure_dist.experiment.harness",
+    ]
+    code = (
+        f"import sys\nfor m in {modules!r}: __import__(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'data_tools'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -121,8 +134,14 @@ def test_no_module_imports_another_modules_private_names():
     found = []
     for path in [*PACKAGE.rglob("*.py"), *(ROOT / "data_tools").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
-                    "conure_dist", "data_tools"):
-                found += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in ("conure_dist", "data_tools")
+            ):
+                found += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert found == []

@@ -50,8 +50,11 @@ def test_clipping_bounds_the_update_and_never_moves_frozen_weights():
 
 
 def _epochs(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-            if json.loads(line)["event"] in ("epoch", "early_stop")]
+    return [
+        json.loads(line)
+        for line in (out / "log.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] in ("epoch", "early_stop")
+    ]
 
 
 def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
@@ -71,8 +74,9 @@ def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
     assert {"mrr@5", "mrr@10", "hr@10", "recall@10"} <= set(click) and click["hr@10"] >= click["hr@5"]
     # The epochs before the first stop are the uninterrupted run's (patience only ends phases).
     first = stops[0]
-    upto = [e for e in full if e["event"] == "epoch"][: trained.index(next(
-        e for e in trained if e["task"] == first["task"] and e["phase"] == first["phase"]))]
+    upto = [e for e in full if e["event"] == "epoch"][
+        : trained.index(next(e for e in trained if e["task"] == first["task"] and e["phase"] == first["phase"]))
+    ]
     assert [e["loss"] for e in upto] == [e["loss"] for e in trained[: len(upto)]]
     report = json.loads((tmp_path / "stop" / "report.json").read_text())
     assert report["matrix"][0][0] == report["test_metrics"]["t1"]["mrr@5"]  # the first cut-off fills the matrix
@@ -84,8 +88,10 @@ def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
     cli(*common, "--out", str(tmp_path / "plain"))
     cli(*common, "train.lr_schedule=constant", "train.warmup_steps=0", "--out", str(tmp_path / "same"))
     cli(*common, "train.lr_schedule=cosine", "train.warmup_steps=2", "--out", str(tmp_path / "cosine"))
-    losses = {name: [e["loss"] for e in _epochs(tmp_path / name) if e["event"] == "epoch"]
-              for name in ("plain", "same", "cosine")}
+    losses = {
+        name: [e["loss"] for e in _epochs(tmp_path / name) if e["event"] == "epoch"]
+        for name in ("plain", "same", "cosine")
+    }
     assert losses["plain"] == losses["same"]
     assert losses["cosine"][0] is None and losses["cosine"][1] != losses["plain"][1]
 
@@ -97,8 +103,10 @@ def test_prefetching_trains_on_the_same_batches(tmp_path):
     cli(*common, "data.prefetch=3", "--out", str(tmp_path / "ahead"))
     direct, ahead = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("direct", "ahead"))
     assert direct["task_checksums"] == ahead["task_checksums"] and direct["matrix"] == ahead["matrix"]
-    logged = [[(e["loss"], e.get("data")) for e in _epochs(tmp_path / n) if e["event"] == "epoch" and e["epoch"]]
-              for n in ("direct", "ahead")]
+    logged = [
+        [(e["loss"], e.get("data")) for e in _epochs(tmp_path / n) if e["event"] == "epoch" and e["epoch"]]
+        for n in ("direct", "ahead")
+    ]
     assert logged[0] == logged[1] and all(d for _, d in logged[0])
 
 
@@ -119,12 +127,17 @@ def _deepspeed_options_worker(rank: int, init: str, results: dict) -> None:
         g = torch.Generator().manual_seed(5)
         batches = [(torch.randint(1, 40, (8, 10), generator=g), "t1", None, torch.arange(1, 40)) for _ in range(4)]
         out = {}
-        for name, engine_cfg, clip in (("torch_clip", DistConfig(), 1e-3), ("ds_clip", DistConfig(engine="deepspeed"), 1e-3),
-                                       ("ds", DistConfig(engine="deepspeed"), None)):
+        for name, engine_cfg, clip in (
+            ("torch_clip", DistConfig(), 1e-3),
+            ("ds_clip", DistConfig(engine="deepspeed"), 1e-3),
+            ("ds", DistConfig(engine="deepspeed"), None),
+        ):
             torch.manual_seed(0)
             model = ConureModel(40, [TaskSpec("t1", "sequence", 40)], 8, 3, [1, 2])
-            masked = MaskedModel(model, TaskOwnership.empty(
-                {n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}))
+            masked = MaskedModel(
+                model,
+                TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()}),
+            )
             masked.set_view("train", 1)
             trainable = phase_parameters(model, "t1", first_phase=True)
             engine = build_engine(masked, trainable, 1e-2, 0.0, dist, engine_cfg, per_rank_batch=8, clip_grad_norm=clip)

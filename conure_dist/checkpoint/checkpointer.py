@@ -53,6 +53,7 @@ from conure_dist.fs import join, url_of, write_atomic
 
 log = logging.getLogger(__name__)
 
+
 def _json_bytes(fname: str, state: Any) -> bytes:
     if fname == "meta.json":
         state = {"format_version": FORMAT_VERSION, **state}
@@ -124,8 +125,14 @@ class _Snapshot:
         src = tensor.detach()
         if src.layout != torch.strided:
             return src.to("cpu", copy=True)
-        ident = (src.device, src.untyped_storage().data_ptr(), src.storage_offset(), tuple(src.shape), src.stride(),
-                 src.dtype)
+        ident = (
+            src.device,
+            src.untyped_storage().data_ptr(),
+            src.storage_offset(),
+            tuple(src.shape),
+            src.stride(),
+            src.dtype,
+        )
         if ident in self.seen:
             return self.seen[ident][1]
         buffer = self.previous.pop(key, None)  # once: two tensors under one key get two buffers
@@ -176,8 +183,9 @@ class _OneFile:
 
 
 class Checkpointer:
-    def __init__(self, out: str, dist: DistInfo, keep: int = 2, async_writes: bool = False,
-                 commit_timeout_s: float = 1800.0) -> None:
+    def __init__(
+        self, out: str, dist: DistInfo, keep: int = 2, async_writes: bool = False, commit_timeout_s: float = 1800.0
+    ) -> None:
         """``async_writes``: ``save`` returns after a snapshot, a writer thread does the rest;
         call ``wait()`` before exiting. ``commit_timeout_s``: rank 0's wait for other ranks."""
         self.parts: list[PartGroup] = []
@@ -269,8 +277,10 @@ class Checkpointer:
         parts_bytes = {fname: _part_bytes(fname, obj) for fname, obj in parts.items()}
         if parts_bytes:
             self.fs.makedirs(path, exist_ok=True)
-            digests = {fname: write_part(self.fs, posixpath.join(path, fname), data)["sha256"]
-                       for fname, data in parts_bytes.items()}
+            digests = {
+                fname: write_part(self.fs, posixpath.join(path, fname), data)["sha256"]
+                for fname, data in parts_bytes.items()
+            }
         if self.dist.is_distributed:
             gathered: list[dict[str, str] | None] = [None] * self.dist.world_size
             tdist.all_gather_object(gathered, digests)
@@ -311,8 +321,10 @@ class Checkpointer:
             if not missing:
                 break
             if time.monotonic() > deadline:
-                raise CheckpointError(f"rank(s) {missing} did not finish their parts of {url_of(self.fs, path)} within "
-                                      f"{self.commit_timeout_s:g} s (no {RANK_DONE.format(rank=missing[0])}): did they stop?")
+                raise CheckpointError(
+                    f"rank(s) {missing} did not finish their parts of {url_of(self.fs, path)} within "
+                    f"{self.commit_timeout_s:g} s (no {RANK_DONE.format(rank=missing[0])}): did they stop?"
+                )
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
         for rank, manifest in done.items():
@@ -320,8 +332,10 @@ class Checkpointer:
                 fpath = posixpath.join(path, fname)
                 size = self.fs.size(fpath) if self.fs.exists(fpath) else None
                 if fname in digests or size != entry["size"]:
-                    raise CheckpointError(f"{fpath} of rank {rank}: {size} bytes, its manifest says {entry['size']}"
-                                          + (", and another rank wrote it too" if fname in digests else ""))
+                    raise CheckpointError(
+                        f"{fpath} of rank {rank}: {size} bytes, its manifest says {entry['size']}"
+                        + (", and another rank wrote it too" if fname in digests else "")
+                    )
                 digests[fname] = entry["sha256"]
 
     def _commit(self, path: str, digests: Mapping[str, str]) -> None:

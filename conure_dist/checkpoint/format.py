@@ -87,8 +87,9 @@ def resolve_checkpoint(path: str) -> str:
         return path
     folders = committed_folders(fs, posixpath.join(fs_path, "checkpoints")) or committed_folders(fs, fs_path)
     if not folders:
-        raise CheckpointError(f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and "
-                              f"checkpoints/*/{COMMIT})")
+        raise CheckpointError(
+            f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and checkpoints/*/{COMMIT})"
+        )
     return url_of(fs, folders[-1])
 
 

@@ -39,14 +39,31 @@ class DataFlag:
 _OUT = DataFlag("--out", "root", required=True)
 _SHARDS = (DataFlag("--split", "split"), DataFlag("--instances-per-shard", "instances_per_shard"))
 SOURCE_FLAGS: dict[str, tuple[DataFlag, ...]] = {
-    "synthetic": (_OUT, *(DataFlag(f"--{name.replace('_', '-')}", f"synthetic.{name}")
-                          for name in ("num_users", "num_items", "seq_len", "seed", "relation", "relation_strength")),
-                  DataFlag("--split-seed", "split_seed"), *_SHARDS),
-    "movielens": (DataFlag("--src", "source_dir", required=True), _OUT, DataFlag("--seq-len", "seq_len"),
-                  DataFlag("--seed", "split_seed"), DataFlag("--skip-bad-rows", "skip_bad_rows"),
-                  DataFlag("--min-t1-interactions", "min_t1_interactions"), *_SHARDS),
-    "ttl": (_OUT, DataFlag("--seq-len", "seq_len", default=100), DataFlag("--seed", "split_seed"),
-            DataFlag("--skip-bad-rows", "skip_bad_rows"), *_SHARDS),
+    "synthetic": (
+        _OUT,
+        *(
+            DataFlag(f"--{name.replace('_', '-')}", f"synthetic.{name}")
+            for name in ("num_users", "num_items", "seq_len", "seed", "relation", "relation_strength")
+        ),
+        DataFlag("--split-seed", "split_seed"),
+        *_SHARDS,
+    ),
+    "movielens": (
+        DataFlag("--src", "source_dir", required=True),
+        _OUT,
+        DataFlag("--seq-len", "seq_len"),
+        DataFlag("--seed", "split_seed"),
+        DataFlag("--skip-bad-rows", "skip_bad_rows"),
+        DataFlag("--min-t1-interactions", "min_t1_interactions"),
+        *_SHARDS,
+    ),
+    "ttl": (
+        _OUT,
+        DataFlag("--seq-len", "seq_len", default=100),
+        DataFlag("--seed", "split_seed"),
+        DataFlag("--skip-bad-rows", "skip_bad_rows"),
+        *_SHARDS,
+    ),
 }
 """The flags of each ``conure data`` source that are config keys (``ttl`` is not a ``data.source``:
 its shards are built with ``conure data ttl`` only). The rest of a source's flags (``--layout``,
@@ -93,13 +110,19 @@ def add_data_flags(parser: argparse.ArgumentParser, source: str) -> None:
             assert default is False, f"data.{flag.key}: a store_true flag needs the default False"
             parser.add_argument(flag.flag, action="store_true", dest=flag.dest, help=text)
         elif get_origin(tp) is Literal:
-            parser.add_argument(flag.flag, choices=get_args(tp), default=default, dest=flag.dest,
-                                help=f"{text} (default: {default})")
+            parser.add_argument(
+                flag.flag, choices=get_args(tp), default=default, dest=flag.dest, help=f"{text} (default: {default})"
+            )
         else:
             kind = _fractions if get_origin(tp) is list else (str if tp == str | None else tp)
-            parser.add_argument(flag.flag, type=kind, default=default, dest=flag.dest,
-                                metavar="TRAIN,VALID,TEST" if kind is _fractions else None,
-                                help=f"{text} (default: {_shown(default)})")
+            parser.add_argument(
+                flag.flag,
+                type=kind,
+                default=default,
+                dest=flag.dest,
+                metavar="TRAIN,VALID,TEST" if kind is _fractions else None,
+                help=f"{text} (default: {_shown(default)})",
+            )
 
 
 def data_config(source: str, args: argparse.Namespace) -> DataConfig:

@@ -31,11 +31,21 @@ class SyntheticDataConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.num_users >= 10, f"{prefix}.num_users", f"must be >= 10, got {self.num_users}")
-        _check(self.num_items >= 20, f"{prefix}.num_items", f"must be >= 20 (two per planted genre), got {self.num_items}")
+        _check(
+            self.num_items >= 20, f"{prefix}.num_items", f"must be >= 20 (two per planted genre), got {self.num_items}"
+        )
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
         _check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
-        _check(0 <= self.relation_strength <= 1, f"{prefix}.relation_strength", f"must be in [0, 1], got {self.relation_strength}")
-        _check(self.relation == "related" or self.relation_strength == 1, f"{prefix}.relation_strength", f"applies to relation 'related' only, got {self.relation_strength} with '{self.relation}'")
+        _check(
+            0 <= self.relation_strength <= 1,
+            f"{prefix}.relation_strength",
+            f"must be in [0, 1], got {self.relation_strength}",
+        )
+        _check(
+            self.relation == "related" or self.relation_strength == 1,
+            f"{prefix}.relation_strength",
+            f"applies to relation 'related' only, got {self.relation_strength} with '{self.relation}'",
+        )
 
 
 @dataclass
@@ -81,13 +91,20 @@ class DataConfig:
         if self.source == "movielens":
             _check(bool(self.source_dir), f"{prefix}.source_dir", "is required when source is 'movielens'")
         _check(self.seq_len >= 3, f"{prefix}.seq_len", f"must be >= 3, got {self.seq_len}")
-        _check(self.min_t1_interactions >= 0, f"{prefix}.min_t1_interactions", f"must be >= 0, got {self.min_t1_interactions}")
+        _check(
+            self.min_t1_interactions >= 0,
+            f"{prefix}.min_t1_interactions",
+            f"must be >= 0, got {self.min_t1_interactions}",
+        )
         _check(self.instances_per_shard >= 1, f"{prefix}.instances_per_shard", "must be >= 1")
         if self.prefetch is not None:
             _check(self.prefetch >= 0, f"{prefix}.prefetch", f"must be >= 0, got {self.prefetch}")
         _check(self.shuffle_buffer >= 1, f"{prefix}.shuffle_buffer", "must be >= 1")
         # Every split is needed: train to learn, valid to pick the best epoch, test to report.
-        _check(len(self.split) == 3 and all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
-               f"{prefix}.split", f"must be three fractions > 0 (train, valid, test) summing to 1, got {self.split}")
+        _check(
+            len(self.split) == 3 and all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-9,
+            f"{prefix}.split",
+            f"must be three fractions > 0 (train, valid, test) summing to 1, got {self.split}",
+        )
         _check(self.split_seed >= 0, f"{prefix}.split_seed", f"must be >= 0, got {self.split_seed}")
         self.synthetic.validate(f"{prefix}.synthetic")

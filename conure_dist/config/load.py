@@ -29,7 +29,8 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
+                    None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -95,8 +96,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if isinstance(value, bool):
-            raise ConfigError(f"key '{key}': expected a string, got {value!r} (YAML reads yes/no/on/off as "
-                              "true/false: quote the value)")
+            raise ConfigError(
+                f"key '{key}': expected a string, got {value!r} (YAML reads yes/no/on/off as "
+                "true/false: quote the value)"
+            )
         if not isinstance(value, str):
             raise ConfigError(f"key '{key}': expected a string, got {value!r}")
         return value

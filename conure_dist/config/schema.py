@@ -79,10 +79,16 @@ class TaskConfig:
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.name), f"{prefix}.name", "is required")
-        _check(self.prune_ratio == "auto" or 0.0 <= self.prune_ratio < 1.0, f"{prefix}.prune_ratio",
-               f"must be in [0, 1) or 'auto', got {self.prune_ratio}")
-        _check(0.0 <= self.prune_tolerance < 1.0, f"{prefix}.prune_tolerance",
-               f"must be in [0, 1), got {self.prune_tolerance}")
+        _check(
+            self.prune_ratio == "auto" or 0.0 <= self.prune_ratio < 1.0,
+            f"{prefix}.prune_ratio",
+            f"must be in [0, 1) or 'auto', got {self.prune_ratio}",
+        )
+        _check(
+            0.0 <= self.prune_tolerance < 1.0,
+            f"{prefix}.prune_tolerance",
+            f"must be in [0, 1), got {self.prune_tolerance}",
+        )
         _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.retrain_epochs >= 0, f"{prefix}.retrain_epochs", f"must be >= 0, got {self.retrain_epochs}")
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
@@ -175,8 +181,11 @@ class TrainConfig:
         if self.clip_grad_norm is not None:
             _check(self.clip_grad_norm > 0, f"{prefix}.clip_grad_norm", f"must be > 0, got {self.clip_grad_norm}")
         if self.profile_steps is not None:
-            _check(len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1],
-                   f"{prefix}.profile_steps", f"must be [start, stop] with 0 <= start < stop, got {self.profile_steps}")
+            _check(
+                len(self.profile_steps) == 2 and 0 <= self.profile_steps[0] < self.profile_steps[1],
+                f"{prefix}.profile_steps",
+                f"must be [start, stop] with 0 <= start < stop, got {self.profile_steps}",
+            )
         _check(len(set(self.sinks)) == len(self.sinks), f"{prefix}.sinks", f"lists a sink twice: {self.sinks}")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
@@ -220,8 +229,11 @@ class DistConfig:
             _check(self.engine == "deepspeed", f"{prefix}.zero_stage", "needs dist.engine: deepspeed")
         if self.deepspeed_config is not None:
             _check(self.engine == "deepspeed", f"{prefix}.deepspeed_config", "needs dist.engine: deepspeed")
-            _check(Path(self.deepspeed_config).is_file(), f"{prefix}.deepspeed_config",
-                   f"no such file: {self.deepspeed_config}")
+            _check(
+                Path(self.deepspeed_config).is_file(),
+                f"{prefix}.deepspeed_config",
+                f"no such file: {self.deepspeed_config}",
+            )
 
 
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -265,15 +277,21 @@ class ContinualConfig:
     about log2(n) + 1 retrain phases per task)."""
 
     def validate(self, prefix: str) -> None:
-        _check(0.0 <= self.min_free_fraction < 1.0, f"{prefix}.min_free_fraction",
-               f"must be in [0, 1), got {self.min_free_fraction}")
+        _check(
+            0.0 <= self.min_free_fraction < 1.0,
+            f"{prefix}.min_free_fraction",
+            f"must be in [0, 1), got {self.min_free_fraction}",
+        )
         _check(len(self.grow_dilations) >= 1, f"{prefix}.grow_dilations", "needs at least one block")
         for i, d in enumerate(self.grow_dilations):
             _check(d >= 1, f"{prefix}.grow_dilations.{i}", f"must be >= 1, got {d}")
         _check(self.max_blocks >= 1, f"{prefix}.max_blocks", f"must be >= 1, got {self.max_blocks}")
         _check(len(self.prune_candidates) >= 1, f"{prefix}.prune_candidates", "needs at least one ratio")
-        _check(len(set(self.prune_candidates)) == len(self.prune_candidates), f"{prefix}.prune_candidates",
-               f"lists a ratio twice: {self.prune_candidates}")
+        _check(
+            len(set(self.prune_candidates)) == len(self.prune_candidates),
+            f"{prefix}.prune_candidates",
+            f"lists a ratio twice: {self.prune_candidates}",
+        )
         for i, r in enumerate(self.prune_candidates):
             _check(0.0 <= r < 1.0, f"{prefix}.prune_candidates.{i}", f"must be in [0, 1), got {r}")
 
@@ -301,10 +319,16 @@ class RunConfig:
         self.method.validate("method")
         self.continual.validate("continual")
         shared = METHODS[self.method.name].partitions_backbone
-        _check(shared or self.continual.min_free_fraction == 0, "continual.min_free_fraction",
-               f"grows Conure's shared backbone; method '{self.method.name}' has none to grow")
-        _check(self.continual.max_blocks >= len(self.model.block_dilations), "continual.max_blocks",
-               f"is below the {len(self.model.block_dilations)} blocks of model.block_dilations")
+        _check(
+            shared or self.continual.min_free_fraction == 0,
+            "continual.min_free_fraction",
+            f"grows Conure's shared backbone; method '{self.method.name}' has none to grow",
+        )
+        _check(
+            self.continual.max_blocks >= len(self.model.block_dilations),
+            "continual.max_blocks",
+            f"is below the {len(self.model.block_dilations)} blocks of model.block_dilations",
+        )
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
         _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")

@@ -25,8 +25,15 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[ConureModel, TaskOwnership]
     """Rebuild the model from a checkpoint alone (no data needed) and load its weights strictly."""
     cfg = ckpt.meta["config"]["model"]
     specs = [TaskSpec(**s) for s in ckpt.meta["tasks"]]
-    model = ConureModel(ckpt.meta["num_seq_items"], specs, cfg["channels"], cfg["kernel_size"],
-                        cfg["block_dilations"], cfg["init_std"], prune_embedding=cfg.get("prune_embedding", False))
+    model = ConureModel(
+        ckpt.meta["num_seq_items"],
+        specs,
+        cfg["channels"],
+        cfg["kernel_size"],
+        cfg["block_dilations"],
+        cfg["init_std"],
+        prune_embedding=cfg.get("prune_embedding", False),
+    )
     apply_growth(model, None, ckpt.meta["state"].get("growth", []))
     model.load_state_dict(ckpt.model, strict=True)
     return model, TaskOwnership.from_state_dict(ckpt.ownership)

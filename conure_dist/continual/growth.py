@@ -25,24 +25,34 @@ from conure_dist.train.samplers import hash_seed
 from conure_dist.train.state import CapacityError
 
 
-def grow_for_task(model: ConureModel, ownership: TaskOwnership, task: str, task_index: int, seed: int,
-                  cfg: ContinualConfig) -> list[dict[str, Any]]:
+def grow_for_task(
+    model: ConureModel, ownership: TaskOwnership, task: str, task_index: int, seed: int, cfg: ContinualConfig
+) -> list[dict[str, Any]]:
     """Grow until ``task`` starts with at least ``cfg.min_free_fraction`` free weights; returns
     one record per growth step ({task, dilations, free_before, free_after}), empty if none."""
     events: list[dict[str, Any]] = []
     while cfg.min_free_fraction > 0 and ownership.capacity().free < cfg.min_free_fraction:
         blocks = len(model.backbone.blocks)
         if blocks + len(cfg.grow_dilations) > cfg.max_blocks:
-            raise CapacityError(f"task '{task}' would start with {ownership.capacity().free:.1%} of the conv weights "
-                                f"free (continual.min_free_fraction={cfg.min_free_fraction}), and growing past "
-                                f"{blocks} blocks would exceed continual.max_blocks={cfg.max_blocks}")
+            raise CapacityError(
+                f"task '{task}' would start with {ownership.capacity().free:.1%} of the conv weights "
+                f"free (continual.min_free_fraction={cfg.min_free_fraction}), and growing past "
+                f"{blocks} blocks would exceed continual.max_blocks={cfg.max_blocks}"
+            )
         free_before = ownership.capacity().free
         generator = torch.Generator().manual_seed(hash_seed(seed, task_index + 1, len(events), blocks))
         names = model.grow(task, cfg.grow_dilations, generator)
         params = dict(model.named_parameters())
         ownership.add({name: params[name].shape for name in names})
-        events.append({"task": task, "dilations": list(cfg.grow_dilations), "blocks": blocks + len(cfg.grow_dilations),
-                       "free_before": free_before, "free_after": ownership.capacity().free})
+        events.append(
+            {
+                "task": task,
+                "dilations": list(cfg.grow_dilations),
+                "blocks": blocks + len(cfg.grow_dilations),
+                "free_before": free_before,
+                "free_after": ownership.capacity().free,
+            }
+        )
     return events
 
 

@@ -33,8 +33,10 @@ def open_dataset(cfg: RunConfig) -> tuple[Manifest, list[TaskInfo]]:
         differ = {key: (have, want) for key, (have, want) in _built_with(cfg, manifest).items() if have != want}
         if differ:
             listed = ", ".join(f"{key}={want} (the shards have {have})" for key, (have, want) in differ.items())
-            raise UserError(f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
-                             "point data.root to another directory, or delete it to rebuild")
+            raise UserError(
+                f"data.root={root} holds shards built otherwise than this config asks: {listed}; "
+                "point data.root to another directory, or delete it to rebuild"
+            )
     return manifest, check_tasks(cfg, manifest)
 
 
@@ -43,18 +45,24 @@ def missing_shards_message(cfg: RunConfig) -> str:
     shown = root if "://" in root or os.path.isabs(root) else f"{root} ({os.path.abspath(root)})"
     command = data_command(cfg.data)
     if command is None:
-        return (f"no manifest.json under data.root={shown}: build shards there with `conure data "
-                f"synthetic|movielens|ttl ... --out {root}` (`conure data SOURCE --help` lists the flags), or set "
-                "data.source to 'synthetic' or 'movielens' so that `conure run` builds them on first use")
-    return (f"no manifest.json under data.root={shown}: build the shards with `{command}` "
-            "(`conure run` and `conure experiment` build them on first use)")
+        return (
+            f"no manifest.json under data.root={shown}: build shards there with `conure data "
+            f"synthetic|movielens|ttl ... --out {root}` (`conure data SOURCE --help` lists the flags), or set "
+            "data.source to 'synthetic' or 'movielens' so that `conure run` builds them on first use"
+        )
+    return (
+        f"no manifest.json under data.root={shown}: build the shards with `{command}` "
+        "(`conure run` and `conure experiment` build them on first use)"
+    )
 
 
 def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]]:
     """Config key -> (what the shards were built with, what the config asks for)."""
     d = cfg.data
-    pairs = {"data.split": ([manifest.split.get(k) for k in ("train", "valid", "test")], list(d.split)),
-             "data.split_seed": (manifest.split.get("seed"), d.split_seed)}
+    pairs = {
+        "data.split": ([manifest.split.get(k) for k in ("train", "valid", "test")], list(d.split)),
+        "data.split_seed": (manifest.split.get("seed"), d.split_seed),
+    }
     if d.source == "synthetic":
         spec = manifest.source.get("spec", {})
         # Shards written before a key existed were built with its default.
@@ -77,11 +85,15 @@ def check_tasks(cfg: RunConfig, manifest: Manifest) -> list[TaskInfo]:
         except ValueError as exc:
             raise UserError(f"tasks.{i}.name: {exc}") from None
         if (i == 0) != (info.kind == "sequence"):
-            raise UserError(f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
-                             f"'{task.name}' is of kind '{info.kind}'")
+            raise UserError(
+                f"tasks.{i}: the first task, and only it, must be the sequence (T1) task; "
+                f"'{task.name}' is of kind '{info.kind}'"
+            )
         empty = [split for split in ("train", "valid", "test") if info.splits[split].num_instances == 0]
         if empty:
-            raise UserError(f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
-                             f"data.root={cfg.data.root}; it needs more data or larger data.split fractions")
+            raise UserError(
+                f"tasks.{i}: task '{task.name}' has no {' and no '.join(empty)} instances under "
+                f"data.root={cfg.data.root}; it needs more data or larger data.split fractions"
+            )
         infos.append(info)
     return infos

@@ -105,9 +105,7 @@ class Manifest:
     def split_info(self, task: str, split: str) -> SplitInfo:
         info = self.task(task)
         if split not in info.splits:
-            raise UserError(
-                f"no split '{split}' for task '{task}' in {self.path}; available: {', '.join(info.splits)}"
-            )
+            raise UserError(f"no split '{split}' for task '{task}' in {self.path}; available: {', '.join(info.splits)}")
         return info.splits[split]
 
     def shard_urls(self, task: str, split: str) -> list[str]:
@@ -125,8 +123,7 @@ class Manifest:
             raise UserError(f"train counts of task '{task}' missing: {url}") from exn
         if counts.dtype != np.int64 or counts.shape != (info.num_outputs,):
             raise UserError(
-                f"{url}: expected int64 array of shape ({info.num_outputs},), "
-                f"got {counts.dtype} {counts.shape}"
+                f"{url}: expected int64 array of shape ({info.num_outputs},), got {counts.dtype} {counts.shape}"
             )
         return counts
 
@@ -228,9 +225,7 @@ class _Fields:
         if value is None and optional:
             return None
         # bool is an int subclass; a count of True is a typo, not a number.
-        if not isinstance(value, types) or (
-            isinstance(value, bool) and bool not in _as_tuple(types)
-        ):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
             self.fail(self.key(name), f"expected {_type_names(types)}, got {type(value).__name__}")
         return value
 
@@ -311,9 +306,7 @@ def _parse_task(f: _Fields) -> TaskInfo:
         if not all(isinstance(c, str) for c in class_names):
             f.fail(f.key("class_names"), "expected a list of strings")
         if num_classes is not None and len(class_names) != num_classes:
-            f.fail(
-                f.key("class_names"), f"has {len(class_names)} names for num_classes={num_classes}"
-            )
+            f.fail(f.key("class_names"), f"has {len(class_names)} names for num_classes={num_classes}")
     splits_f = f.child("splits")
     return TaskInfo(
         name=f.get("name", str),

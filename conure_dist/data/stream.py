@@ -66,9 +66,7 @@ class _Chunk(NamedTuple):
         return len(self.user)
 
     def take(self, index: Any) -> _Chunk:
-        return _Chunk(
-            self.seq[index], None if self.target is None else self.target[index], self.user[index]
-        )
+        return _Chunk(self.seq[index], None if self.target is None else self.target[index], self.user[index])
 
 
 @dataclass(frozen=True)
@@ -106,16 +104,9 @@ class _ReadPlan:
     def pass_slices(self, pass_index: int) -> list[_ShardSlice]:
         order = list(range(len(self.shards)))
         if self.shuffle:
-            order = (
-                np.random.default_rng([self.seed, self.epoch, pass_index, 0])
-                .permutation(len(order))
-                .tolist()
-            )
+            order = np.random.default_rng([self.seed, self.epoch, pass_index, 0]).permutation(len(order)).tolist()
         if self.partition == "stride":
-            return [
-                _ShardSlice(url, info, 0, info.num_instances)
-                for url, info in (self.shards[i] for i in order)
-            ]
+            return [_ShardSlice(url, info, 0, info.num_instances) for url, info in (self.shards[i] for i in order)]
         total = self.num_instances
         lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
         slices, offset = [], 0
@@ -233,18 +224,12 @@ def _decode_chunk(sample: dict[str, Any], seq_len: int, has_target: bool) -> _Ch
     expected = {"seq.npy", "user.npy"} | ({"target.npy"} if has_target else set())
     found = {k for k in sample if not k.startswith("__")}
     if found != expected:
-        raise ShardError(
-            f"sample {sample.get('__key__')}: members {sorted(found)}, expected {sorted(expected)}"
-        )
+        raise ShardError(f"sample {sample.get('__key__')}: members {sorted(found)}, expected {sorted(expected)}")
     seq = _load_npy(sample["seq.npy"])
     user = _load_npy(sample["user.npy"])
     target = _load_npy(sample["target.npy"]) if has_target else None
     n = len(user)
-    if (
-        seq.shape != (n, seq_len)
-        or user.shape != (n,)
-        or (target is not None and target.shape != (n,))
-    ):
+    if seq.shape != (n, seq_len) or user.shape != (n,) or (target is not None and target.shape != (n,)):
         raise ShardError(
             f"sample {sample['__key__']}: inconsistent shapes seq {seq.shape}, user {user.shape}, "
             f"target {None if target is None else target.shape} for seq_len {seq_len}"
@@ -323,9 +308,7 @@ def iter_batches(
     )
     _check_steps(batch_size, num_steps, start_step)
     if num_steps is not None and num_steps > start_step and plan.num_instances == 0:
-        raise UserError(
-            f"cannot draw {num_steps} steps from {task}/{split}: the split has no instances"
-        )
+        raise UserError(f"cannot draw {num_steps} steps from {task}/{split}: the split has no instances")
     if num_steps is not None and plan.partition == "range" and plan.num_instances < world_size:
         # Some rank's range would be empty and a repeating stream over it would never yield.
         raise UserError(
@@ -340,18 +323,14 @@ def iter_batches(
         _to_batches,
     )
     batches = iter(pipeline)
-    return (
-        batches if num_steps is None else itertools.islice(batches, max(num_steps - start_step, 0))
-    )
+    return batches if num_steps is None else itertools.islice(batches, max(num_steps - start_step, 0))
 
 
 def _check_steps(batch_size: int, num_steps: int | None, start_step: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if start_step < 0 or (num_steps is not None and not 0 <= start_step <= num_steps):
-        raise ValueError(
-            f"need 0 <= start_step <= num_steps, got start_step={start_step}, num_steps={num_steps}"
-        )
+        raise ValueError(f"need 0 <= start_step <= num_steps, got start_step={start_step}, num_steps={num_steps}")
 
 
 def _rank_stream(plan: _ReadPlan, repeat: bool) -> Iterator[_Chunk]:
@@ -372,22 +351,14 @@ def _pass_chunks(plan: _ReadPlan, pass_index: int) -> Iterator[_Chunk]:
     stages: list[Any] = [
         wds.SimpleShardList([s.url for s in slices]),
         functools.partial(_open_shards, slices=by_url),
-        functools.partial(
-            _decode_shards, slices=by_url, seq_len=plan.seq_len, has_target=plan.has_target
-        ),
+        functools.partial(_decode_shards, slices=by_url, seq_len=plan.seq_len, has_target=plan.has_target),
     ]
     if plan.shuffle:
-        stages.append(
-            functools.partial(
-                _shuffle_chunks, rng=plan.rng(pass_index, 1), capacity=plan.shuffle_buffer
-            )
-        )
+        stages.append(functools.partial(_shuffle_chunks, rng=plan.rng(pass_index, 1), capacity=plan.shuffle_buffer))
     return iter(wds.DataPipeline(*stages))
 
 
-def _shuffle_chunks(
-    src: Iterable[_Chunk], rng: np.random.Generator, capacity: int
-) -> Iterator[_Chunk]:
+def _shuffle_chunks(src: Iterable[_Chunk], rng: np.random.Generator, capacity: int) -> Iterator[_Chunk]:
     """Buffered shuffle, vectorised: each arriving instance evicts a random buffered one.
 
     Same idea as WebDataset's sample shuffle, but a whole chunk at a time so that the per-instance
@@ -458,9 +429,7 @@ def _concat(chunks: list[_Chunk]) -> _Chunk:
     if len(chunks) == 1:
         return chunks[0]
     target = None if chunks[0].target is None else np.concatenate([c.target for c in chunks])  # type: ignore[misc]
-    return _Chunk(
-        np.concatenate([c.seq for c in chunks]), target, np.concatenate([c.user for c in chunks])
-    )
+    return _Chunk(np.concatenate([c.seq for c in chunks]), target, np.concatenate([c.user for c in chunks]))
 
 
 def _to_batches(src: Iterable[_Chunk]) -> Iterator[Batch]:

@@ -60,17 +60,22 @@ def data_note(run_a: str, run_b: str, rows: list[dict[str, Any]]) -> str | None:
     sizes = (a["world_size"], b["world_size"])
     partitions = (a["config"]["data"]["partition"], b["config"]["data"]["partition"])
     if sizes[0] != sizes[1] and partitions != ("stride", "stride"):
-        return (f"the runs trained on other data because they ran {sizes[0]} and {sizes[1]} processes with "
-                f"data.partition={partitions[0]} and {partitions[1]}: under range (and auto, wherever a split "
-                "has as many shards as processes) each process reads shards of its own, so the global "
-                "batches differ with the number of processes. To compare them on the same data, run both "
-                "with data.partition=stride (the processes' batches together are then the 1-process batch).")
-    changes = [f"{k}: {x} / {y}" for k, (x, y) in config_changes(a["config"], b["config"]).items()
-               if k.startswith(DATA_KEYS)]
+        return (
+            f"the runs trained on other data because they ran {sizes[0]} and {sizes[1]} processes with "
+            f"data.partition={partitions[0]} and {partitions[1]}: under range (and auto, wherever a split "
+            "has as many shards as processes) each process reads shards of its own, so the global "
+            "batches differ with the number of processes. To compare them on the same data, run both "
+            "with data.partition=stride (the processes' batches together are then the 1-process batch)."
+        )
+    changes = [
+        f"{k}: {x} / {y}" for k, (x, y) in config_changes(a["config"], b["config"]).items() if k.startswith(DATA_KEYS)
+    ]
     if changes:
         return f"the runs trained on other data: their configs differ in {'; '.join(changes)}"
-    return (f"the runs trained on other data with the same data settings on {sizes[0]} and {sizes[1]} "
-            "processes: check that data.root holds the same shards")
+    return (
+        f"the runs trained on other data with the same data settings on {sizes[0]} and {sizes[1]} "
+        "processes: check that data.root holds the same shards"
+    )
 
 
 def _relative(a: float | None, b: float | None) -> float | None:
@@ -95,23 +100,37 @@ def compare_runs(run_a: str, run_b: str) -> list[dict[str, Any]]:
         task, phase, epoch = key
         va, vb = ea["valid"], eb["valid"]
         metrics = {name: _relative(va[name], vb.get(name)) for name in va if name != "count"}
-        rows.append({"task": task, "phase": phase, "epoch": epoch, "loss_a": ea["loss"], "loss_b": eb["loss"],
-                     "loss_rel_diff": _relative(ea["loss"], eb["loss"]),
-                     "same_data": None if ea.get("data") is None else ea.get("data") == eb.get("data"),
-                     "same_count": va.get("count") == vb.get("count"), "valid_rel_diff": metrics})
+        rows.append(
+            {
+                "task": task,
+                "phase": phase,
+                "epoch": epoch,
+                "loss_a": ea["loss"],
+                "loss_b": eb["loss"],
+                "loss_rel_diff": _relative(ea["loss"], eb["loss"]),
+                "same_data": None if ea.get("data") is None else ea.get("data") == eb.get("data"),
+                "same_count": va.get("count") == vb.get("count"),
+                "valid_rel_diff": metrics,
+            }
+        )
     return rows
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """A markdown table of ``compare_runs``' rows."""
+
     def num(x: float | None) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
-    lines = ["| task | phase | epoch | loss A | loss B | loss rel. diff | same data | valid rel. diff (max) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | phase | epoch | loss A | loss B | loss rel. diff | same data | valid rel. diff (max) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         diffs = [d for d in r["valid_rel_diff"].values() if d is not None]
         same = {None: "-", True: "yes", False: "NO"}[r["same_data"]]
-        lines.append(f"| {r['task']} | {r['phase']} | {r['epoch']} | {num(r['loss_a'])} | {num(r['loss_b'])} | "
-                     f"{num(r['loss_rel_diff'])} | {same} | {num(max(diffs, default=None))} |")
+        lines.append(
+            f"| {r['task']} | {r['phase']} | {r['epoch']} | {num(r['loss_a'])} | {num(r['loss_b'])} | "
+            f"{num(r['loss_rel_diff'])} | {same} | {num(max(diffs, default=None))} |"
+        )
     return "\n".join(lines)

@@ -57,8 +57,9 @@ def _runs_of(methods: list[str]) -> list[str]:
     return [m for m in methods if METHODS[m].report_from not in methods]
 
 
-def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1,
-                   share_first_task: bool = True) -> dict[str, Any]:
+def run_experiment(
+    experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1, share_first_task: bool = True
+) -> dict[str, Any]:
     """Every run not already reported, one after another, or ``jobs`` at a time side by side
     (``experiment_jobs``; single-process runs only), then the summary. With ``share_first_task``
     the runs share T1's train phase through ``OUT/first_task`` (``train.first_task`` module;
@@ -68,10 +69,18 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
 
     _check_results_owner(experiment, out)
     start, reused_seconds = time.perf_counter(), 0.0
-    planned = [(variant, method, seed, join(out, f"runs/{variant.name}/{method}/seed{seed}"),
-                run_config(experiment, variant, method, seed))
-               for variant in experiment.variants for method in _runs_of(variant.methods or experiment.methods)
-               for seed in experiment.seeds]
+    planned = [
+        (
+            variant,
+            method,
+            seed,
+            join(out, f"runs/{variant.name}/{method}/seed{seed}"),
+            run_config(experiment, variant, method, seed),
+        )
+        for variant in experiment.variants
+        for method in _runs_of(variant.methods or experiment.methods)
+        for seed in experiment.seeds
+    ]
     if share_first_task:
         for *_, cfg in planned:
             if cfg.train.first_task_cache is None:
@@ -89,9 +98,15 @@ def run_experiment(experiment: Experiment, out: str, dist: DistInfo, jobs: int =
                 continue
             group = first_task_group(cfg)
             producer = None if group is None else producers.setdefault(group, run_out)
-            runs.append(PlannedRun(f"{variant.name}/{method}/seed{seed}", cfg, run_out,
-                                   resume=METHODS[method].keeps_checkpoints,
-                                   after=None if producer == run_out else producer))
+            runs.append(
+                PlannedRun(
+                    f"{variant.name}/{method}/seed{seed}",
+                    cfg,
+                    run_out,
+                    resume=METHODS[method].keeps_checkpoints,
+                    after=None if producer == run_out else producer,
+                )
+            )
         fresh = run_side_by_side(runs, jobs, dist.device) if runs else {}
     reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for variant, method, seed, run_out, cfg in planned:
@@ -151,8 +166,16 @@ def _exists(url: str) -> bool:
 
 
 # Settings that change how a run is carried out or shown, not its results.
-NOT_RESULTS = ("train.progress", "train.num_threads", "train.keep_checkpoints", "train.checkpoint_every_steps",
-               "train.log_every", "train.eval_batch_size", "dist.compile", "train.first_task_cache")
+NOT_RESULTS = (
+    "train.progress",
+    "train.num_threads",
+    "train.keep_checkpoints",
+    "train.checkpoint_every_steps",
+    "train.log_every",
+    "train.eval_batch_size",
+    "dist.compile",
+    "train.first_task_cache",
+)
 
 
 def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
@@ -160,8 +183,10 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     ran = (report.get("method"), report.get("seed"), [t["name"] for t in report["tasks"]])
     want = (cfg.method.name, cfg.seed, [t.name for t in cfg.tasks])
     if ran != want:
-        raise UserError(f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
-                         f"for {want}; delete it or use another --out")
+        raise UserError(
+            f"{path} holds a run of (method, seed, tasks) = {ran}, but the experiment now asks "
+            f"for {want}; delete it or use another --out"
+        )
     if "config" not in report:
         log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
         return
@@ -171,10 +196,15 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     newer = [k for k, (_, now) in changes.items() if not _has_key(report["config"], k) and now == _default_of(k)]
     if newer:
         log.info("%s was made before %s existed; taken as the default", path, ", ".join(newer))
-    differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in changes.items()
-              if k not in NOT_RESULTS and k not in newer]
+    differ = [
+        f"{k}={now} (the run: {saved})"
+        for k, (saved, now) in changes.items()
+        if k not in NOT_RESULTS and k not in newer
+    ]
     if differ:
-        raise UserError(f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out")
+        raise UserError(
+            f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out"
+        )
 
 
 def _has_key(tree: Any, dotted: str) -> bool:

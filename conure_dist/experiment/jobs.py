@@ -56,8 +56,12 @@ def run_side_by_side(runs: list[PlannedRun], jobs: int, device: torch.device) ->
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")  # no inherited torch or thread-pool state
     queue, running, ended = list(runs), {}, set()
-    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)) or 1, mp_context=context,
-                             initializer=_start_worker, initargs=(logging.getLogger().level,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(runs)) or 1,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(logging.getLogger().level,),
+    ) as pool:
         while queue or running:
             while len(running) < jobs:
                 ready = next((r for r in queue if _may_start(r, ended)), None)
@@ -73,8 +77,10 @@ def run_side_by_side(runs: list[PlannedRun], jobs: int, device: torch.device) ->
                 ended.add(run.out)
                 _collect(run, future, reports, failures, len(runs))
     if failures:
-        raise RunsFailed(f"{len(failures)} of {len(runs)} runs failed (the other reports are written and the next "
-                         "call reuses them):\n  " + "\n  ".join(failures))
+        raise RunsFailed(
+            f"{len(failures)} of {len(runs)} runs failed (the other reports are written and the next "
+            "call reuses them):\n  " + "\n  ".join(failures)
+        )
     return reports
 
 
@@ -92,8 +98,9 @@ def _may_start(run: PlannedRun, ended: set[str]) -> bool:
     return fs.exists(path)
 
 
-def _collect(run: PlannedRun, future: Future, reports: dict[str, dict[str, Any]], failures: list[str],
-             total: int) -> None:
+def _collect(
+    run: PlannedRun, future: Future, reports: dict[str, dict[str, Any]], failures: list[str], total: int
+) -> None:
     try:
         reports[run.out] = future.result()
     except Exception as exc:  # the other runs go on; this one is named at the end

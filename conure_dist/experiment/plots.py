@@ -37,16 +37,22 @@ def forgetting(rows: dict[str, Any], variant: str, out: str) -> str:
     methods = list(rows)
     cols = min(4, len(methods))
     grid_rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.6 * cols, 3.6 * grid_rows), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[len(methods):]:
+    fig, axes = plt.subplots(
+        grid_rows, cols, figsize=(3.6 * cols, 3.6 * grid_rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax, method in zip(axes.flat[: len(methods)], methods, strict=True):
         row = rows[method]
         tasks, matrix = row["tasks"], row["matrix_mean"]
         n = len(tasks)
-        ratio = [[float("nan") if matrix[i][j] is None or not matrix[j][j] else matrix[i][j] / matrix[j][j]
-                  for j in range(n)] for i in range(n)]
+        ratio = [
+            [
+                float("nan") if matrix[i][j] is None or not matrix[j][j] else matrix[i][j] / matrix[j][j]
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
         image = ax.imshow(ratio, vmin=0.0, vmax=1.2, cmap="RdYlGn")
         for i in range(n):
             for j in range(i + 1):
@@ -61,8 +67,9 @@ def forgetting(rows: dict[str, Any], variant: str, out: str) -> str:
     return _save(fig, out, f"{variant}_forgetting")
 
 
-def clipped_error_bars(means: list[float], half_widths: list[float], low: float = 0.0,
-                       high: float = 1.0) -> tuple[list[float], list[float]]:
+def clipped_error_bars(
+    means: list[float], half_widths: list[float], low: float = 0.0, high: float = 1.0
+) -> tuple[list[float], list[float]]:
     """The error bars below and above each mean for an interval mean ± half-width cut at the
     metric's bounds (every metric here lies in [0, 1]): a score cannot fall below 0."""
     below = [max(0.0, min(h, m - low)) for m, h in zip(means, half_widths, strict=True)]
@@ -81,7 +88,13 @@ def per_task(rows: dict[str, Any], variant: str, out: str) -> str:
         means = [rows[m]["learned"][task]["mean"] for m in present]
         # The interval's half-width (results from before intervals existed carry only the std).
         bars = [rows[m]["learned"][task].get("ci95", rows[m]["learned"][task]["std"]) for m in present]
-        ax.bar(range(len(present)), means, yerr=clipped_error_bars(means, bars), color=[f"C{methods.index(m)}" for m in present], capsize=2)
+        ax.bar(
+            range(len(present)),
+            means,
+            yerr=clipped_error_bars(means, bars),
+            color=[f"C{methods.index(m)}" for m in present],
+            capsize=2,
+        )
         ax.axhline(first["reference"][task], color="black", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task} ({metric})", fontsize=9)
@@ -101,8 +114,9 @@ def storage(rows: dict[str, Any], variant: str, out: str) -> str:
         ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("parameters stored for all tasks")
-    ax.set_ylabel("score as a fraction of the best method's\n(mean over the tasks after T1; 1 = best on all)",
-                  fontsize=8)
+    ax.set_ylabel(
+        "score as a fraction of the best method's\n(mean over the tasks after T1; 1 = best on all)", fontsize=8
+    )
     ax.set_title(f"{variant}: storage against accuracy", fontsize=10)
     return _save(fig, out, f"{variant}_storage")
 

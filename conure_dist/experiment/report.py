@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from conure_dist.experiment.spec import Experiment
 
 
-def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused_seconds: float = 0.0) -> dict[str, Any]:
+def summarize(
+    experiment: Experiment, reports: dict, wall_seconds: float, reused_seconds: float = 0.0
+) -> dict[str, Any]:
     """``wall_seconds``: the experiment's time, counting the runs reused from earlier calls with
     the time they took then (``reused_seconds`` of it)."""
     variants = {}
@@ -40,18 +42,37 @@ def summarize(experiment: Experiment, reports: dict, wall_seconds: float, reused
             n = len(tasks)
             learned = {t: interval([r["matrix"][j][j] for r in runs]) for j, t in enumerate(tasks)}
             final = {t: interval([r["matrix"][n - 1][j] for r in runs]) for j, t in enumerate(tasks)}
-            matrix = [[None if runs[0]["matrix"][i][j] is None else
-                       sum(r["matrix"][i][j] for r in runs) / len(runs) for j in range(n)] for i in range(n)]
-            rows[method] = {"tasks": tasks, "metrics": [t["primary_metric"] for t in runs[0]["tasks"]],
-                            "learned": learned, "after_last_task": final, "matrix_mean": matrix,
-                            "num_backbones": runs[0].get("num_backbones"),
-                            "stored_parameters": runs[0].get("stored_parameters"),
-                            "reference": runs[0]["reference"], "seeds": [r["seed"] for r in runs],
-                            "wall_seconds": interval([r["wall_seconds"] for r in runs])}
+            matrix = [
+                [
+                    None if runs[0]["matrix"][i][j] is None else sum(r["matrix"][i][j] for r in runs) / len(runs)
+                    for j in range(n)
+                ]
+                for i in range(n)
+            ]
+            rows[method] = {
+                "tasks": tasks,
+                "metrics": [t["primary_metric"] for t in runs[0]["tasks"]],
+                "learned": learned,
+                "after_last_task": final,
+                "matrix_mean": matrix,
+                "num_backbones": runs[0].get("num_backbones"),
+                "stored_parameters": runs[0].get("stored_parameters"),
+                "reference": runs[0]["reference"],
+                "seeds": [r["seed"] for r in runs],
+                "wall_seconds": interval([r["wall_seconds"] for r in runs]),
+            }
         variants[variant] = rows
-    return {"experiment": _shown(experiment.path), "base": _shown(experiment.base), "overrides": experiment.overrides,
-            "command_overrides": experiment.command_overrides, "seeds": experiment.seeds, "variants": variants, "differences": _differences(experiment, reports),
-            "wall_seconds": round(wall_seconds, 1), "reused_seconds": round(reused_seconds, 1)}
+    return {
+        "experiment": _shown(experiment.path),
+        "base": _shown(experiment.base),
+        "overrides": experiment.overrides,
+        "command_overrides": experiment.command_overrides,
+        "seeds": experiment.seeds,
+        "variants": variants,
+        "differences": _differences(experiment, reports),
+        "wall_seconds": round(wall_seconds, 1),
+        "reused_seconds": round(reused_seconds, 1),
+    }
 
 
 def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
@@ -59,8 +80,13 @@ def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
     STL) per variant on every later task, the listed contrasts (name -> ``experiment_stats.contrast``
     plus which runs were compared), and what a method that forgets (sequential fine-tuning)
     forgets (``experiment_stats.forgetting``) where it ran."""
-    pairs = [(f"{v}: {ref} - {m}", f"{v}/{ref}", f"{v}/{m}", None) for v, by in reports.items()
-             for ref in by for m in METHODS[ref].compared_with if m in by]
+    pairs = [
+        (f"{v}: {ref} - {m}", f"{v}/{ref}", f"{v}/{m}", None)
+        for v, by in reports.items()
+        for ref in by
+        for m in METHODS[ref].compared_with
+        if m in by
+    ]
     pairs += [(c.name, c.a, c.b, c.tasks) for c in experiment.contrasts]
     out = {}
     for name, a, b, tasks in pairs:
@@ -70,8 +96,11 @@ def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
     for variant, by_method in reports.items():
         for m, runs in by_method.items():
             if METHODS[m].forgets and len(runs[0]["tasks"]) > 1:
-                out[f"{variant}: {m} forgetting"] = {"a": f"{variant}/{m} after the last task", "b": "when learned",
-                                                     **forgetting(runs)}
+                out[f"{variant}: {m} forgetting"] = {
+                    "a": f"{variant}/{m} after the last task",
+                    "b": "when learned",
+                    **forgetting(runs),
+                }
     return out
 
 
@@ -86,7 +115,9 @@ def _shown(path: Path) -> str:
 
 def _reused_part(summary: dict[str, Any]) -> str:
     reused = summary.get("reused_seconds", 0.0)
-    return f" (of which {reused:.0f} s are runs reused from earlier calls, at the time they took then)" if reused else ""
+    return (
+        f" (of which {reused:.0f} s are runs reused from earlier calls, at the time they took then)" if reused else ""
+    )
 
 
 def _command_part(summary: dict[str, Any]) -> str:
@@ -95,23 +126,34 @@ def _command_part(summary: dict[str, Any]) -> str:
 
 
 def format_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# Experiment `{summary['experiment']}`", "",
-             f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}"
-             f"{_command_part(summary)}; "
-             f"wall time {summary['wall_seconds']:.0f} s{_reused_part(summary)}.", "",
-             "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
-             "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.", ""]
+    lines = [
+        f"# Experiment `{summary['experiment']}`",
+        "",
+        f"Base config `{summary['base']}`, seeds {summary['seeds']}, overrides {summary['overrides']}"
+        f"{_command_part(summary)}; "
+        f"wall time {summary['wall_seconds']:.0f} s{_reused_part(summary)}.",
+        "",
+        "Each cell: the task's test score when it was learned, mean ± half-width of its 95% confidence "
+        "interval over the seeds (Student t). `T1 after last` is T1's score once every task is learned.",
+        "",
+    ]
     for variant, rows in summary["variants"].items():
         first = next(iter(rows.values()))
         tasks, metrics = first["tasks"], first["metrics"]
-        lines += [f"## Variant `{variant}`", "",
-                  "| method | " + " | ".join(f"{t} ({m})" for t, m in zip(tasks, metrics, strict=True))
-                  + " | T1 after last | backbones | stored parameters |",
-                  "|---" * (len(tasks) + 4) + "|"]
+        lines += [
+            f"## Variant `{variant}`",
+            "",
+            "| method | "
+            + " | ".join(f"{t} ({m})" for t, m in zip(tasks, metrics, strict=True))
+            + " | T1 after last | backbones | stored parameters |",
+            "|---" * (len(tasks) + 4) + "|",
+        ]
         for method, row in rows.items():
             cells = [format_interval(row["learned"][t]) for t in tasks]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {format_interval(row['after_last_task'][tasks[0]])} | "
-                         f"{row['num_backbones']} | {row['stored_parameters']:,} |")
+            lines.append(
+                f"| {method} | " + " | ".join(cells) + f" | {format_interval(row['after_last_task'][tasks[0]])} | "
+                f"{row['num_backbones']} | {row['stored_parameters']:,} |"
+            )
         ref = first["reference"]
         lines.append("| trivial reference | " + " | ".join(f"{ref[t]:.4f}" for t in tasks) + " | | | |")
         lines.append("")

@@ -56,8 +56,10 @@ def load_experiment(path: str | Path, command_overrides: list[str] = ()) -> Expe
     path = Path(path)
     for override in command_overrides:
         if override.split("=", 1)[0].strip() in ("seed", "method.name"):
-            raise ConfigError(f"override '{override}': the experiment sets each run's seed and method "
-                              "(give --seeds, or the methods in the file)")
+            raise ConfigError(
+                f"override '{override}': the experiment sets each run's seed and method "
+                "(give --seeds, or the methods in the file)"
+            )
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found")
     try:
@@ -86,8 +88,9 @@ def load_experiment(path: str | Path, command_overrides: list[str] = ()) -> Expe
             _distinct(_list_of(variant.tasks, str, f"variants.{name}.tasks", path), f"variants.{name}.tasks", path)
         _list_of(variant.overrides, str, f"variants.{name}.overrides", path)
         if variant.methods is not None:
-            for m in _distinct(_list_of(variant.methods, str, f"variants.{name}.methods", path),
-                               f"variants.{name}.methods", path):
+            for m in _distinct(
+                _list_of(variant.methods, str, f"variants.{name}.methods", path), f"variants.{name}.methods", path
+            ):
                 if m not in METHODS:
                     raise ConfigError(f"{path}: key 'variants.{name}.methods': unknown method '{m}'")
         variants.append(variant)
@@ -96,8 +99,15 @@ def load_experiment(path: str | Path, command_overrides: list[str] = ()) -> Expe
         raise ConfigError(f"{path}: key 'seeds' must list distinct seeds, got {seeds}")
     if not methods:
         raise ConfigError(f"{path}: key 'methods' must list at least one method")
-    experiment = Experiment(path, base, _list_of(data.get("overrides", []), str, "overrides", path), methods,
-                            seeds, variants, command_overrides=list(command_overrides))
+    experiment = Experiment(
+        path,
+        base,
+        _list_of(data.get("overrides", []), str, "overrides", path),
+        methods,
+        seeds,
+        variants,
+        command_overrides=list(command_overrides),
+    )
     tasks = {}  # every run config must load before any compute
     for variant in variants:
         for method in variant.methods or methods:
@@ -119,14 +129,17 @@ def _contrasts(specs: Any, tasks: dict[str, list[str]], path: Path) -> list[Cont
             raise ConfigError(f"{path}: key '{key}': expected a mapping with a, b and optionally tasks")
         for side in ("a", "b"):
             if spec[side] not in tasks:
-                raise ConfigError(f"{path}: key '{key}.{side}': '{spec[side]}' is not a VARIANT/METHOD of "
-                                  f"this experiment ({sorted(tasks)})")
+                raise ConfigError(
+                    f"{path}: key '{key}.{side}': '{spec[side]}' is not a VARIANT/METHOD of "
+                    f"this experiment ({sorted(tasks)})"
+                )
         shared = [t for t in tasks[spec["a"]] if t in tasks[spec["b"]]]
         chosen = _list_of(spec.get("tasks", shared[1:]), str, f"{key}.tasks", path)
         missing = [t for t in chosen if t not in shared]
         if missing or not chosen:
-            raise ConfigError(f"{path}: key '{key}.tasks': {missing or chosen} not among the tasks that "
-                              f"both sides learn ({shared})")
+            raise ConfigError(
+                f"{path}: key '{key}.tasks': {missing or chosen} not among the tasks that both sides learn ({shared})"
+            )
         out.append(Contrast(str(name), spec["a"], spec["b"], chosen))
     return out
 
@@ -140,8 +153,13 @@ def _distinct(values: list[str], key: str, path: Path) -> list[str]:
 
 def run_config(experiment: Experiment, variant: Variant, method: str, seed: int) -> RunConfig:
     """The run config of one (variant, method, seed)."""
-    overrides = [*experiment.overrides, *variant.overrides, *experiment.command_overrides, f"method.name={method}",
-                 f"seed={seed}"]
+    overrides = [
+        *experiment.overrides,
+        *variant.overrides,
+        *experiment.command_overrides,
+        f"method.name={method}",
+        f"seed={seed}",
+    ]
     try:
         cfg = load_config(experiment.base, overrides)
     except ConfigError as exc:
@@ -150,8 +168,10 @@ def run_config(experiment: Experiment, variant: Variant, method: str, seed: int)
         by_name = {t.name: t for t in cfg.tasks}
         missing = [t for t in variant.tasks if t not in by_name]
         if missing or not variant.tasks or variant.tasks[0] != cfg.tasks[0].name:
-            raise ConfigError(f"{experiment.path}: key 'variants.{variant.name}.tasks': must start with "
-                              f"'{cfg.tasks[0].name}' and name tasks of {experiment.base} "
-                              f"({[t.name for t in cfg.tasks]}); unknown: {missing}")
+            raise ConfigError(
+                f"{experiment.path}: key 'variants.{variant.name}.tasks': must start with "
+                f"'{cfg.tasks[0].name}' and name tasks of {experiment.base} "
+                f"({[t.name for t in cfg.tasks]}); unknown: {missing}"
+            )
         cfg.tasks = [by_name[t] for t in variant.tasks]
     return cfg

@@ -15,9 +15,36 @@ from typing import Any
 
 # Two-sided 95% quantiles t(0.975, df) of Student's t distribution for df = 1..30.
 T_975: tuple[float, ...] = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
 )
 Z_975 = 1.959964
 
@@ -30,8 +57,12 @@ def t_quantile_975(df: int) -> float:
     if df <= len(T_975):
         return T_975[df - 1]
     z = Z_975
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 def interval(values: list[float]) -> dict[str, Any]:
@@ -85,8 +116,10 @@ def forgetting(runs: list[dict]) -> dict[str, Any]:
     by seed (negative: forgotten)."""
     names = [t["name"] for t in runs[0]["tasks"]]
     last = len(names) - 1
-    tasks = {t: paired([r["matrix"][last][j] for r in runs], [r["matrix"][j][j] for r in runs])
-             for j, t in enumerate(names[:-1])}
+    tasks = {
+        t: paired([r["matrix"][last][j] for r in runs], [r["matrix"][j][j] for r in runs])
+        for j, t in enumerate(names[:-1])
+    }
     return {"seeds": [r["seed"] for r in runs], "tasks": tasks}
 
 
@@ -112,12 +145,20 @@ def difference_lines(differences: dict[str, Any]) -> list[str]:
     """The paired differences as one markdown table."""
     if not differences:
         return []
-    lines = ["## Paired differences (A - B, seed by seed)", "",
-             "Mean of the per-seed differences, its 95% interval and whether that excludes zero. "
-             "`relative mean`: per seed, the mean over the tasks of (A - B) / B's mean score.", "",
-             "| difference | A | B | task | mean | 95% interval | excludes 0 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Paired differences (A - B, seed by seed)",
+        "",
+        "Mean of the per-seed differences, its 95% interval and whether that excludes zero. "
+        "`relative mean`: per seed, the mean over the tasks of (A - B) / B's mean score.",
+        "",
+        "| difference | A | B | task | mean | 95% interval | excludes 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, diff in differences.items():
-        rows = [*diff["tasks"].items(), *([("relative mean", diff["relative_mean"])] if "relative_mean" in diff else [])]
+        rows = [
+            *diff["tasks"].items(),
+            *([("relative mean", diff["relative_mean"])] if "relative_mean" in diff else []),
+        ]
         for task, stat in rows:
             lines.append(f"| {name} | {diff['a']} | {diff['b']} | {task} | {format_difference(stat)} |")
     return [*lines, ""]

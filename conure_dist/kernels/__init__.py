@@ -24,8 +24,15 @@ from conure_dist.kernels.dispatch import (
 if TYPE_CHECKING:
     from conure_dist.kernels.common import Tiles
 
-__all__ = ["AUTO_DTYPES", "KERNELS", "check_kernel", "fused_negative_logsumexp", "fused_target_ranks",
-           "product_dtype", "use_triton"]
+__all__ = [
+    "AUTO_DTYPES",
+    "KERNELS",
+    "check_kernel",
+    "fused_negative_logsumexp",
+    "fused_target_ranks",
+    "product_dtype",
+    "use_triton",
+]
 
 
 def fused_negative_logsumexp(

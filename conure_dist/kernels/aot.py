@@ -52,14 +52,24 @@ def _specs(dtype: torch.dtype, channels: int) -> list[tuple[str, object, dict[st
     ptrs = {"h_ptr": data, "w_ptr": data, "neg_ptr": "*i64", "tgt_ptr": "*i64", "count_ptr": "*i32"}
     group = "fp32" if dtype == torch.float32 else "16-bit"
     specs = []
-    for kind, kernel in (("forward", sampled_softmax._forward_kernel), ("hidden", sampled_softmax._hidden_grad_kernel),
-                         ("weight", sampled_softmax._weight_grad_kernel)):
+    for kind, kernel in (
+        ("forward", sampled_softmax._forward_kernel),
+        ("hidden", sampled_softmax._hidden_grad_kernel),
+        ("weight", sampled_softmax._weight_grad_kernel),
+    ):
         t = sampled_softmax.GPU_TILES[group][kind]
         consts = {**common, "BLOCK_N": t.rows, "BLOCK_S": t.cols, "BLOCK_C": block_channels(channels)}
         specs.append((f"softmax_{kind}", kernel, ptrs, consts, t))
     t, chunk = topk.GPU_TILES[group], channel_chunk(dtype, channels)
-    consts = {**common, "BLOCK_N": t.rows, "BLOCK_V": t.cols, "BLOCK_K": chunk, "NUM_K": triton.cdiv(channels, chunk),
-              "SCORE_DTYPE": tl_dtype(torch.float32), "PADDING_FIRST": True}
+    consts = {
+        **common,
+        "BLOCK_N": t.rows,
+        "BLOCK_V": t.cols,
+        "BLOCK_K": chunk,
+        "NUM_K": triton.cdiv(channels, chunk),
+        "SCORE_DTYPE": tl_dtype(torch.float32),
+        "PADDING_FIRST": True,
+    }
     specs.append(("rank", topk._rank_kernel, ptrs, consts, t))
     return specs
 
@@ -83,10 +93,14 @@ def compile_kernels(dtype: torch.dtype = torch.bfloat16, channels: int = 256, ar
     target, out = GPUTarget("cuda", arch, 32), {}
     for name, kernel, ptrs, consts, t in _specs(dtype, channels):
         by_index = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
-        compiled = triton.compile(ASTSource(kernel, _signature(kernel, ptrs, consts), by_index), target=target,
-                                  options=launch_options(t))
-        out[name] = {"tiles": [t.rows, t.cols, t.num_warps, t.num_stages], "shared_bytes": compiled.metadata.shared,
-                     **_resources(compiled.asm["cubin"])}
+        compiled = triton.compile(
+            ASTSource(kernel, _signature(kernel, ptrs, consts), by_index), target=target, options=launch_options(t)
+        )
+        out[name] = {
+            "tiles": [t.rows, t.cols, t.num_warps, t.num_stages],
+            "shared_bytes": compiled.metadata.shared,
+            **_resources(compiled.asm["cubin"]),
+        }
     return out
 
 
@@ -94,11 +108,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
-    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"],
-                        help="products' dtype (repeatable; default bfloat16 and float32)")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=["bfloat16", "float16", "float32"],
+        help="products' dtype (repeatable; default bfloat16 and float32)",
+    )
     args = parser.parse_args()
-    report = {d: compile_kernels(getattr(torch, d), args.channels, args.arch)
-              for d in args.dtype or ["bfloat16", "float32"]}
+    report = {
+        d: compile_kernels(getattr(torch, d), args.channels, args.arch) for d in args.dtype or ["bfloat16", "float32"]
+    }
     print(json.dumps(report, indent=1))
 
 

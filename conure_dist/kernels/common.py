@@ -49,8 +49,7 @@ def cast_for_dot(x, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def load_rows(h_ptr, tgt_ptr, rows, N, C, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              INTERPRET: tl.constexpr):
+def load_rows(h_ptr, tgt_ptr, rows, N, C, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """A block of hidden rows [rows, channels] in the product dtype, and the rows' targets."""
     ch = tl.arange(0, BLOCK_C)
     h = tl.load(h_ptr + rows[:, None] * C + ch[None, :], mask=(rows[:, None] < N) & (ch[None, :] < C), other=0.0)

@@ -56,14 +56,20 @@ def use_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     if check_kernel(kernel) == "chunked":
         return False
     if kernel == "auto":
-        return (device.type == "cuda" and dtype in AUTO_DTYPES and triton_installed()
-                and _gpu_supported(device.index if device.index is not None else torch.cuda.current_device()))
+        return (
+            device.type == "cuda"
+            and dtype in AUTO_DTYPES
+            and triton_installed()
+            and _gpu_supported(device.index if device.index is not None else torch.cuda.current_device())
+        )
     if not triton_installed():
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton; Linux x86-64)")
     if device.type != "cuda":
         from conure_dist.kernels.common import INTERPRETED
 
         if not INTERPRETED:
-            raise UserError(f"kernel='triton' on {device.type} tensors runs in Triton's interpreter: set "
-                             "TRITON_INTERPRET=1 before the kernels are first used")
+            raise UserError(
+                f"kernel='triton' on {device.type} tensors runs in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before the kernels are first used"
+            )
     return True

@@ -59,8 +59,9 @@ tries others (``tiles=``)."""
 
 
 @triton.jit
-def _load_negatives(w_ptr, b_ptr, neg_ptr, cols, S, C, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+def _load_negatives(
+    w_ptr, b_ptr, neg_ptr, cols, S, C, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr
+):
     """A block of negatives: weight rows [cols, channels] in the product dtype, fp32 biases, ids."""
     ch = tl.arange(0, BLOCK_C)
     w = tl.load(w_ptr + cols[:, None] * C + ch[None, :], mask=(cols[:, None] < S) & (ch[None, :] < C), other=0.0)
@@ -78,9 +79,25 @@ def _masked_logits(h, tgt, w, b, neg, cols, S, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, out_ptr, N, S, C, num_tiles, tiles_per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+def _forward_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    neg_ptr,
+    tgt_ptr,
+    out_ptr,
+    N,
+    S,
+    C,
+    num_tiles,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Partial log-sum-exp of one row block over one split of the negatives: out[split, rows]."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,10 +117,27 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, out_ptr, N, S, C, num
 
 
 @triton.jit
-def _hidden_grad_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, lse_ptr, scale_ptr, out_ptr, N, S, C,
-                        num_tiles, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+def _hidden_grad_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    neg_ptr,
+    tgt_ptr,
+    lse_ptr,
+    scale_ptr,
+    out_ptr,
+    N,
+    S,
+    C,
+    num_tiles,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Partial d loss / d hidden of one row block over one split: out[split, rows, channels]."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,10 +156,28 @@ def _hidden_grad_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, lse_ptr, scale_pt
 
 
 @triton.jit
-def _weight_grad_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, lse_ptr, scale_ptr, dw_ptr, db_ptr, N, S, C,
-                        num_tiles, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+def _weight_grad_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    neg_ptr,
+    tgt_ptr,
+    lse_ptr,
+    scale_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    S,
+    C,
+    num_tiles,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Partial d loss / d weight rows and bias of one block of negatives over one split of the
     rows: dw[split, cols, channels], db[split, cols]."""
     split = tl.program_id(1)
@@ -146,13 +198,19 @@ def _weight_grad_kernel(h_ptr, w_ptr, b_ptr, neg_ptr, tgt_ptr, lse_ptr, scale_pt
         p_t = tl.where(rows[None, :] < N, p_t, 0.0)  # padding rows add nothing (not even inf * 0)
         acc_w += tl.dot(cast_for_dot(p_t, DOT_DTYPE, INTERPRET), h, input_precision=PRECISION, out_dtype=tl.float32)
         acc_b += tl.sum(p_t, axis=1)
-    tl.store(dw_ptr + (split * S + cols[:, None]) * C + ch[None, :], acc_w, mask=(cols[:, None] < S) & (ch[None, :] < C))
+    tl.store(
+        dw_ptr + (split * S + cols[:, None]) * C + ch[None, :], acc_w, mask=(cols[:, None] < S) & (ch[None, :] < C)
+    )
     tl.store(db_ptr + split * S + cols, acc_b, mask=cols < S)
 
 
 def _common_args(dtype: torch.dtype, channels: int) -> dict:
-    return {"BLOCK_C": block_channels(channels), "DOT_DTYPE": tl_dtype(dtype), "PRECISION": input_precision(dtype),
-            "INTERPRET": INTERPRETED}
+    return {
+        "BLOCK_C": block_channels(channels),
+        "DOT_DTYPE": tl_dtype(dtype),
+        "PRECISION": input_precision(dtype),
+        "INTERPRET": INTERPRETED,
+    }
 
 
 def _tiles(kind: str, tiles: dict[str, Tiles] | None, dtype: torch.dtype) -> Tiles:
@@ -168,9 +226,23 @@ def _forward(h, w, b, neg, tgt, dtype, tiles) -> torch.Tensor:
     row_blocks, num_tiles = triton.cdiv(N, t.rows), triton.cdiv(S, t.cols)
     per_split, splits = split_ranges(num_tiles, num_splits(num_tiles, row_blocks, h.device))
     partial = torch.empty(splits, N, device=h.device, dtype=torch.float32)
-    _forward_kernel[(row_blocks, splits)](h, w, b, neg, tgt, partial, N, S, C, num_tiles, per_split,
-                                          BLOCK_N=t.rows, BLOCK_S=t.cols, **_common_args(dtype, C),
-                                          **launch_options(t))
+    _forward_kernel[(row_blocks, splits)](
+        h,
+        w,
+        b,
+        neg,
+        tgt,
+        partial,
+        N,
+        S,
+        C,
+        num_tiles,
+        per_split,
+        BLOCK_N=t.rows,
+        BLOCK_S=t.cols,
+        **_common_args(dtype, C),
+        **launch_options(t),
+    )
     return torch.logsumexp(partial, dim=0)
 
 
@@ -181,9 +253,25 @@ def _hidden_grad(h, w, b, neg, tgt, lse, scale, dtype, tiles) -> torch.Tensor:
     per_split, splits = split_ranges(num_tiles, num_splits(num_tiles, row_blocks, h.device))
     partial = torch.empty(splits, N, C, device=h.device, dtype=torch.float32)
     check_offsets(hidden=h, weight=w, hidden_grad_splits=partial)
-    _hidden_grad_kernel[(row_blocks, splits)](h, w, b, neg, tgt, lse, scale, partial, N, S, C, num_tiles, per_split,
-                                              BLOCK_N=t.rows, BLOCK_S=t.cols, **_common_args(dtype, C),
-                                              **launch_options(t))
+    _hidden_grad_kernel[(row_blocks, splits)](
+        h,
+        w,
+        b,
+        neg,
+        tgt,
+        lse,
+        scale,
+        partial,
+        N,
+        S,
+        C,
+        num_tiles,
+        per_split,
+        BLOCK_N=t.rows,
+        BLOCK_S=t.cols,
+        **_common_args(dtype, C),
+        **launch_options(t),
+    )
     return partial.sum(0)
 
 
@@ -195,9 +283,26 @@ def _weight_grad(h, w, b, neg, tgt, lse, scale, dtype, tiles) -> tuple[torch.Ten
     dw = torch.empty(splits, S, C, device=h.device, dtype=torch.float32)
     db = torch.empty(splits, S, device=h.device, dtype=torch.float32)
     check_offsets(hidden=h, weight=w, weight_grad_splits=dw)
-    _weight_grad_kernel[(col_blocks, splits)](h, w, b, neg, tgt, lse, scale, dw, db, N, S, C, num_tiles, per_split,
-                                              BLOCK_N=t.rows, BLOCK_S=t.cols, **_common_args(dtype, C),
-                                              **launch_options(t))
+    _weight_grad_kernel[(col_blocks, splits)](
+        h,
+        w,
+        b,
+        neg,
+        tgt,
+        lse,
+        scale,
+        dw,
+        db,
+        N,
+        S,
+        C,
+        num_tiles,
+        per_split,
+        BLOCK_N=t.rows,
+        BLOCK_S=t.cols,
+        **_common_args(dtype, C),
+        **launch_options(t),
+    )
     return dw.sum(0), db.sum(0)
 
 
@@ -244,8 +349,9 @@ def fused_negative_logsumexp(
     with the arguments of ``negative_logsumexp`` (no chunk: the kernels tile the negatives).
     ``tiles`` overrides the GPU tile sizes per kernel (``forward``, ``hidden``, ``weight``)."""
     if hidden_NC.dim() != 2 or weight_SC.dim() != 2 or hidden_NC.shape[1] != weight_SC.shape[1]:
-        raise ValueError(f"hidden [N, C] and weight [S, C] must share C, got {tuple(hidden_NC.shape)} "
-                         f"and {tuple(weight_SC.shape)}")
+        raise ValueError(
+            f"hidden [N, C] and weight [S, C] must share C, got {tuple(hidden_NC.shape)} and {tuple(weight_SC.shape)}"
+        )
     if not (bias_S.shape == negatives_S.shape == weight_SC.shape[:1] and target_N.shape == hidden_NC.shape[:1]):
         raise ValueError("bias and negatives need one entry per weight row, target one per hidden row")
     return _FusedNegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles)

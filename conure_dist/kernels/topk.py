@@ -46,9 +46,23 @@ compiles for sm_90 without spilling registers (not yet timed on a GPU). Columns 
 
 
 @triton.jit
-def _products(h, h_ptr, rows, N, w_ptr, cols, V, C, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-              BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-              INTERPRET: tl.constexpr):
+def _products(
+    h,
+    h_ptr,
+    rows,
+    N,
+    w_ptr,
+    cols,
+    V,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """fp32 [rows, cols]: hidden rows times the items ``cols`` (ids < V; others read zeros). One
     chunk of channels (``NUM_K == 1``) multiplies the block ``h`` that stays in registers;
     several read the rows' chunks from ``h_ptr`` (fp32, whose full-width blocks do not fit)."""
@@ -60,31 +74,73 @@ def _products(h, h_ptr, rows, N, w_ptr, cols, V, C, BLOCK_N: tl.constexpr, BLOCK
         x = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for k in range(NUM_K):
             ch = k * BLOCK_K + tl.arange(0, BLOCK_K)
-            hk = tl.load(h_ptr + rows[:, None] * C + ch[None, :], mask=(rows[:, None] < N) & (ch[None, :] < C),
-                         other=0.0)
-            wk = tl.load(w_ptr + cols[:, None] * C + ch[None, :], mask=(cols[:, None] < V) & (ch[None, :] < C),
-                         other=0.0)
-            x = tl.dot(cast_for_dot(hk, DOT_DTYPE, INTERPRET), tl.trans(cast_for_dot(wk, DOT_DTYPE, INTERPRET)), x,
-                       input_precision=PRECISION, out_dtype=tl.float32)
+            hk = tl.load(
+                h_ptr + rows[:, None] * C + ch[None, :], mask=(rows[:, None] < N) & (ch[None, :] < C), other=0.0
+            )
+            wk = tl.load(
+                w_ptr + cols[:, None] * C + ch[None, :], mask=(cols[:, None] < V) & (ch[None, :] < C), other=0.0
+            )
+            x = tl.dot(
+                cast_for_dot(hk, DOT_DTYPE, INTERPRET),
+                tl.trans(cast_for_dot(wk, DOT_DTYPE, INTERPRET)),
+                x,
+                input_precision=PRECISION,
+                out_dtype=tl.float32,
+            )
     return x
 
 
 @triton.jit
-def _scores(h, h_ptr, rows, N, w_ptr, b_ptr, cols, V, C, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-            BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, DOT_DTYPE: tl.constexpr, SCORE_DTYPE: tl.constexpr,
-            PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+def _scores(
+    h,
+    h_ptr,
+    rows,
+    N,
+    w_ptr,
+    b_ptr,
+    cols,
+    V,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    SCORE_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """fp32 [rows, cols]: the head's scores of the items ``cols``, rounded as its outputs are."""
-    x = _products(h, h_ptr, rows, N, w_ptr, cols, V, C, BLOCK_N, BLOCK_V, BLOCK_K, NUM_K, DOT_DTYPE, PRECISION,
-                  INTERPRET)
+    x = _products(
+        h, h_ptr, rows, N, w_ptr, cols, V, C, BLOCK_N, BLOCK_V, BLOCK_K, NUM_K, DOT_DTYPE, PRECISION, INTERPRET
+    )
     b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
     return round_to(round_to(x, DOT_DTYPE, INTERPRET) + b[None, :], SCORE_DTYPE, INTERPRET)
 
 
 @triton.jit
-def _rank_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, count_ptr, tscore_ptr, N, V, C, num_tiles, tiles_per_split,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, SCORE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 PADDING_FIRST: tl.constexpr, INTERPRET: tl.constexpr):
+def _rank_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    tgt_ptr,
+    count_ptr,
+    tscore_ptr,
+    N,
+    V,
+    C,
+    num_tiles,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    SCORE_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PADDING_FIRST: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Per user of one block, the items of one split that rank before the target: count[split, rows];
     split 0 also writes the targets' scores."""
     split = tl.program_id(1)
@@ -99,16 +155,50 @@ def _rank_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, count_ptr, tscore_ptr, N, V, C, n
     j = tl.arange(0, BLOCK_V)
     tcols = tl.load(tgt_ptr + start + j, mask=(j < BLOCK_N) & (start + j < N), other=0)
     on_diagonal = j[None, :] == tl.arange(0, BLOCK_N)[:, None]
-    tscore = _scores(h, h_ptr, rows, N, w_ptr, b_ptr, tcols, V, C, BLOCK_N, BLOCK_V, BLOCK_K, NUM_K, DOT_DTYPE,
-                     SCORE_DTYPE, PRECISION, INTERPRET)
+    tscore = _scores(
+        h,
+        h_ptr,
+        rows,
+        N,
+        w_ptr,
+        b_ptr,
+        tcols,
+        V,
+        C,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+        NUM_K,
+        DOT_DTYPE,
+        SCORE_DTYPE,
+        PRECISION,
+        INTERPRET,
+    )
     tscore = tl.sum(tl.where(on_diagonal, tscore, 0.0), axis=1)
     if PADDING_FIRST:
         tscore = tl.where(tgt == 0, float("-inf"), tscore)
     count = tl.zeros([BLOCK_N], tl.int32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, num_tiles)):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        s = _scores(h, h_ptr, rows, N, w_ptr, b_ptr, cols, V, C, BLOCK_N, BLOCK_V, BLOCK_K, NUM_K, DOT_DTYPE,
-                    SCORE_DTYPE, PRECISION, INTERPRET)
+        s = _scores(
+            h,
+            h_ptr,
+            rows,
+            N,
+            w_ptr,
+            b_ptr,
+            cols,
+            V,
+            C,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+            NUM_K,
+            DOT_DTYPE,
+            SCORE_DTYPE,
+            PRECISION,
+            INTERPRET,
+        )
         if PADDING_FIRST:
             s = tl.where(cols[None, :] == 0, float("-inf"), s)
         before = (s > tscore[:, None]) | ((s == tscore[:, None]) & (cols[None, :] < tgt[:, None]))
@@ -131,8 +221,10 @@ def fused_target_ranks(
     where ``padding_first``: T1's head), computed tile by tile. ``tiles`` overrides the GPU tile."""
     (N, C), V = hidden_NC.shape, weight_VC.shape[0]
     if weight_VC.shape[1:] != (C,) or bias_V.shape != (V,) or target_N.shape != (N,):
-        raise ValueError(f"hidden [N, C], weight [V, C], bias [V] and target [N] do not fit: {tuple(hidden_NC.shape)}, "
-                         f"{tuple(weight_VC.shape)}, {tuple(bias_V.shape)}, {tuple(target_N.shape)}")
+        raise ValueError(
+            f"hidden [N, C], weight [V, C], bias [V] and target [N] do not fit: {tuple(hidden_NC.shape)}, "
+            f"{tuple(weight_VC.shape)}, {tuple(bias_V.shape)}, {tuple(target_N.shape)}"
+        )
     if N == 0:
         return torch.zeros(0, dtype=torch.int64, device=hidden_NC.device)
     if int(target_N.min()) < 0 or int(target_N.max()) >= V:
@@ -149,10 +241,28 @@ def fused_target_ranks(
     chunk = channel_chunk(dtype, C)
     counts = torch.empty(splits, N, device=h.device, dtype=torch.int32)
     tscore = torch.empty(N, device=h.device, dtype=torch.float32)
-    _rank_kernel[(row_blocks, splits)](h, w, b, tgt, counts, tscore, N, V, C, num_tiles, per_split,
-                                       BLOCK_N=t.rows, BLOCK_V=t.cols, BLOCK_K=chunk, NUM_K=triton.cdiv(C, chunk),
-                                       DOT_DTYPE=tl_dtype(dtype), SCORE_DTYPE=tl_dtype(score_dtype),
-                                       PRECISION=input_precision(dtype), PADDING_FIRST=padding_first,
-                                       INTERPRET=INTERPRETED, **launch_options(t))
+    _rank_kernel[(row_blocks, splits)](
+        h,
+        w,
+        b,
+        tgt,
+        counts,
+        tscore,
+        N,
+        V,
+        C,
+        num_tiles,
+        per_split,
+        BLOCK_N=t.rows,
+        BLOCK_V=t.cols,
+        BLOCK_K=chunk,
+        NUM_K=triton.cdiv(C, chunk),
+        DOT_DTYPE=tl_dtype(dtype),
+        SCORE_DTYPE=tl_dtype(score_dtype),
+        PRECISION=input_precision(dtype),
+        PADDING_FIRST=padding_first,
+        INTERPRET=INTERPRETED,
+        **launch_options(t),
+    )
     ranks = counts.sum(0, dtype=torch.int64)
     return torch.where(tscore.isnan(), V - 1, ranks)

@@ -23,9 +23,14 @@ class JointLossModel(MaskedModel):
         super().__init__(masked.model, masked.ownership)
         self.set_view(masked.mode, masked.task_id)
 
-    def forward(self, seq_BL: torch.Tensor, task: str, target_B: torch.Tensor | None = None,
-                negatives: torch.Tensor | None = None,
-                joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None):
+    def forward(
+        self,
+        seq_BL: torch.Tensor,
+        task: str,
+        target_B: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None,
+    ):
         if joint is None:
             return super().forward(seq_BL, task, target_B, negatives)
         loss_sum, count = super().forward(seq_BL, task, target_B, negatives)

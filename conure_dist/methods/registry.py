@@ -84,21 +84,36 @@ class Method:
         return self.trains_backbone and not self.backbone_per_task
 
 
-_CONURE = dict(trains="free_weights", starts_from="current", serve_view="infer", backbone_per_task=False,
-               keeps_checkpoints=True, runner="continual")
+_CONURE = dict(
+    trains="free_weights",
+    starts_from="current",
+    serve_view="infer",
+    backbone_per_task=False,
+    keeps_checkpoints=True,
+    runner="continual",
+)
 _BASELINE = dict(serve_view="dense", keeps_checkpoints=False, runner="baseline")
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("conure", **_CONURE, compared_with=("finesmax", "stl")),
-    Method("conure_minus", **_CONURE, before_pruning=True, report_from="conure"),
-    Method("finetune", **_BASELINE, trains="whole_model", starts_from="current", backbone_per_task=False),
-    Method("stl", **_BASELINE, trains="whole_model", starts_from="first_task", backbone_per_task=True),
-    Method("finesmax", **_BASELINE, trains="head", starts_from="current", backbone_per_task=False),
-    Method("sinmo", **_BASELINE, trains="whole_model", starts_from="fresh_init", backbone_per_task=True),
-    Method("peterrec", **_BASELINE, trains="head_and_patches", starts_from="current", backbone_per_task=False),
-    Method("mtl", **_BASELINE, trains="whole_model", starts_from="first_task", backbone_per_task=True,
-           joint_weight="mtl_t1_weight"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("conure", **_CONURE, compared_with=("finesmax", "stl")),
+        Method("conure_minus", **_CONURE, before_pruning=True, report_from="conure"),
+        Method("finetune", **_BASELINE, trains="whole_model", starts_from="current", backbone_per_task=False),
+        Method("stl", **_BASELINE, trains="whole_model", starts_from="first_task", backbone_per_task=True),
+        Method("finesmax", **_BASELINE, trains="head", starts_from="current", backbone_per_task=False),
+        Method("sinmo", **_BASELINE, trains="whole_model", starts_from="fresh_init", backbone_per_task=True),
+        Method("peterrec", **_BASELINE, trains="head_and_patches", starts_from="current", backbone_per_task=False),
+        Method(
+            "mtl",
+            **_BASELINE,
+            trains="whole_model",
+            starts_from="first_task",
+            backbone_per_task=True,
+            joint_weight="mtl_t1_weight",
+        ),
+    )
+}
 """Every method, by name, in the order the config lists them."""
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -80,9 +80,7 @@ class NextItNet(nn.Module):
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_items, channels, padding_idx=0)
-        self.blocks = nn.ModuleList(
-            ResidualBlock(channels, kernel_size, d) for d in block_dilations
-        )
+        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel_size, d) for d in block_dilations)
         self.reset_parameters(init_std)
 
     def reset_parameters(self, init_std: float) -> None:
@@ -151,4 +149,3 @@ def _init_conv(conv: CausalConv1d, generator: torch.Generator | None = None) -> 
         else:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (1.0 / fan_in) ** 0.5)
     nn.init.zeros_(conv.bias)
-

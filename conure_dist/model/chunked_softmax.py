@@ -34,8 +34,9 @@ class _NegativeLogSumExp(torch.autograd.Function):
         for start in range(0, weight_SC.shape[0], chunk):
             stop = min(start + chunk, weight_SC.shape[0])
             logits = h @ weight_SC[start:stop].to(dtype).T
-            parts.append(chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N,
-                                         compiled=compiled))
+            parts.append(
+                chunk_logsumexp(logits, bias_S[start:stop], negatives_S[start:stop], target_N, compiled=compiled)
+            )
         if parts:
             lse = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
         else:  # no negatives at all
@@ -60,12 +61,20 @@ class _NegativeLogSumExp(torch.autograd.Function):
             stop = min(start + chunk, weight_SC.shape[0])
             w = weight_SC[start:stop].to(dtype)
             logits = h @ w.T
-            p, grad_bias[start:stop] = chunk_softmax_grad(logits, bias_S[start:stop], negatives_S[start:stop],
-                                                          target_N, safe_lse, scale, compiled=compiled)
+            p, grad_bias[start:stop] = chunk_softmax_grad(
+                logits, bias_S[start:stop], negatives_S[start:stop], target_N, safe_lse, scale, compiled=compiled
+            )
             grad_hidden += (p @ w).float()
             grad_weight[start:stop] = (p.T @ h).float()
-        return (grad_hidden.to(hidden_NC.dtype), grad_weight.to(weight_SC.dtype), grad_bias.to(bias_S.dtype),
-                None, None, None, None)
+        return (
+            grad_hidden.to(hidden_NC.dtype),
+            grad_weight.to(weight_SC.dtype),
+            grad_bias.to(bias_S.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _masked_logits(logits_NS, bias_S, negatives_S, target_N) -> torch.Tensor:

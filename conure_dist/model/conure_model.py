@@ -61,8 +61,9 @@ class ConureModel(nn.Module):
         for spec in tasks:
             self.kinds[spec.name] = spec.kind
             if spec.kind == "sequence":
-                heads[spec.name] = SampledSoftmaxHead(spec.num_outputs, channels, init_std,
-                                                      chunk=SOFTMAX_CHUNK if fast else None, kernel=softmax_kernel)
+                heads[spec.name] = SampledSoftmaxHead(
+                    spec.num_outputs, channels, init_std, chunk=SOFTMAX_CHUNK if fast else None, kernel=softmax_kernel
+                )
             elif spec.kind == "item":
                 heads[spec.name] = ItemHead(spec.num_outputs, channels, init_std, kernel=softmax_kernel)
             else:
@@ -167,9 +168,12 @@ class ConureModel(nn.Module):
         """The non-prunable parameters (layer norms, conv biases) of the blocks ``task`` appended:
         trained in its train phase, then frozen like T1's shared parameters."""
         prunable = set(self.prunable_names())
-        return [f"backbone.blocks.{b}.{n}" for b in self.grown_blocks(task)
-                for n, _ in self.backbone.blocks[b].named_parameters()
-                if f"backbone.blocks.{b}.{n}" not in prunable]
+        return [
+            f"backbone.blocks.{b}.{n}"
+            for b in self.grown_blocks(task)
+            for n, _ in self.backbone.blocks[b].named_parameters()
+            if f"backbone.blocks.{b}.{n}" not in prunable
+        ]
 
     def prunable_names(self, task: str | None = None) -> list[str]:
         """Parameter names (of this module) that Conure partitions between tasks: the conv
@@ -184,14 +188,21 @@ class ConureModel(nn.Module):
         blocks appended later: see ``grown_names``)."""
         prunable = set(self.prunable_names())
         grown = {f"blocks.{b}." for b in range(self.base_blocks, len(self.backbone.blocks))}
-        return [f"backbone.{n}" for n, _ in self.backbone.named_parameters()
-                if f"backbone.{n}" not in prunable and not any(n.startswith(g) for g in grown)]
+        return [
+            f"backbone.{n}"
+            for n, _ in self.backbone.named_parameters()
+            if f"backbone.{n}" not in prunable and not any(n.startswith(g) for g in grown)
+        ]
 
     def item_table_names(self) -> list[str]:
         """The vocabulary-sized tables of T1 (embedding, sampled-softmax weight and bias): a step
         touches few of their rows."""
-        seq_heads = [f"heads.{t}.{n}" for t, k in self.kinds.items() if k == "sequence"
-                     for n, _ in self.heads[t].named_parameters()]
+        seq_heads = [
+            f"heads.{t}.{n}"
+            for t, k in self.kinds.items()
+            if k == "sequence"
+            for n, _ in self.heads[t].named_parameters()
+        ]
         return ["backbone.embedding.weight", *seq_heads]
 
     def frozen_with(self, task: str) -> list[str]:

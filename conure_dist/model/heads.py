@@ -28,8 +28,9 @@ class SampledSoftmaxHead(nn.Module):
     GPU with Triton. ``triton`` fuses the loss even without ``chunk``.
     """
 
-    def __init__(self, num_items: int, channels: int, init_std: float = 0.02, chunk: int | None = None,
-                 kernel: str = "auto") -> None:
+    def __init__(
+        self, num_items: int, channels: int, init_std: float = 0.02, chunk: int | None = None, kernel: str = "auto"
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_items, channels) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_items))
@@ -43,8 +44,16 @@ class SampledSoftmaxHead(nn.Module):
         if self.chunk or self.kernel == "triton":
             # Same loss: -log softmax of the target among {target} + negatives, never
             # materializing the [N, S] logits (see chunked_softmax and conure_dist.kernels).
-            neg_lse = negative_logsumexp(hidden_NC, self.weight[negatives_S], self.bias[negatives_S], negatives_S,
-                                         target_N, self.chunk or DEFAULT_CHUNK, self.compiled, self.kernel)
+            neg_lse = negative_logsumexp(
+                hidden_NC,
+                self.weight[negatives_S],
+                self.bias[negatives_S],
+                negatives_S,
+                target_N,
+                self.chunk or DEFAULT_CHUNK,
+                self.compiled,
+                self.kernel,
+            )
             pos = pos.float()
             return (torch.logaddexp(pos, neg_lse) - pos).sum()
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
@@ -94,7 +103,9 @@ class ClassHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(channels, num_classes)
 
-    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negative_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return F.cross_entropy(self.scores(hidden_NC).float(), target_N, reduction="sum")
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,15 @@ class ShardWriter:
         self.written.append({"file": name, "rank": self.rank, "users": count})
 
 
-def embed_users(ckpt: str, task: str, out: str, dist: DistInfo, data_root: str | None = None,
-                batch_size: int = 1024, users_per_shard: int = 100_000) -> dict[str, Any]:
+def embed_users(
+    ckpt: str,
+    task: str,
+    out: str,
+    dist: DistInfo,
+    data_root: str | None = None,
+    batch_size: int = 1024,
+    users_per_shard: int = 100_000,
+) -> dict[str, Any]:
     """Write every T1 user's vector under ``task``'s inference view to ``out`` (see the module
     docstring), sharded over the ranks of ``dist``; every rank returns the summary."""
     if batch_size < 1 or users_per_shard < 1:
@@ -122,28 +129,46 @@ def embed_users(ckpt: str, task: str, out: str, dist: DistInfo, data_root: str |
     counts = {}
     for split in SPLITS:
         counts[split] = 0
-        for batch in iter_batches(manifest, t1, split, batch_size, shuffle=False, seed=0, epoch=0,
-                                  rank=dist.rank, world_size=dist.world_size):
+        for batch in iter_batches(
+            manifest, t1, split, batch_size, shuffle=False, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size
+        ):
             writer.add(batch.user.numpy(), user_vectors(network, batch.seq, batch_size, dist.device))
             counts[split] += len(batch.user)
     writer.close()
     shards, splits = _gather(dist, writer.written, counts)
     index = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "task": task, "task_kind": network.kind, "task_id": run.task_names.index(task) + 1, "t1_task": t1,
-        "dim": int(network.model.backbone.embedding.weight.shape[1]), "dtype": "float32",
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "task_kind": network.kind,
+        "task_id": run.task_names.index(task) + 1,
+        "t1_task": t1,
+        "dim": int(network.model.backbone.embedding.weight.shape[1]),
+        "dtype": "float32",
         "vector": "hidden state at the last position of the user's T1 sequence under the task's inference view "
-                  "(the input of its head)",
-        "checkpoint": run.ckpt.url, "task_checksum": run.ckpt.meta["state"]["task_checksums"][task],
-        "data_root": manifest.root, "users": sum(splits.values()), "splits": splits,
-        "raw_user_ids": writer.raw_users is not None, "world_size": dist.world_size, "batch_size": batch_size,
-        "users_per_shard": users_per_shard, "shards": shards,
+        "(the input of its head)",
+        "checkpoint": run.ckpt.url,
+        "task_checksum": run.ckpt.meta["state"]["task_checksums"][task],
+        "data_root": manifest.root,
+        "users": sum(splits.values()),
+        "splits": splits,
+        "raw_user_ids": writer.raw_users is not None,
+        "world_size": dist.world_size,
+        "batch_size": batch_size,
+        "users_per_shard": users_per_shard,
+        "shards": shards,
     }
     if dist.is_main:
         write_atomic(join(out, INDEX), json.dumps(index, indent=1))
     barrier(dist)
-    return {"task": task, "users": index["users"], "shards": len(shards), "dim": index["dim"], "out": out,
-            "index": join(out, INDEX)}
+    return {
+        "task": task,
+        "users": index["users"],
+        "shards": len(shards),
+        "dim": index["dim"],
+        "out": out,
+        "index": join(out, INDEX),
+    }
 
 
 def user_vectors(network: TaskNetwork, seq_BL: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
@@ -165,8 +190,10 @@ def prepare_out(out: str, dist: DistInfo) -> None:
     names = [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)] if fs.exists(path) else []
     foreign = sorted(n for n in names if n != INDEX and not SHARD_NAME.fullmatch(n))
     if foreign:
-        raise UserError(f"--out {out} is not empty and not a previous conure embedding (it holds "
-                         f"{', '.join(foreign[:5])}): choose a new or empty location")
+        raise UserError(
+            f"--out {out} is not empty and not a previous conure embedding (it holds "
+            f"{', '.join(foreign[:5])}): choose a new or empty location"
+        )
     barrier(dist)
     if dist.is_main:
         # The index first: a location without one is never taken for a complete embedding.
@@ -176,8 +203,9 @@ def prepare_out(out: str, dist: DistInfo) -> None:
     barrier(dist)
 
 
-def _gather(dist: DistInfo, written: list[dict[str, Any]],
-            counts: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _gather(
+    dist: DistInfo, written: list[dict[str, Any]], counts: dict[str, int]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every rank's shards (by rank, then index) and the users per split over all ranks."""
     mine = (written, counts)
     if not dist.is_distributed:

@@ -82,10 +82,16 @@ def check_exportable(run: TrainedRun, task: str) -> None:
     run.check_finished(task)
     method = run.ckpt.meta["config"].get("method", {}).get("name", DEFAULT_METHOD)
     record = METHODS.get(method)
-    if record is None or record.before_pruning or not record.partitions_backbone \
-            or any(name.startswith("patches.") for name in run.ckpt.model):
-        raise UserError(f"{run.ckpt.url}: only Conure checkpoints can be exported or embedded, "
-                         f"this one was trained with method '{method}'")
+    if (
+        record is None
+        or record.before_pruning
+        or not record.partitions_backbone
+        or any(name.startswith("patches.") for name in run.ckpt.model)
+    ):
+        raise UserError(
+            f"{run.ckpt.url}: only Conure checkpoints can be exported or embedded, "
+            f"this one was trained with method '{method}'"
+        )
 
 
 def baked_state(run: TrainedRun, task: str) -> dict[str, torch.Tensor]:
@@ -96,7 +102,9 @@ def baked_state(run: TrainedRun, task: str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         baked = masked.effective_weights()
         state = run.model.state_dict()
-        names = [n for n in state if n.startswith("backbone.") and _runs(run.model, task, n)] + run.model.head_names(task)
+        names = [n for n in state if n.startswith("backbone.") and _runs(run.model, task, n)] + run.model.head_names(
+            task
+        )
         # Own contiguous copies: safetensors refuses tensors that share memory.
         return {name: baked.get(name, state[name]).detach().contiguous().clone() for name in names}
 
@@ -104,8 +112,13 @@ def baked_state(run: TrainedRun, task: str) -> dict[str, torch.Tensor]:
 def build_network(model_cfg: dict[str, Any], spec: TaskSpec, state: dict[str, torch.Tensor]) -> TaskNetwork:
     """The one-task network holding ``state`` (built on the meta device: no initialisation)."""
     with torch.device("meta"):
-        model = ConureModel(model_cfg["num_seq_items"], [spec], model_cfg["channels"], model_cfg["kernel_size"],
-                            model_cfg["block_dilations"])
+        model = ConureModel(
+            model_cfg["num_seq_items"],
+            [spec],
+            model_cfg["channels"],
+            model_cfg["kernel_size"],
+            model_cfg["block_dilations"],
+        )
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return TaskNetwork(model, spec.name).eval()
@@ -128,8 +141,11 @@ def export_task(ckpt: str, task: str, out: str) -> dict[str, Any]:
     seq_len = int(run.ckpt.meta["seq_len"])
     safetensors.torch.save_file(state, str(root / WEIGHTS), metadata={"format": FORMAT, "task": task})
     network = build_network(_model_config(run, task), spec, state)
-    program = torch.export.export(network, (_probe(2, seq_len, spec.kind, run.ckpt.meta["num_seq_items"]),),
-                                  dynamic_shapes={"seq": {0: torch.export.Dim("batch")}})
+    program = torch.export.export(
+        network,
+        (_probe(2, seq_len, spec.kind, run.ckpt.meta["num_seq_items"]),),
+        dynamic_shapes={"seq": {0: torch.export.Dim("batch")}},
+    )
     torch.export.save(program, str(root / PROGRAM))
     class_names, vocab = _manifest_ids(run, task)
     if vocab:
@@ -138,9 +154,17 @@ def export_task(ckpt: str, task: str, out: str) -> dict[str, Any]:
     write_atomic(str(root / CONFIG), json.dumps(config, indent=1))
     _verify(run, root, spec)
     files = {name: (root / name).stat().st_size for name in EXPORT_FILES if (root / name).exists()}
-    return {"task": task, "kind": spec.kind, "out": str(root), "checkpoint": run.ckpt.url, "files": files,
-            "num_parameters": sum(t.numel() for t in state.values()),
-            "input": ["batch", config["input_len"]], "output": ["batch", spec.num_outputs], "verified": True}
+    return {
+        "task": task,
+        "kind": spec.kind,
+        "out": str(root),
+        "checkpoint": run.ckpt.url,
+        "files": files,
+        "num_parameters": sum(t.numel() for t in state.values()),
+        "input": ["batch", config["input_len"]],
+        "output": ["batch", spec.num_outputs],
+        "verified": True,
+    }
 
 
 def load_exported(path: str | Path) -> TaskNetwork:
@@ -151,8 +175,10 @@ def load_exported(path: str | Path) -> TaskNetwork:
     config = read_config(root)
     digest = _sha256(root / WEIGHTS)
     if digest != config["files"][WEIGHTS]["sha256"]:
-        raise UserError(f"{root / WEIGHTS}: sha256 {digest} differs from the {config['files'][WEIGHTS]['sha256']} "
-                         f"recorded in {root / CONFIG}")
+        raise UserError(
+            f"{root / WEIGHTS}: sha256 {digest} differs from the {config['files'][WEIGHTS]['sha256']} "
+            f"recorded in {root / CONFIG}"
+        )
     # Fresh (64-byte aligned) copies: safetensors places tensors at 8-byte offsets of the file,
     # and the CPU matrix kernels round differently on such data for a batch of 1 to 3 rows.
     state = {name: t.clone() for name, t in safetensors.torch.load_file(str(root / WEIGHTS)).items()}
@@ -171,8 +197,9 @@ def read_config(root: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{root / CONFIG}: not a conure export (format {FORMAT!r} expected)")
     if config.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{root / CONFIG}: format version {config.get('format_version')}, this code reads "
-                         f"{FORMAT_VERSION}")
+        raise UserError(
+            f"{root / CONFIG}: format version {config.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
     return config
 
 
@@ -180,8 +207,12 @@ def _model_config(run: TrainedRun, task: str) -> dict[str, Any]:
     """The one-task network's architecture: the blocks ``task`` runs (a grown backbone's later
     blocks are not part of an earlier task's network)."""
     cfg = run.ckpt.meta["config"]["model"]
-    return {"num_seq_items": int(run.ckpt.meta["num_seq_items"]), "channels": cfg["channels"],
-            "kernel_size": cfg["kernel_size"], "block_dilations": run.model.block_dilations(task)}
+    return {
+        "num_seq_items": int(run.ckpt.meta["num_seq_items"]),
+        "channels": cfg["channels"],
+        "kernel_size": cfg["kernel_size"],
+        "block_dilations": run.model.block_dilations(task),
+    }
 
 
 def _runs(model: ConureModel, task: str, name: str) -> bool:
@@ -207,8 +238,10 @@ def _prepare_out(out: str) -> Path:
             except ValueError:
                 foreign = [CONFIG]
         if foreign:
-            raise UserError(f"--out {out} is not empty and not a previous conure export (it holds "
-                             f"{', '.join(foreign[:5])}): choose a new or empty directory")
+            raise UserError(
+                f"--out {out} is not empty and not a previous conure export (it holds "
+                f"{', '.join(foreign[:5])}): choose a new or empty directory"
+            )
         # config.json first: a directory without it is never taken for a complete export.
         for name in sorted(present, key=lambda n: n != CONFIG):
             (root / name).unlink()
@@ -238,20 +271,37 @@ def _config(run: TrainedRun, spec: TaskSpec, class_names: list[str] | None, root
     layout = "int64 [batch, input_len]: T1 item ids, oldest first, left-padded with 0"
     if spec.kind == "sequence":
         layout += "; the last column is a placeholder (0): scores are for the item after the history"
-    output = {"sequence": "scores of every T1 item (item 0, the padding, is -inf)",
-              "item": "scores of every item of the task", "class": "logits of every class"}[spec.kind]
+    output = {
+        "sequence": "scores of every T1 item (item 0, the padding, is -inf)",
+        "item": "scores of every item of the task",
+        "class": "logits of every class",
+    }[spec.kind]
     config: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "task": {"name": spec.name, "kind": spec.kind, "num_outputs": spec.num_outputs,
-                 "id": run.task_names.index(spec.name) + 1},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": {
+            "name": spec.name,
+            "kind": spec.kind,
+            "num_outputs": spec.num_outputs,
+            "id": run.task_names.index(spec.name) + 1,
+        },
         "model": _model_config(run, spec.name),
-        "seq_len": seq_len, "input_len": width, "input": layout,
+        "seq_len": seq_len,
+        "input_len": width,
+        "input": layout,
         "output": f"float32 [batch, {spec.num_outputs}]: {output}",
-        "source": {"checkpoint": run.ckpt.url, "task_checksum": meta["state"]["task_checksums"][spec.name],
-                   "ownership_checksum": meta.get("ownership_checksum"), "data_root": meta.get("data_root")},
+        "source": {
+            "checkpoint": run.ckpt.url,
+            "task_checksum": meta["state"]["task_checksums"][spec.name],
+            "ownership_checksum": meta.get("ownership_checksum"),
+            "data_root": meta.get("data_root"),
+        },
         "torch_version": torch.__version__,
-        "files": {name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
-                  for name in (WEIGHTS, PROGRAM, VOCAB) if (root / name).exists()},
+        "files": {
+            name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
+            for name in (WEIGHTS, PROGRAM, VOCAB)
+            if (root / name).exists()
+        },
     }
     if class_names:
         config["class_names"] = class_names
@@ -280,8 +330,10 @@ def _verify(run: TrainedRun, root: Path, spec: TaskSpec) -> None:
             for label, loader in loaders.items():
                 scores = loader(probe)
                 if not torch.equal(scores, want):
-                    raise RuntimeError(f"{root}: {label} scores for {size} histories differ from the checkpoint's "
-                                       f"inference view (max |diff| {(scores - want).abs().nan_to_num().max().item():.3g})")
+                    raise RuntimeError(
+                        f"{root}: {label} scores for {size} histories differ from the checkpoint's "
+                        f"inference view (max |diff| {(scores - want).abs().nan_to_num().max().item():.3g})"
+                    )
 
 
 def _sha256(path: Path) -> str:

@@ -47,8 +47,9 @@ class TrainedRun:
         if task not in self.task_names:
             raise UserError(f"{flag}: no task '{task}' in {self.ckpt.url} (its tasks: {', '.join(self.task_names)})")
         if task not in self.finished:
-            raise UserError(f"{flag}: task '{task}' is not finished in {self.ckpt.url} (finished: "
-                             f"{', '.join(self.finished)})")
+            raise UserError(
+                f"{flag}: task '{task}' is not finished in {self.ckpt.url} (finished: {', '.join(self.finished)})"
+            )
 
 
 def load_trained(path: str) -> TrainedRun:
@@ -62,16 +63,20 @@ def manifest_for(ckpt: Checkpoint, data_root: str | None) -> Manifest:
     """The run's manifest, or the one at ``data_root`` if it describes the checkpoint's tasks."""
     root = data_root or ckpt.meta["data_root"]
     manifest = Manifest.load(root)
-    differ = [("num_seq_items", manifest.num_seq_items, ckpt.meta["num_seq_items"]),
-              ("seq_len", manifest.seq_len, ckpt.meta["seq_len"])]
+    differ = [
+        ("num_seq_items", manifest.num_seq_items, ckpt.meta["num_seq_items"]),
+        ("seq_len", manifest.seq_len, ckpt.meta["seq_len"]),
+    ]
     for spec in ckpt.meta["tasks"]:
         try:
             info = manifest.task(spec["name"])
         except ValueError:
             differ.append((f"task '{spec['name']}'", "missing", "present"))
             continue
-        differ += [(f"task '{spec['name']}' kind", info.kind, spec["kind"]),
-                   (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"])]
+        differ += [
+            (f"task '{spec['name']}' kind", info.kind, spec["kind"]),
+            (f"task '{spec['name']}' outputs", info.num_outputs, spec["num_outputs"]),
+        ]
     wrong = [f"{key} is {have} there, {want} in the checkpoint" for key, have, want in differ if have != want]
     if wrong:
         raise UserError(f"{root}: these shards do not match the checkpoint {ckpt.url}: {'; '.join(wrong)}")
@@ -87,8 +92,9 @@ def evaluate_finished(run: TrainedRun, manifest: Manifest, split: str, dist: Dis
     results = {}
     for index, name in enumerate(run.finished):
         masked.set_view("infer", index + 1)
-        results[name] = evaluate_task(masked, manifest, manifest.task(name), split, train_cfg["eval_batch_size"],
-                                      train_cfg["topk"], dist)
+        results[name] = evaluate_task(
+            masked, manifest, manifest.task(name), split, train_cfg["eval_batch_size"], train_cfg["topk"], dist
+        )
     return results
 
 
@@ -142,8 +148,9 @@ def score_histories(masked: MaskedModel, task: str, seqs_BL: torch.Tensor) -> to
         return masked(seqs_BL, task).float()[:rows]
 
 
-def format_record(kind: str, scores: torch.Tensor, k: int, class_names: list[str] | None = None,
-                  vocab: list[str] | None = None) -> dict[str, Any]:
+def format_record(
+    kind: str, scores: torch.Tensor, k: int, class_names: list[str] | None = None, vocab: list[str] | None = None
+) -> dict[str, Any]:
     """What ``predict`` reports for one history's scores (the head's logits): the class (with
     its name where known) and every class's probability (softmax, summing to 1), or the top ``k``
     items (with their raw ids where known) and their scores, logits that only rank. The sequence
@@ -177,7 +184,7 @@ def read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] |
             try:
                 seq = json.loads(line)["seq"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{where}: expected {{\"seq\": [item ids]}}: {exc}") from None
+                raise UserError(f'{where}: expected {{"seq": [item ids]}}: {exc}') from None
             if index is not None:
                 if not isinstance(seq, list) or not all(isinstance(x, (str, int)) and type(x) is not bool for x in seq):
                     raise UserError(f"{where}: 'seq' must be a list of raw item ids, got {seq!r}")
@@ -194,8 +201,15 @@ def read_sequences(path: str, seq_len: int, num_items: int, raw_ids: list[str] |
     return seqs
 
 
-def predict(run: TrainedRun, task: str, data_root: str | None = None, input_path: str | None = None,
-            raw_ids: bool = False, k: int = 5, limit: int = 10) -> list[dict[str, Any]]:
+def predict(
+    run: TrainedRun,
+    task: str,
+    data_root: str | None = None,
+    input_path: str | None = None,
+    raw_ids: bool = False,
+    k: int = 5,
+    limit: int = 10,
+) -> list[dict[str, Any]]:
     """One record per history: the top ``k`` items (item and sequence tasks) or the class and its
     scores (class tasks). Histories come from ``input_path`` (JSONL, see ``read_sequences``) or,
     without it, the first ``limit`` sequences of the task's test split."""
@@ -210,12 +224,15 @@ def predict(run: TrainedRun, task: str, data_root: str | None = None, input_path
         manifest = None
     t1_vocab = manifest.load_vocab(run.task_names[0]) if manifest is not None else None
     if raw_ids and t1_vocab is None:
-        raise UserError(f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
-                         "their raw ids already, or were converted before vocabularies were recorded)")
+        raise UserError(
+            f"--raw-ids: {manifest.path} records no T1 vocabulary (shards from synthetic data use "
+            "their raw ids already, or were converted before vocabularies were recorded)"
+        )
     users: list[str | int | None]
     if input_path:
-        rows = read_sequences(input_path, int(meta["seq_len"]), int(meta["num_seq_items"]),
-                              t1_vocab if raw_ids else None)
+        rows = read_sequences(
+            input_path, int(meta["seq_len"]), int(meta["num_seq_items"]), t1_vocab if raw_ids else None
+        )
         seqs, users = torch.tensor(rows, dtype=torch.long), [None] * len(rows)
     else:
         batch = next(iter(iter_batches(manifest, task, "test", limit, shuffle=False, seed=0, epoch=0)))
@@ -226,5 +243,7 @@ def predict(run: TrainedRun, task: str, data_root: str | None = None, input_path
     scores = score_histories(task_view(run, task), task, seqs)
     class_names = manifest.task(task).class_names if manifest is not None else None
     vocab = manifest.load_vocab(task) if manifest is not None and kind != "class" else None
-    return [{**({} if user is None else {"user": user}), **format_record(kind, row, k, class_names, vocab)}
-            for user, row in zip(users, scores, strict=True)]
+    return [
+        {**({} if user is None else {"user": user}), **format_record(kind, row, k, class_names, vocab)}
+        for user, row in zip(users, scores, strict=True)
+    ]

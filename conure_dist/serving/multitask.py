@@ -60,6 +60,7 @@ DEFAULT_CPU_CHUNK = 64
 """Rows per backbone pass on the CPU: a pass's per-task GEMM operands stay in cache, with ops
 large enough that on shared cores a thread-pool barrier per op costs little."""
 
+
 def view_kernel(weight: torch.Tensor, ownership: TaskOwnership, name: str, task_id: int) -> torch.Tensor:
     """``weight`` as task ``task_id``'s inference view reads it: exactly ``MaskedModel``'s
     ``where(frozen, W, 0)`` with the ``infer`` masks (owner in 1..task_id)."""
@@ -115,9 +116,15 @@ class MultiTaskScorer:
     the model to its device. One call at a time (a lock guards the workspace).
     """
 
-    def __init__(self, model: ConureModel, ownership: TaskOwnership, tasks: Sequence[str] | None = None,
-                 task_ids: dict[str, int] | None = None, per_task_shapes: bool | None = None,
-                 chunk_rows: int = DEFAULT_CPU_CHUNK) -> None:
+    def __init__(
+        self,
+        model: ConureModel,
+        ownership: TaskOwnership,
+        tasks: Sequence[str] | None = None,
+        task_ids: dict[str, int] | None = None,
+        per_task_shapes: bool | None = None,
+        chunk_rows: int = DEFAULT_CPU_CHUNK,
+    ) -> None:
         """``tasks``: the tasks to answer (default: those whose view id is at most the last task
         owning weights); ``task_ids``: their 1-based view ids (default: the order of the model's
         heads, the checkpoint's task order). ``per_task_shapes`` (default: on CUDA) and
@@ -129,16 +136,23 @@ class MultiTaskScorer:
         _check_tasks(model, ownership, self.tasks, ids)
         self.model, self.chunk_rows = model, chunk_rows
         self.depth = model.depth(self.tasks[0])
-        self.per_task_shapes = (model.backbone.embedding.weight.device.type == "cuda" if per_task_shapes is None
-                                else per_task_shapes)
+        self.per_task_shapes = (
+            model.backbone.embedding.weight.device.type == "cuda" if per_task_shapes is None else per_task_shapes
+        )
         self.ids = [ids[t] for t in self.tasks]
         if EMBEDDING in ownership.owners:
             self.embeddings = [view_kernel(model.backbone.embedding.weight, ownership, EMBEDDING, t) for t in self.ids]
         else:
             self.embeddings = [model.backbone.embedding.weight.detach()]
-        self.blocks = [_Block(block.norm1, self._conv(block.conv1, f"backbone.blocks.{i}.conv1.weight", ownership),
-                              block.norm2, self._conv(block.conv2, f"backbone.blocks.{i}.conv2.weight", ownership))
-                       for i, block in enumerate(model.backbone.blocks[: self.depth])]
+        self.blocks = [
+            _Block(
+                block.norm1,
+                self._conv(block.conv1, f"backbone.blocks.{i}.conv1.weight", ownership),
+                block.norm2,
+                self._conv(block.conv2, f"backbone.blocks.{i}.conv2.weight", ownership),
+            )
+            for i, block in enumerate(model.backbone.blocks[: self.depth])
+        ]
         self._watched = [*model.parameters(), *ownership.owners.values()]
         self._versions = self._current_versions()
         self._workspace: _Workspace | None = None
@@ -156,8 +170,7 @@ class MultiTaskScorer:
 
     def _conv(self, conv: nn.Module, name: str, ownership: TaskOwnership) -> _Conv:
         width = conv.weight.shape[-1]
-        kernels = tuple(view_kernel(conv.weight, ownership, name, t).reshape(-1, width).contiguous()
-                        for t in self.ids)
+        kernels = tuple(view_kernel(conv.weight, ownership, name, t).reshape(-1, width).contiguous() for t in self.ids)
         return _Conv(kernels, conv.bias.detach(), conv.kernel_size, conv.dilation)
 
     def _current_versions(self) -> list[int]:
@@ -171,8 +184,17 @@ class MultiTaskScorer:
             self._workspace = _Workspace((rows, length, device), len(self.tasks), plane, kernel, device)
         return self._workspace
 
-    def _norm_shift(self, norm: nn.LayerNorm, src: torch.Tensor, src_span: Span, conv: _Conv, span: Span,
-                    buffer: torch.Tensor, left: torch.Tensor | None, record: list | None) -> torch.Tensor:
+    def _norm_shift(
+        self,
+        norm: nn.LayerNorm,
+        src: torch.Tensor,
+        src_span: Span,
+        conv: _Conv,
+        span: Span,
+        buffer: torch.Tensor,
+        left: torch.Tensor | None,
+        record: list | None,
+    ) -> torch.Tensor:
         """``relu(norm(src))`` as ``conv``'s GEMM input for the positions ``span``: ``[G, B, n, C]``
         -> ``[G, B, count, K*C]`` (layer norm reads each row alone, so stacking changes nothing);
         ``record`` gets its first row."""
@@ -183,30 +205,45 @@ class MultiTaskScorer:
         out = _take(buffer, g, rows, span[0], conv.kernel_size * channels)
         return shifted_input(normed, src_span, span, conv.kernel_size, conv.dilation, out, self._length, left)
 
-    def _block_forward(self, block: _Block, x: torch.Tensor, spans: tuple[Span, Span, Span],
-                       shared: torch.Tensor | None, out_buffer: torch.Tensor, ws: _Workspace,
-                       lefts: tuple | None, record: list | None) -> torch.Tensor:
+    def _block_forward(
+        self,
+        block: _Block,
+        x: torch.Tensor,
+        spans: tuple[Span, Span, Span],
+        shared: torch.Tensor | None,
+        out_buffer: torch.Tensor,
+        ws: _Workspace,
+        lefts: tuple | None,
+        record: list | None,
+    ) -> torch.Tensor:
         """One residual block for every task: ``x`` ``[T or 1, B, n, C]`` (1: the same input for
         all) -> ``[T, B, count, C]`` in ``out_buffer``. ``shared``: conv1's GEMM input when it is
         the same for every task (block 0 with an unpartitioned embedding); ``lefts``: the two
         convs' inputs at the positions before the ones computed."""
         (x_span, mid, out), (left1, left2) = spans, lefts or (None, None)
         tasks, rows, channels = len(self.tasks), x.shape[1], x.shape[3]
-        first = shared if shared is not None else self._norm_shift(
-            block.norm1, x, x_span, block.conv1, mid, ws.shift, left1, record)
+        first = (
+            shared
+            if shared is not None
+            else self._norm_shift(block.norm1, x, x_span, block.conv1, mid, ws.shift, left1, record)
+        )
         h = _take(ws.mid, tasks, rows, mid[0], channels)
         for t in range(tasks):
             _gemm(first[t if first.shape[0] > 1 else 0], block.conv1.kernels[t], h[t])
-        second = self._norm_shift(block.norm2, h.add_(block.conv1.bias), mid, block.conv2, out, ws.shift,
-                                  left2, record)
+        second = self._norm_shift(block.norm2, h.add_(block.conv1.bias), mid, block.conv2, out, ws.shift, left2, record)
         result = _take(out_buffer, tasks, rows, out[0], channels)
         for t in range(tasks):
             _gemm(second[t], block.conv2.kernels[t], result[t])
         # Bias, then the residual (IEEE addition commutes exactly: h + x == x + h).
         return result.add_(block.conv2.bias).add_(held_positions(x, x_span, out))
 
-    def _pass(self, seqs: torch.Tensor, plan: list[tuple[Span, Span, Span]], lefts: list | None = None,
-              record: list | None = None) -> torch.Tensor:
+    def _pass(
+        self,
+        seqs: torch.Tensor,
+        plan: list[tuple[Span, Span, Span]],
+        lefts: list | None = None,
+        record: list | None = None,
+    ) -> torch.Tensor:
         """Every task's last-position state ``[T, rows, C]`` for one pass of rows through the
         positions ``plan``: a view into the workspace, valid until the next pass. ``lefts``: per
         block, the convs' inputs before the positions of the plan (see ``_padding_inputs``);
@@ -215,16 +252,24 @@ class MultiTaskScorer:
         self._length = length  # for _norm_shift
         ws = self._workspace_for(rows, length, seqs.device)
         count, step = plan[0][0] if plan else (1, 1)
-        x = torch.stack([F.embedding(seqs[:, length - 1 - step * (count - 1)::step], table)
-                         for table in self.embeddings])
+        x = torch.stack(
+            [F.embedding(seqs[:, length - 1 - step * (count - 1) :: step], table) for table in self.embeddings]
+        )
         lefts = lefts or [None] * len(plan)
         shared = None
         if x.shape[0] == 1 and plan:
-            shared = self._norm_shift(self.blocks[0].norm1, x, plan[0][0], self.blocks[0].conv1, plan[0][1],
-                                      ws.shared_shift, lefts[0] and lefts[0][0], record)
+            shared = self._norm_shift(
+                self.blocks[0].norm1,
+                x,
+                plan[0][0],
+                self.blocks[0].conv1,
+                plan[0][1],
+                ws.shared_shift,
+                lefts[0] and lefts[0][0],
+                record,
+            )
         for b, (block, spans) in enumerate(zip(self.blocks, plan, strict=True)):
-            x = self._block_forward(block, x, spans, shared if b == 0 else None, ws.state[b % 2], ws,
-                                    lefts[b], record)
+            x = self._block_forward(block, x, spans, shared if b == 0 else None, ws.state[b % 2], ws, lefts[b], record)
         return x[:, :, -1]
 
     def _padding_inputs(self, length: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -233,8 +278,11 @@ class MultiTaskScorer:
         causal state reads no later position. Computed once per length."""
         if self._padding is None or self._padding[0] != (length, device):
             record: list[torch.Tensor] = []
-            self._pass(torch.zeros(SCORE_ROW_MULTIPLE, length, dtype=torch.long, device=device),
-                       [((length, 1),) * 3] * len(self.blocks), record=record)
+            self._pass(
+                torch.zeros(SCORE_ROW_MULTIPLE, length, dtype=torch.long, device=device),
+                [((length, 1),) * 3] * len(self.blocks),
+                record=record,
+            )
             self._padding = (length, device), list(zip(record[::2], record[1::2], strict=True))
         return self._padding[1]
 
@@ -244,8 +292,9 @@ class MultiTaskScorer:
         ``chunk_rows`` at a time through the last position's spans, each chunk from its first
         non-padding position on: before it, every row holds the all-padding history's values."""
         if self._current_versions() != self._versions:
-            raise RuntimeError("the model's parameters or ownership changed since this MultiTaskScorer "
-                               "was built; build a new one")
+            raise RuntimeError(
+                "the model's parameters or ownership changed since this MultiTaskScorer was built; build a new one"
+            )
         rows, length = seqs.shape
         if self.per_task_shapes:
             return self._pass(seqs, model_spans(self.model, length, self.depth))
@@ -280,8 +329,7 @@ class MultiTaskScorer:
         padded, rows = self._padded(seqs)
         with self._lock, torch.no_grad():
             hidden = self._hidden(padded)
-            return {task: self.model.heads[task].scores(hidden[i]).float()[:rows]
-                    for i, task in enumerate(self.tasks)}
+            return {task: self.model.heads[task].scores(hidden[i]).float()[:rows] for i, task in enumerate(self.tasks)}
 
     __call__ = score
 
@@ -321,8 +369,10 @@ def _check_tasks(model: ConureModel, ownership: TaskOwnership, tasks: list[str],
         raise ValueError(f"ownership of {other}: MultiTaskScorer views only the convs and the embedding")
     depths = {t: model.depth(t) for t in tasks}
     if len(set(depths.values())) > 1:
-        raise ValueError(f"tasks run different numbers of blocks of the grown backbone ({depths}): one scorer "
-                         "per depth (see depth_groups; score_all_tasks groups them)")
+        raise ValueError(
+            f"tasks run different numbers of blocks of the grown backbone ({depths}): one scorer "
+            "per depth (see depth_groups; score_all_tasks groups them)"
+        )
 
 
 def finished_tasks(model: ConureModel, ownership: TaskOwnership, ids: dict[str, int] | None = None) -> list[str]:
@@ -340,8 +390,11 @@ def depth_groups(model: ConureModel, tasks: Sequence[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def score_all_tasks(source: TrainedRun | tuple[ConureModel, TaskOwnership], tasks: Sequence[str] | None,
-                    seqs: torch.Tensor | Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def score_all_tasks(
+    source: TrainedRun | tuple[ConureModel, TaskOwnership],
+    tasks: Sequence[str] | None,
+    seqs: torch.Tensor | Sequence[Sequence[int]],
+) -> dict[str, torch.Tensor]:
     """``{task: scores}`` for ``tasks`` (None: every finished task) in one call; equal to
     ``score_histories(task_view(run, task), task, seqs)`` per task. Builds a scorer each call:
     keep a ``MultiTaskScorer`` for repeated calls on one checkpoint."""

@@ -54,8 +54,16 @@ def _ceil_div(a: int, b: int) -> int:
     return max(0, -(-a // b))
 
 
-def shifted_input(src: torch.Tensor, src_span: Span, out_span: Span, kernel_size: int, dilation: int,
-                  out: torch.Tensor, length: int, left: torch.Tensor | None = None) -> torch.Tensor:
+def shifted_input(
+    src: torch.Tensor,
+    src_span: Span,
+    out_span: Span,
+    kernel_size: int,
+    dilation: int,
+    out: torch.Tensor,
+    length: int,
+    left: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``CausalConv1d``'s GEMM input for the positions ``out_span`` of a length-``length``
     sequence, written into ``out`` ``[G, R, count, K*C]``: tap ``i`` of an output position reads
     the input ``(K-1-i)*d`` positions before it, from ``src`` ``[G, R, n, C]`` (holding
@@ -69,14 +77,14 @@ def shifted_input(src: torch.Tensor, src_span: Span, out_span: Span, kernel_size
         pos = length - 1 - step * (count - 1) - (kernel_size - 1 - i) * dilation  # output 0's tap
         below = min(count, _ceil_div(src_first - pos, step))  # taps before what src holds
         zeros = below if left is None else min(below, _ceil_div(-pos, step))
-        tap = out[..., i * channels:(i + 1) * channels]
+        tap = out[..., i * channels : (i + 1) * channels]
         if zeros:
             tap[:, :, :zeros].zero_()
         if zeros < below:
-            tap[:, :, zeros:below].copy_(left[:, None, pos + zeros * step:pos + (below - 1) * step + 1:step])
+            tap[:, :, zeros:below].copy_(left[:, None, pos + zeros * step : pos + (below - 1) * step + 1 : step])
         if below < count:
             first = (pos + below * step - src_first) // src_step
-            tap[:, :, below:].copy_(src[:, :, first:first + (count - 1 - below) * stride + 1:stride])
+            tap[:, :, below:].copy_(src[:, :, first : first + (count - 1 - below) * stride + 1 : stride])
     return out
 
 
@@ -84,4 +92,4 @@ def held_positions(x: torch.Tensor, x_span: Span, span: Span) -> torch.Tensor:
     """The positions ``span`` of ``x`` ``[..., n, C]`` holding ``x_span`` (all held there)."""
     (n, x_step), (count, step) = x_span, span
     stride = step // x_step if count > 1 else 1
-    return x[..., n - 1 - (count - 1) * stride:n:stride, :]
+    return x[..., n - 1 - (count - 1) * stride : n : stride, :]

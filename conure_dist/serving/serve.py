@@ -98,8 +98,13 @@ class ServedTask:
         return self.num_outputs - 1 if self.kind == "sequence" else self.num_outputs
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "num_outputs": self.num_outputs,
-                "class_names": self.class_names, "raw_ids": self.vocab is not None}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "num_outputs": self.num_outputs,
+            "class_names": self.class_names,
+            "raw_ids": self.vocab is not None,
+        }
 
 
 @dataclass
@@ -137,11 +142,15 @@ class Scorer:
         """Records for each (rows, k) of ``task``, scored together in passes of ``max_batch`` rows."""
         served = self.tasks[task]
         rows = [row for job_rows, _ in jobs for row in job_rows]
-        scores = torch.cat([score_histories(served.view, task, torch.tensor(rows[i:i + self.max_batch]))
-                            for i in range(0, len(rows), self.max_batch)])
+        scores = torch.cat(
+            [
+                score_histories(served.view, task, torch.tensor(rows[i : i + self.max_batch]))
+                for i in range(0, len(rows), self.max_batch)
+            ]
+        )
         records, start = [], 0
         for job_rows, k in jobs:
-            part = scores[start:start + len(job_rows)]
+            part = scores[start : start + len(job_rows)]
             records.append([format_record(served.kind, row, k, served.class_names, served.vocab) for row in part])
             start += len(job_rows)
         return records
@@ -170,8 +179,9 @@ class TaskBatcher:
         while True:
             jobs = await self._collect(loop)
             try:
-                records = await loop.run_in_executor(self.executor, self.scorer.answer, self.task,
-                                                     [(job.rows, job.k) for job in jobs])
+                records = await loop.run_in_executor(
+                    self.executor, self.scorer.answer, self.task, [(job.rows, job.k) for job in jobs]
+                )
             except Exception as exc:  # a failed pass fails its requests, not the server
                 log.exception("task %s: forward pass failed", self.task)
                 for job in jobs:
@@ -232,8 +242,7 @@ def load_scorer(ckpt: str, max_batch: int) -> Scorer:
     for name in run.finished:
         spec = next(s for s in run.ckpt.meta["tasks"] if s["name"] == name)
         class_names, vocab = extras[name]
-        tasks[name] = ServedTask(name, spec["kind"], int(spec["num_outputs"]), task_view(run, name),
-                                 class_names, vocab)
+        tasks[name] = ServedTask(name, spec["kind"], int(spec["num_outputs"]), task_view(run, name), class_names, vocab)
     return Scorer(run, tasks, max_batch, note)
 
 
@@ -247,8 +256,11 @@ def parse_histories(body: PredictRequest, scorer: Scorer) -> tuple[ServedTask, l
     if body.task not in scorer.tasks:
         raise ServeError(409, f"task: '{body.task}' is not finished in this checkpoint (finished tasks: {finished})")
     seq_len, num_items = int(run.ckpt.meta["seq_len"]), int(run.ckpt.meta["num_seq_items"])
-    named = [("seq", body.seq)] if body.seq is not None else [(f"sequences[{i}]", s)
-                                                            for i, s in enumerate(body.sequences or [])]
+    named = (
+        [("seq", body.seq)]
+        if body.seq is not None
+        else [(f"sequences[{i}]", s) for i, s in enumerate(body.sequences or [])]
+    )
     rows = []
     for where, seq in named:
         try:
@@ -329,15 +341,22 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
     @app.get("/tasks")
     async def tasks() -> dict[str, Any]:
         meta = scorer.run.ckpt.meta
-        return {"tasks": [t.describe() for t in scorer.tasks.values()],
-                "unfinished": [n for n in scorer.run.task_names if n not in scorer.tasks],
-                "seq_len": int(meta["seq_len"]), "num_items": int(meta["num_seq_items"]),
-                "manifest": scorer.manifest_note is None}
+        return {
+            "tasks": [t.describe() for t in scorer.tasks.values()],
+            "unfinished": [n for n in scorer.run.task_names if n not in scorer.tasks],
+            "seq_len": int(meta["seq_len"]),
+            "num_items": int(meta["num_seq_items"]),
+            "manifest": scorer.manifest_note is None,
+        }
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        return {**counters["*"].as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                "tasks": {name: counters[name].as_dict() for name in scorer.tasks}}
+        return {
+            **counters["*"].as_dict(),
+            "max_batch": max_batch,
+            "max_wait_ms": max_wait_ms,
+            "tasks": {name: counters[name].as_dict() for name in scorer.tasks},
+        }
 
     @app.post("/predict")
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -348,8 +367,7 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
     return app
 
 
-def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          max_wait_ms: float = 5.0) -> None:
+def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
     """Load ``ckpt`` and answer on ``host:port`` until interrupted."""
     import uvicorn
 

@@ -49,8 +49,9 @@ def later_task_parameters(method: Method, model: ConureModel, task: str, first_t
     return names
 
 
-def start_backbone(method: Method, model: ConureModel, cfg: RunConfig, task_index: int,
-                   first: dict[str, torch.Tensor] | None) -> None:
+def start_backbone(
+    method: Method, model: ConureModel, cfg: RunConfig, task_index: int, first: dict[str, torch.Tensor] | None
+) -> None:
     """Set the backbone a later task starts from: ``first`` (T1's copy), a fresh initialisation
     seeded by the task, or (``current``) as it is."""
     if method.starts_from == "first_task":
@@ -83,8 +84,9 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
             joint = getattr(cfg.method, method.joint_weight) if method.joint_weight else 0.0
         # T1's head trained jointly belongs to task i's model copy: T1 keeps its own.
         joint_head = i > 0 and method.joint_weight is not None
-        t1_head = {n: p.detach().clone() for n, p in model.heads[first_task].state_dict().items()} \
-            if joint_head else None
+        t1_head = (
+            {n: p.detach().clone() for n, p in model.heads[first_task].state_dict().items()} if joint_head else None
+        )
         state.history.append(context.run_phase(i, "train", task_cfg, dense=names, joint_weight=joint))
         if t1_head is not None:
             model.heads[first_task].load_state_dict(t1_head)
@@ -101,8 +103,9 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
             if method.backbone_per_task:
                 model.backbone.load_state_dict(served[infos[j].name])
             masked.set_view(method.serve_view, j + 1)
-            row[infos[j].name] = evaluate_task(masked, manifest, infos[j], "test", cfg.train.eval_batch_size,
-                                               cfg.train.topk, dist)
+            row[infos[j].name] = evaluate_task(
+                masked, manifest, infos[j], "test", cfg.train.eval_batch_size, cfg.train.topk, dist
+            )
         state.metrics.append(row)
         state.matrix.append([row[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(infos)])
         logger.log("task_done", task=info.name, test=row[info.name], global_step=context.global_step)

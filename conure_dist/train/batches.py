@@ -27,17 +27,40 @@ def steps_per_epoch(cfg: RunConfig, manifest: Manifest, task: str, global_batch:
     return steps
 
 
-def train_batches(cfg: RunConfig, manifest: Manifest, dist: DistInfo, task: str, global_batch: int, *,
-                  seed: int, epoch: int, num_steps: int, start_step: int = 0) -> Iterator[Batch]:
+def train_batches(
+    cfg: RunConfig,
+    manifest: Manifest,
+    dist: DistInfo,
+    task: str,
+    global_batch: int,
+    *,
+    seed: int,
+    epoch: int,
+    num_steps: int,
+    start_step: int = 0,
+) -> Iterator[Batch]:
     """This rank's batches of one shuffled epoch over ``task``'s train split, from ``start_step``."""
-    return iter_batches(manifest, task, "train", global_batch // dist.world_size, shuffle=True, seed=seed,
-                        epoch=epoch, rank=dist.rank, world_size=dist.world_size, num_steps=num_steps,
-                        drop_last=True, shuffle_buffer=cfg.data.shuffle_buffer, partition=cfg.data.partition,
-                        start_step=start_step)
+    return iter_batches(
+        manifest,
+        task,
+        "train",
+        global_batch // dist.world_size,
+        shuffle=True,
+        seed=seed,
+        epoch=epoch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_steps=num_steps,
+        drop_last=True,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        partition=cfg.data.partition,
+        start_step=start_step,
+    )
 
 
-def negative_drawer(cfg: RunConfig, manifest: Manifest, dist: DistInfo, info: TaskInfo,
-                    global_batch: int) -> NegativeDrawer:
+def negative_drawer(
+    cfg: RunConfig, manifest: Manifest, dist: DistInfo, info: TaskInfo, global_batch: int
+) -> NegativeDrawer:
     """Negatives (on the CPU) drawn for the global batch from a generator shared by all ranks:
     T1's are shared by the whole batch; for an item task rank r takes entries r, r+W, ... like
     its instances under the stride partition, so a step equals the single-process one."""
@@ -61,8 +84,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 29)
 
 
-def batch_digest(users: torch.Tensor, negatives: torch.Tensor | None, shared: bool, step: int,
-                 dist: DistInfo) -> torch.Tensor:
+def batch_digest(
+    users: torch.Tensor, negatives: torch.Tensor | None, shared: bool, step: int, dist: DistInfo
+) -> torch.Tensor:
     """This rank's part of a fingerprint of global batch ``step``: which user sits at which
     place of the global batch (rank r's instance j at r + jW, as the stride partition lays them
     out) and which negatives it was given (one per instance, or ``shared`` by the whole batch as
@@ -99,19 +123,31 @@ def format_digest(value: int) -> str:
     return f"{value & _MASK64:016x}"
 
 
-def micro_batches(k: int, seq: torch.Tensor, task: str, target: torch.Tensor | None, negatives: torch.Tensor | None,
-                  shared: bool, joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None) -> list[tuple]:
+def micro_batches(
+    k: int,
+    seq: torch.Tensor,
+    task: str,
+    target: torch.Tensor | None,
+    negatives: torch.Tensor | None,
+    shared: bool,
+    joint: tuple[str, torch.Tensor, torch.Tensor, float] | None = None,
+) -> list[tuple]:
     """A step's model inputs in ``k`` strided parts (part i: instances i, i+k, ...), as the
     stride partition deals a batch to ranks (``train.grad_accum``). ``shared`` negatives (T1's)
     go to every part; otherwise each instance keeps its own. ``joint`` (task, T1 batch, its
     shared negatives, weight) is split alike."""
+
     def part(x: torch.Tensor, i: int) -> torch.Tensor:
         return x if k == 1 else x[i::k].contiguous()
 
     parts = []
     for i in range(k):
-        inputs: tuple = (part(seq, i), task, None if target is None else part(target, i),
-                         negatives if negatives is None or shared else part(negatives, i))
+        inputs: tuple = (
+            part(seq, i),
+            task,
+            None if target is None else part(target, i),
+            negatives if negatives is None or shared else part(negatives, i),
+        )
         if joint is not None:
             name, t1_seq, t1_negatives, weight = joint
             inputs += ((name, part(t1_seq, i), t1_negatives, weight),)
@@ -133,11 +169,21 @@ class JointBatches:
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
             if self.batches is None:
-                num_steps = max(1, num_steps_per_epoch(self.manifest, self.t1.name, "train", self.global_batch,
-                                                       drop_last=True))
-                self.batches = iter(train_batches(self.cfg, self.manifest, self.dist, self.t1.name,
-                                                  self.global_batch, seed=hash_seed(self.cfg.seed, 0, 9, self.epoch),
-                                                  epoch=self.epoch, num_steps=num_steps))
+                num_steps = max(
+                    1, num_steps_per_epoch(self.manifest, self.t1.name, "train", self.global_batch, drop_last=True)
+                )
+                self.batches = iter(
+                    train_batches(
+                        self.cfg,
+                        self.manifest,
+                        self.dist,
+                        self.t1.name,
+                        self.global_batch,
+                        seed=hash_seed(self.cfg.seed, 0, 9, self.epoch),
+                        epoch=self.epoch,
+                        num_steps=num_steps,
+                    )
+                )
             batch = next(self.batches, None)
             if batch is not None:
                 return batch.seq.to(self.dist.device), self.draw(generator).to(self.dist.device)
@@ -173,8 +219,9 @@ class Prefetcher:
         try:
             for batch in batches:
                 if self.pin:
-                    batch = Batch(batch.seq.pin_memory(), None if batch.target is None else batch.target.pin_memory(),
-                                  batch.user)
+                    batch = Batch(
+                        batch.seq.pin_memory(), None if batch.target is None else batch.target.pin_memory(), batch.user
+                    )
                 if not self._put(batch):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
@@ -202,4 +249,3 @@ class Prefetcher:
 def prefetched(batches: Iterable[Batch], depth: int, device: torch.device) -> Iterable[Batch]:
     """``batches`` read ``depth`` ahead on a thread (pinned for a GPU); as they are for depth 0."""
     return Prefetcher(batches, depth, pin=device.type == "cuda") if depth > 0 else batches
-

@@ -42,8 +42,16 @@ def build_model(cfg: RunConfig, num_seq_items: int, specs: list[TaskSpec]) -> Co
     for every task after the first, created last; an empty container for the other methods)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    model = ConureModel(num_seq_items, specs, m.channels, m.kernel_size, m.block_dilations, m.init_std,
-                        prune_embedding=m.prune_embedding, softmax_kernel=m.softmax_kernel)
+    model = ConureModel(
+        num_seq_items,
+        specs,
+        m.channels,
+        m.kernel_size,
+        m.block_dilations,
+        m.init_std,
+        prune_embedding=m.prune_embedding,
+        softmax_kernel=m.softmax_kernel,
+    )
     patched = [s.name for s in specs[1:]] if METHODS[cfg.method.name].patches else []
     add_patches(model, patched, cfg.method.patch_dim)
     return model
@@ -87,17 +95,28 @@ class RunContext:
     def ownership(self) -> TaskOwnership:
         return self.masked.ownership
 
-    def run_phase(self, task_index: int, mode: str, task_cfg: TaskConfig, resume: PhaseResume | None = None,
-                  save_mid=None, *, dense: list[str] | None = None, joint_weight: float = 0.0) -> dict[str, Any]:
+    def run_phase(
+        self,
+        task_index: int,
+        mode: str,
+        task_cfg: TaskConfig,
+        resume: PhaseResume | None = None,
+        save_mid=None,
+        *,
+        dense: list[str] | None = None,
+        joint_weight: float = 0.0,
+    ) -> dict[str, Any]:
         """Train one phase (``Phase``) and return its summary: best validation score, epochs. T1's
         train phase goes through ``train.first_task_cache`` when set (``first_task``)."""
+
         def train() -> tuple[dict[str, Any], int]:
             phase = Phase(self, task_index, mode, task_cfg, dense=dense, joint_weight=joint_weight)
             return phase.run(resume, save_mid), self.global_step
 
         if task_index == 0 and mode == "train" and resume is None and self.cfg.train.first_task_cache:
-            summary, self.global_step = run_first_phase(self.cfg, self.dist, self.model, self.logger, self.out,
-                                                        self.global_step, train)
+            summary, self.global_step = run_first_phase(
+                self.cfg, self.dist, self.model, self.logger, self.out, self.global_step, train
+            )
             return summary
         return train()[0]
 
@@ -112,16 +131,30 @@ class RunContext:
     def evaluate_view(self, task_index: int, mode: str, split: str = "test") -> dict[str, float]:
         """One task's metrics under a phase's view (e.g. ``train``: before pruning)."""
         self.masked.set_view(mode, task_index + 1)
-        return evaluate_task(self.masked, self.manifest, self.infos[task_index], split,
-                             self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
+        return evaluate_task(
+            self.masked,
+            self.manifest,
+            self.infos[task_index],
+            split,
+            self.cfg.train.eval_batch_size,
+            self.cfg.train.topk,
+            self.dist,
+        )
 
     def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
         """Tasks 0..``upto``, each under its own inference view."""
         out = {}
         for j in range(upto + 1):
             self.masked.set_view("infer", j + 1)
-            out[self.infos[j].name] = evaluate_task(self.masked, self.manifest, self.infos[j], split,
-                                                    self.cfg.train.eval_batch_size, self.cfg.train.topk, self.dist)
+            out[self.infos[j].name] = evaluate_task(
+                self.masked,
+                self.manifest,
+                self.infos[j],
+                split,
+                self.cfg.train.eval_batch_size,
+                self.cfg.train.topk,
+                self.dist,
+            )
         return out
 
     def checksum_of_task(self, task_index: int) -> str:
@@ -149,14 +182,17 @@ def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext
     for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
         if task.batch_size % parts:
             accum = f" x train.grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
-            raise UserError(f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size "
-                             f"{dist.world_size}{accum}")
+            raise UserError(
+                f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size {dist.world_size}{accum}"
+            )
     manifest, infos = open_dataset(cfg)
     if cfg.data.partition == "range":
         for i, info in enumerate(infos):
             if info.splits["train"].num_instances < dist.world_size:
-                raise UserError(f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
-                                 f"instances for {dist.world_size} ranks: too few for data.partition=range")
+                raise UserError(
+                    f"tasks.{i}: task '{info.name}' has {info.splits['train'].num_instances} training "
+                    f"instances for {dist.world_size} ranks: too few for data.partition=range"
+                )
     model = build_model(cfg, manifest.num_seq_items, task_specs(infos))
     if cfg.model.head_prior:
         for info in infos[1:]:

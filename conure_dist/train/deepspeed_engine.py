@@ -27,12 +27,21 @@ from conure_dist.train.loss import MicroBatchLoss, training_loss
 
 log = logging.getLogger(__name__)
 
-FORBIDDEN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "bf16", "fp16", "optimizer", "scheduler", "torch_autocast")
+FORBIDDEN_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+    "torch_autocast",
+)
 
 
-def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1,
-                     clip_grad_norm: float | None = None) -> dict:
+def deepspeed_config(
+    per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1, clip_grad_norm: float | None = None
+) -> dict:
     """The DeepSpeed config: ``dist.deepspeed_config`` (if any) plus what the run config fixes
     (``per_rank_batch`` is the micro-batch: a rank's share of a global batch / ``grad_accum``)."""
     base: dict = {}
@@ -44,15 +53,21 @@ def deepspeed_config(per_rank_batch: int, cfg: DistConfig, grad_accum: int = 1,
                 raise UserError(f"{cfg.deepspeed_config}: not valid JSON: {exc}") from None
         for key in FORBIDDEN_KEYS:
             if key in base:
-                raise UserError(f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
-                                 "(tasks.*.batch_size, train.grad_accum, dist.precision, tasks.*.lr); remove it")
+                raise UserError(
+                    f"{cfg.deepspeed_config}: key '{key}' is set by the run config "
+                    "(tasks.*.batch_size, train.grad_accum, dist.precision, tasks.*.lr); remove it"
+                )
         if clip_grad_norm is not None and base.get("gradient_clipping", clip_grad_norm) != clip_grad_norm:
-            raise UserError(f"{cfg.deepspeed_config}: 'gradient_clipping' is {base['gradient_clipping']} but "
-                             f"train.clip_grad_norm is {clip_grad_norm}; set one of them")
+            raise UserError(
+                f"{cfg.deepspeed_config}: 'gradient_clipping' is {base['gradient_clipping']} but "
+                f"train.clip_grad_norm is {clip_grad_norm}; set one of them"
+            )
         stage = base.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:
-            raise UserError(f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
-                             f"dist.zero_stage is {cfg.zero_stage}")
+            raise UserError(
+                f"{cfg.deepspeed_config}: key 'zero_optimization.stage' is {stage} but "
+                f"dist.zero_stage is {cfg.zero_stage}"
+            )
     config = {
         **base,
         "train_micro_batch_size_per_gpu": per_rank_batch,
@@ -89,8 +104,9 @@ class DeepSpeedEngine:
         self.trainable = trainable
         self.l2 = l2
         # As TorchEngine's: no weight decay (the L2 penalty is in the loss), fused on CUDA.
-        optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0,
-                                     fused=True if dist.device.type == "cuda" else None)
+        optimizer = torch.optim.Adam(
+            list(trainable.values()), lr=lr, weight_decay=0.0, fused=True if dist.device.type == "cuda" else None
+        )
         self.sharded_state = cfg.zero_stage > 0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=masked,
@@ -154,8 +170,11 @@ class DeepSpeedEngine:
             # DeepSpeed's own load needs every part for its elastic format (a list, not the rigid dict).
             if own is None or not isinstance(own.get("base_optimizer_state"), dict):
                 if self.dist.is_main:
-                    log.info("re-partitioning the ZeRO optimizer state of %d ranks for %d", shards.world_size,
-                             self.dist.world_size)
+                    log.info(
+                        "re-partitioning the ZeRO optimizer state of %d ranks for %d",
+                        shards.world_size,
+                        self.dist.world_size,
+                    )
                 own = reshard_zero_state(self.optimizer, shards)
         # ZeRO loads from a list indexed by data-parallel rank; only ours is read.
         parts: list[dict | None] = [None] * self.dist.world_size
@@ -211,8 +230,12 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
             sizes[name] = param.numel()
             mapping = param._hp_mapping
             if mapping is not None:
-                targets[name] = _Target(group, mapping.lp_fragment_address.start, mapping.hp_fragment_address.start,
-                                        mapping.lp_fragment_address.numel)
+                targets[name] = _Target(
+                    group,
+                    mapping.lp_fragment_address.start,
+                    mapping.hp_fragment_address.start,
+                    mapping.lp_fragment_address.numel,
+                )
     partitions = zero.single_partition_of_fp32_groups
     new: list[dict[str, Any]] = [{} for _ in partitions]
     seen: dict[str, int] = {}
@@ -221,15 +244,20 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
     for rank in range(shards.world_size):
         saved = shards.read(rank)["optimizer"]
         if first is None:
-            first = {k: v for k, v in saved.items() if k not in (c.BASE_OPTIMIZER_STATE, c.SINGLE_PARTITION_OF_FP32_GROUPS)}
+            first = {
+                k: v for k, v in saved.items() if k not in (c.BASE_OPTIMIZER_STATE, c.SINGLE_PARTITION_OF_FP32_GROUPS)
+            }
             first["param_groups"] = _param_groups(saved, zero, c)
         mappings = saved.get(c.PARAM_SLICE_MAPPINGS)
         if mappings is None:
-            raise UserError(f"the checkpoint's ZeRO state (DeepSpeed {saved.get(c.DS_VERSION)}) does not map its "
-                             f"partitions to parameters: resume it on the {shards.world_size} processes that saved it")
+            raise UserError(
+                f"the checkpoint's ZeRO state (DeepSpeed {saved.get(c.DS_VERSION)}) does not map its "
+                f"partitions to parameters: resume it on the {shards.world_size} processes that saved it"
+            )
         if len(mappings) != len(partitions):
-            raise UserError(f"the checkpoint's ZeRO state has {len(mappings)} parameter groups, this optimizer "
-                             f"{len(partitions)}")
+            raise UserError(
+                f"the checkpoint's ZeRO state has {len(mappings)} parameter groups, this optimizer {len(partitions)}"
+            )
         for group, mapping in enumerate(mappings):
             flat, scalars = _group_state(saved, group, c)
             for key, value in scalars.items():
@@ -241,15 +269,18 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
                 if target is None:
                     continue
                 if target.group != group:
-                    raise UserError(f"the checkpoint's ZeRO state has {name} in parameter group {group}, "
-                                     f"this optimizer in group {target.group}")
+                    raise UserError(
+                        f"the checkpoint's ZeRO state has {name} in parameter group {group}, "
+                        f"this optimizer in group {target.group}"
+                    )
                 lo, hi = max(begin, target.lp_start), min(end, target.lp_start + target.numel)
                 if lo >= hi:
                     continue
                 for key, values in flat.items():
                     dst = new[group].setdefault(key, torch.zeros(partitions[group].numel(), dtype=values.dtype))
-                    dst[target.hp_start + lo - target.lp_start: target.hp_start + hi - target.lp_start].copy_(
-                        values[address.start + lo - begin: address.start + hi - begin])
+                    dst[target.hp_start + lo - target.lp_start : target.hp_start + hi - target.lp_start].copy_(
+                        values[address.start + lo - begin : address.start + hi - begin]
+                    )
                 copied[name] += hi - lo
         del saved
     wrong = sorted(n for n in sizes if seen.get(n, 0) != sizes[n]) + sorted(set(seen) - set(sizes))
@@ -261,14 +292,19 @@ def reshard_zero_state(zero: Any, shards: SavedShards) -> dict:
     ids = [g["params"][0] for g in param_groups]
     return {
         **first,
-        c.BASE_OPTIMIZER_STATE: {"state": {i: state for i, state in zip(ids, new, strict=True) if state},
-                                 "param_groups": param_groups},
+        c.BASE_OPTIMIZER_STATE: {
+            "state": {i: state for i, state in zip(ids, new, strict=True) if state},
+            "param_groups": param_groups,
+        },
         c.SINGLE_PARTITION_OF_FP32_GROUPS: [p.detach().clone() for p in partitions],
         c.GROUP_PADDINGS: list(zero.groups_padding),
         c.PARTITION_COUNT: list(zero.partition_count),
         c.PARAM_SLICE_MAPPINGS: zero._param_slice_mappings,
-        **({c.PARAM_ALIGNMENT_PADDINGS: zero.round_robin_bit16_padding}
-           if hasattr(zero, "round_robin_bit16_padding") else {}),
+        **(
+            {c.PARAM_ALIGNMENT_PADDINGS: zero.round_robin_bit16_padding}
+            if hasattr(zero, "round_robin_bit16_padding")
+            else {}
+        ),
     }
 
 

@@ -30,10 +30,12 @@ class Engine(Protocol):
         """One optimizer step over a global batch given as this rank's micro-batches (each the
         model's training inputs; one unless gradients are accumulated); returns the global
         batch's mean loss."""
+
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next steps (``train.lr_schedule``)."""
+
     def close(self) -> None:
         """Release what the engine hooked into the model when its phase ends."""
 
@@ -80,8 +82,9 @@ class TorchEngine:
             self.module = masked
         # The L2 penalty is in the loss, so no weight decay here. On CUDA the fused kernel updates
         # every tensor in one pass (T1's item tables alone are 330M values at TTL's sizes).
-        self.optimizer = torch.optim.Adam(list(trainable.values()), lr=lr, weight_decay=0.0,
-                                          fused=True if dist.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(
+            list(trainable.values()), lr=lr, weight_decay=0.0, fused=True if dist.device.type == "cuda" else None
+        )
 
     def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -151,9 +154,11 @@ def build_engine(
     ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely;
     ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches."""
     if cfg.engine == "ddp":
-        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else (),
-                           clip_grad_norm)
+        return TorchEngine(
+            masked, trainable, lr, l2, dist, cfg.precision, row_sparse if cfg.row_sparse else (), clip_grad_norm
+        )
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum,
-                           clip_grad_norm)
+    return DeepSpeedEngine(
+        masked, trainable, lr, l2, dist, cfg, per_rank_batch // grad_accum, grad_accum, clip_grad_norm
+    )

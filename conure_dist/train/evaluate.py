@@ -62,8 +62,9 @@ def fused_ranking(model: MaskedModel, task: TaskInfo, device: torch.device) -> b
     """Whether ``task``'s ranks come from the fused kernel: an item-ranking head whose ``kernel``
     picks Triton on ``device``."""
     head = model.model.heads[task.name] if task.kind != "class" else None
-    return (isinstance(head, SampledSoftmaxHead | ItemHead)
-            and use_triton(head.kernel, device, product_dtype(device, head.weight.dtype)))
+    return isinstance(head, SampledSoftmaxHead | ItemHead) and use_triton(
+        head.kernel, device, product_dtype(device, head.weight.dtype)
+    )
 
 
 def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,12 +73,14 @@ def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: t
     weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
     hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
     head = model.model.heads[task.name]
-    return fused_target_ranks(hidden, head.weight, head.bias, target,
-                              padding_first=isinstance(head, SampledSoftmaxHead))
+    return fused_target_ranks(
+        hidden, head.weight, head.bias, target, padding_first=isinstance(head, SampledSoftmaxHead)
+    )
 
 
-def _batch_sums(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs,
-                fused: bool, compiled: bool) -> dict[str, float]:
+def _batch_sums(
+    model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs, fused: bool, compiled: bool
+) -> dict[str, float]:
     """One batch's metric sums: accuracy, or ranking metrics from fused or materialized ranks."""
     if fused:
         return ranking_sums(fused_ranks(model, task, seq, target), k)
@@ -104,8 +107,9 @@ def evaluate_task(
     per_rank = max(1, batch_size // dist.world_size)
     compiled = getattr(model.model, "compiled", False)  # compiled models rank in one compiled pass
     fused = fused_ranking(model, task, dist.device)
-    for batch in iter_batches(manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0,
-                              rank=dist.rank, world_size=dist.world_size):
+    for batch in iter_batches(
+        manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size
+    ):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
         part = _batch_sums(model, task, seq, target, k, fused, compiled)

@@ -62,8 +62,16 @@ MARKER = "first_task.json"
 """Written into a run's output folder once its T1 train phase is trained or loaded (what
 ``conure experiment`` waits for before it starts the runs that reuse it)."""
 
-_UNKEYED_TRAIN = {"progress", "log_every", "sinks", "profile_steps", "keep_checkpoints", "async_checkpoint",
-                  "checkpoint_every_steps", "first_task_cache"}
+_UNKEYED_TRAIN = {
+    "progress",
+    "log_every",
+    "sinks",
+    "profile_steps",
+    "keep_checkpoints",
+    "async_checkpoint",
+    "checkpoint_every_steps",
+    "first_task_cache",
+}
 """Training settings that change what is logged or saved, never a number the phase computes."""
 _KEYED_TASK = ("name", "epochs", "lr", "batch_size", "l2")
 """T1's settings that its train phase reads (its prune ratio and retrain epochs come later)."""
@@ -88,8 +96,9 @@ def keyed_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def phase_key(cfg_dict: dict[str, Any], state: dict[str, torch.Tensor], first_task: str, world_size: int,
-              device: torch.device) -> str:
+def phase_key(
+    cfg_dict: dict[str, Any], state: dict[str, torch.Tensor], first_task: str, world_size: int, device: torch.device
+) -> str:
     """The sha256 of everything T1's train phase depends on (see the module docstring)."""
     settings = {
         **keyed_settings(cfg_dict),
@@ -130,8 +139,9 @@ class FirstTaskCache:
                 raise CheckpointError(f"the entry was stored under another key ({meta.get('key')})")
             data = read_verified(fs, path, "state.pt", digests["state.pt"])
         except CheckpointError as exc:
-            raise UserError(f"{folder}: a damaged entry of the first-task cache ({exc}): delete the folder to "
-                             "train T1 again") from None
+            raise UserError(
+                f"{folder}: a damaged entry of the first-task cache ({exc}): delete the folder to train T1 again"
+            ) from None
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), meta
 
     def store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -140,8 +150,10 @@ class FirstTaskCache:
         if fs.exists(posixpath.join(path, COMMIT)):
             return
         fs.makedirs(path, exist_ok=True)
-        contents = {"state.pt": {n: t.detach().cpu() for n, t in tensors.items()},
-                    "meta.json": json.dumps({**meta, "key": key}).encode()}
+        contents = {
+            "state.pt": {n: t.detach().cpu() for n, t in tensors.items()},
+            "meta.json": json.dumps({**meta, "key": key}).encode(),
+        }
         digests = {}
         for fname, content in contents.items():
             # Under a unique name first: a second writer of the same key never tears this one's part.
@@ -161,8 +173,15 @@ class EventRecorder:
         self.events.append({"event": event, **fields})
 
 
-def run_first_phase(cfg: RunConfig, dist: DistInfo, model: ConureModel, logger: JsonlLogger, out: str | None,
-                    global_step: int, train_phase: Callable[[], tuple[dict[str, Any], int]]) -> tuple[dict[str, Any], int]:
+def run_first_phase(
+    cfg: RunConfig,
+    dist: DistInfo,
+    model: ConureModel,
+    logger: JsonlLogger,
+    out: str | None,
+    global_step: int,
+    train_phase: Callable[[], tuple[dict[str, Any], int]],
+) -> tuple[dict[str, Any], int]:
     """T1's train phase through the cache at ``train.first_task_cache``: loaded when an entry
     has the run's key, otherwise trained by ``train_phase`` (which returns the phase summary and
     the run's step count after it) and stored. Returns the summary and the step count after the
@@ -198,18 +217,29 @@ def run_first_phase(cfg: RunConfig, dist: DistInfo, model: ConureModel, logger: 
             log.warning("T1's train phase drew from torch's global generator: not storing it in %s", cache.root)
         elif dist.is_main:
             # Step counts relative to the phase's start: a loading run adds its own.
-            events = [{**e, "global_step": e["global_step"] - start_step} if "global_step" in e else e
-                      for e in recorder.events]
-            cache.store(key, {n: state[n] for n in names},
-                        {"format": FORMAT_VERSION, "task": first, "steps": global_step - start_step,
-                         "summary": summary, "events": events})
+            events = [
+                {**e, "global_step": e["global_step"] - start_step} if "global_step" in e else e
+                for e in recorder.events
+            ]
+            cache.store(
+                key,
+                {n: state[n] for n in names},
+                {
+                    "format": FORMAT_VERSION,
+                    "task": first,
+                    "steps": global_step - start_step,
+                    "summary": summary,
+                    "events": events,
+                },
+            )
     if dist.is_main and out:
         write_atomic(join(out, MARKER), json.dumps({"key": key, "cache": cache.folder(key), "reused": reused}) + "\n")
     return summary, global_step
 
 
-def _load_phase(model: ConureModel, targets: dict[str, torch.Tensor], found: dict[str, torch.Tensor] | None,
-                dist: DistInfo) -> None:
+def _load_phase(
+    model: ConureModel, targets: dict[str, torch.Tensor], found: dict[str, torch.Tensor] | None, dist: DistInfo
+) -> None:
     """Copy the entry's tensors (read on rank 0, broadcast to the others) into ``targets``; the
     phase leaves nothing trainable."""
     with torch.no_grad():

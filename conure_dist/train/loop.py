@@ -22,8 +22,12 @@ from conure_dist.train.state import CapacityError, RunState
 
 def capacity_entry(task: str, ownership: TaskOwnership) -> dict[str, Any]:
     cap = ownership.capacity()
-    return {"task": task, "owned_fraction": {str(k): v for k, v in cap.owned.items()}, "free_fraction": cap.free,
-            "num_weights": cap.total}
+    return {
+        "task": task,
+        "owned_fraction": {str(k): v for k, v in cap.owned.items()},
+        "free_fraction": cap.free,
+        "num_weights": cap.total,
+    }
 
 
 class ContinualLoop:
@@ -37,8 +41,9 @@ class ContinualLoop:
         self.ctx = build_context(cfg, out, dist)
         self.state = RunState()
         self.phases = PhaseState(cfg, dist, self.state)
-        self.checkpointer = Checkpointer(out, dist, keep=cfg.train.keep_checkpoints,
-                                         async_writes=cfg.train.async_checkpoint)
+        self.checkpointer = Checkpointer(
+            out, dist, keep=cfg.train.keep_checkpoints, async_writes=cfg.train.async_checkpoint
+        )
         register_run_parts(self.checkpointer, self.ctx, self.state, self.phases)
         self._load()
 
@@ -47,8 +52,10 @@ class ContinualLoop:
         if self.resume:
             self.checkpointer.load()
         elif self.checkpointer.committed():
-            raise UserError(f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
-                             "it, or choose another --out")
+            raise UserError(
+                f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
+                "it, or choose another --out"
+            )
         self.state.num_checkpoints = max(self.state.num_checkpoints, self.checkpointer.last_index())
         # Every rank has read the last index before any rank writes the next checkpoint's parts.
         barrier(self.dist)
@@ -71,15 +78,23 @@ class ContinualLoop:
     def run(self) -> dict[str, Any]:
         """Run the remaining tasks in order and return the report (also written to ``out``)."""
         state = self.state
-        self.ctx.logger.log("start", config=self.cfg.to_dict(), world_size=self.dist.world_size, resume=self.resume,
-                            **state.resume_point())
+        self.ctx.logger.log(
+            "start",
+            config=self.cfg.to_dict(),
+            world_size=self.dist.world_size,
+            resume=self.resume,
+            **state.resume_point(),
+        )
         for i in range(state.task_index, len(self.cfg.tasks)):
             self._task(i)
         self.checkpointer.wait()  # the last checkpoint is committed before the report appears
         state.wall_seconds = self._elapsed()
         model, ownership = self.ctx.model, self.ctx.ownership
-        storage = {"num_backbones": 1, "stored_parameters": sum(p.numel() for p in model.parameters()),
-                   "ownership_bytes": sum(o.numel() * o.element_size() for o in ownership.owners.values())}
+        storage = {
+            "num_backbones": 1,
+            "stored_parameters": sum(p.numel() for p in model.parameters()),
+            "ownership_bytes": sum(o.numel() * o.element_size() for o in ownership.owners.values()),
+        }
         return self.ctx.finish(state, storage, self.out)
 
     def _task(self, i: int) -> None:
@@ -96,16 +111,23 @@ class ContinualLoop:
         self.save(f"{self.ctx.infos[i].name}-done")
 
     def _phase(self, i: int, mode: str) -> dict[str, Any]:
-        return self.ctx.run_phase(i, mode, self.cfg.tasks[i], self.phases.resume_for(mode),
-                                  lambda phase: self.phases.save_in(phase, self.save))
+        return self.ctx.run_phase(
+            i,
+            mode,
+            self.cfg.tasks[i],
+            self.phases.resume_for(mode),
+            lambda phase: self.phases.save_in(phase, self.save),
+        )
 
     def _train(self, i: int) -> None:
         """Task ``i``'s train phase, on a backbone grown first where it is short of free weights."""
         ctx, name = self.ctx, self.ctx.infos[i].name
         self._grow(i)
         if ctx.ownership.num_free() == 0:
-            raise CapacityError(f"task '{name}' cannot start: every conv weight is owned by an earlier "
-                                "task; lower the earlier prune ratios or set continual.min_free_fraction")
+            raise CapacityError(
+                f"task '{name}' cannot start: every conv weight is owned by an earlier "
+                "task; lower the earlier prune ratios or set continual.min_free_fraction"
+            )
         self.state.history.append(self._phase(i, "train"))
         self.state.before_prune[name] = ctx.evaluate_view(i, "train")
         self.state.complete("train")
@@ -133,8 +155,9 @@ class ContinualLoop:
         if task_cfg.prune_ratio != "auto":
             return task_cfg.prune_ratio
         if name not in self.state.prune_search:
-            unpruned = next(h["best_valid"] for h in reversed(self.state.history)
-                            if h["task"] == name and h["phase"] == "train")
+            unpruned = next(
+                h["best_valid"] for h in reversed(self.state.history) if h["task"] == name and h["phase"] == "train"
+            )
             self.state.prune_search[name] = choose_prune_ratio(self.ctx, i, task_cfg, unpruned)
             self.save(f"{name}-ratio")
         return self.state.prune_search[name]["chosen"]
@@ -148,13 +171,22 @@ class ContinualLoop:
         row_metrics = ctx.evaluate_all(i)
         metric_names = [primary_metric_name(t.kind, cfg.train.topk) for t in ctx.infos]
         state.metrics.append(row_metrics)
-        state.matrix.append([row_metrics[t.name][metric_names[j]] if j <= i else None
-                             for j, t in enumerate(ctx.infos)])
-        state.capacity.append({**capacity_entry(info.name, ctx.ownership), "prune_ratio": self._prune_ratio(i),
-                               "num_blocks": ctx.model.depth(info.name)})
+        state.matrix.append([row_metrics[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(ctx.infos)])
+        state.capacity.append(
+            {
+                **capacity_entry(info.name, ctx.ownership),
+                "prune_ratio": self._prune_ratio(i),
+                "num_blocks": ctx.model.depth(info.name),
+            }
+        )
         state.task_checksums[info.name] = ctx.checksum_of_task(i)
-        ctx.logger.log("task_done", task=info.name, test=row_metrics[info.name], capacity=state.capacity[-1],
-                       global_step=ctx.global_step)
+        ctx.logger.log(
+            "task_done",
+            task=info.name,
+            test=row_metrics[info.name],
+            capacity=state.capacity[-1],
+            global_step=ctx.global_step,
+        )
 
 
 def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:

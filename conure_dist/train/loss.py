@@ -53,8 +53,14 @@ def normalized_loss(loss_sum: torch.Tensor, count: torch.Tensor, dist: DistInfo)
     return loss_sum / count.clamp(min=1).to(loss_sum.dtype), loss_sum.detach() / count.clamp(min=1)
 
 
-def training_loss(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, dist: DistInfo,
-                  loss_sum: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(
+    masked: MaskedModel,
+    trainable: dict[str, nn.Parameter],
+    l2: float,
+    dist: DistInfo,
+    loss_sum: torch.Tensor,
+    count: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What every engine back-propagates (normalized loss plus masked L2 over ``trainable``),
     and the logged mean."""
     loss, mean = normalized_loss(loss_sum, count, dist)
@@ -77,8 +83,9 @@ class MicroBatchLoss:
         self.scale = dist.world_size * self.k / self.total_count
         self.loss_total = torch.zeros((), dtype=torch.float64, device=total.device)
 
-    def __call__(self, masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float,
-                 loss_sum: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: float, loss_sum: torch.Tensor
+    ) -> torch.Tensor:
         """What to back-propagate for one micro-batch (its scaled loss plus the L2 penalty, as
         every data-parallel rank adds it)."""
         self.loss_total += loss_sum.detach().to(torch.float64)

@@ -43,9 +43,14 @@ def ranking_sums(ranks_N: torch.Tensor, k: Cutoffs) -> dict[str, float]:
     for cut in cutoffs(k):
         hit = ranks < cut
         hits = hit.double().sum().item()
-        sums.update({f"mrr@{cut}": torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item(), f"hr@{cut}": hits,
-                     f"ndcg@{cut}": torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item(),
-                     f"recall@{cut}": hits})
+        sums.update(
+            {
+                f"mrr@{cut}": torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item(),
+                f"hr@{cut}": hits,
+                f"ndcg@{cut}": torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item(),
+                f"recall@{cut}": hits,
+            }
+        )
     sums["count"] = float(ranks.numel())
     return sums
 
@@ -77,4 +82,3 @@ def finalize(sums: dict[str, float]) -> dict[str, float]:
 def primary_metric_name(kind: str, k: Cutoffs) -> str:
     """What fills the forgetting matrix and picks best epochs: accuracy, or MRR at the first cut-off."""
     return "acc" if kind == "class" else f"mrr@{cutoffs(k)[0]}"
-

@@ -48,17 +48,25 @@ class RunMeta:
 
     def state_dict(self) -> dict[str, Any]:
         ctx = self.ctx
-        return {"state": self.state.to_json(), "config": ctx.cfg.to_dict(), "data_root": ctx.cfg.data.root,
-                "tasks": [s.__dict__ for s in task_specs(ctx.infos)], "num_seq_items": ctx.manifest.num_seq_items,
-                "seq_len": ctx.manifest.seq_len, "world_size": ctx.dist.world_size,
-                "ownership_checksum": ctx.ownership.checksum()}
+        return {
+            "state": self.state.to_json(),
+            "config": ctx.cfg.to_dict(),
+            "data_root": ctx.cfg.data.root,
+            "tasks": [s.__dict__ for s in task_specs(ctx.infos)],
+            "num_seq_items": ctx.manifest.num_seq_items,
+            "seq_len": ctx.manifest.seq_len,
+            "world_size": ctx.dist.world_size,
+            "ownership_checksum": ctx.ownership.checksum(),
+        }
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:
         names = [t.name for t in self.ctx.cfg.tasks]
         saved = [t["name"] for t in meta["tasks"]]
         if names[: len(saved)] != saved:
-            raise UserError(f"the checkpoint's tasks {saved} are not the first tasks of the config {names}; "
-                             "a resumed run may only append tasks")
+            raise UserError(
+                f"the checkpoint's tasks {saved} are not the first tasks of the config {names}; "
+                "a resumed run may only append tasks"
+            )
         check_resumed_config(meta, self.ctx.cfg)
         self.state.load_state_dict(meta["state"])
         for row in self.state.matrix:
@@ -69,7 +77,7 @@ class RunMeta:
     def appended_tasks(self) -> list[str]:
         """The configured tasks after the loaded checkpoint's."""
         assert self.loaded is not None
-        return [t.name for t in self.ctx.cfg.tasks][len(self.loaded["tasks"]):]
+        return [t.name for t in self.ctx.cfg.tasks][len(self.loaded["tasks"]) :]
 
 
 class ModelWeights:
@@ -90,8 +98,10 @@ class ModelWeights:
         new_heads = {n for n in model.state_dict() if n.split(".")[:2] in appended}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != new_heads:
-            raise CheckpointError(f"model state does not match the configured model (missing "
-                                  f"{sorted(set(missing) - new_heads)}, unexpected {sorted(unexpected)})")
+            raise CheckpointError(
+                f"model state does not match the configured model (missing "
+                f"{sorted(set(missing) - new_heads)}, unexpected {sorted(unexpected)})"
+            )
 
 
 class OwnershipRecords:
@@ -127,8 +137,11 @@ class PhaseState:
         if self.live is None:
             return {}, {}
         engine = self.live.engine
-        mine = {optimizer_part_name(self.dist.rank, engine.sharded_state): engine} \
-            if engine.sharded_state or self.dist.is_main else {}
+        mine = (
+            {optimizer_part_name(self.dist.rank, engine.sharded_state): engine}
+            if engine.sharded_state or self.dist.is_main
+            else {}
+        )
         return {"phase.pt": self.live.tensors}, mine
 
     def load_from(self, ckpt: Checkpoint) -> None:
@@ -169,14 +182,22 @@ def check_resumed_config(meta: dict[str, Any], cfg: RunConfig) -> None:
     """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
     settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
     begun = RunState.from_json(meta["state"]).tasks_begun
-    changed = {k: v for k, v in config_changes(meta["config"], cfg.to_dict()).items()
-               if not (k.startswith("tasks.") and int(k.split(".")[1]) >= begun)}
+    changed = {
+        k: v
+        for k, v in config_changes(meta["config"], cfg.to_dict()).items()
+        if not (k.startswith("tasks.") and int(k.split(".")[1]) >= begun)
+    }
     model = [f"{k} is {now}, the checkpoint's {saved}" for k, (saved, now) in changed.items() if k.startswith("model.")]
     if model:
-        raise UserError(f"the run's checkpoints hold another model ({', '.join(model)}); "
-                         "resume with the checkpoint's model.* settings, or write to another directory")
-    relevant = [f"{k}={now} (was {saved})" for k, (saved, now) in changed.items()
-                if k == "seed" or k.startswith(("data.", "tasks.", "method."))]
+        raise UserError(
+            f"the run's checkpoints hold another model ({', '.join(model)}); "
+            "resume with the checkpoint's model.* settings, or write to another directory"
+        )
+    relevant = [
+        f"{k}={now} (was {saved})"
+        for k, (saved, now) in changed.items()
+        if k == "seed" or k.startswith(("data.", "tasks.", "method."))
+    ]
     if relevant:
         log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(relevant))
 
@@ -201,12 +222,17 @@ def check_phase_resumable(ckpt: Checkpoint, cfg: RunConfig, dist: DistInfo) -> N
     # (stride) or each its own range of it (range; auto picks range when a split has at least as
     # many shards as processes), and then the global batches depend on the number of processes.
     if (saved_world > 1 and saved_partition != "stride") or (dist.world_size > 1 and cfg.data.partition != "stride"):
-        log.warning("resuming inside a phase on %d processes from a checkpoint of %d with data.partition=%s "
-                    "(the checkpoint's run: %s): with range partitioning each rank's share of the data depends on "
-                    "the number of processes, so the rest of this epoch draws other batches than the "
-                    "uninterrupted run would (some instances twice, some not at all); later epochs are whole. "
-                    "data.partition=stride repeats the uninterrupted run's batches on any number of processes",
-                    dist.world_size, saved_world, cfg.data.partition, saved_partition)
+        log.warning(
+            "resuming inside a phase on %d processes from a checkpoint of %d with data.partition=%s "
+            "(the checkpoint's run: %s): with range partitioning each rank's share of the data depends on "
+            "the number of processes, so the rest of this epoch draws other batches than the "
+            "uninterrupted run would (some instances twice, some not at all); later epochs are whole. "
+            "data.partition=stride repeats the uninterrupted run's batches on any number of processes",
+            dist.world_size,
+            saved_world,
+            cfg.data.partition,
+            saved_partition,
+        )
 
 
 def _layout_mismatch(ckpt: Checkpoint, sharded_now: bool) -> str | None:
@@ -216,10 +242,12 @@ def _layout_mismatch(ckpt: Checkpoint, sharded_now: bool) -> str | None:
         return None
     saved = ckpt.meta["config"].get("dist", {})
     described = f"dist.engine={saved.get('engine', 'ddp')} dist.zero_stage={saved.get('zero_stage', 0)}"
-    return (f"{ckpt.path}: this checkpoint, taken inside a phase, holds the optimizer state "
-            f"{'sharded by ZeRO-1/2' if sharded else 'whole (DDP or ZeRO-0)'} ({described}), and this run's "
-            f"engine keeps it {'sharded' if sharded_now else 'whole'}: resume it with {described} (on any "
-            "number of processes), or change engines from a checkpoint taken between phases")
+    return (
+        f"{ckpt.path}: this checkpoint, taken inside a phase, holds the optimizer state "
+        f"{'sharded by ZeRO-1/2' if sharded else 'whole (DDP or ZeRO-0)'} ({described}), and this run's "
+        f"engine keeps it {'sharded' if sharded_now else 'whole'}: resume it with {described} (on any "
+        "number of processes), or change engines from a checkpoint taken between phases"
+    )
 
 
 def phase_progress_to_save(progress: PhaseProgress, dist: DistInfo) -> dict[str, Any]:
@@ -259,5 +287,9 @@ def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> Phas
 
         return {"shards": SavedShards(ckpt.meta["world_size"], read)}
 
-    return PhaseResume(progress=progress, generator_state=tensors["generator"],
-                       best_state=tensors["best"] or None, engine_state=engine_state)
+    return PhaseResume(
+        progress=progress,
+        generator_state=tensors["generator"],
+        best_state=tensors["best"] or None,
+        engine_state=engine_state,
+    )

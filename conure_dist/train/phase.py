@@ -94,8 +94,16 @@ class Phase:
     baselines, the parameters named in ``dense`` under the dense view (no ownership), with
     ``joint_weight`` times T1's loss on T1 batches added to each step."""
 
-    def __init__(self, trainer: PhaseHost, task_index: int, mode: str, task_cfg: TaskConfig, *,
-                 dense: list[str] | None = None, joint_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        trainer: PhaseHost,
+        task_index: int,
+        mode: str,
+        task_cfg: TaskConfig,
+        *,
+        dense: list[str] | None = None,
+        joint_weight: float = 0.0,
+    ) -> None:
         cfg, dist, model = trainer.cfg, trainer.dist, trainer.model
         self.trainer, self.mode, self.task_index = trainer, mode, task_index
         self.info = info = trainer.infos[task_index]
@@ -109,16 +117,27 @@ class Phase:
             self.trainable = select_parameters(model, dense)
         # MTL (``joint_weight``) trains its joint loss: the same view with T1's loss added.
         trained = JointLossModel(trainer.masked) if joint_weight else trainer.masked
-        self.engine = build_engine(trained, self.trainable, task_cfg.lr, task_cfg.l2, dist, cfg.dist,
-                                   per_rank_batch=self.global_batch // dist.world_size,
-                                   row_sparse=[f"model.{n}" for n in model.item_table_names()],
-                                   grad_accum=cfg.train.grad_accum, clip_grad_norm=cfg.train.clip_grad_norm)
+        self.engine = build_engine(
+            trained,
+            self.trainable,
+            task_cfg.lr,
+            task_cfg.l2,
+            dist,
+            cfg.dist,
+            per_rank_batch=self.global_batch // dist.world_size,
+            row_sparse=[f"model.{n}" for n in model.item_table_names()],
+            grad_accum=cfg.train.grad_accum,
+            clip_grad_norm=cfg.train.clip_grad_norm,
+        )
         self.lr = task_cfg.lr
         self.steps = steps_per_epoch(cfg, trainer.manifest, info.name, self.global_batch)
         self.draw = negative_drawer(cfg, trainer.manifest, dist, info, self.global_batch)
         self.joint_weight = joint_weight
-        self.joint = JointBatches(cfg, trainer.manifest, dist, trainer.infos[0], cfg.tasks[0].batch_size) \
-            if joint_weight else None
+        self.joint = (
+            JointBatches(cfg, trainer.manifest, dist, trainer.infos[0], cfg.tasks[0].batch_size)
+            if joint_weight
+            else None
+        )
         self.score = selection_score(info.kind, cfg.train)
         self.progress = PhaseProgress(mode=mode)
         self.pending: list[torch.Tensor] = []
@@ -139,8 +158,13 @@ class Phase:
         patience = self.trainer.cfg.train.patience
         while self.progress.epoch < self.epochs:
             if patience and self.progress.since_best >= patience:
-                self.trainer.logger.log("early_stop", task=self.info.name, phase=self.mode, epoch=self.progress.epoch,
-                                        best_value=self.progress.best_value)
+                self.trainer.logger.log(
+                    "early_stop",
+                    task=self.info.name,
+                    phase=self.mode,
+                    epoch=self.progress.epoch,
+                    best_value=self.progress.best_value,
+                )
                 break
             generator_state = resume.generator_state if resume is not None and self.progress.step > 0 else None
             self._train_epoch(generator_state, save_mid)
@@ -157,13 +181,29 @@ class Phase:
         generator = self.tensors.generator = make_generator(*seed)
         if generator_state is not None:
             generator.set_state(generator_state)
-        batches = train_batches(trainer.cfg, trainer.manifest, trainer.dist, self.info.name, self.global_batch,
-                                seed=hash_seed(*seed), epoch=epoch, num_steps=self.steps, start_step=progress.step)
+        batches = train_batches(
+            trainer.cfg,
+            trainer.manifest,
+            trainer.dist,
+            self.info.name,
+            self.global_batch,
+            seed=hash_seed(*seed),
+            epoch=epoch,
+            num_steps=self.steps,
+            start_step=progress.step,
+        )
         device = trainer.dist.device
-        depth = trainer.cfg.data.prefetch if trainer.cfg.data.prefetch is not None else (4 if device.type == "cuda" else 0)
-        bar = tqdm(prefetched(batches, depth, device), total=self.steps, initial=progress.step,
-                   desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}", leave=False,
-                   disable=not (trainer.cfg.train.progress and trainer.dist.is_main))
+        depth = (
+            trainer.cfg.data.prefetch if trainer.cfg.data.prefetch is not None else (4 if device.type == "cuda" else 0)
+        )
+        bar = tqdm(
+            prefetched(batches, depth, device),
+            total=self.steps,
+            initial=progress.step,
+            desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=not (trainer.cfg.train.progress and trainer.dist.is_main),
+        )
         every = trainer.cfg.train.checkpoint_every_steps
         train = trainer.cfg.train
         scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
@@ -182,8 +222,15 @@ class Phase:
             if progress.step % train.log_every == 0 or progress.step == self.steps:  # and each epoch's last
                 meter.add(self._settle())
                 bar.set_postfix(loss=f"{progress.loss_total / progress.step:.4f}")
-                trainer.logger.log("step", task=self.info.name, phase=self.mode, epoch=epoch + 1, step=progress.step,
-                                   global_step=trainer.global_step, **meter.report(lr))
+                trainer.logger.log(
+                    "step",
+                    task=self.info.name,
+                    phase=self.mode,
+                    epoch=epoch + 1,
+                    step=progress.step,
+                    global_step=trainer.global_step,
+                    **meter.report(lr),
+                )
             if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
                 meter.add(self._settle())
                 save_mid(self)
@@ -203,8 +250,17 @@ class Phase:
         negatives = self.draw(generator)
         on_device = None if negatives is None else negatives.to(dist.device)
         joint_task = None if joint is None else (self.trainer.infos[0].name, *joint, self.joint_weight)
-        loss = self.engine.train_step(micro_batches(self.trainer.cfg.train.grad_accum, seq, self.info.name, target,
-                                                    on_device, self.info.kind == "sequence", joint_task))
+        loss = self.engine.train_step(
+            micro_batches(
+                self.trainer.cfg.train.grad_accum,
+                seq,
+                self.info.name,
+                target,
+                on_device,
+                self.info.kind == "sequence",
+                joint_task,
+            )
+        )
         # On the CPU while the device runs the step.
         digest = batch_digest(batch.user, negatives, self.info.kind == "sequence", self.progress.step, dist)
         self.progress.data_digest = add_digest(self.progress.data_digest, digest)
@@ -221,9 +277,11 @@ class Phase:
         self.pending = []
         for i, value in enumerate(values):
             if not math.isfinite(value):
-                raise DivergedError(f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, "
-                                    f"step {first + i + 1}): the training loss is {value}; lower "
-                                    f"tasks.{self.task_index}.lr")
+                raise DivergedError(
+                    f"task '{self.info.name}' ({self.mode} phase, epoch {self.progress.epoch + 1}, "
+                    f"step {first + i + 1}): the training loss is {value}; lower "
+                    f"tasks.{self.task_index}.lr"
+                )
             self.progress.loss_total += value
         return values
 
@@ -235,8 +293,15 @@ class Phase:
     def validate(self, epoch: int, loss: float | None, data: str | None = None) -> None:
         """Score the current parameters on the validation split; keep them if best so far."""
         trainer = self.trainer
-        valid = evaluate_task(trainer.masked, trainer.manifest, self.info, "valid", trainer.cfg.train.eval_batch_size,
-                              trainer.cfg.train.topk, trainer.dist)
+        valid = evaluate_task(
+            trainer.masked,
+            trainer.manifest,
+            self.info,
+            "valid",
+            trainer.cfg.train.eval_batch_size,
+            trainer.cfg.train.topk,
+            trainer.dist,
+        )
         entry = {"epoch": epoch, "loss": loss, "data": data, "valid": valid}
         self.progress.epochs_log.append(entry)
         trainer.logger.log("epoch", task=self.info.name, phase=self.mode, global_step=trainer.global_step, **entry)

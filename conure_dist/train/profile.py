@@ -33,8 +33,12 @@ class StepMeter:
     def report(self, lr: float) -> dict[str, Any]:
         """The window's figures, and a new window."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"loss": self.loss_total / max(self.steps, 1), "sequences_per_s": self.steps * self.global_batch / elapsed,
-               "lr": lr, "gpu_memory_gb": None}
+        out = {
+            "loss": self.loss_total / max(self.steps, 1),
+            "sequences_per_s": self.steps * self.global_batch / elapsed,
+            "lr": lr,
+            "gpu_memory_gb": None,
+        }
         if self.device.type == "cuda":
             out["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self._reset()

@@ -65,8 +65,15 @@ def probe_score(trainer: RunContext, task_index: int, task_cfg: TaskConfig, rati
         if task_cfg.retrain_epochs > 0:
             return float(trainer.run_phase(task_index, "retrain", task_cfg)["best_valid"])
         trainer.masked.set_view("infer", task_index + 1)
-        valid = evaluate_task(trainer.masked, trainer.manifest, trainer.infos[task_index], "valid",
-                              trainer.cfg.train.eval_batch_size, trainer.cfg.train.topk, trainer.dist)
+        valid = evaluate_task(
+            trainer.masked,
+            trainer.manifest,
+            trainer.infos[task_index],
+            "valid",
+            trainer.cfg.train.eval_batch_size,
+            trainer.cfg.train.topk,
+            trainer.dist,
+        )
         return float(selection_score(trainer.infos[task_index].kind, trainer.cfg.train)(valid))
     finally:
         with torch.no_grad():
@@ -93,7 +100,12 @@ def choose_prune_ratio(trainer: RunContext, task_index: int, task_cfg: TaskConfi
     fallback = chosen is None
     if fallback:  # no candidate within tolerance: keep as many weights as the candidates allow
         chosen = min(trainer.cfg.continual.prune_candidates)
-    record = {"unpruned": unpruned, "tolerance": tolerance, "probes": probes, "chosen": chosen,
-              "none_within_tolerance": fallback}
+    record = {
+        "unpruned": unpruned,
+        "tolerance": tolerance,
+        "probes": probes,
+        "chosen": chosen,
+        "none_within_tolerance": fallback,
+    }
     trainer.logger.log("prune_ratio", task=name, **record)
     return record

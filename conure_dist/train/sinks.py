@@ -28,6 +28,7 @@ class Sink(Protocol):
     def log(self, event: str, fields: dict[str, Any]) -> None: ...
     def flush(self) -> None:
         """Make what was logged visible (called at every checkpoint and at the end)."""
+
     def close(self) -> None: ...
 
 
@@ -67,7 +68,9 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self.remote = None if is_local(out) else join(out, "tensorboard")
-        self.dir = _local_path(join(out, "tensorboard")) if self.remote is None else tempfile.mkdtemp(prefix="conure-tb-")
+        self.dir = (
+            _local_path(join(out, "tensorboard")) if self.remote is None else tempfile.mkdtemp(prefix="conure-tb-")
+        )
         self.writer = SummaryWriter(self.dir)
         self.task_names = list(task_names)
         self.last_step: dict[str, int] = {}
@@ -126,11 +129,15 @@ class MLflowSink:
         try:
             import mlflow
         except ImportError:
-            raise UserError("train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny") from None
+            raise UserError(
+                "train.sinks lists 'mlflow' but mlflow is not installed: pip install mlflow-skinny"
+            ) from None
         if "MLFLOW_TRACKING_URI" not in os.environ:
             if not is_local(out):
-                raise UserError(f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
-                                 "keeps its own tracking store; it cannot write one into an object store)")
+                raise UserError(
+                    f"train.sinks lists 'mlflow' for --out {out}: set MLFLOW_TRACKING_URI (MLflow "
+                    "keeps its own tracking store; it cannot write one into an object store)"
+                )
             # A file store needs no database; MLflow 3 keeps it (in maintenance) behind this switch.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(Path(_local_path(join(out, "mlruns"))).absolute().as_uri())
@@ -140,7 +147,7 @@ class MLflowSink:
         self.run = mlflow.start_run()
         flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params(dict(list(flat.items())[start:start + 100]))
+            mlflow.log_params(dict(list(flat.items())[start : start + 100]))
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
         values = {tag.replace("@", "_at_"): v for tag, v in scalars(event, fields, self.task_names).items()}
@@ -173,6 +180,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def make_sinks(names: list[str], out: str, config: dict[str, Any]) -> list[Sink]:
     """The sinks ``train.sinks`` names, writing under the run directory ``out``."""
-    makers = {"tensorboard": lambda: TensorBoardSink(out, _task_names(config)), "wandb": lambda: WandbSink(out, config),
-              "mlflow": lambda: MLflowSink(out, config)}
+    makers = {
+        "tensorboard": lambda: TensorBoardSink(out, _task_names(config)),
+        "wandb": lambda: WandbSink(out, config),
+        "mlflow": lambda: MLflowSink(out, config),
+    }
     return [makers[name]() for name in names]

@@ -1,9 +1,10 @@
 """Which phases of an experiment's runs stopped at their epoch cap while still improving.
 
 Reads every finished run under ``OUT/runs/VARIANT/METHOD/seedS`` (the validation scores in its
-``log.jsonl`` and the config in its ``report.json``; no test score is read) and prints, per method, task and phase: the runs, how many ran to their cap
-(early stopping never fired), and how many chose a best epoch among the last ``--last`` epochs
-before the cap: those might have gained from more epochs. T1 is left out unless ``--t1``.
+``log.jsonl`` and the config in its ``report.json``; no test score is read) and prints, per
+method, task and phase: the runs, how many ran to their cap (early stopping never fired), and
+how many chose a best epoch among the last ``--last`` epochs before the cap: those might have
+gained from more epochs. T1 is left out unless ``--t1``.
 
     python docs/results/cap_binding.py runs/exp_paper_table2 runs/exp_paper_ablations
 """

@@ -54,8 +54,9 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> tuple[torc
     return weight.detach(), bias.detach()
 
 
-def cross_validate(x: torch.Tensor, y: torch.Tensor, classes: int, folds: int, repeats: int,
-                   seed: int = 0) -> dict[str, dict[str, float]]:
+def cross_validate(
+    x: torch.Tensor, y: torch.Tensor, classes: int, folds: int, repeats: int, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Mean held-out log-loss and accuracy of the prior and of each L2 weight."""
     rng = np.random.default_rng(seed)
     scores: dict[str, list[tuple[float, float]]] = {}
@@ -76,8 +77,11 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, classes: int, folds: int, r
     out = {}
     for name, values in scores.items():
         a = np.asarray(values)
-        out[name] = {"log_loss": float(a[:, 0].mean()), "log_loss_se": float(a[:, 0].std() / np.sqrt(len(a))),
-                     "accuracy": float(a[:, 1].mean())}
+        out[name] = {
+            "log_loss": float(a[:, 0].mean()),
+            "log_loss_se": float(a[:, 0].std() / np.sqrt(len(a))),
+            "accuracy": float(a[:, 1].mean()),
+        }
     return out
 
 
