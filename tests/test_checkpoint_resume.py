@@ -13,12 +13,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import run_conure, tiny_config
 
 from conure_dist.checkpoint.format import COMMIT, FORMAT_VERSION
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.train.loop import run_conure
 
 pytestmark = pytest.mark.slow
 

@@ -37,8 +37,8 @@ def test_every_preset_loads_and_validates(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_file_loads_and_validates(path):
-    from conure_dist.config import METHODS
     from conure_dist.experiment.spec import load_experiment, run_config
+    from conure_dist.methods import METHODS
 
     experiment = load_experiment(path)  # loads every (variant, method) run config
     assert experiment.base in PRESETS, "an experiment varies one of the presets"
