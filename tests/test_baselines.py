@@ -94,9 +94,9 @@ def test_conure_minus_scores_each_task_before_its_pruning(reports):
         for j in range(i):  # older tasks: the same model as Conure's
             assert minus["matrix"][i][j] == conure["matrix"][i][j]
     # Its final test metrics agree with its matrix's last row, and so does the experiment's view.
-    from conure_dist.report import as_conure_minus
+    from conure_dist.report import as_before_pruning
 
-    for report in (minus, as_conure_minus(conure)):
+    for report in (minus, as_before_pruning(conure, "conure_minus")):
         assert report["test_metrics"]["gender"]["acc"] == report["matrix"][2][2] == conure["before_prune"]["gender"]
         assert report["test_metrics"]["t1"] == conure["test_metrics"]["t1"]
 
