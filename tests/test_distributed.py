@@ -122,8 +122,12 @@ def test_one_process_with_two_micro_batches_repeats_two_processes_bit_for_bit(tm
     assert len(rows) == 3 * 2 * 2  # 3 tasks x (train, retrain) x (starting point, one epoch)
     for row in rows:
         assert row["loss_a"] == row["loss_b"] and row["same_data"] in (True, None), row
-        # Evaluation sums over 2 ranks add in another order: float64 rounding at most.
-        assert all(d <= 1e-12 for d in row["valid_rel_diff"].values()), row
+        # Evaluation differs only in rounding: the sums over 2 ranks add in another order, and
+        # each rank scores its users in batches of half the rows, where a CPU GEMM may block the
+        # float32 products differently (seen on some CPUs: validation nll 4e-9 apart). Training
+        # is bit-identical above: there both runs multiply batches of the same shape.
+        assert all(d <= 1e-6 for d in row["valid_rel_diff"].values()), row
+        assert row["valid_rel_diff"].get("acc", 0.0) == 0.0 and row["valid_rel_diff"].get("mrr@5", 0.0) == 0.0, row
     final_one, final_two = checkpoint(tmp_path / "one", "gender-done"), checkpoint(tmp_path / "two", "gender-done")
     assert final_one.model.keys() == final_two.model.keys()
     assert all(torch.equal(final_one.model[n], final_two.model[n]) for n in final_one.model)
