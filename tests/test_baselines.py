@@ -33,6 +33,7 @@ def column(report, j):
     return [row[j] for row in report["matrix"][j:]]
 
 
+@pytest.mark.slow
 def test_every_method_trains_t1_the_same_way(reports):
     # Deterministic kernels, same seed, same data: T1's train phase is bit-identical everywhere
     # (for Conure: its score before T1's own pruning).
@@ -44,6 +45,7 @@ def test_every_method_trains_t1_the_same_way(reports):
     assert reports["conure_minus"]["matrix"][0][0] == t1
 
 
+@pytest.mark.slow
 def test_every_method_reuses_t1_from_the_first_task_cache_with_the_same_results(reports, tmp_path):
     """train.first_task_cache: Conure stores its T1 train phase, every other method loads it and
     reports exactly what it reported training T1 itself (the fixture's runs)."""
@@ -69,6 +71,7 @@ def _config_file(tmp_path, cfg_dict) -> str:
     return str(file)
 
 
+@pytest.mark.slow
 def test_methods_that_keep_old_tasks_never_change_them(reports):
     for method in ("conure", "stl", "finesmax", "sinmo", "peterrec", "mtl"):
         for j in range(3):
@@ -76,17 +79,20 @@ def test_methods_that_keep_old_tasks_never_change_them(reports):
             assert values == [values[0]] * len(values), (method, j)
 
 
+@pytest.mark.slow
 def test_sequential_finetuning_moves_old_tasks(reports):
     t1 = column(reports["finetune"], 0)
     assert t1[1] != t1[0] and t1[2] != t1[1]
 
 
+@pytest.mark.slow
 def test_methods_that_serve_t1s_backbone_share_it(reports):
     # FineSmax and PeterRec never train the backbone after T1; a new patch starts as identity,
     # so both serve T1 identically and STL's T1 is the same model too.
     assert column(reports["finesmax"], 0) == column(reports["peterrec"], 0) == column(reports["stl"], 0)
 
 
+@pytest.mark.slow
 def test_conure_minus_scores_each_task_before_its_pruning(reports):
     conure, minus = reports["conure"], reports["conure_minus"]
     for i, task in enumerate(["t1", "click", "gender"]):
@@ -101,6 +107,7 @@ def test_conure_minus_scores_each_task_before_its_pruning(reports):
         assert report["test_metrics"]["t1"] == conure["test_metrics"]["t1"]
 
 
+@pytest.mark.slow
 def test_storage_per_method(reports):
     backbones = {m: r["num_backbones"] for m, r in reports.items()}
     assert backbones == {
@@ -119,6 +126,7 @@ def test_storage_per_method(reports):
     assert reports["conure"]["ownership_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_baselines_run_from_the_start_under_resume(tmp_path, caplog):
     """The launch scripts pass --resume to every run; a baseline keeps no checkpoint and reruns."""
     path = tiny_config(tmp_path, TASKS[:2])

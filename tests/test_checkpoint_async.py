@@ -257,6 +257,7 @@ def _write_then_get_killed(root: str, marker: str) -> None:
     time.sleep(60)  # killed before this ends
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
     marker = tmp_path / "writing"
     child = mp.get_context("spawn").Process(target=_write_then_get_killed, args=(str(tmp_path), str(marker)))

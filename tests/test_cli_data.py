@@ -26,6 +26,7 @@ def test_synthetic_relation_reaches_the_generator(tmp_path):
         main([*args, "--out", str(tmp_path / "bad"), "--relation", "tied"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ML100K.is_dir(), reason="needs ../shared/data/ml-100k (the real MovieLens-100K)")
 def test_movielens_keeps_users_with_more_than_five_t1_ratings(tmp_path):
     assert main(["data", "movielens", "--src", str(ML100K), "--out", str(tmp_path / "all")]) == 0

@@ -53,6 +53,7 @@ def _lse_and_grads(case, chunk: int, on: bool):
     return lse.detach(), hidden.grad, weight.grad, bias.grad
 
 
+@pytest.mark.slow
 def test_compiled_softmax_kernels_and_ranks_match_eager(compiling):
     case = _softmax_case(0)
     eager = _lse_and_grads(case, chunk=4, on=False)
@@ -68,6 +69,7 @@ def test_compiled_softmax_kernels_and_ranks_match_eager(compiling):
     assert counters["stats"]["unique_graphs"] >= 3  # the two softmax kernels and the ranks ran compiled
 
 
+@pytest.mark.slow
 def test_compiled_backbone_keeps_names_and_matches_eager_under_views(compiling):
     torch.manual_seed(3)
     model = ConureModel(60, SPECS, 16, 3, [1, 2])

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 from conure_dist.config import RunConfig, load_config
@@ -26,6 +27,7 @@ def test_every_key_is_listed_once_and_documented():
     assert next(k for k in keys if k.key == "data.partition").type == "'auto' | 'range' | 'stride'"
 
 
+@pytest.mark.slow
 def test_the_command_shows_a_presets_values_after_overrides():
     preset = str(REPO / "configs" / "quickstart.yaml")
     out = subprocess.run(

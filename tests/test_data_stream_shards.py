@@ -108,6 +108,7 @@ def test_file_url_root(many: Manifest, generated) -> None:
     np.testing.assert_array_equal(targets, want_targets)
 
 
+@pytest.mark.slow
 def test_s3_round_trip(s3_endpoint: str, many: Manifest) -> None:
     root = "s3://conure-test/data/synthetic"
     written = write_synthetic(root, SPEC, split_seed=SPLIT_SEED, instances_per_shard=97, records_per_sample=16)

@@ -51,6 +51,7 @@ def write_experiment(tmp_path, **fields):
     return path
 
 
+@pytest.mark.slow
 def test_experiment_tables_plots_and_continuation(tmp_path, caplog):
     path = write_experiment(
         tmp_path, contrasts={"no_click_costs": {"a": "main/conure", "b": "no_click/conure", "tasks": ["gender"]}}
@@ -142,6 +143,7 @@ def test_experiment_config_errors_name_the_key(tmp_path, fields, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, caplog):
     """Through the CLI's main in this process: the one run trains once, every later call only
     checks it against the experiment."""
@@ -196,6 +198,7 @@ def test_a_finished_run_is_reused_only_for_the_same_tasks(tmp_path, capsys, capl
     assert re.search(r"made with other settings: train\.patience=3 \(the run: None\)", refused())
 
 
+@pytest.mark.slow
 def test_seeds_on_the_command_line_replace_the_files_and_reuse_its_runs(tmp_path, capsys, caplog):
     """``--seeds 0-1`` over a file that lists seed 0: seed 0's run is reused, seed 1 runs, and
     the summary is over both (as for a replication pooled with the runs before it)."""
@@ -233,6 +236,7 @@ def test_seeds_on_the_command_line_replace_the_files_and_reuse_its_runs(tmp_path
     assert f"holds the results of {path}, not of {other}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_jobs_give_the_sequential_runs_and_name_the_runs_that_fail(tmp_path):
     """``--jobs 2``: each run's report is the one the sequential loop writes (one thread per run);
     a run that fails (its shards were built otherwise) is named, and the others' reports stay."""
@@ -332,6 +336,7 @@ def test_intervals_and_paired_differences_by_hand():
         contrast(a, [b[1], b[0]], ["click"])
 
 
+@pytest.mark.slow
 def test_command_line_overrides_reach_every_run_and_guard_reuse(tmp_path, capsys, caplog):
     """``conure experiment ... key=value``: applied after the file's overrides, validated like
     ``conure run``'s before any compute, recorded in results.json, and a report made without
@@ -374,6 +379,7 @@ def test_error_bars_stop_at_the_metrics_bounds():
     assert all(m - b >= 0 and m + a <= 1 + 1e-12 for m, b, a in zip([0.02, 0.5, 0.99, 0.0], below, above, strict=True))
 
 
+@pytest.mark.slow
 def test_plots_of_a_summary_with_small_scores(tmp_path):
     """Scores near 0 with wide intervals (two seeds): the bars reach 0 and not below."""
     from conure_dist.experiment.plots import write_plots

@@ -26,6 +26,7 @@ def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'a' / 'log.jsonl'} line 1: not JSON")
 
 
+@pytest.mark.slow
 def test_an_internal_value_error_keeps_its_traceback(tmp_path, monkeypatch):
     import conure_dist.experiment.compare as compare
 

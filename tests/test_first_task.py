@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
     return tmp, path
 
 
+@pytest.mark.slow
 def test_a_run_that_loads_t1_reports_and_logs_what_training_it_gave(runs):
     tmp, _ = runs
     reports = {n: json.loads((tmp / n / "report.json").read_text()) for n in ("stored", "loaded", "plain")}
@@ -70,6 +71,7 @@ def test_a_run_that_loads_t1_reports_and_logs_what_training_it_gave(runs):
     assert len(reused) == 1 and reused[0]["task"] == "t1"
 
 
+@pytest.mark.slow
 def test_the_key_holds_what_t1_reads_and_nothing_after_it(runs):
     tmp, path = runs
     specs = [TaskSpec("t1", "sequence", 61), TaskSpec("click", "item", 61)]
@@ -104,6 +106,7 @@ def test_the_key_holds_what_t1_reads_and_nothing_after_it(runs):
     assert key(seed=1) != base  # other initial weights
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_is_refused_by_name_and_an_unfinished_one_is_ignored(runs):
     tmp, path = runs
     (entry,) = (tmp / "cache").iterdir()
@@ -130,6 +133,7 @@ def test_a_damaged_entry_is_refused_by_name_and_an_unfinished_one_is_ignored(run
     assert report["matrix"] == json.loads((tmp / "plain" / "report.json").read_text())["matrix"]
 
 
+@pytest.mark.slow
 def test_an_entry_of_format_1_is_ignored_and_t1_trained_again(runs, monkeypatch):
     """Entries written before the cache was committed as checkpoints are (``COMMIT`` held the key,
     ``meta.json`` the hash) sit under keys that format 2 never computes: a run trains T1 and stores
@@ -164,6 +168,7 @@ def test_an_entry_of_format_1_is_ignored_and_t1_trained_again(runs, monkeypatch)
     assert report["matrix"] == json.loads((tmp / "plain" / "report.json").read_text())["matrix"]
 
 
+@pytest.mark.slow
 def test_an_experiment_trains_each_t1_once_and_changes_no_result(tmp_path):
     config = tiny_config(tmp_path, TASKS)
     experiment = tmp_path / "exp.yaml"
@@ -200,6 +205,7 @@ def test_an_experiment_trains_each_t1_once_and_changes_no_result(tmp_path):
             assert json.loads(shared.read_text())["matrix"] == json.loads(report.read_text())["matrix"], shared
 
 
+@pytest.mark.slow
 def test_two_processes_load_t1_on_rank_0_and_share_it(tmp_path):
     """Rank 0 decides and reads; rank 1 receives the tensors by broadcast (the cache need not be
     on a shared disk). The loading run ends where the training run did."""
@@ -220,6 +226,7 @@ def test_two_processes_load_t1_on_rank_0_and_share_it(tmp_path):
     assert reports["loaded"]["task_checksums"] == reports["stored"]["task_checksums"]
 
 
+@pytest.mark.slow
 def test_the_cache_lives_on_an_object_store_too(tmp_path, s3_endpoint):
     """An entry written to S3 (the moto server) is found and loaded by the next run."""
     cache = "s3://conure-test/first_task_cache"

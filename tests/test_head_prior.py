@@ -37,6 +37,7 @@ def test_without_head_prior_the_heads_start_random(tmp_path):
     assert trainer.model.heads["gender"].linear.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["acc", "nll"])
 def test_a_phase_keeps_its_best_validated_state_the_start_included(tmp_path, selection):
     # A learning rate far too large wrecks the class head; the kept parameters are the best

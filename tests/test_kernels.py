@@ -89,6 +89,7 @@ def _passed(outcomes: dict[str, str], *checks: str) -> int:
     return len(picked)
 
 
+@pytest.mark.slow
 def test_fused_softmax_equals_the_chunked_path_in_fp32(interpreted):
     assert (
         _passed(
@@ -100,14 +101,17 @@ def test_fused_softmax_equals_the_chunked_path_in_fp32(interpreted):
     )
 
 
+@pytest.mark.slow
 def test_fused_softmax_in_bf16(interpreted):
     assert _passed(interpreted, "check_bf16_inputs_accumulate_in_fp32", "check_bf16_autocast_over_fp32_parameters") == 2
 
 
+@pytest.mark.slow
 def test_the_head_runs_the_fused_softmax(interpreted):
     assert _passed(interpreted, "check_the_head_runs_either_kernel") == 1
 
 
+@pytest.mark.slow
 def test_fused_ranks_equal_target_ranks(interpreted):
     assert (
         _passed(
@@ -120,10 +124,12 @@ def test_fused_ranks_equal_target_ranks(interpreted):
     )
 
 
+@pytest.mark.slow
 def test_evaluation_with_fused_ranks_gives_the_same_metrics(interpreted):
     assert _passed(interpreted, "check_evaluation_with_the_rank_kernel") == 2
 
 
+@pytest.mark.slow
 def test_every_interpreted_check_belongs_to_a_test(interpreted):
     assert len(interpreted) == 13, sorted(interpreted)
 
@@ -317,6 +323,7 @@ def check_evaluation_with_the_rank_kernel(trainer, task_index):
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block of an sm_90 GPU may use
 
 
+@pytest.mark.slow
 def test_the_kernels_compile_for_hopper_without_spilling_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # bf16: the products that ``auto`` runs (fp32 only when forced; ``python -m conure_dist.kernels.aot``)

@@ -24,6 +24,7 @@ def _log(out) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_steps(tmp_path):
     out = tmp_path / "run"
     cli(
@@ -119,6 +120,7 @@ def test_tensorboard_steps_strictly_increase_per_tag_and_capacity_curves_carry_t
     assert not any("owned_by_task" in tag for tag in curves)
 
 
+@pytest.mark.slow
 def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):
     out = "s3://conure-test/curves/run"
     cli("run", "--config", str(tiny_config(tmp_path, TASKS[:2])), "--out", out, "train.log_every=2")
@@ -134,12 +136,14 @@ def test_an_s3_run_uploads_its_tensorboard_files(s3_endpoint, tmp_path):
     assert "valid/click/mrr@5" in curves and "capacity/free_fraction" in curves  # uploaded after the last task
 
 
+@pytest.mark.slow
 def test_no_sinks_writes_no_curves(tmp_path):
     out = tmp_path / "run"
     cli("run", "--config", str(tiny_config(tmp_path, TASKS[:1])), "--out", str(out), "train.sinks=[]")
     assert not (out / "tensorboard").exists() and any(e["event"] == "epoch" for e in _log(out))
 
 
+@pytest.mark.slow
 def test_wandb_offline_receives_the_same_scalars(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "conure_dist"
 
@@ -113,6 +115,7 @@ def test_no_module_but_the_command_line_imports_data_tools():
     assert users == ["conure_dist.cli"]
 
 
+@pytest.mark.slow
 def test_training_serving_and_the_harness_load_no_data_tools_module():
     """Lazy imports too: what these modules load when imported, in a fresh interpreter."""
     modules = [

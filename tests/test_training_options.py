@@ -57,6 +57,7 @@ def _epochs(out):
     ]
 
 
+@pytest.mark.slow
 def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
     path = tiny_config(tmp_path, TASKS)
     common = ["run", "--config", str(path), "tasks.*.epochs=6", "tasks.*.retrain_epochs=0", "tasks.*.lr=0.05"]
@@ -82,6 +83,7 @@ def test_early_stopping_and_cutoffs_in_a_run(tmp_path):
     assert report["matrix"][0][0] == report["test_metrics"]["t1"]["mrr@5"]  # the first cut-off fills the matrix
 
 
+@pytest.mark.slow
 def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
     path = tiny_config(tmp_path, TASKS[:1])
     common = ["run", "--config", str(path), "train.max_steps_per_epoch=4", "tasks.*.retrain_epochs=0"]
@@ -96,6 +98,7 @@ def test_a_schedule_changes_training_and_defaults_do_not(tmp_path):
     assert losses["cosine"][0] is None and losses["cosine"][1] != losses["plain"][1]
 
 
+@pytest.mark.slow
 def test_prefetching_trains_on_the_same_batches(tmp_path):
     path = tiny_config(tmp_path, TASKS)
     common = ["run", "--config", str(path), "train.log_every=3", "tasks.*.retrain_epochs=0"]
@@ -153,6 +156,7 @@ def _deepspeed_options_worker(rank: int, init: str, results: dict) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_deepspeed_clips_and_follows_the_schedule_as_the_plain_engine(tmp_path):
     import torch.multiprocessing as mp
 
