@@ -10,14 +10,12 @@ raises shows it, and ``conure run`` builds the same shards on first use.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from conure_dist.config.data_schema import DataConfig
-from conure_dist.config.describe import describe
+from conure_dist.config.describe import describe, leaf_fields
 
 
 @dataclass(frozen=True)
@@ -73,18 +71,6 @@ READ_KEYS = ("source", "shuffle_buffer", "prefetch", "partition")
 """The ``data`` keys of how a run reads its shards, which no ``conure data`` flag sets."""
 
 
-def _key_types(cls: type = DataConfig, prefix: str = "") -> dict[str, Any]:
-    """Dotted key under ``data`` -> its annotated type (nested sections flattened)."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(_key_types(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = hints[f.name]
-    return out
-
-
 def _fractions(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
@@ -98,7 +84,7 @@ def _shown(value: Any) -> str:
 
 def add_data_flags(parser: argparse.ArgumentParser, source: str) -> None:
     """The flags of ``SOURCE_FLAGS[source]`` on ``parser``: type, default and help from the schema."""
-    types = _key_types()
+    types = {key: tp for key, _, tp, _ in leaf_fields(DataConfig)}
     keys = {k.key: k for k in describe(DataConfig)}
     for flag in SOURCE_FLAGS[source]:
         tp, doc = types[flag.key], keys[flag.key]

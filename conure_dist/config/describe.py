@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, get_args, get_origin
 
@@ -55,20 +56,27 @@ def _default(f: dataclasses.Field) -> Any:
     return None  # required
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[KeyDoc]:
-    """Every leaf key of ``cls`` (nested configs flattened; task keys as ``tasks.*.KEY``)."""
+def leaf_fields(cls: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, str]]:
+    """Every leaf key of ``cls`` with its field, annotated type and docstring (nested configs
+    flattened; task keys as ``tasks.*.KEY``)."""
     hints = typing.get_type_hints(cls, vars(schema))
     docs = _field_docs(cls)
-    out = []
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out += describe(tp, f"{key}.")
+            yield from leaf_fields(tp, f"{key}.")
         elif get_origin(tp) is list and get_args(tp) == (TaskConfig,):
-            out += describe(TaskConfig, f"{key}.*.")
+            yield from leaf_fields(TaskConfig, f"{key}.*.")
         else:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            out.append(KeyDoc(key, _type_name(tp), "(required)" if required else _default(f), docs.get(f.name, "")))
+            yield key, f, tp, docs.get(f.name, "")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of ``cls`` (nested configs flattened; task keys as ``tasks.*.KEY``)."""
+    out = []
+    for key, f, tp, doc in leaf_fields(cls, prefix):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append(KeyDoc(key, _type_name(tp), "(required)" if required else _default(f), doc))
     return out
 
 
