@@ -37,6 +37,11 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *names)
 
 
+def is_relative_local(path: str) -> bool:
+    """A local path relative to the current directory (neither a URL nor absolute)."""
+    return "://" not in path and not os.path.isabs(path)
+
+
 def is_local(url: str) -> bool:
     """True for plain paths and ``file://`` URLs, the only places where atomic renames exist."""
     fs, _ = fsspec.core.url_to_fs(url)

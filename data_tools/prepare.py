@@ -11,6 +11,7 @@ import os
 from conure_dist.config import DataConfig
 from conure_dist.data.manifest import Manifest, manifest_exists
 from conure_dist.dist import DistInfo, barrier
+from conure_dist.fs import is_relative_local
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def build_missing_shards(data: DataConfig, dist: DistInfo) -> None:
 
 def where(root: str) -> str:
     """``root`` as a reader should find it: a relative local path made absolute, saying so."""
-    if "://" in root or os.path.isabs(root):
+    if not is_relative_local(root):
         return root
     return (
         f"{os.path.abspath(root)} (data.root={root} is relative to the current directory; "

@@ -14,6 +14,7 @@ from conure_dist.config import RunConfig
 from conure_dist.config.data_flags import data_command
 from conure_dist.data.manifest import Manifest, TaskInfo, manifest_exists
 from conure_dist.errors import UserError
+from conure_dist.fs import is_relative_local
 
 
 class MissingShardsError(FileNotFoundError):
@@ -42,7 +43,7 @@ def open_dataset(cfg: RunConfig) -> tuple[Manifest, list[TaskInfo]]:
 
 def missing_shards_message(cfg: RunConfig) -> str:
     root = cfg.data.root
-    shown = root if "://" in root or os.path.isabs(root) else f"{root} ({os.path.abspath(root)})"
+    shown = f"{root} ({os.path.abspath(root)})" if is_relative_local(root) else root
     command = data_command(cfg.data)
     if command is None:
         return (
