@@ -9,15 +9,10 @@ import logging
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
 
 import fsspec
 
 from conure_dist.errors import UserError
-
-if TYPE_CHECKING:
-    from conure_dist.dist import DistInfo
-    from conure_dist.experiment.spec import Experiment
 
 log = logging.getLogger("conure_dist")
 
@@ -271,33 +266,24 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from conure_dist.experiment.harness import run_experiment
     from conure_dist.experiment.report import format_markdown
     from conure_dist.experiment.spec import load_experiment
+    from data_tools.prepare import build_missing_shards
 
     experiment = load_experiment(args.config, args.overrides)
     if args.seeds:
         experiment.seeds = args.seeds
     with process_group(DistConfig()) as dist:
-        _build_experiment_shards(experiment, dist)
-        summary = run_experiment(experiment, args.out, dist, jobs=args.jobs, share_first_task=args.share_first_task)
+        summary = run_experiment(
+            experiment,
+            args.out,
+            dist,
+            jobs=args.jobs,
+            share_first_task=args.share_first_task,
+            prepare=build_missing_shards,
+        )
     if dist.is_main:
         print(format_markdown(summary))
         print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
     return 0
-
-
-def _build_experiment_shards(experiment: Experiment, dist: DistInfo) -> None:
-    """The missing shards of every data root the experiment's runs read, each built once."""
-    from conure_dist.config import DataConfig
-    from conure_dist.experiment.spec import run_config
-    from data_tools.prepare import build_missing_shards
-
-    roots: dict[str, DataConfig] = {}
-    for variant in experiment.variants:
-        for method in variant.methods or experiment.methods:
-            for seed in experiment.seeds:
-                data = run_config(experiment, variant, method, seed).data
-                roots.setdefault(data.root, data)
-    for data in roots.values():
-        build_missing_shards(data, dist)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import fsspec
 
 from conure_dist.config import (
     ConfigError,
+    DataConfig,
     RunConfig,
     TaskConfig,
     config_changes,
@@ -58,13 +60,20 @@ def _runs_of(methods: list[str]) -> list[str]:
 
 
 def run_experiment(
-    experiment: Experiment, out: str, dist: DistInfo, jobs: int = 1, share_first_task: bool = True
+    experiment: Experiment,
+    out: str,
+    dist: DistInfo,
+    jobs: int = 1,
+    share_first_task: bool = True,
+    prepare: Callable[[DataConfig, DistInfo], None] | None = None,
 ) -> dict[str, Any]:
     """Every run not already reported, one after another, or ``jobs`` at a time side by side
     (``experiment_jobs``; single-process runs only), then the summary. With ``share_first_task``
     the runs share T1's train phase through ``OUT/first_task`` (``train.first_task`` module;
     unless the config names its own ``train.first_task_cache``): each distinct T1 is trained
-    once, and side by side the runs that reuse one start once it is stored."""
+    once, and side by side the runs that reuse one start once it is stored. ``prepare`` is called
+    once per distinct ``data`` root of the planned runs before any of them starts (the command
+    line builds missing shards with it; collective, so every rank calls it alike)."""
     from conure_dist.methods.run import run_method
 
     _check_results_owner(experiment, out)
@@ -81,6 +90,9 @@ def run_experiment(
         for method in _runs_of(variant.methods or experiment.methods)
         for seed in experiment.seeds
     ]
+    if prepare is not None:
+        for data in {cfg.data.root: cfg.data for *_, cfg in planned}.values():
+            prepare(data, dist)
     if share_first_task:
         for *_, cfg in planned:
             if cfg.train.first_task_cache is None:
