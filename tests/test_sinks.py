@@ -68,6 +68,9 @@ def test_a_run_writes_its_curves_to_tensorboard_and_mlflow_and_profiles_its_step
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "valid/click/mrr_at_5")
     assert [m.value for m in history] == pytest.approx([e["valid"]["mrr@5"] for e in epochs], rel=1e-12)
+    for tag in ("valid/t1/mrr_at_5", "valid/click/mrr_at_5"):  # MLflow's curves never share a step either
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, tag)]
+        assert len(steps) == len(set(steps)) == len(curves[tag.replace("_at_", "@")]), tag
     assert run.data.params["train.log_every"] == "2" and run.data.params["seed"] == "3"  # the config
 
     profile = out / "profile"

@@ -5,7 +5,7 @@ The JSONL logger hands every event to the sinks (rank 0 only). Each maps the eve
 its own calls: per-step training figures (``step``: loss, sequences/s, learning rate, peak GPU
 memory), per-epoch validation metrics (``epoch``), and each finished task's test metrics and the
 share of conv weights every task owns (``task_done``, one curve per task name). The x axis is
-the run's optimizer step.
+the run's optimizer step, strictly increasing on every curve of every sink (``Curves``).
 """
 
 from __future__ import annotations
@@ -56,13 +56,32 @@ def scalars(event: str, fields: dict[str, Any], task_names: list[str] = ()) -> d
     return out
 
 
-class TensorBoardSink:
-    """Event files under ``{out}/tensorboard``. Object stores cannot append: for an ``s3://``
-    run the files are written to a local folder and uploaded at every flush (phase ends).
+class Curves:
+    """An event's points for every sink: ``scalars`` grouped by the step each is drawn at.
 
     Each tag's steps strictly increase: a point logged at a step its tag already has (the
     retrain's first validation, before any retrain step, shares the train phase's last step)
     goes one step later, so that a curve never folds back on itself."""
+
+    def __init__(self, task_names: list[str] = ()) -> None:
+        self.task_names = list(task_names)
+        self.last_step: dict[str, int] = {}
+
+    def points(self, event: str, fields: dict[str, Any]) -> dict[int, dict[str, float]]:
+        """Step -> the tags and values to log at it (empty for an event without scalars)."""
+        out: dict[int, dict[str, float]] = {}
+        for tag, value in scalars(event, fields, self.task_names).items():
+            step = fields.get("global_step", 0)
+            if tag in self.last_step:
+                step = max(step, self.last_step[tag] + 1)
+            self.last_step[tag] = step
+            out.setdefault(step, {})[tag] = value
+        return out
+
+
+class TensorBoardSink:
+    """Event files under ``{out}/tensorboard``. Object stores cannot append: for an ``s3://``
+    run the files are written to a local folder and uploaded at every flush (phase ends)."""
 
     def __init__(self, out: str, task_names: list[str] = ()) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -72,16 +91,12 @@ class TensorBoardSink:
             _local_path(join(out, "tensorboard")) if self.remote is None else tempfile.mkdtemp(prefix="conure-tb-")
         )
         self.writer = SummaryWriter(self.dir)
-        self.task_names = list(task_names)
-        self.last_step: dict[str, int] = {}
+        self.curves = Curves(task_names)
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        for tag, value in scalars(event, fields, self.task_names).items():
-            step = fields.get("global_step", 0)
-            if tag in self.last_step:
-                step = max(step, self.last_step[tag] + 1)
-            self.last_step[tag] = step
-            self.writer.add_scalar(tag, value, step)
+        for step, values in self.curves.points(event, fields).items():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -105,15 +120,14 @@ class WandbSink:
             raise UserError("train.sinks lists 'wandb' but wandb is not installed: pip install wandb") from None
         local = _local_path(out) if is_local(out) else tempfile.mkdtemp(prefix="conure-wandb-")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "conure_dist"), dir=local, config=config)
-        self.task_names = _task_names(config)
+        self.curves = Curves(_task_names(config))
         # Several events share an optimizer step: each is its own row, plotted against global_step.
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        values = scalars(event, fields, self.task_names)
-        if values:
-            self.run.log({"global_step": fields.get("global_step", 0), **values})
+        for step, values in self.curves.points(event, fields).items():
+            self.run.log({"global_step": step, **values})
 
     def flush(self) -> None:
         """W&B sends in the background."""
@@ -142,7 +156,7 @@ class MLflowSink:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(Path(_local_path(join(out, "mlruns"))).absolute().as_uri())
         self.mlflow = mlflow
-        self.task_names = _task_names(config)
+        self.curves = Curves(_task_names(config))
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "conure_dist"))
         self.run = mlflow.start_run()
         flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
@@ -150,9 +164,8 @@ class MLflowSink:
             mlflow.log_params(dict(list(flat.items())[start : start + 100]))
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
-        values = {tag.replace("@", "_at_"): v for tag, v in scalars(event, fields, self.task_names).items()}
-        if values:
-            self.mlflow.log_metrics(values, step=fields.get("global_step", 0))
+        for step, values in self.curves.points(event, fields).items():
+            self.mlflow.log_metrics({tag.replace("@", "_at_"): v for tag, v in values.items()}, step=step)
 
     def flush(self) -> None:
         """MLflow writes each call through."""
