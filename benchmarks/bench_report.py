@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import sys
 from typing import Any
 
-import torch
+from conure_dist import provenance
 
 
 def environment(script: str, argv: list[str] | None, device_arg: str) -> dict[str, Any]:
     """The command that reproduces the run (``argv``: the arguments given to ``main``, else the
     process's), the device (``--device``) and the software and threads it ran with."""
-    device = torch.device(device_arg)
     return {
         "command": "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)]),
+        **provenance.environment(device_arg),
         "device": device_arg,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
     }
 
 
