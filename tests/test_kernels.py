@@ -37,6 +37,7 @@ from helpers import REPO, build_context, tiny_config
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
 from conure_dist.kernels import KERNELS, fused_negative_logsumexp, fused_target_ranks, use_triton
+from conure_dist.kernels.self_check import forget_outcomes, kernel_works
 from conure_dist.model.chunked_softmax import negative_logsumexp
 from conure_dist.model.heads import ItemHead, SampledSoftmaxHead
 from conure_dist.train.evaluate import evaluate_task, fused_ranking
@@ -130,8 +131,13 @@ def test_evaluation_with_fused_ranks_gives_the_same_metrics(interpreted):
 
 
 @pytest.mark.slow
+def test_the_self_check_probes_pass_the_real_kernels(interpreted):
+    assert _passed(interpreted, "check_the_probes_pass_the_kernels") == 2
+
+
+@pytest.mark.slow
 def test_every_interpreted_check_belongs_to_a_test(interpreted):
-    assert len(interpreted) == 13, sorted(interpreted)
+    assert len(interpreted) == 15, sorted(interpreted)
 
 
 def test_kernel_settings_and_their_errors():
@@ -296,6 +302,12 @@ def check_fused_ranks_round_scores_to_bf16_under_autocast():
         got = fused_target_ranks(hidden, table, bias, target, padding_first=True)
     assert torch.equal(got, want)
     assert not torch.equal(want, target_ranks(_eager_scores(hidden, table, bias, True), target))  # rounding mattered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def check_the_probes_pass_the_kernels(dtype):
+    forget_outcomes()
+    assert kernel_works("softmax", CPU.device, dtype, 24) and kernel_works("rank", CPU.device, dtype, 24)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ class ModelConfig:
     """Where T1's sampled softmax and evaluation's ranking run: ``triton`` (fused kernels: the
     negatives' logits and the full score table never reach memory), ``chunked`` (PyTorch, in
     chunks of negatives) or ``auto`` (Triton for bf16/fp16 CUDA tensors on compute capability 8.0
-    or later when Triton is installed, else chunked)."""
+    or later when Triton is installed and the kernel passes its probe once per process, else
+    chunked)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")

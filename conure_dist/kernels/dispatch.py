@@ -5,7 +5,9 @@
   capability 8.0 or later), when ``triton`` is installed; today's torch path otherwise. CPU
   tensors never run in Triton's interpreter under ``auto``, so CPU runs keep their numbers, and
   fp32 products (full precision, as torch computes them) stay with cuBLAS: Triton would run
-  them on the GPU's FMA units, not measured to pay yet.
+  them on the GPU's FMA units, not measured to pay yet. Before its first use in a process,
+  each kernel runs a small probe against the torch path (``self_check.kernel_works``): a
+  kernel that fails to compile, to launch or to agree logs a warning and stays unused.
 * ``chunked``: always the torch path (the chunked softmax, materialized scores).
 * ``triton``: always the kernels; CPU tensors need ``TRITON_INTERPRET=1`` set before the
   kernels are first used (the tests: the interpreter is slow, for small shapes only).
@@ -19,6 +21,7 @@ import importlib.util
 import torch
 
 from conure_dist.errors import UserError
+from conure_dist.kernels.self_check import kernel_works
 
 KERNELS = ("auto", "chunked", "triton")
 AUTO_DTYPES = (torch.bfloat16, torch.float16)
@@ -50,9 +53,13 @@ def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def use_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``kernel`` runs the Triton kernels for products in ``dtype`` (see
-    ``product_dtype``) on ``device``; a clear error where ``triton`` is forced but cannot run."""
+def use_triton(
+    kernel: str, device: torch.device, dtype: torch.dtype, which: str = "softmax", channels: int = 64
+) -> bool:
+    """Whether ``kernel`` runs the Triton kernel ``which`` (``softmax`` or ``rank``) for products
+    in ``dtype`` (see ``product_dtype``) on ``device``; a clear error where ``triton`` is forced
+    but cannot run. ``auto`` also needs the kernel to pass its probe at the model's ``channels``
+    (once per process)."""
     if check_kernel(kernel) == "chunked":
         return False
     if kernel == "auto":
@@ -61,6 +68,7 @@ def use_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
             and dtype in AUTO_DTYPES
             and triton_installed()
             and _gpu_supported(device.index if device.index is not None else torch.cuda.current_device())
+            and kernel_works(which, device, dtype, channels)
         )
     if not triton_installed():
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton; Linux x86-64)")
