@@ -39,7 +39,15 @@ class SampledSoftmaxHead(nn.Module):
         self.compiled = False
         """Set by ``conure_dist.compiled.compile_model``: the streamed softmax's blocks run compiled."""
 
-    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        hidden_NC: torch.Tensor,
+        target_N: torch.Tensor,
+        negatives_S: torch.Tensor,
+        keep_N: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum of the rows' losses; with ``keep_N`` (bool), of the kept rows' only (the others'
+        losses are zeroed, so they get no gradient)."""
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
         if self.chunk or self.kernel == "triton":
             # Same loss: -log softmax of the target among {target} + negatives, never
@@ -55,16 +63,22 @@ class SampledSoftmaxHead(nn.Module):
                 self.kernel,
             )
             pos = pos.float()
-            return (torch.logaddexp(pos, neg_lse) - pos).sum()
+            return _kept_sum(torch.logaddexp(pos, neg_lse) - pos, keep_N)
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
         neg = neg.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
         logits = torch.cat([pos[:, None], neg], dim=1)
-        return F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="sum")
+        if keep_N is None:
+            return F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="sum")
+        return _kept_sum(F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="none"), keep_N)
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         logits = hidden_NC @ self.weight.T + self.bias
         logits[:, 0] = float("-inf")
         return logits
+
+
+def _kept_sum(loss_N: torch.Tensor, keep_N: torch.Tensor | None) -> torch.Tensor:
+    return loss_N.sum() if keep_N is None else torch.where(keep_N, loss_N, 0.0).sum()
 
 
 class ItemHead(nn.Module):

@@ -27,6 +27,7 @@ from conure_dist.train.batches import (
     prefetched,
     steps_per_epoch,
     sum_digest_over_ranks,
+    to_device,
     train_batches,
 )
 from conure_dist.train.engine import build_engine
@@ -248,7 +249,7 @@ class Phase:
         if self.joint is not None:  # drawn first: the generator's order is part of the run
             joint = self.joint(generator)
         negatives = self.draw(generator)
-        on_device = None if negatives is None else negatives.to(dist.device)
+        on_device = None if negatives is None else to_device(negatives, dist.device)
         joint_task = None if joint is None else (self.trainer.infos[0].name, *joint, self.joint_weight)
         loss = self.engine.train_step(
             micro_batches(
