@@ -73,6 +73,7 @@ def predictions(targets: dict) -> dict[str, float]:
         act_bytes=2 if targets.get("precision") == "bf16" else 4,
         softmax="fused" if cuda else "chunked",
         l2_folded=bool(_get(targets, "t1_step", "l2_folded")),
+        deterministic=bool(targets.get("deterministic", False)),
     )
     card = card_for(targets.get("device_name"), targets.get("device", "cpu"))
     figures = step_model.predict(s, card)

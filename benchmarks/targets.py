@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": cfg,
         "precision": precision,
         "l2": L2,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
     setup = Setup(cfg, dist, args.compile)
     sections = {

@@ -18,8 +18,9 @@ from conure_dist.kernels.dispatch import (
     KERNELS,
     check_kernel,
     product_dtype,
-    use_triton,
+    setting_picks_triton,
 )
+from conure_dist.kernels.self_check import kernel_works
 
 if TYPE_CHECKING:
     from conure_dist.kernels.common import Tiles
@@ -33,6 +34,18 @@ __all__ = [
     "product_dtype",
     "use_triton",
 ]
+
+
+def use_triton(
+    kernel: str, device: torch.device, dtype: torch.dtype, which: str = "softmax", channels: int = 64
+) -> bool:
+    """Whether ``kernel`` runs the Triton kernel ``which`` (``softmax`` or ``rank``) for products
+    in ``dtype`` (see ``product_dtype``) on ``device``; a clear error where ``triton`` is forced
+    but cannot run. ``auto`` also needs the kernel to pass its probe at the model's ``channels``
+    (once per process, ``self_check``)."""
+    if not setting_picks_triton(kernel, device, dtype):
+        return False
+    return kernel != "auto" or kernel_works(which, device, dtype, channels)
 
 
 def fused_negative_logsumexp(

@@ -21,7 +21,6 @@ import importlib.util
 import torch
 
 from conure_dist.errors import UserError
-from conure_dist.kernels.self_check import kernel_works
 
 KERNELS = ("auto", "chunked", "triton")
 AUTO_DTYPES = (torch.bfloat16, torch.float16)
@@ -53,13 +52,10 @@ def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def use_triton(
-    kernel: str, device: torch.device, dtype: torch.dtype, which: str = "softmax", channels: int = 64
-) -> bool:
-    """Whether ``kernel`` runs the Triton kernel ``which`` (``softmax`` or ``rank``) for products
-    in ``dtype`` (see ``product_dtype``) on ``device``; a clear error where ``triton`` is forced
-    but cannot run. ``auto`` also needs the kernel to pass its probe at the model's ``channels``
-    (once per process)."""
+def setting_picks_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the ``kernel`` setting picks the Triton kernels for products in ``dtype`` (see
+    ``product_dtype``) on ``device``, before ``auto``'s probe (``conure_dist.kernels.use_triton``);
+    a clear error where ``triton`` is forced but cannot run."""
     if check_kernel(kernel) == "chunked":
         return False
     if kernel == "auto":
@@ -68,7 +64,6 @@ def use_triton(
             and dtype in AUTO_DTYPES
             and triton_installed()
             and _gpu_supported(device.index if device.index is not None else torch.cuda.current_device())
-            and kernel_works(which, device, dtype, channels)
         )
     if not triton_installed():
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton; Linux x86-64)")
