@@ -186,9 +186,11 @@ def count_softmax(s: Sizes) -> Part:
 def count_tables(s: Sizes) -> Part:
     """The item tables' gradients: the gathers of negatives' and targets' rows (and their casts),
     and each gather's backward, a freshly zeroed dense [V, C] fp32 gradient written and the
-    gathered rows scattered into it (embedding, softmax weight; biases alike)."""
+    gathered rows scattered into it (embedding, softmax weight; biases alike). The fused path
+    writes the negatives' rows into the table's gradient itself: one dense gradient pass fewer."""
     v, c, neg, n = s.items, s.channels, s.negatives, s.num_rows
-    dense = 3 * (2 * v * c + v) * 4  # zero, scatter-add's read and write of each table's gradient
+    passes = 2 if s.softmax == "fused" else 3  # zero, scatter-add's read and write
+    dense = passes * (2 * v * c + v) * 4
     gathers = 2 * (neg + n) * c * 4
     return Part(bytes=dense + gathers, kernels=12)
 

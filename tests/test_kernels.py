@@ -40,7 +40,13 @@ from helpers import REPO, build_context, tiny_config
 
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
-from conure_dist.kernels import KERNELS, fused_negative_logsumexp, fused_target_ranks, use_triton
+from conure_dist.kernels import (
+    KERNELS,
+    fused_negative_logsumexp,
+    fused_table_logsumexp,
+    fused_target_ranks,
+    use_triton,
+)
 from conure_dist.kernels.self_check import forget_outcomes, kernel_works
 from conure_dist.model.chunked_softmax import negative_logsumexp
 from conure_dist.model.heads import ItemHead, SampledSoftmaxHead
@@ -140,13 +146,18 @@ def test_the_single_pass_backward_with_and_without_atomics(interpreted):
 
 
 @pytest.mark.slow
+def test_the_table_form_writes_the_table_gradient(interpreted):
+    assert _passed(interpreted, "check_the_table_form_writes_the_same_table_gradients") == 2
+
+
+@pytest.mark.slow
 def test_the_self_check_probes_pass_the_real_kernels(interpreted):
     assert _passed(interpreted, "check_the_probes_pass_the_kernels") == 2
 
 
 @pytest.mark.slow
 def test_every_interpreted_check_belongs_to_a_test(interpreted):
-    assert len(interpreted) == 17, sorted(interpreted)
+    assert len(interpreted) == 19, sorted(interpreted)
 
 
 def test_kernel_settings_and_their_errors():
@@ -326,6 +337,30 @@ def check_the_backward_is_deterministic_unless_atomics_are_allowed(deterministic
     _assert_bf16_close(runs[0], _exact_on_bf16_values(case, round_bias=True))
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def check_the_table_form_writes_the_same_table_gradients(deterministic):
+    """The head's form (``fused_table_logsumexp``: rows gathered inside, the table's gradient out;
+    with atomics the kernel adds into the table's rows itself) against the chunked path through
+    autograd's gather, repeated negatives included."""
+    case = _softmax_case(10, 24, 77)
+    hidden, table, bias, negatives, target = case
+
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, table, bias))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        lse = fused_table_logsumexp(h, w, b, negatives, target)
+        (lse * torch.linspace(0.5, 1.5, lse.shape[0])).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    want = _lse_and_grads(case, _chunked)
+    for name, got, ref in zip(
+        ("lse", "hidden", "table", "bias"), (lse.detach(), h.grad, w.grad, b.grad), want, strict=True
+    ):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+    assert w.grad.shape == table.shape and (w.grad.abs().sum(1) > 0).sum() == len(set(negatives.tolist()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

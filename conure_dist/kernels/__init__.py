@@ -30,6 +30,7 @@ __all__ = [
     "KERNELS",
     "check_kernel",
     "fused_negative_logsumexp",
+    "fused_table_logsumexp",
     "fused_target_ranks",
     "product_dtype",
     "use_triton",
@@ -60,6 +61,21 @@ def fused_negative_logsumexp(
     from conure_dist.kernels.sampled_softmax import fused_negative_logsumexp as run
 
     return run(hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles)
+
+
+def fused_table_logsumexp(
+    hidden_NC: torch.Tensor,
+    table_VC: torch.Tensor,
+    bias_V: torch.Tensor,
+    negatives_S: torch.Tensor,
+    target_N: torch.Tensor,
+    tiles: dict[str, Tiles] | None = None,
+) -> torch.Tensor:
+    """The fused kernels' ``negative_logsumexp`` over the table's rows at ``negatives_S``, whose
+    backward writes the weight rows' gradients straight into the table's gradient."""
+    from conure_dist.kernels.sampled_softmax import fused_table_logsumexp as run
+
+    return run(hidden_NC, table_VC, bias_V, negatives_S, target_N, tiles)
 
 
 def fused_target_ranks(

@@ -40,9 +40,10 @@ negatives) and an evaluation batch of 4,096 users over the full table."""
 
 
 def _record(dtype: torch.dtype, channels: int, sizes: dict[str, int]) -> list[tuple[str, object, tuple, dict]]:
-    """(name, kernel, args, kwargs) of every launch of a T1 step's loss, its backward and one
-    evaluation batch's ranks, with products in ``dtype`` (bf16: autocast over fp32 parameters)."""
-    from conure_dist.kernels.sampled_softmax import fused_negative_logsumexp
+    """(name, kernel, args, kwargs) of every launch of a T1 step's loss as the head computes it
+    (``fused_table_logsumexp``), its backward (deterministic, and with atomics) and one evaluation
+    batch's ranks, with products in ``dtype`` (bf16: autocast over fp32 parameters)."""
+    from conure_dist.kernels.sampled_softmax import fused_table_logsumexp
     from conure_dist.kernels.topk import fused_target_ranks
 
     launches: list = []
@@ -55,13 +56,13 @@ def _record(dtype: torch.dtype, channels: int, sizes: dict[str, int]) -> list[tu
     n, s, v, u = sizes["rows"], sizes["negatives"], sizes["items"], sizes["users"]
     params = torch.float32 if dtype == torch.bfloat16 else dtype
     hidden = torch.zeros(n, channels, dtype=params, requires_grad=True)
-    table, bias = torch.zeros(v, channels, dtype=params), torch.zeros(v, dtype=params)
+    table = torch.zeros(v, channels, dtype=params, requires_grad=True)
+    bias = torch.zeros(v, dtype=params, requires_grad=True)
     negatives, target = torch.arange(1, s + 1), torch.ones(n, dtype=torch.int64)
-    weight = table[negatives].requires_grad_(True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     deterministic = torch.are_deterministic_algorithms_enabled()
     with launched_by(recorder), autocast:
-        lse = fused_negative_logsumexp(hidden, weight, bias[negatives], negatives, target)
+        lse = fused_table_logsumexp(hidden, table, bias, negatives, target)  # as the head calls it
         try:  # the backward as runs launch it (train.deterministic), and with atomics
             for on in (True, False):
                 torch.use_deterministic_algorithms(on, warn_only=True)
@@ -69,7 +70,7 @@ def _record(dtype: torch.dtype, channels: int, sizes: dict[str, int]) -> list[tu
         finally:
             torch.use_deterministic_algorithms(deterministic)
         with torch.no_grad():
-            fused_target_ranks(hidden[:u].detach(), table, bias, target[:u], padding_first=True)
+            fused_target_ranks(hidden[:u].detach(), table.detach(), bias.detach(), target[:u], padding_first=True)
     return launches
 
 

@@ -200,11 +200,14 @@ def _backward_kernel(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     ATOMIC: tl.constexpr,
+    SCATTER: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """d loss / d hidden, weights and biases of one group of row blocks x one group of negative
     tiles, from one recomputation of each tile's logits. Without ``ATOMIC`` the outputs are
-    partials: dh[col group, N, C], dw[row group, S, C], db[row group, S]."""
+    partials: dh[col group, N, C], dw[row group, S, C], db[row group, S]. With ``SCATTER`` (and
+    atomics) the weight and bias gradients go straight to the item table's rows: dw[V, C], db[V]
+    at the negatives' ids."""
     pid = tl.program_id(0)
     col_group = pid // num_row_groups  # neighbours share a group of negatives
     row_group = pid % num_row_groups
@@ -216,6 +219,10 @@ def _backward_kernel(
     # hidden rows' whole gradient, small enough for L2) stays in cache while the rows stream.
     for ct in range(col_group * tiles_per_group, tl.minimum((col_group + 1) * tiles_per_group, col_tiles)):
         cols = ct * BLOCK_S + tl.arange(0, BLOCK_S)
+        if SCATTER:
+            dst = tl.load(neg_ptr + cols, mask=cols < S, other=0)
+        else:
+            dst = cols
         for rb in range(row_group * blocks_per_group, tl.minimum((row_group + 1) * blocks_per_group, row_blocks)):
             rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
             tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=-1)
@@ -226,7 +233,7 @@ def _backward_kernel(
             )
             p = tl.exp(_masked(x, b_ptr, neg_ptr, cols, tgt, S) - lse[:, None]) * scale[:, None]
             p = tl.where(rows[:, None] < N, p, 0.0)  # padding rows add nothing (not even inf * 0)
-            _accumulate(db_ptr + cols, tl.sum(p, axis=0), cols < S, ATOMIC)
+            _accumulate(db_ptr + dst, tl.sum(p, axis=0), cols < S, ATOMIC)
             p = cast_for_dot(p, DOT_DTYPE, INTERPRET)
             # Two passes over the channels, so that one [tile, chunk] product is live at a time.
             for k in range(NUM_K):
@@ -244,7 +251,7 @@ def _backward_kernel(
                     tl.trans(p), cast_for_dot(h, DOT_DTYPE, INTERPRET), input_precision=PRECISION, out_dtype=tl.float32
                 )
                 col_mask = (cols[:, None] < S) & (ch[None, :] < C)
-                _accumulate(dw_ptr + cols[:, None] * C + ch[None, :], dw, col_mask, ATOMIC)
+                _accumulate(dw_ptr + dst[:, None] * C + ch[None, :], dw, col_mask, ATOMIC)
 
 
 def pick_tiles(kind: str, tiles: dict[str, Tiles] | None, dtype: torch.dtype, channels: int, device) -> Tiles:
@@ -297,7 +304,12 @@ def backward_groups(row_blocks: int, col_tiles: int, rows: int, negatives: int, 
     return r, max(1, min(col_tiles, math.ceil(programs / r)))
 
 
-def _backward(h, w, b, neg, tgt, lse, scale, dtype, tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(
+    h, w, b, neg, tgt, lse, scale, dtype, tiles, table_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d hidden [N, C], and d weight rows [S, C] and d biases [S]; with ``table_rows`` (V) the
+    gradients of the item table [V, C] and its biases [V] instead, the negatives' rows added in
+    (by the kernel itself with atomics; from the summed partials otherwise)."""
     (N, C), S = h.shape, w.shape[0]
     t = pick_tiles("backward", tiles, dtype, C, h.device)
     row_blocks, col_tiles = triton.cdiv(N, t.rows), triton.cdiv(S, t.cols)
@@ -305,54 +317,89 @@ def _backward(h, w, b, neg, tgt, lse, scale, dtype, tiles) -> tuple[torch.Tensor
     per_row_group, r = split_ranges(row_blocks, r)
     per_col_group, k = split_ranges(col_tiles, k)
     atomic = not torch.are_deterministic_algorithms_enabled()
+    scatter = atomic and table_rows is not None
     parts_h, parts_w = (1, 1) if atomic else (k, r)
+    rows_w = table_rows if scatter else S
     dh = torch.zeros(parts_h, N, C, device=h.device, dtype=torch.float32)
-    dw = torch.zeros(parts_w, S, C, device=h.device, dtype=torch.float32)
-    db = torch.zeros(parts_w, S, device=h.device, dtype=torch.float32)
+    dw = torch.zeros(parts_w, rows_w, C, device=h.device, dtype=torch.float32)
+    db = torch.zeros(parts_w, rows_w, device=h.device, dtype=torch.float32)
     check_offsets(hidden=h, weight=w, hidden_grad_parts=dh, weight_grad_parts=dw)
     launch(
         _backward_kernel,
         (r * k,),
         (h, w, b, neg, tgt, lse, scale, dh, dw, db, N, S, C, row_blocks, col_tiles, per_row_group, per_col_group, r),
-        {"BLOCK_N": t.rows, "BLOCK_S": t.cols, "ATOMIC": atomic, **_chunks(dtype, C, True), **launch_options(t)},
+        {
+            "BLOCK_N": t.rows,
+            "BLOCK_S": t.cols,
+            "ATOMIC": atomic,
+            "SCATTER": scatter,
+            **_chunks(dtype, C, True),
+            **launch_options(t),
+        },
     )
-    return dh.sum(0), dw.sum(0), db.sum(0)
+    dw, db = dw.sum(0), db.sum(0)
+    if table_rows is not None and not scatter:
+        dw = torch.zeros(table_rows, C, device=h.device, dtype=torch.float32).index_add_(0, neg, dw)
+        db = torch.zeros(table_rows, device=h.device, dtype=torch.float32).index_add_(0, neg, db)
+    return dh.sum(0), dw, db
 
 
 class _FusedNegativeLogSumExp(torch.autograd.Function):
+    """The kernels as an autograd function, over the negatives' rows (``gather`` False) or over
+    the whole item table (``gather``: the negatives' rows are gathered and cast inside, and the
+    backward returns the table's gradients, the rows' gradients written straight into them: no
+    gathered-rows gradient for autograd to scatter)."""
+
     @staticmethod
-    def forward(ctx, hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles):  # noqa: D102
+    def forward(ctx, hidden_NC, weight, bias, negatives_S, target_N, tiles, gather):  # noqa: D102
         dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
         # The kernels read operands in the products' dtype (the one pointer type they are built
         # for), the biases in fp32.
-        h, w = (t.to(dtype).contiguous() for t in (hidden_NC, weight_SC))
-        b, neg, tgt = bias_S.float().contiguous(), negatives_S.contiguous(), target_N.contiguous()
-        if hidden_NC.shape[0] == 0 or weight_SC.shape[0] == 0:
+        rows = (lambda t: t.index_select(0, negatives_S)) if gather else (lambda t: t)
+        h, w = hidden_NC.to(dtype).contiguous(), rows(weight).to(dtype).contiguous()
+        b, neg, tgt = rows(bias).float().contiguous(), negatives_S.contiguous(), target_N.contiguous()
+        if h.shape[0] == 0 or w.shape[0] == 0:
             lse = torch.full(hidden_NC.shape[:1], float("-inf"), device=hidden_NC.device)
         else:
             lse = _forward(h, w, b, neg, tgt, dtype, tiles)
         ctx.save_for_backward(h, w, b, neg, tgt, lse)
-        ctx.dtype, ctx.tiles = dtype, tiles
-        ctx.dtypes = (hidden_NC.dtype, weight_SC.dtype, bias_S.dtype)
+        ctx.dtype, ctx.tiles, ctx.gather = dtype, tiles, gather
+        ctx.like = (hidden_NC.dtype, weight.shape, weight.dtype, bias.dtype)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse_N):  # noqa: D102
         h, w, b, neg, tgt, lse = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        h_dtype, w_shape, w_dtype, b_dtype = ctx.like
         if h.shape[0] == 0 or w.shape[0] == 0:
-            return (
-                h.new_zeros(h.shape, dtype=h_dtype),
-                w.new_zeros(w.shape, dtype=w_dtype),
-                b.to(b_dtype) * 0,
-                *[None] * 3,
-            )
+            zeros = h.new_zeros(w_shape, dtype=w_dtype)
+            return h.new_zeros(h.shape, dtype=h_dtype), zeros, zeros[:, 0].to(b_dtype), *[None] * 4
         # Rows whose every negative was an accidental hit have lse = -inf and no gradient.
         finite = torch.isfinite(lse)
         safe_lse = torch.where(finite, lse, 0.0).contiguous()
         scale = torch.where(finite, grad_lse_N.float(), 0.0).contiguous()
-        dh, dw, db = _backward(h, w, b, neg, tgt, safe_lse, scale, ctx.dtype, ctx.tiles)
-        return dh.to(h_dtype), dw.to(w_dtype), db.to(b_dtype), None, None, None
+        table_rows = w_shape[0] if ctx.gather else None
+        dh, dw, db = _backward(h, w, b, neg, tgt, safe_lse, scale, ctx.dtype, ctx.tiles, table_rows)
+        return dh.to(h_dtype), dw.to(w_dtype), db.to(b_dtype), None, None, None, None
+
+
+def fused_table_logsumexp(
+    hidden_NC: torch.Tensor,
+    table_VC: torch.Tensor,
+    bias_V: torch.Tensor,
+    negatives_S: torch.Tensor,
+    target_N: torch.Tensor,
+    tiles: dict[str, Tiles] | None = None,
+) -> torch.Tensor:
+    """``fused_negative_logsumexp`` of the table's rows at ``negatives_S`` (``table_VC[negatives_S]``,
+    ``bias_V[negatives_S]``), with the table's own gradients: the sampled-softmax head's form."""
+    if table_VC.dim() != 2 or hidden_NC.dim() != 2 or hidden_NC.shape[1] != table_VC.shape[1]:
+        raise ValueError(
+            f"hidden [N, C] and table [V, C] must share C, got {tuple(hidden_NC.shape)}, {tuple(table_VC.shape)}"
+        )
+    if bias_V.shape != table_VC.shape[:1] or target_N.shape != hidden_NC.shape[:1] or negatives_S.dim() != 1:
+        raise ValueError("bias needs one entry per table row, target one per hidden row, negatives one dimension")
+    return _FusedNegativeLogSumExp.apply(hidden_NC, table_VC, bias_V, negatives_S, target_N, tiles, True)
 
 
 def fused_negative_logsumexp(
@@ -372,4 +419,4 @@ def fused_negative_logsumexp(
         )
     if not (bias_S.shape == negatives_S.shape == weight_SC.shape[:1] and target_N.shape == hidden_NC.shape[:1]):
         raise ValueError("bias and negatives need one entry per weight row, target one per hidden row")
-    return _FusedNegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles)
+    return _FusedNegativeLogSumExp.apply(hidden_NC, weight_SC, bias_S, negatives_S, target_N, tiles, False)

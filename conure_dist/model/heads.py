@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conure_dist.kernels import check_kernel
+from conure_dist.kernels import check_kernel, fused_table_logsumexp, product_dtype, use_triton
 from conure_dist.model.chunked_softmax import DEFAULT_CHUNK, negative_logsumexp
 
 
@@ -52,16 +52,21 @@ class SampledSoftmaxHead(nn.Module):
         if self.chunk or self.kernel == "triton":
             # Same loss: -log softmax of the target among {target} + negatives, never
             # materializing the [N, S] logits (see chunked_softmax and conure_dist.kernels).
-            neg_lse = negative_logsumexp(
-                hidden_NC,
-                self.weight[negatives_S],
-                self.bias[negatives_S],
-                negatives_S,
-                target_N,
-                self.chunk or DEFAULT_CHUNK,
-                self.compiled,
-                self.kernel,
-            )
+            dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
+            if use_triton(self.kernel, hidden_NC.device, dtype, "softmax", hidden_NC.shape[1]):
+                # The kernels gather the negatives' rows and add their gradients into the table's.
+                neg_lse = fused_table_logsumexp(hidden_NC, self.weight, self.bias, negatives_S, target_N)
+            else:
+                neg_lse = negative_logsumexp(
+                    hidden_NC,
+                    self.weight[negatives_S],
+                    self.bias[negatives_S],
+                    negatives_S,
+                    target_N,
+                    self.chunk or DEFAULT_CHUNK,
+                    self.compiled,
+                    "chunked",
+                )
             pos = pos.float()
             return _kept_sum(torch.logaddexp(pos, neg_lse) - pos, keep_N)
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
