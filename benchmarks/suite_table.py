@@ -24,6 +24,7 @@ TARGETS = (
     ("T1 sequences/s", ">=", 15_000),
     ("later task sequences/s", ">=", 250_000),
     ("evaluation users/s", ">=", 300_000),
+    ("evaluation users/s under bf16 (fused ranks)", ">=", 300_000),
     ("T1 peak memory GB", "<=", 24),
     ("end to end / benchmark (T1 loop)", ">=", 0.9),
     ("phase-end checkpoint stall s", "<", 2),
@@ -83,6 +84,9 @@ def predictions(targets: dict) -> dict[str, float]:
         "T1 sequences/s": figures["t1_seq_per_s"],
         "later task sequences/s": figures["later_seq_per_s"],
         "evaluation users/s": figures["eval_users_per_s_fused" if fused else "eval_users_per_s"],
+        "evaluation users/s under bf16 (fused ranks)": figures[
+            "eval_users_per_s_fused" if _get(targets, "eval_bf16", "fused_ranks") else "eval_users_per_s"
+        ],
     }
 
 
@@ -94,6 +98,7 @@ def measured(out: str) -> dict[str, float | None]:
         "T1 sequences/s": t1,
         "later task sequences/s": _get(targets, "later_step", "seq_per_s"),
         "evaluation users/s": _get(targets, "eval", "users_per_s"),
+        "evaluation users/s under bf16 (fused ranks)": _get(targets, "eval_bf16", "users_per_s"),
         "T1 peak memory GB": _get(targets, "t1_step", "peak_memory_gb"),
         "end to end / benchmark (T1 loop)": loop / t1 if loop and t1 else None,
         "phase-end checkpoint stall s": _get(stall, "results", 0, "async", "save_s"),
@@ -126,10 +131,10 @@ def _fmt(x: float | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"device: {report['device']}; step model: {report['card']}; kernel probe: {report['probe'] or '-'}"]
-    lines.append(f"{'target':34} {'goal':>10} {'measured':>12} {'predicted':>12}  met")
+    lines.append(f"{'target':44} {'goal':>10} {'measured':>12} {'predicted':>12}  met")
     for r in report["rows"]:
         met = "" if r["met"] is None else "yes" if r["met"] else "NO"
-        lines.append(f"{r['target']:34} {r['goal']:>10} {_fmt(r['measured']):>12} {_fmt(r['predicted']):>12}  {met}")
+        lines.append(f"{r['target']:44} {r['goal']:>10} {_fmt(r['measured']):>12} {_fmt(r['predicted']):>12}  {met}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ after each:
   negatives from the popularity sampler, Adam and L2 over the convs and its head).
 * ``eval``: ``evaluate_task``'s per-batch work in the precision runs evaluate in (fp32: the
   materialized scores and ``target_ranks``, or the fused ranks where ``auto`` picks them): users/s.
+* ``eval_bf16``: the same under bf16 autocast, where ``auto`` ranks with the fused kernel on a
+  GPU (runs do not evaluate so today: bf16 scores tie more often, which changes ranks).
 
 On CPU only the ``smoke`` preset is meant: it checks that every section runs and the JSON is
 complete, not the figures.
@@ -70,7 +72,7 @@ PRESETS = {
         "steps": 2,
     },
 }
-SECTIONS = ("t1_step", "later_step", "eval")
+SECTIONS = ("t1_step", "later_step", "eval", "eval_bf16")
 NEGATIVE_FRACTION, L2, BPR_RHO = 0.2, 0.02, 0.3
 
 
@@ -163,20 +165,24 @@ def later_step(setup: Setup, precision: str, steps: int) -> dict[str, Any]:
     return out
 
 
-def evaluation(setup: Setup, steps: int) -> dict[str, Any]:
-    """One evaluation batch of the later task per call, as ``evaluate_task`` computes it."""
+def evaluation(setup: Setup, steps: int, bf16: bool = False) -> dict[str, Any]:
+    """One evaluation batch of the later task per call, as ``evaluate_task`` computes it
+    (``bf16``: under bf16 autocast)."""
     cfg, dist = setup.cfg, setup.dist
     setup.masked.set_view("infer", 2)
     setup.masked.eval()
     info = TaskInfo("later", "item", cfg["later_items"], None, None, "", {})
     seq = to_device(sequences(cfg["eval_users"], cfg["seq_len"], cfg["items"], setup.g), dist.device)
     target = to_device(torch.randint(0, cfg["later_items"], (cfg["eval_users"],), generator=setup.g), dist.device)
-    fused = fused_ranking(setup.masked, info, dist.device)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        fused = fused_ranking(setup.masked, info, dist.device)
     compiled = setup.model.compiled
 
     @torch.no_grad()
     def run() -> None:
-        _batch_sums(setup.masked, info, seq, target, [5, 10], fused, compiled)
+        with autocast:
+            _batch_sums(setup.masked, info, seq, target, [5, 10], fused, compiled)
 
     out = timed(run, dist.device, steps, warmup=2)
     out["users_per_s"] = cfg["eval_users"] / out["seconds_per_step"]
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "t1_step": lambda: t1_step(setup, precision, steps),
         "later_step": lambda: later_step(setup, precision, steps),
         "eval": lambda: evaluation(setup, steps),
+        "eval_bf16": lambda: evaluation(setup, steps, bf16=True),
     }
     for name in SECTIONS:
         if name not in args.only:
