@@ -135,7 +135,9 @@ def target_arch(device: torch.device) -> int:
 def shared_limit(device: torch.device) -> int:
     """Shared memory per block on ``device`` (or the target that ``aot`` compiles for)."""
     if "arch" not in _TARGET and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        if optin:  # torch builds before 2.4 do not report it: the architecture's table then
+            return int(optin)
     return SHARED_BYTES.get(target_arch(device), min(SHARED_BYTES.values()))
 
 
