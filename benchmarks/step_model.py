@@ -79,7 +79,7 @@ class Sizes:
     negative_fraction: float = 0.2
     dilations: tuple[int, ...] = (1, 4, 1, 4, 1, 4, 1, 4)
     kernel_size: int = 3
-    later_batch: int = 512
+    later_batch: int = 4096
     later_items: int = 646_000
     eval_users: int = 4096
     rows: int | None = None
@@ -89,8 +89,9 @@ class Sizes:
     """Bytes per activation and product operand: 2 (bf16 autocast), 4 (fp32)."""
     softmax: str = "fused"
     """``fused`` (Triton kernels: no logits in memory) or ``chunked`` (logits blocks in memory)."""
-    deterministic: bool = True
-    """The fused backward's partial gradients (``train.deterministic``) or atomics."""
+    deterministic: bool = False
+    """The fused backward's partial gradients (``train.deterministic``, on by default) or atomics
+    (off: what ``configs/ttl.yaml`` sets)."""
     l2_folded: bool = True
     """L2 in Adam's weight decay (CUDA) or as a penalty in the loss (its own passes)."""
     tile: int = 128
@@ -386,7 +387,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=Sizes.items)
     parser.add_argument("--channels", type=int, default=Sizes.channels)
     parser.add_argument("--seq-len", type=int, default=Sizes.seq_len)
-    parser.add_argument("--atomics", action="store_true", help="the fused backward with atomics")
+    parser.add_argument("--deterministic", action="store_true", help="the fused backward's partials, not atomics")
     parser.add_argument("--check-cpu", action="store_true", help="time CPU steps against the model's prediction")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -396,7 +397,7 @@ def main() -> None:
         later_items=args.items,
         channels=args.channels,
         seq_len=args.seq_len,
-        deterministic=not args.atomics,
+        deterministic=args.deterministic,
     )
     report: dict = {"sizes": asdict(s), "cards": {}}
     for name in args.card or sorted(CARDS):

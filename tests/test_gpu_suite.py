@@ -44,9 +44,9 @@ def test_the_table_reads_each_steps_figure_and_the_cards_prediction(tmp_path):
     assert rows["evaluation users/s"]["met"] is True
     predicted = rows["T1 sequences/s"]["predicted"]
     assert predicted == pytest.approx(
-        suite_table.step_model.predict(
-            suite_table.step_model.Sizes(later_batch=4096, deterministic=False), suite_table.step_model.CARDS["h100"]
-        )["t1_seq_per_s"]
+        suite_table.step_model.predict(suite_table.step_model.Sizes(), suite_table.step_model.CARDS["h100"])[
+            "t1_seq_per_s"
+        ]
     )
     text = suite_table.render(report)
     assert len(text.splitlines()) == 2 + len(suite_table.TARGETS) and " - " in text  # the failed section
