@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import posixpath
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +59,31 @@ class Checkpoint:
     def has_part(self, name: str) -> bool:
         return name in self.digests
 
-    def state_of(self, name: str, weights_only: bool = True) -> Any:
+    def state_of(self, name: str) -> Any:
         """What the part ``name`` holds, verified: a main part as read already, another read now."""
         main = {"model.pt": self.model, "ownership.pt": self.ownership, "meta.json": self.meta}
-        return main[name] if name in main else self.read_part(name, weights_only)
+        return main[name] if name in main else self.read_part(name)
 
-    def read_part(self, name: str, weights_only: bool = True) -> Any:
-        """Load one further part (phase state, optimizer state), verified against COMMIT."""
+    def read_part(self, name: str, allowed: Sequence[type] = ()) -> Any:
+        """Load one further part (phase state, optimizer state), verified against COMMIT;
+        ``allowed``: the classes besides tensors and plain containers that it may hold."""
         data = read_verified(self.fs, self.path, name, self.digests[name])
-        # On CPU whatever device rank 0 saved from: every rank places what it needs itself.
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        return load_tensors(data, posixpath.join(self.path, name), allowed)
+
+
+def load_tensors(data: bytes, fpath: str, allowed: Sequence[type] = ()) -> Any:
+    """``torch.load`` of a part's bytes, weights only: tensors, plain containers and numbers, and
+    the classes in ``allowed``. Anything else (a pickle that would run code) is refused with one
+    line naming the file: a checksum does not vouch for a file, since whoever can write it can
+    rewrite ``COMMIT`` too. On the CPU, whatever device it was saved from: every rank places
+    what it needs itself."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the object {found[1]}" if found else "an object that is not a tensor"
+        raise CheckpointError(f"{fpath}: refused to load: it holds {what}, which a checkpoint never holds") from None
 
 
 def optimizer_part_name(rank: int, sharded: bool) -> str:
@@ -141,6 +159,6 @@ def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> C
         raise CheckpointError(f"{posixpath.join(path, 'meta.json')} is not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
-    model = torch.load(io.BytesIO(data["model.pt"]), map_location="cpu", weights_only=True)
-    ownership = torch.load(io.BytesIO(data["ownership.pt"]), map_location="cpu", weights_only=True)
+    model = load_tensors(data["model.pt"], posixpath.join(path, "model.pt"))
+    ownership = load_tensors(data["ownership.pt"], posixpath.join(path, "ownership.pt"))
     return Checkpoint(path=path, model=model, ownership=ownership, meta=meta, fs=fs, digests=digests)

@@ -29,7 +29,7 @@ from conure_dist.errors import UserError
 from conure_dist.train.batches import sum_digest_over_ranks
 from conure_dist.train.context import RunContext, task_specs
 from conure_dist.train.deepspeed_engine import SavedShards
-from conure_dist.train.engine import Engine, TorchEngine
+from conure_dist.train.engine import Engine
 from conure_dist.train.phase import Phase
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState
 
@@ -278,12 +278,12 @@ def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> Phas
         if message:
             raise UserError(message)
         if not engine.sharded_state:
-            return ckpt.read_part("optimizer.pt", weights_only=isinstance(engine, TorchEngine))
+            return ckpt.read_part("optimizer.pt", engine.state_classes)
 
-        # DeepSpeed's ZeRO state holds Python objects besides tensors; it is our own
-        # checksummed file, so it is loaded without the weights-only restriction.
+        # DeepSpeed's ZeRO state holds a few of its own classes besides tensors: those alone
+        # are allowed (a checksum does not vouch for a file whose COMMIT can be rewritten too).
         def read(rank: int) -> dict:
-            return ckpt.read_part(optimizer_part_name(rank, True), weights_only=False)
+            return ckpt.read_part(optimizer_part_name(rank, True), engine.state_classes)
 
         return {"shards": SavedShards(ckpt.meta["world_size"], read)}
 
