@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
     run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
     run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="take over --out although it records a run of another method or with other settings "
+        "that change results (resumed: other than its checkpoint's); without it such a run is refused",
+    )
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
     cf = sub.add_parser(
         "config",
@@ -232,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file; the run needs a directory")
     with process_group(cfg.dist) as dist:
         build_missing_shards(cfg.data, dist)
-        report = run_method(cfg, args.out, dist, resume=args.resume)
+        report = run_method(cfg, args.out, dist, resume=args.resume, force=args.force)
     if dist.is_main:
         print(format_table(report))
         print(f"report: {args.out.rstrip('/')}/report.json")

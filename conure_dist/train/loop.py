@@ -35,7 +35,7 @@ class ContinualLoop:
     checkpoint under ``out``. The run's parts register once with the checkpointer, which loads
     them all before the loop and saves them all at each of its points."""
 
-    def __init__(self, cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False, force: bool = False) -> None:
         self.start = time.perf_counter()
         self.cfg, self.out, self.dist, self.resume = cfg, out, dist, resume
         self.ctx = build_context(cfg, out, dist)
@@ -44,7 +44,7 @@ class ContinualLoop:
         self.checkpointer = Checkpointer(
             out, dist, keep=cfg.train.keep_checkpoints, async_writes=cfg.train.async_checkpoint
         )
-        register_run_parts(self.checkpointer, self.ctx, self.state, self.phases)
+        register_run_parts(self.checkpointer, self.ctx, self.state, self.phases, force)
         self._load()
 
     def _load(self) -> None:
@@ -189,6 +189,7 @@ class ContinualLoop:
         )
 
 
-def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Run every configured task in order and return the report (also written to ``out``)."""
-    return ContinualLoop(cfg, out, dist, resume).run()
+def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run every configured task in order and return the report (also written to ``out``).
+    ``force``: resume although settings that change results differ from the checkpoint's."""
+    return ContinualLoop(cfg, out, dist, resume, force).run()
