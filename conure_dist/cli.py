@@ -230,13 +230,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.dist import process_group
     from conure_dist.methods.run import run_method
     from conure_dist.report import format_table
+    from conure_dist.train.preemption import STOP
     from data_tools.prepare import build_missing_shards
 
     cfg = load_config(args.config, args.overrides)
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
         raise UserError(f"--out {args.out} is a file; the run needs a directory")
-    with process_group(cfg.dist) as dist:
+    # SIGTERM, SIGUSR1 and SIGINT stop the run at its next checkpoint (``train.preemption``).
+    with STOP.installed(), process_group(cfg.dist) as dist:
         build_missing_shards(cfg.data, dist)
         report = run_method(cfg, args.out, dist, resume=args.resume, force=args.force)
     if dist.is_main:
@@ -425,10 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     from conure_dist.checkpoint.format import CheckpointError
     from conure_dist.experiment.jobs import RunsFailed
+    from conure_dist.train.preemption import EXIT_INTERRUPTED, Preempted
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:
         code = COMMANDS[args.command](args)
+    except Preempted as exc:  # a scheduler's notice or Ctrl-C: the run stopped cleanly
+        print(f"conure: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run
+        print("conure: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     # A user's mistake (UserError: config, paths, data files, checkpoints that do not fit) gets
     # its one-line message; anything else is a bug and keeps its traceback.
     except (UserError, FileNotFoundError, CheckpointError, CapacityError, DivergedError, RunsFailed) as exc:

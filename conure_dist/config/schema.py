@@ -147,6 +147,10 @@ class TrainConfig:
     Ops without a deterministic kernel only warn; turn off for top GPU speed."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
+    checkpoint_every_minutes: float | None = None
+    """Also checkpoint inside a phase once this many minutes have passed since the last checkpoint
+    (None: no timed checkpoints), so that a preempted or killed job loses at most that much work;
+    the ranks agree on the step. Cluster presets set it."""
     sinks: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     """Where training curves go besides ``log.jsonl`` (rank 0): TensorBoard event files under
     ``{out}/tensorboard`` (local first, uploaded at phase ends for ``s3://`` runs), Weights &
@@ -196,6 +200,12 @@ class TrainConfig:
             _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _check(self.checkpoint_every_steps >= 1, f"{prefix}.checkpoint_every_steps", "must be >= 1")
+        if self.checkpoint_every_minutes is not None:
+            _check(
+                self.checkpoint_every_minutes > 0,
+                f"{prefix}.checkpoint_every_minutes",
+                f"must be > 0 (or null), got {self.checkpoint_every_minutes}",
+            )
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
 
 

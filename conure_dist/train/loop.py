@@ -3,6 +3,7 @@ resumable from any checkpoint, inside a phase too."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -12,10 +13,12 @@ from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
 from conure_dist.errors import UserError
+from conure_dist.fs import url_of
 from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.parts import PhaseState, register_run_parts
+from conure_dist.train.preemption import STOP, Preempted
 from conure_dist.train.prune_search import choose_prune_ratio
 from conure_dist.train.state import CapacityError, RunState
 
@@ -46,6 +49,8 @@ class ContinualLoop:
         )
         register_run_parts(self.checkpointer, self.ctx, self.state, self.phases, force)
         self._load()
+        STOP.every_s = None if cfg.train.checkpoint_every_minutes is None else 60 * cfg.train.checkpoint_every_minutes
+        STOP.checkpointed()
 
     def _load(self) -> None:
         """Load every part from the newest intact checkpoint (``resume``), once, before the loop."""
@@ -67,9 +72,22 @@ class ContinualLoop:
         self.state.wall_seconds = self._elapsed()
         self.state.global_step = self.ctx.global_step
         self.state.num_checkpoints += 1
-        self.checkpointer.save(self.state.num_checkpoints, tag)
+        path = self.checkpointer.save(self.state.num_checkpoints, tag)
+        STOP.checkpointed()
         self.ctx.logger.log("checkpoint", tag=tag)
         self.ctx.logger.flush()
+        self._stop_if_asked(url_of(self.checkpointer.fs, path))
+
+    def _stop_if_asked(self, checkpoint: str | None) -> None:
+        """Stop (``Preempted``) if a rank received a stop signal, once ``checkpoint`` (the last
+        one written, if any) is committed (collective)."""
+        signum = STOP.decide(self.dist, timed=False).stop
+        if not signum:
+            return
+        self.checkpointer.wait()
+        self.ctx.logger.log("preempted", signal=signal.Signals(signum).name, checkpoint=checkpoint)
+        self.ctx.logger.flush()
+        raise Preempted(signum, checkpoint)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
@@ -85,6 +103,7 @@ class ContinualLoop:
             resume=self.resume,
             **state.resume_point(),
         )
+        self._stop_if_asked(None)  # a signal while the run was being set up
         for i in range(state.task_index, len(self.cfg.tasks)):
             self._task(i)
         self.checkpointer.wait()  # the last checkpoint is committed before the report appears
