@@ -382,17 +382,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from conure_dist.checkpoint.format import load_checkpoint, resolve_checkpoint
-    from conure_dist.continual.audit import audit_checkpoint
+    from conure_dist.continual.audit import audit_checkpoint, recorded_elsewhere
 
     ckpt = load_checkpoint(resolve_checkpoint(args.ckpt))
     results = audit_checkpoint(ckpt)
-    ok = all(r.ok for r in results) and bool(results)
+    num_tasks = len(ckpt.meta["tasks"])
+    # Tasks another record of the run (the report, a kept checkpoint) saw finish but this
+    # checkpoint does not hold: its newer checkpoints are gone or uncommitted.
+    audited = {r.task for r in results}
+    missing = sorted({t for record in recorded_elsewhere(ckpt).values() for t in record} - audited)
+    ok = all(r.ok for r in results) and bool(results) and not missing
     if args.json:
         print(
             json.dumps(
                 {
                     "checkpoint": ckpt.url,
                     "ok": ok,
+                    "checked": len(results),
+                    "num_tasks": num_tasks,
+                    "finished_elsewhere": missing,
                     "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok} for r in results},
                 },
                 indent=1,
@@ -401,7 +409,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r.task:14s} {'ok' if r.ok else 'CHANGED'}  {r.recomputed[:16]}")
-        print(f"audit {'passed' if ok else 'FAILED'}: {ckpt.url}")
+        if missing:
+            print(
+                f"finished according to the run's other records, absent from this checkpoint: {', '.join(missing)} "
+                "(its newer checkpoints are missing or uncommitted)"
+            )
+        print(f"audit {'passed' if ok else 'FAILED'}: {len(results)} of {num_tasks} tasks checked, {ckpt.url}")
     return 0 if ok else 1
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from conure_dist.checkpoint.checkpointer import Checkpointer
 from conure_dist.config import RunConfig
+from conure_dist.continual.audit import verify_run
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
@@ -55,7 +56,9 @@ class ContinualLoop:
     def _load(self) -> None:
         """Load every part from the newest intact checkpoint (``resume``), once, before the loop."""
         if self.resume:
-            self.checkpointer.load()
+            ckpt = self.checkpointer.load()
+            if ckpt is not None:  # altered frozen weights are refused, whatever COMMIT says
+                verify_run(ckpt, self.ctx.model, self.ctx.ownership)
         elif self.checkpointer.committed():
             raise UserError(
                 f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
@@ -86,7 +89,7 @@ class ContinualLoop:
             return
         self.checkpointer.wait()
         self.ctx.logger.log("preempted", signal=signal.Signals(signum).name, checkpoint=checkpoint)
-        self.ctx.logger.flush()
+        self.ctx.logger.close()
         raise Preempted(signum, checkpoint)
 
     def _elapsed(self) -> float:
