@@ -109,7 +109,14 @@ def test_resume_refuses_another_model_and_other_result_settings_unless_forced(tm
 
 
 def test_a_task_without_free_capacity_is_refused(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)]))
+    path = tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)])
+    with pytest.raises(ValueError, match=r"tasks.0.prune_ratio.*0 keeps every free conv weight for 't1', so 'click'"):
+        load_config(path)
+    assert load_config(path, ["continual.min_free_fraction=0.2"]).tasks[0].prune_ratio == 0.0
+    assert load_config(path, ["method.name=finetune"]).tasks[0].prune_ratio == 0.0  # prunes nothing
+    # Should a task still end up owning every weight (prune_ratio: auto may choose 0), the next stops.
+    cfg = load_config(path, ["tasks.0.prune_ratio=0.5"])
+    cfg.tasks[0].prune_ratio = 0.0
     with pytest.raises(CapacityError, match="cannot start: every conv weight is owned"):
         run_conure(cfg, str(tmp_path / "full"), CPU)
 

@@ -117,7 +117,8 @@ class TrainConfig:
     """Log the training figures (loss, sequences/s, learning rate, GPU memory) every this many
     optimizer steps of an epoch, and at its last step."""
     progress: bool = True
-    """Show progress bars (rank 0 only)."""
+    """Show progress (rank 0 only): a bar on a terminal; without one (a batch job, a redirected
+    log) a line every 30 s instead of the bar's carriage-return redraws."""
     max_steps_per_epoch: int | None = None
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
     patience: int | None = None
@@ -346,6 +347,15 @@ class RunConfig:
         for i, task in enumerate(self.tasks):
             task.validate(f"tasks.{i}")
             _check(names.count(task.name) == 1, f"tasks.{i}.name", f"'{task.name}' is listed twice")
+            # Ratio 0 keeps every free weight: the next task could not start (unless the backbone grows).
+            _check(
+                not (shared and task.prune_ratio == 0 and i + 1 < len(self.tasks))
+                or self.continual.min_free_fraction > 0,
+                f"tasks.{i}.prune_ratio",
+                f"0 keeps every free conv weight for '{task.name}', so '{names[min(i + 1, len(names) - 1)]}' "
+                "after it could not train; use a ratio in (0, 1) or 'auto', or let the backbone grow "
+                "(continual.min_free_fraction)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from conure_dist.config import RunConfig, TaskConfig, TrainConfig
 from conure_dist.continual.views import MaskedModel
@@ -35,6 +34,7 @@ from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.preemption import STOP, Preempted
 from conure_dist.train.profile import StepMeter, StepProfiler
+from conure_dist.train.progress import show_progress
 from conure_dist.train.samplers import hash_seed, make_generator
 from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
@@ -198,13 +198,12 @@ class Phase:
         depth = (
             trainer.cfg.data.prefetch if trainer.cfg.data.prefetch is not None else (4 if device.type == "cuda" else 0)
         )
-        bar = tqdm(
+        bar = show_progress(
             prefetched(batches, depth, device),
             total=self.steps,
             initial=progress.step,
             desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}",
-            leave=False,
-            disable=not (trainer.cfg.train.progress and trainer.dist.is_main),
+            enabled=trainer.cfg.train.progress and trainer.dist.is_main,
         )
         train = trainer.cfg.train
         scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
