@@ -247,11 +247,14 @@ def own_run_dir(out: str, cfg: RunConfig, dist: DistInfo, checked_by_checkpoint:
 
 
 def _make_dir(out: str) -> None:
-    """Create ``out``; a directory that cannot be written is one clear line."""
-    fs, path = fsspec.core.url_to_fs(out)
+    """Create a local ``out`` (object stores have no folders, and creating one there could
+    create a bucket); a directory that cannot be written is one clear line."""
+    if not is_local(out):
+        return
+    path = fsspec.core.url_to_fs(out)[1]
     try:
-        fs.makedirs(path, exist_ok=True)
-        if is_local(out) and not os.access(path, os.W_OK | os.X_OK):
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied", path)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
