@@ -25,6 +25,9 @@ from conure_dist.train.sparse_sync import RowSparseAllReduce
 class Engine(Protocol):
     sharded_state: bool
     """True when every rank holds a different part of the optimizer state (ZeRO)."""
+    state_classes: tuple[type, ...]
+    """The classes besides tensors and plain containers that its optimizer state holds: the
+    only ones a checkpoint's optimizer part may hold when loaded back."""
 
     def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
         """One optimizer step over a global batch given as this rank's micro-batches (each the
@@ -50,6 +53,7 @@ class TorchEngine:
     """
 
     sharded_state = False
+    state_classes: tuple[type, ...] = ()
 
     def __init__(
         self,
