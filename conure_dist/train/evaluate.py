@@ -1,10 +1,11 @@
 """Evaluation: exact metrics over all candidates, sharded over ranks and summed.
 
-Item ranks come from the materialized scores (``target_ranks``), or where the head's ``kernel``
+Item ranks come from the scores streamed a block of items at a time (``streamed_target_ranks``:
+memory grows with [users, block], not with the vocabulary), or where the head's ``kernel``
 picks it (``conure_dist.kernels.dispatch``) from the fused ranking kernel, which reads the
 hidden vectors and the item table and never writes the [users, items] scores. Under ``auto``
 that is a CUDA GPU with 16-bit products (evaluation under bf16 autocast); fp32 evaluation keeps
-the materialized scores.
+the streamed scores.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from conure_dist.train.metrics import (
     Cutoffs,
     accuracy_sums,
     finalize,
+    item_block,
     ranking_sums,
+    streamed_target_ranks,
     sum_keys,
-    target_ranks,
 )
 
 
@@ -78,16 +80,32 @@ def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: t
     )
 
 
+def streamed_ranks(
+    model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, compiled: bool
+) -> torch.Tensor:
+    """``target_ranks`` of the task's scores under the model's current view, scored a block of
+    items at a time (``streamed_target_ranks``): memory grows with [users, block], not with the
+    vocabulary, and the ranks equal those of the materialized scores."""
+    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
+    hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
+    head = model.model.heads[task.name]
+    num_items = head.weight.shape[0]
+
+    def scores_for(rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        return head.block_scores(hidden if rows is None else hidden[rows], start, stop).float()
+
+    return streamed_target_ranks(scores_for, target, num_items, item_block(len(target), num_items), compiled=compiled)
+
+
 def _batch_sums(
     model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs, fused: bool, compiled: bool
 ) -> dict[str, float]:
     """One batch's metric sums: accuracy, or ranking metrics from fused or materialized ranks."""
     if fused:
         return ranking_sums(fused_ranks(model, task, seq, target), k)
-    scores = model(seq, task.name).float()
     if task.kind == "class":
-        return accuracy_sums(scores, target)
-    return ranking_sums(target_ranks(scores, target, compiled=compiled), k)
+        return accuracy_sums(model(seq, task.name).float(), target)
+    return ranking_sums(streamed_ranks(model, task, seq, target, compiled), k)
 
 
 @torch.no_grad()
