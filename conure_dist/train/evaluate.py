@@ -117,8 +117,10 @@ def evaluate_task(
     batch_size: int,
     k: Cutoffs,
     dist: DistInfo,
+    max_instances: int | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``task`` on ``split`` under the model's current view (every instance once)."""
+    """Metrics of ``task`` on ``split`` under the model's current view (every instance once, or
+    the first ``max_instances`` of the split: ``train.eval_max_users``)."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
@@ -126,7 +128,16 @@ def evaluate_task(
     compiled = getattr(model.model, "compiled", False)  # compiled models rank in one compiled pass
     fused = fused_ranking(model, task, dist.device)
     for batch in iter_batches(
-        manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size
+        manifest,
+        task.name,
+        split,
+        per_rank,
+        shuffle=False,
+        seed=0,
+        epoch=0,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        max_instances=max_instances,
     ):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
@@ -137,8 +148,11 @@ def evaluate_task(
     return finalize(_reduce(sums, sum_keys(task.kind, k), dist))
 
 
-def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs) -> dict[str, float]:
-    """The trivial predictor on the same split: most popular training items, or majority class."""
+def reference_metrics(
+    manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs, max_instances: int | None = None
+) -> dict[str, float]:
+    """The trivial predictor on the same split (the same instances as ``evaluate_task`` with the
+    same ``max_instances``): most popular training items, or majority class."""
     counts = manifest.load_train_counts(task.name).astype(np.int64)
     if task.kind == "sequence":
         counts[0] = -1  # padding is never a candidate
@@ -147,7 +161,9 @@ def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs
     rank_of = np.empty_like(order)
     rank_of[order] = np.arange(len(order))
     sums: dict[str, float] = {}
-    for batch in iter_batches(manifest, task.name, split, 4096, shuffle=False, seed=0, epoch=0):
+    for batch in iter_batches(
+        manifest, task.name, split, 4096, shuffle=False, seed=0, epoch=0, max_instances=max_instances
+    ):
         target = _targets(task, batch.seq, batch.target)
         if task.kind == "class":
             part = {"acc": float((target == int(order[0])).sum()), "count": float(len(target))}
