@@ -196,6 +196,12 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="how long a request may wait for others to batch with (default: 5)",
     )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=1 << 20,
+        help="larger request bodies get HTTP 413 without being read (default: 1048576)",
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -368,7 +374,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from conure_dist.serving.serve import serve
 
-    serve(args.ckpt, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    serve(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=args.max_body_bytes,
+    )
     return 0
 
 
