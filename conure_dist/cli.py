@@ -229,10 +229,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.config import load_config
     from conure_dist.dist import process_group
     from conure_dist.methods.run import run_method
+    from conure_dist.object_store import check_output
     from conure_dist.report import format_table
     from data_tools.prepare import build_missing_shards
 
     cfg = load_config(args.config, args.overrides)
+    check_output(args.out)
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
         raise UserError(f"--out {args.out} is a file; the run needs a directory")
