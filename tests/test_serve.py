@@ -351,3 +351,16 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(client, run_dir):
         fits = {"task": "click", "sequences": HISTORIES, "k": 3}  # about 1 KB
         assert small.post("/predict", json=fits).json() == client.post("/predict", json=fits).json()
         assert small.get("/stats").json()["max_body_bytes"] == 5000
+
+
+def test_predict_scores_a_long_input_in_bounded_passes_with_the_same_answers(run_dir, monkeypatch):
+    from conure_dist.serving import inference
+
+    histories = HISTORIES * 3  # 60 rows
+    whole = cli_predict(run_dir, "click", histories, K)  # one pass of 60 rows
+    passes = []
+    real = inference.score_histories
+    monkeypatch.setattr(inference, "PREDICT_ROWS", 16)
+    monkeypatch.setattr(inference, "score_histories", lambda *a: passes.append(len(a[2])) or real(*a))
+    assert cli_predict(run_dir, "click", histories, K) == whole
+    assert passes == [16, 16, 16, 12]  # memory holds 16 rows of scores, not 60
