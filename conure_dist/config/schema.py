@@ -110,7 +110,8 @@ class TrainConfig:
     """Evaluate on at most this many instances (users) of each split: the first ones in the
     split's stored order, the same on any world size. Applies to validation, the test matrix and
     the popularity reference alike; each metric's ``count`` says how many were scored, and the
-    run logs the cap. None: every instance (the paper's protocol)."""
+    run logs the cap. None: every instance (the paper's protocol; ``conure eval`` always scores
+    whole splits)."""
     eval_every: int = 1
     """Validate every this many epochs of a phase (and always after its last epoch and before its
     first): best-epoch selection and ``patience`` see only the validated epochs; the others are
