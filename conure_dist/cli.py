@@ -202,6 +202,12 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="how long a request may wait for others to batch with (default: 5)",
     )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=1 << 20,
+        help="larger request bodies get HTTP 413 without being read (default: 1048576)",
+    )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -229,11 +235,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.config import load_config
     from conure_dist.dist import process_group
     from conure_dist.methods.run import run_method
+    from conure_dist.object_store import check_output
     from conure_dist.report import format_table
     from conure_dist.train.preemption import STOP
     from data_tools.prepare import build_missing_shards
 
     cfg = load_config(args.config, args.overrides)
+    check_output(args.out)
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
         raise UserError(f"--out {args.out} is a file; the run needs a directory")
@@ -376,7 +384,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from conure_dist.serving.serve import serve
 
-    serve(args.ckpt, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    serve(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=args.max_body_bytes,
+    )
     return 0
 
 

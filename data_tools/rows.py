@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -43,6 +44,32 @@ def read_text(url: str) -> tuple[str, str]:
     # the first field. latin-1 never fails to decode; the raw files are ASCII apart from free
     # text (titles).
     return data.removeprefix(_UTF8_BOM).decode("latin-1"), sha
+
+
+class TextLines:
+    """A text file's lines, read as a stream (a block at a time, never the whole file), numbered
+    from 1 as ``read_text(url)[0].splitlines()`` numbers them; ``sha256`` (of the raw bytes, as
+    ``read_text`` gives it) is set once the lines have been read to the end."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sha256: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        digest, line_no = hashlib.sha256(), 0
+        try:
+            stream = fsspec.open(self.url, "rb").open()
+        except FileNotFoundError as exn:
+            raise FileNotFoundError(f"input file not found: {self.url}") from exn
+        with stream:
+            for index, raw in enumerate(stream):  # split at b"\n"; splitlines() then as read_text's text
+                digest.update(raw)
+                if index == 0:
+                    raw = raw.removeprefix(_UTF8_BOM)
+                for line in raw.decode("latin-1").splitlines():
+                    line_no += 1
+                    yield line_no, line
+        self.sha256 = digest.hexdigest()
 
 
 def parse_int(text: str) -> int | None:

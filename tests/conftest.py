@@ -67,9 +67,8 @@ def s3_endpoint():
         AWS_DEFAULT_REGION="us-east-1",
     )
     import fsspec
-    import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
     fsspec.filesystem("s3").mkdir("conure-test")
     try:
         yield endpoint
@@ -79,7 +78,7 @@ def s3_endpoint():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        s3fs.S3FileSystem.clear_instance_cache()
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
         server.stop()
 
 

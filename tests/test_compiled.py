@@ -14,7 +14,7 @@ from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.model.chunked_softmax import negative_logsumexp
-from conure_dist.train.metrics import target_ranks
+from conure_dist.train.metrics import streamed_target_ranks, target_ranks
 
 SPECS = [TaskSpec("t1", "sequence", 60), TaskSpec("clicks", "item", 25)]
 
@@ -66,6 +66,10 @@ def test_compiled_softmax_kernels_and_ranks_match_eager(compiling):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(target_ranks(scores, target, compiled=True), eager_ranks)
     assert torch.equal(eager_ranks, _two_sum_ranks(scores, target))
+    blocks = streamed_target_ranks(
+        lambda rows, a, b: scores[:, a:b] if rows is None else scores[rows, a:b], target, 30, 7, compiled=True
+    )
+    assert torch.equal(blocks, eager_ranks)  # the streamed count of evaluation, compiled
     assert counters["stats"]["unique_graphs"] >= 3  # the two softmax kernels and the ranks ran compiled
 
 

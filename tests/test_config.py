@@ -135,6 +135,9 @@ def test_overrides_dotted_indexed_and_star(tmp_path):
         ),
         ("seed: 5\nseed: 7\n" + BASE, [], "key 'seed' is given twice (first on line 1)"),
         (BASE, ["train.bpr_rho=.nan"], "key 'train.bpr_rho': expected a finite number"),
+        (BASE, ["train.eval_max_users=0"], "key 'train.eval_max_users': must be >= 1, got 0"),
+        (BASE, ["train.eval_every=0"], "key 'train.eval_every': must be >= 1, got 0"),
+        (BASE, ["train.eval_every=1.5"], "key 'train.eval_every': expected an integer"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path, text, overrides, message):

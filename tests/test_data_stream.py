@@ -173,6 +173,28 @@ def test_sharded_eval_covers_split_once(
         np.testing.assert_array_equal(users, want_users)
 
 
+@pytest.mark.parametrize("limit", [1, 130, 10_000])
+@pytest.mark.parametrize("partition", ["range", "stride"])
+def test_max_instances_is_the_first_of_the_split_on_any_world_size(
+    many: Manifest, generated, partition: str, limit: int
+) -> None:
+    """``train.eval_max_users``: the same instances, the first ones in stored order, whoever reads them."""
+    want_users, want_targets = expected_instances(generated, "click", "test")
+    want = pairs(want_users[:limit], want_targets[:limit])
+    unshuffled = {"shuffle": False, "seed": 0, "epoch": 0, "partition": partition, "max_instances": limit}
+    for world_size in (1, 2, 3):
+        parts = [
+            collect(iter_batches(many, "click", "test", 16, rank=r, world_size=world_size, **unshuffled))
+            for r in range(world_size)
+        ]
+        read = [p for p in parts if len(p[0])]  # a rank may get none of a small limit
+        got = pairs(np.concatenate([p[0] for p in read]), np.concatenate([p[1] for p in read]))
+        assert got == want, (partition, world_size)
+    assert len(want) == min(limit, len(want_users))
+    with pytest.raises(ValueError, match="max_instances"):
+        iter_batches(many, "click", "test", 16, shuffle=False, seed=0, epoch=0, max_instances=0)
+
+
 def test_stride_ranks_split_each_global_batch(single: Manifest) -> None:
     """With the stride partition, the ranks' step-s batches together are the one-process batch s."""
     world_size, per_rank = 3, 8

@@ -9,7 +9,7 @@ import pytest
 from helpers import cli
 
 from conure_dist.data.manifest import Manifest
-from data_tools.ttl import TaskFile, read_ttl
+from data_tools.ttl import BLOCK_ROWS, TaskFile, read_ttl
 
 PRETRAIN = ["0,0,a7,b2,c9", "0,0,0,b2,b2", "x1,a7,c9,c9,b2"]
 CLICKS = ["0,0,a7,b2,c9,,k5,k1", "0,0,0,b2,b2,,k1", "0,0,0,0,c9,,k20"]  # the last source is not a T1 row
@@ -133,3 +133,25 @@ def test_seq_len_below_two_is_an_error(tmp_path, seq_len):
     pretrain, tasks = write(tmp_path)
     with pytest.raises(ValueError, match=rf"^seq_len \(--seq-len\) must be >= 2, got {seq_len}$"):
         read_ttl(pretrain, tasks, seq_len=seq_len)
+
+
+def test_the_files_are_streamed_not_held(tmp_path):
+    """Memory holds the T1 table (int32; twice while it is put together), the block of rows being
+    filled and the vocabularies, never a file's text or its rows as strings (the whole text read
+    at once, split into token strings, took 13 times the table here)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(100, 400, size=(3000, 100))  # 300 tokens of 3 characters
+    pretrain = ["0,0,0," + ",".join(map(str, r[3:])) for r in rows]
+    clicks = [f"{p},,{t}" for p, t in zip(pretrain[::2], rng.integers(0, 50, size=1500), strict=True)]
+    path, tasks = write(tmp_path, pretrain, clicks, [f"{p},,1" for p in pretrain[:10]])
+    tracemalloc.start()
+    try:
+        t1_seqs, data, _, _ = read_ttl(path, tasks, seq_len=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert t1_seqs.shape == (3000, 100) and len(data[1].users) == 1500
+    block = BLOCK_ROWS * 100 * 4
+    assert peak < 2 * t1_seqs.nbytes + block + 2**20

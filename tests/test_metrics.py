@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from conure_dist.train.metrics import accuracy_sums, finalize, ranking_sums, target_ranks
+from conure_dist.train.metrics import (
+    MIN_BLOCK_ITEMS,
+    SCORE_BLOCK_ELEMENTS,
+    accuracy_sums,
+    finalize,
+    item_block,
+    ranking_sums,
+    streamed_target_ranks,
+    target_ranks,
+)
 
 
 def test_ranks_count_strictly_higher_scores():
@@ -70,3 +79,38 @@ def test_nan_scores_never_score():
 def test_empty_split_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         finalize({"mrr@5": 0.0, "count": 0.0})
+
+
+def _block_scorer(scores_NV):
+    def scores_for(rows, start, stop):
+        return scores_NV[:, start:stop] if rows is None else scores_NV[rows, start:stop]
+
+    return scores_for
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "nan"])
+@pytest.mark.parametrize("num_rows", [1, 5, 40])
+def test_streamed_ranks_equal_the_materialized_ones(kind, num_rows):
+    g = torch.Generator().manual_seed(num_rows)
+    num_items = 53
+    if kind == "tied":  # few distinct values: the id order decides most ranks
+        scores = torch.randint(0, 3, (num_rows, num_items), generator=g).float()
+    else:
+        scores = torch.randn(num_rows, num_items, generator=g)
+    scores[:, 0] = float("-inf")  # T1's padding
+    target = torch.randint(0, num_items, (num_rows,), generator=g)
+    if kind == "nan":  # NaN candidates never count; a NaN target ranks last
+        scores[torch.rand(num_rows, num_items, generator=g) < 0.2] = float("nan")
+        scores[0, target[0]] = float("nan")
+    want = target_ranks(scores, target)
+    for block in (1, 7, 16, num_items - 1, num_items, num_items + 3):
+        got = streamed_target_ranks(_block_scorer(scores), target, num_items, block)
+        assert torch.equal(got, want), (kind, num_rows, block)
+    if kind == "nan":
+        assert got[0] == num_items - 1
+
+
+def test_item_blocks_keep_the_scores_within_the_budget():
+    assert item_block(16, 500, budget=1 << 14) == 500  # fits: one product, the materialized path
+    assert item_block(4096, 646_000) == SCORE_BLOCK_ELEMENTS // 4096
+    assert item_block(1 << 20, 646_000) == MIN_BLOCK_ITEMS

@@ -294,3 +294,73 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "error:" in result.stderr and str(tmp_path / "none") in result.stderr
+
+
+def _raw_post(base: str, head: bytes, parts: list[bytes]) -> tuple[int, dict, int]:
+    """POST ``head`` (request line and headers), then body ``parts`` one by one on a plain socket
+    until the server answers; (status, JSON body, parts sent before the answer came)."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        sent = 0
+        sock.settimeout(0.2)
+        reply = b""
+        for part in [*parts, None]:
+            try:
+                reply += sock.recv(65536)
+            except TimeoutError:
+                pass
+            if reply or part is None:
+                break
+            try:
+                sock.sendall(part)
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += 1
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            reply += more
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1].decode()), sent
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(client, run_dir):
+    # Declared too large: refused before one byte of the body is sent.
+    base = str(client.base_url).rstrip("/")
+    head = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n"
+    status, body, sent = _raw_post(base, head, [b" " * 65536] * 16)
+    assert status == 413 and sent == 0
+    assert body["detail"] == "body: larger than the server's limit of 1048576 bytes (conure serve --max-body-bytes)"
+    assert client.post("/predict", json={"task": "click", "seq": [1, 2, 3], "k": 2}).status_code == 200
+    # Chunked (no length): counted as it arrives, refused at the chunk that passes the limit, long
+    # before the 100 MB the client would send.
+    with in_thread_server(build_app(str(run_dir), max_body_bytes=5000)) as small:
+        base = str(small.base_url).rstrip("/")
+        head = (
+            b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        chunk = b"1000\r\n" + b" " * 4096 + b"\r\n"
+        status, body, sent = _raw_post(base, head, [chunk] * 25_600)
+        assert status == 413 and sent < 100
+        assert "limit of 5000 bytes" in body["detail"]
+        fits = {"task": "click", "sequences": HISTORIES, "k": 3}  # about 1 KB
+        assert small.post("/predict", json=fits).json() == client.post("/predict", json=fits).json()
+        assert small.get("/stats").json()["max_body_bytes"] == 5000
+
+
+def test_predict_scores_a_long_input_in_bounded_passes_with_the_same_answers(run_dir, monkeypatch):
+    from conure_dist.serving import inference
+
+    histories = HISTORIES * 3  # 60 rows
+    whole = cli_predict(run_dir, "click", histories, K)  # one pass of 60 rows
+    passes = []
+    real = inference.score_histories
+    monkeypatch.setattr(inference, "PREDICT_ROWS", 16)
+    monkeypatch.setattr(inference, "score_histories", lambda *a: passes.append(len(a[2])) or real(*a))
+    assert cli_predict(run_dir, "click", histories, K) == whole
+    assert passes == [16, 16, 16, 12]  # memory holds 16 rows of scores, not 60

@@ -169,3 +169,25 @@ def test_deepspeed_clips_and_follows_the_schedule_as_the_plain_engine(tmp_path):
     for n in torch_clip:
         torch.testing.assert_close(ds_clip[n], torch_clip[n], rtol=0, atol=1e-6, msg=n)
     assert max((ds[n] - ds_clip[n]).abs().max().item() for n in ds) > 1e-5  # clipping changed the steps
+
+
+@pytest.mark.slow
+def test_eval_every_and_eval_max_users_in_a_run(tmp_path):
+    path = tiny_config(tmp_path, TASKS)
+    out = tmp_path / "run"
+    args = ["tasks.*.epochs=3", "tasks.*.retrain_epochs=1", "train.eval_every=2", "train.eval_max_users=7"]
+    cli("run", "--config", str(path), *args, "--out", str(out))
+    epochs = [e for e in _epochs(out) if e["event"] == "epoch"]
+    for task, _ in TASKS:
+        for phase, last in (("train", 3), ("retrain", 1)):
+            entries = [e for e in epochs if e["task"] == task and e["phase"] == phase]
+            assert [e["epoch"] for e in entries] == list(range(last + 1))
+            # Validated: the start, every second epoch and the last; the others log their loss only.
+            validated = [e["epoch"] for e in entries if e["valid"]]
+            assert validated == sorted({0, *range(2, last + 1, 2), last}), (task, phase)
+            assert all(e["loss"] is not None for e in entries if not e["valid"] and e["epoch"])
+            assert {e["valid"]["count"] for e in entries if e["valid"]} == {7}  # the first 7 users only
+    report = json.loads((out / "report.json").read_text())
+    assert {m["count"] for m in report["test_metrics"].values()} == {7}
+    assert {m["count"] for m in report["reference_metrics"].values()} == {7}
+    assert report["config"]["train"]["eval_max_users"] == 7

@@ -107,6 +107,16 @@ class TrainConfig:
     """Item tasks: rho of the static popularity negative sampler, p(rank r) ~ exp(-(r+1)/(rho*N))."""
     eval_batch_size: int = 1024
     """Global batch size for evaluation."""
+    eval_max_users: int | None = None
+    """Evaluate on at most this many instances (users) of each split: the first ones in the
+    split's stored order, the same on any world size. Applies to validation, the test matrix and
+    the popularity reference alike; each metric's ``count`` says how many were scored, and the
+    run logs the cap. None: every instance (the paper's protocol; ``conure eval`` always scores
+    whole splits)."""
+    eval_every: int = 1
+    """Validate every this many epochs of a phase (and always after its last epoch and before its
+    first): best-epoch selection and ``patience`` see only the validated epochs; the others are
+    logged with their loss alone."""
     topk: int | list[int] = 5
     """Cut-off k of MRR@k, HR@k, NDCG@k and Recall@k, or several (``[5, 10, 20]``): every one
     is reported; the first fills the forgetting matrix and picks each phase's best epoch."""
@@ -179,6 +189,9 @@ class TrainConfig:
         _check(0.0 < self.negative_fraction <= 1.0, f"{prefix}.negative_fraction", "must be in (0, 1]")
         _check(self.bpr_rho > 0, f"{prefix}.bpr_rho", "must be > 0")
         _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", "must be >= 1")
+        if self.eval_max_users is not None:
+            _check(self.eval_max_users >= 1, f"{prefix}.eval_max_users", f"must be >= 1, got {self.eval_max_users}")
+        _check(self.eval_every >= 1, f"{prefix}.eval_every", f"must be >= 1, got {self.eval_every}")
         ks = [self.topk] if isinstance(self.topk, int) else self.topk
         _check(len(ks) >= 1 and all(k >= 1 for k in ks), f"{prefix}.topk", f"must be >= 1 (each), got {self.topk}")
         _check(len(set(ks)) == len(ks), f"{prefix}.topk", f"lists a cut-off twice: {self.topk}")

@@ -91,6 +91,8 @@ class _ReadPlan:
     world_size: int
     partition: Literal["range", "stride"]
     shuffle_buffer: int
+    limit: int | None = None
+    """Read only the first this many instances of each pass's global order (split over the ranks)."""
 
     @property
     def num_instances(self) -> int:
@@ -105,10 +107,13 @@ class _ReadPlan:
         order = list(range(len(self.shards)))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, pass_index, 0]).permutation(len(order)).tolist()
-        if self.partition == "stride":
+        if self.partition == "stride" and self.limit is None:
             return [_ShardSlice(url, info, 0, info.num_instances) for url, info in (self.shards[i] for i in order)]
-        total = self.num_instances
-        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        total = self.num_instances if self.limit is None else min(self.limit, self.num_instances)
+        if self.partition == "stride":  # every rank reads the limited global stream and strides it
+            lo, hi = 0, total
+        else:
+            lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
         slices, offset = [], 0
         for url, info in (self.shards[i] for i in order):
             start, stop = max(lo - offset, 0), min(hi - offset, info.num_instances)
@@ -130,6 +135,7 @@ def _make_plan(
     world_size: int,
     shuffle_buffer: int,
     partition: Partition,
+    limit: int | None = None,
 ) -> _ReadPlan:
     info = manifest.task(task)
     split_info = manifest.split_info(task, split)
@@ -153,6 +159,7 @@ def _make_plan(
         world_size=world_size,
         partition=partition,
         shuffle_buffer=max(shuffle_buffer, 0),
+        limit=limit,
     )
 
 
@@ -286,6 +293,7 @@ def iter_batches(
     shuffle_buffer: int = 10_000,
     start_step: int = 0,
     partition: Partition = "auto",
+    max_instances: int | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``batch_size`` (per rank) instances of (task, split).
 
@@ -293,7 +301,11 @@ def iter_batches(
     smaller unless ``drop_last``. With ``num_steps``: exactly ``num_steps - start_step`` full
     batches on every rank, restarting the stream when it runs out. ``start_step`` skips the
     batches already consumed before a resume. See the module docstring for ``partition``.
+    ``max_instances``: a pass holds only the first this many instances of the global order (for
+    an unshuffled stream, the split's stored order: the same instances on any world size).
     """
+    if max_instances is not None and max_instances < 1:
+        raise ValueError(f"max_instances must be >= 1, got {max_instances}")
     plan = _make_plan(
         manifest,
         task,
@@ -305,6 +317,7 @@ def iter_batches(
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
         partition=partition,
+        limit=max_instances,
     )
     _check_steps(batch_size, num_steps, start_step)
     if num_steps is not None and num_steps > start_step and plan.num_instances == 0:

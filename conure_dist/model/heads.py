@@ -77,8 +77,13 @@ class SampledSoftmaxHead(nn.Module):
         return _kept_sum(F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="none"), keep_N)
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
-        logits = hidden_NC @ self.weight.T + self.bias
-        logits[:, 0] = float("-inf")
+        return self.block_scores(hidden_NC, 0, self.weight.shape[0])
+
+    def block_scores(self, hidden_NC: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Scores of items ``start`` to ``stop`` (padding at id 0 scores -inf): columns of ``scores``."""
+        logits = hidden_NC @ self.weight[start:stop].T + self.bias[start:stop]
+        if start == 0:
+            logits[:, 0] = float("-inf")
         return logits
 
 
@@ -105,7 +110,11 @@ class ItemHead(nn.Module):
         return -F.logsigmoid((pos - neg).float()).sum()
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
-        return hidden_NC @ self.weight.T + self.bias
+        return self.block_scores(hidden_NC, 0, self.weight.shape[0])
+
+    def block_scores(self, hidden_NC: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Scores of items ``start`` to ``stop``: columns of ``scores``."""
+        return hidden_NC @ self.weight[start:stop].T + self.bias[start:stop]
 
     @torch.no_grad()
     def init_prior(self, train_counts_V: torch.Tensor) -> None:

@@ -107,6 +107,11 @@ pass. So a history scores the same in ``conure predict`` whatever else its file 
 ``conure serve`` whatever it was batched with."""
 
 
+PREDICT_ROWS = 256
+"""Histories ``predict`` scores per pass (a multiple of ``SCORE_ROW_MULTIPLE``, so the same
+scores): memory holds [256, items] scores whatever the input file's length."""
+
+
 def check_history(seq: Any, num_items: int) -> list[int]:
     """``seq`` itself if it is a history of T1 item ids (integers in 0..num_items-1, 0 being
     padding, at least one item); else a ValueError that says what is wrong."""
@@ -240,11 +245,14 @@ def predict(
         raw_users = manifest.load_users()
         seqs = batch.seq
         users = [raw_users[u] if raw_users else u for u in batch.user.tolist()]
-    kind = run.model.kinds[task]
-    scores = score_histories(task_view(run, task), task, seqs)
+    kind, view = run.model.kinds[task], task_view(run, task)
     class_names = manifest.task(task).class_names if manifest is not None else None
     vocab = manifest.load_vocab(task) if manifest is not None and kind != "class" else None
-    return [
-        {**({} if user is None else {"user": user}), **format_record(kind, row, k, class_names, vocab)}
-        for user, row in zip(users, scores, strict=True)
-    ]
+    records = []
+    for start in range(0, len(seqs), PREDICT_ROWS):
+        scores = score_histories(view, task, seqs[start : start + PREDICT_ROWS])
+        records += [
+            {**({} if user is None else {"user": user}), **format_record(kind, row, k, class_names, vocab)}
+            for user, row in zip(users[start : start + PREDICT_ROWS], scores, strict=True)
+        ]
+    return records

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
@@ -47,6 +47,9 @@ MAX_K = 1000
 """The most items one answer may list."""
 MAX_SEQUENCES = 1024
 """The most histories one request may carry."""
+MAX_BODY_BYTES = 1 << 20
+"""Default request-body limit (``conure serve --max-body-bytes``): 1,024 histories of 100 ids
+take about half of it."""
 
 EXAMPLE = '{"task": "t1", "seq": [3, 5, 8], "k": 10}'
 """A request body, quoted where a body is refused."""
@@ -295,12 +298,50 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(problems)
 
 
-def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 without being read. A declared
+    ``Content-Length`` over the limit is refused before any byte of the body is received; a body
+    without one (chunked) is counted as it arrives and refused at the chunk that passes the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> str:
+        return f"body: larger than the server's limit of {self.max_bytes} bytes (conure serve --max-body-bytes)"
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await JSONResponse({"detail": self._too_large()}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI passes an HTTPException raised while it reads the body on as it is.
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def build_app(
+    ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The HTTP app over the checkpoint at ``ckpt`` (a run directory or a checkpoint folder),
     loaded here, once. ``max_batch`` histories at most per forward pass; a request waits at most
-    ``max_wait_ms`` for others to share its pass."""
+    ``max_wait_ms`` for others to share its pass; a body over ``max_body_bytes`` gets 413."""
     if max_batch < 1:
         raise UserError(f"max_batch: must be >= 1, got {max_batch}")
+    if max_body_bytes < 1:
+        raise UserError(f"max_body_bytes: must be >= 1, got {max_body_bytes}")
     if not max_wait_ms >= 0:
         raise UserError(f"max_wait_ms: must be >= 0, got {max_wait_ms}")
     scorer = load_scorer(ckpt, max_batch)
@@ -324,6 +365,7 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
             executor.shutdown(wait=True)
 
     app = FastAPI(title="conure serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -355,6 +397,7 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
             **counters["*"].as_dict(),
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
+            "max_body_bytes": max_body_bytes,
             "tasks": {name: counters[name].as_dict() for name in scorer.tasks},
         }
 
@@ -367,8 +410,16 @@ def build_app(ckpt: str, max_batch: int = 64, max_wait_ms: float = 5.0) -> FastA
     return app
 
 
-def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+def serve(
+    ckpt: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 64,
+    max_wait_ms: float = 5.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
     """Load ``ckpt`` and answer on ``host:port`` until interrupted."""
     import uvicorn
 
-    uvicorn.run(build_app(ckpt, max_batch=max_batch, max_wait_ms=max_wait_ms), host=host, port=port)
+    app = build_app(ckpt, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port)

@@ -95,7 +95,9 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
         if method.backbone_per_task:
             served[info.name] = _backbone_state(model)
         if info.name not in state.reference:
-            state.reference[info.name] = reference_metrics(manifest, info, "test", cfg.train.topk)
+            state.reference[info.name] = reference_metrics(
+                manifest, info, "test", cfg.train.topk, cfg.train.eval_max_users
+            )
         # One shared backbone serves every task as it now is (for head-only and patch methods,
         # T1's, never changed); a backbone per task serves each its own copy, ending with task i's.
         row = {}
@@ -104,7 +106,14 @@ def run_baseline(cfg: RunConfig, out: str, dist: DistInfo) -> dict[str, Any]:
                 model.backbone.load_state_dict(served[infos[j].name])
             masked.set_view(method.serve_view, j + 1)
             row[infos[j].name] = evaluate_task(
-                masked, manifest, infos[j], "test", cfg.train.eval_batch_size, cfg.train.topk, dist
+                masked,
+                manifest,
+                infos[j],
+                "test",
+                cfg.train.eval_batch_size,
+                cfg.train.topk,
+                dist,
+                cfg.train.eval_max_users,
             )
         state.metrics.append(row)
         state.matrix.append([row[t.name][metric_names[j]] if j <= i else None for j, t in enumerate(infos)])

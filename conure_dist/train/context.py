@@ -3,6 +3,7 @@ with them: train a phase, prune, evaluate, checksum a task, report."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from conure_dist.train.phase import Phase
 from conure_dist.train.profile import StepProfiler
 from conure_dist.train.sinks import make_sinks
 from conure_dist.train.state import PhaseResume, RunState
+
+log = logging.getLogger(__name__)
 
 
 def task_specs(infos: list[TaskInfo]) -> list[TaskSpec]:
@@ -139,6 +142,7 @@ class RunContext:
             self.cfg.train.eval_batch_size,
             self.cfg.train.topk,
             self.dist,
+            self.cfg.train.eval_max_users,
         )
 
     def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
@@ -154,6 +158,7 @@ class RunContext:
                 self.cfg.train.eval_batch_size,
                 self.cfg.train.topk,
                 self.dist,
+                self.cfg.train.eval_max_users,
             )
         return out
 
@@ -201,6 +206,13 @@ def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext
     compiled.compile_if(model, cfg.dist.compile, dist.device)
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in model.prunable_names()})
     main = dist.is_main and bool(out)
+    if cfg.train.eval_max_users is not None and dist.is_main:
+        log.warning(
+            "train.eval_max_users=%d: validation, test and reference metrics cover the first %d instances of "
+            "each split, not the whole split",
+            cfg.train.eval_max_users,
+            cfg.train.eval_max_users,
+        )
     sinks = make_sinks(cfg.train.sinks, out, cfg.to_dict()) if main else []
     logger = JsonlLogger(join(out, "log.jsonl") if out else os.devnull, enabled=main, sinks=sinks)
     profiler = StepProfiler(*cfg.train.profile_steps, out, dist.rank) if cfg.train.profile_steps and out else None

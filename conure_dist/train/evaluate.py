@@ -1,10 +1,11 @@
 """Evaluation: exact metrics over all candidates, sharded over ranks and summed.
 
-Item ranks come from the materialized scores (``target_ranks``), or where the head's ``kernel``
+Item ranks come from the scores streamed a block of items at a time (``streamed_target_ranks``:
+memory grows with [users, block], not with the vocabulary), or where the head's ``kernel``
 picks it (``conure_dist.kernels.dispatch``) from the fused ranking kernel, which reads the
 hidden vectors and the item table and never writes the [users, items] scores. Under ``auto``
 that is a CUDA GPU with 16-bit products (evaluation under bf16 autocast); fp32 evaluation keeps
-the materialized scores.
+the streamed scores.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from conure_dist.train.metrics import (
     Cutoffs,
     accuracy_sums,
     finalize,
+    item_block,
     ranking_sums,
+    streamed_target_ranks,
     sum_keys,
-    target_ranks,
 )
 
 
@@ -78,16 +80,32 @@ def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: t
     )
 
 
+def streamed_ranks(
+    model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, compiled: bool
+) -> torch.Tensor:
+    """``target_ranks`` of the task's scores under the model's current view, scored a block of
+    items at a time (``streamed_target_ranks``): memory grows with [users, block], not with the
+    vocabulary, and the ranks equal those of the materialized scores."""
+    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
+    hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
+    head = model.model.heads[task.name]
+    num_items = head.weight.shape[0]
+
+    def scores_for(rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        return head.block_scores(hidden if rows is None else hidden[rows], start, stop).float()
+
+    return streamed_target_ranks(scores_for, target, num_items, item_block(len(target), num_items), compiled=compiled)
+
+
 def _batch_sums(
     model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs, fused: bool, compiled: bool
 ) -> dict[str, float]:
     """One batch's metric sums: accuracy, or ranking metrics from fused or materialized ranks."""
     if fused:
         return ranking_sums(fused_ranks(model, task, seq, target), k)
-    scores = model(seq, task.name).float()
     if task.kind == "class":
-        return accuracy_sums(scores, target)
-    return ranking_sums(target_ranks(scores, target, compiled=compiled), k)
+        return accuracy_sums(model(seq, task.name).float(), target)
+    return ranking_sums(streamed_ranks(model, task, seq, target, compiled), k)
 
 
 @torch.no_grad()
@@ -99,8 +117,10 @@ def evaluate_task(
     batch_size: int,
     k: Cutoffs,
     dist: DistInfo,
+    max_instances: int | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``task`` on ``split`` under the model's current view (every instance once)."""
+    """Metrics of ``task`` on ``split`` under the model's current view (every instance once, or
+    the first ``max_instances`` of the split: ``train.eval_max_users``)."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
@@ -108,7 +128,16 @@ def evaluate_task(
     compiled = getattr(model.model, "compiled", False)  # compiled models rank in one compiled pass
     fused = fused_ranking(model, task, dist.device)
     for batch in iter_batches(
-        manifest, task.name, split, per_rank, shuffle=False, seed=0, epoch=0, rank=dist.rank, world_size=dist.world_size
+        manifest,
+        task.name,
+        split,
+        per_rank,
+        shuffle=False,
+        seed=0,
+        epoch=0,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        max_instances=max_instances,
     ):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
@@ -119,8 +148,11 @@ def evaluate_task(
     return finalize(_reduce(sums, sum_keys(task.kind, k), dist))
 
 
-def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs) -> dict[str, float]:
-    """The trivial predictor on the same split: most popular training items, or majority class."""
+def reference_metrics(
+    manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs, max_instances: int | None = None
+) -> dict[str, float]:
+    """The trivial predictor on the same split (the same instances as ``evaluate_task`` with the
+    same ``max_instances``): most popular training items, or majority class."""
     counts = manifest.load_train_counts(task.name).astype(np.int64)
     if task.kind == "sequence":
         counts[0] = -1  # padding is never a candidate
@@ -129,7 +161,9 @@ def reference_metrics(manifest: Manifest, task: TaskInfo, split: str, k: Cutoffs
     rank_of = np.empty_like(order)
     rank_of[order] = np.arange(len(order))
     sums: dict[str, float] = {}
-    for batch in iter_batches(manifest, task.name, split, 4096, shuffle=False, seed=0, epoch=0):
+    for batch in iter_batches(
+        manifest, task.name, split, 4096, shuffle=False, seed=0, epoch=0, max_instances=max_instances
+    ):
         target = _targets(task, batch.seq, batch.target)
         if task.kind == "class":
             part = {"acc": float((target == int(order[0])).sum()), "count": float(len(target))}

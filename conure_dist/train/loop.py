@@ -189,7 +189,9 @@ class ContinualLoop:
         left, and the checksum of what task ``i`` froze."""
         ctx, state, cfg, info = self.ctx, self.state, self.cfg, self.ctx.infos[i]
         if info.name not in state.reference:
-            state.reference[info.name] = reference_metrics(ctx.manifest, info, "test", cfg.train.topk)
+            state.reference[info.name] = reference_metrics(
+                ctx.manifest, info, "test", cfg.train.topk, cfg.train.eval_max_users
+            )
         row_metrics = ctx.evaluate_all(i)
         metric_names = [primary_metric_name(t.kind, cfg.train.topk) for t in ctx.infos]
         state.metrics.append(row_metrics)

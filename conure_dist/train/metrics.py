@@ -6,7 +6,7 @@ single-process numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -27,6 +27,90 @@ def target_ranks(scores_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tenso
     ids = torch.arange(scores_NV.shape[1], device=scores_NV.device)
     before = (scores_NV > target_scores) | ((scores_NV == target_scores) & (ids[None, :] < target_N[:, None]))
     return torch.where(target_scores[:, 0].isnan(), scores_NV.shape[1] - 1, before.sum(dim=1))
+
+
+SCORE_BLOCK_ELEMENTS = 1 << 24
+"""Scores held at once by ``streamed_target_ranks`` (64 MB in fp32): [rows, block] with the block
+as wide as this allows, so evaluation's memory does not grow with the vocabulary."""
+MIN_BLOCK_ITEMS = 256
+MIN_PRODUCT_ROWS = 16
+"""From this many rows on, a row's scores on the CPU do not depend on how many rows share the
+matrix product (below it the product may round differently): the fewest rows a product that
+reads single targets' scores is given."""
+
+BlockScores = Callable[[torch.Tensor | None, int, int], torch.Tensor]
+"""``scores_for(rows, start, stop)``: scores [rows, stop - start] of items ``start`` to ``stop``
+for the given rows (an index tensor, or ``None`` for all), columns of the full [rows, items]
+scores."""
+
+
+def item_block(num_rows: int, num_items: int, budget: int | None = None) -> int:
+    """Items per block of ``streamed_target_ranks``: all of them where [rows, items] scores fit
+    ``budget`` elements (default ``SCORE_BLOCK_ELEMENTS``; one product, exactly the materialized
+    path), else as many as fit."""
+    budget = SCORE_BLOCK_ELEMENTS if budget is None else budget
+    if num_rows * num_items <= budget:
+        return num_items
+    return max(MIN_BLOCK_ITEMS, budget // max(num_rows, 1))
+
+
+@hot
+def _count_before(
+    scores_NB: torch.Tensor, target_scores_N: torch.Tensor, target_N: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Per row, the items of one block that ``target_ranks`` puts before the target (never the
+    target itself, whatever its score in this product)."""
+    ids = torch.arange(start, start + scores_NB.shape[1], device=scores_NB.device)[None, :]
+    t, target = target_scores_N[:, None], target_N[:, None]
+    before = (scores_NB > t) | ((scores_NB == t) & (ids < target))
+    # int32 counts: a bool sum casts its input first, and int64 would double the scores' memory.
+    return (before & (ids != target)).sum(dim=1, dtype=torch.int32)
+
+
+def _target_scores(scores_for: BlockScores, target_N: torch.Tensor, num_items: int, block: int) -> torch.Tensor:
+    """Each row's score of its target, read from the block holding it: one product per block
+    that holds targets, over those rows (filled up to ``MIN_PRODUCT_ROWS`` rows)."""
+    num_rows = target_N.shape[0]
+    blocks = torch.div(target_N, block, rounding_mode="floor")
+    out: torch.Tensor | None = None
+    for b in torch.unique(blocks).tolist():
+        start = b * block
+        in_block = blocks == b
+        rows = in_block.nonzero()[:, 0]
+        if num_rows < MIN_PRODUCT_ROWS:
+            pick = None
+        else:
+            filler = (~in_block).nonzero()[:, 0][: max(0, MIN_PRODUCT_ROWS - rows.numel())]
+            pick = torch.cat([rows, filler])
+        scores = scores_for(pick, start, min(start + block, num_items))
+        if pick is not None:
+            scores = scores[: rows.numel()]
+        else:
+            scores = scores[rows]
+        picked = scores.gather(1, (target_N[rows] - start)[:, None])[:, 0]
+        if out is None:
+            out = torch.empty(num_rows, dtype=picked.dtype, device=picked.device)
+        out[rows] = picked
+    assert out is not None, "no rows to rank"
+    return out
+
+
+def streamed_target_ranks(
+    scores_for: BlockScores, target_N: torch.Tensor, num_items: int, block: int, compiled: bool = False
+) -> torch.Tensor:
+    """``target_ranks`` of the [rows, num_items] scores that ``scores_for`` yields ``block`` items
+    at a time: memory holds [rows, block] scores, not [rows, items]. The same ranks exactly: a
+    first pass reads each target's score from its own block, a second counts, block by block,
+    the items ahead of it under ``target_ranks``' order (a NaN target ranks last). With a single
+    block it is ``target_ranks`` of that one product."""
+    if block >= num_items:
+        return target_ranks(scores_for(None, 0, num_items), target_N, compiled=compiled)
+    target_scores = _target_scores(scores_for, target_N, num_items, block)
+    before = torch.zeros_like(target_N)
+    for start in range(0, num_items, block):
+        scores = scores_for(None, start, min(start + block, num_items))
+        before += _count_before(scores, target_scores, target_N, start, compiled=compiled)
+    return torch.where(target_scores.isnan(), num_items - 1, before)
 
 
 def cutoffs(k: Cutoffs) -> tuple[int, ...]:

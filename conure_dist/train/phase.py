@@ -235,7 +235,11 @@ class Phase:
             if progress.step < self.steps:
                 self._at_step_boundary(save_mid, meter)
         meter.add(self._settle())
-        self.validate(epoch + 1, progress.loss_total / max(progress.step, 1), self._epoch_digest())
+        loss = progress.loss_total / max(progress.step, 1)
+        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == self.epochs:
+            self.validate(epoch + 1, loss, self._epoch_digest())
+        else:  # between validations (``train.eval_every``): the loss alone
+            self._log_epoch({"epoch": epoch + 1, "loss": loss, "data": self._epoch_digest(), "valid": {}})
         progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
 
     def _at_step_boundary(self, save_mid: Callable[[Phase], None] | None, meter: StepMeter) -> None:
@@ -315,16 +319,20 @@ class Phase:
             trainer.cfg.train.eval_batch_size,
             trainer.cfg.train.topk,
             trainer.dist,
+            trainer.cfg.train.eval_max_users,
         )
-        entry = {"epoch": epoch, "loss": loss, "data": data, "valid": valid}
-        self.progress.epochs_log.append(entry)
-        trainer.logger.log("epoch", task=self.info.name, phase=self.mode, global_step=trainer.global_step, **entry)
+        self._log_epoch({"epoch": epoch, "loss": loss, "data": data, "valid": valid})
         score = self.score(valid)
         if score > self.progress.best_value:
             self.progress.best_value, self.progress.since_best = score, 0
             self.tensors.best = {n: p.detach().clone() for n, p in self.trainable.items()}
         else:
             self.progress.since_best += 1
+
+    def _log_epoch(self, entry: dict[str, Any]) -> None:
+        self.progress.epochs_log.append(entry)
+        trainer = self.trainer
+        trainer.logger.log("epoch", task=self.info.name, phase=self.mode, global_step=trainer.global_step, **entry)
 
     def _finish(self) -> None:
         """Load the best epoch's parameters; nothing stays trainable."""

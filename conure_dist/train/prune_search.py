@@ -73,6 +73,7 @@ def probe_score(trainer: RunContext, task_index: int, task_cfg: TaskConfig, rati
             trainer.cfg.train.eval_batch_size,
             trainer.cfg.train.topk,
             trainer.dist,
+            trainer.cfg.train.eval_max_users,
         )
         return float(selection_score(trainer.infos[task_index].kind, trainer.cfg.train)(valid))
     finally:
