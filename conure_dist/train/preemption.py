@@ -75,6 +75,7 @@ class StopFlag:
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopFlag]:
         """The handlers for the body (main thread only); the previous ones are put back after."""
+        self.signum = 0  # a signal of an earlier run in this process does not stop this one
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield self
