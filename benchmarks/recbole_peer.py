@@ -15,7 +15,8 @@ project's Python::
 ``train``: RecBole's NextItNet on those files, in pieces: each call trains whole epochs until
 ``--budget-s`` would run out, saves model, optimizer, random state and early-stopping state, and
 the next call goes on from there; after the last epoch (``--epochs``, or ``--stopping-step``
-validations without a better MRR@5) the best epoch is tested with full ranking. Runs in a
+validations without a better MRR@5) the best epoch is tested with full ranking (``--finish``
+tests the best epoch so far, and the result says training was cut short). Runs in a
 virtual environment holding RecBole (never the project's own environment)::
 
     /work/venv-recbole/bin/python benchmarks/recbole_peer.py train --atomic runs/recbole/atomic \\
@@ -192,11 +193,11 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         torch.set_rng_state(saved["rng"])
         record = saved["record"]
     trainer.eval_collector.data_collect(train_data)
-    while not record["done"]:
+    while not record["done"] and not args.finish:
         epoch = len(record["epochs"])
         spent = time.monotonic() - started
         last = record["epochs"][-1]["train_s"] + record["epochs"][-1]["valid_s"] if record["epochs"] else 0.0
-        if spent + 1.2 * last > args.budget_s:
+        if spent + 1.05 * last > args.budget_s:
             break
         t0 = time.monotonic()
         loss = trainer._train_epoch(train_data, epoch)
@@ -204,7 +205,14 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         score, result = trainer._valid_epoch(valid_data)
         t2 = time.monotonic()
         record["epochs"].append(
-            {"epoch": epoch, "loss": float(loss), "train_s": t1 - t0, "valid_s": t2 - t1, "valid": dict(result)}
+            {
+                "epoch": epoch,
+                "loss": float(loss),
+                "train_s": t1 - t0,
+                "valid_s": t2 - t1,
+                "threads": torch.get_num_threads(),
+                "valid": {k: float(v) for k, v in result.items()},
+            }
         )
         if score > record["best_valid"]:
             record.update(best_epoch=epoch, best_valid=float(score), since_best=0)
@@ -222,7 +230,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             state_path,
         )
         print(f"epoch {epoch}: loss {loss:.4f}, valid {dict(result)}, {t1 - t0:.0f}s", flush=True)
-    if not record["done"]:
+    if not record["done"] and not args.finish:
         print(f"{len(record['epochs'])} epochs so far; run the same command again to go on", flush=True)
         return None
     model.load_state_dict(torch.load(best_path, weights_only=True))
@@ -238,10 +246,16 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         "num_valid": len(valid_data.dataset),
         "num_test": len(test_data.dataset),
         "epochs_run": len(record["epochs"]),
+        "stopped": "early stopping or the epoch cap" if record["done"] else "--finish, before early stopping",
         "best_epoch": record["best_epoch"],
         "best_valid": record["epochs"][record["best_epoch"]]["valid"],
         "test": {k: float(v) for k, v in test.items()},
         "train_prefixes_per_s": num_train * len(record["epochs"]) / train_s,
+        "train_prefixes_per_s_by_threads": {
+            str(n): num_train * len(on) / sum(e["train_s"] for e in on)
+            for n in sorted({e.get("threads", 1) for e in record["epochs"]})
+            if (on := [e for e in record["epochs"] if e.get("threads", 1) == n])
+        },
         "epochs": record["epochs"],
     }
     (work / "result.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -263,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--max-len", type=int, default=30)
     tr.add_argument("--epochs", type=int, default=50, help="cap on epochs")
     tr.add_argument("--stopping-step", type=int, default=5, help="validations without a better MRR@5 before stopping")
+    tr.add_argument(
+        "--finish", action="store_true", help="train no further: test the best epoch so far (cut short, said so)"
+    )
     tr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     tr.add_argument("--budget-s", type=float, default=540, help="start no epoch that would end after this many seconds")
     args = parser.parse_args(argv)
