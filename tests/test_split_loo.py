@@ -98,3 +98,28 @@ def test_leave_one_out_is_deterministic_and_the_paper_split_records_no_protocol(
     # Every user's T1 row is evaluated once on each of valid and test.
     assert a.tasks[0].splits["test"].num_instances == a.tasks[0].splits["valid"].num_instances == 40
     assert "protocol" not in write_synthetic(str(tmp_path / "c"), spec).split
+
+
+def test_shards_of_another_protocol_or_t1_are_refused_by_key(tmp_path: Path) -> None:
+    import pytest
+
+    from conure_dist.config import load_config
+    from conure_dist.data.dataset import open_dataset
+    from data_tools.prepare import write_shards
+
+    src = write_files(tmp_path / "raw")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(
+        f"data: {{root: {tmp_path / 'out'}, source: movielens, source_dir: {src}, seq_len: 3, "
+        "t1_ratings: all, split_protocol: leave_one_out, split: [0.5, 0.25, 0.25]}\n"
+        "tasks:\n  - {name: t1}\n"
+    )
+    cfg = load_config(cfg_path)
+    write_shards("movielens", cfg.data)
+    assert open_dataset(cfg)[0].split["protocol"] == "leave_one_out"
+    cfg.data.split_protocol = "random"
+    with pytest.raises(ValueError, match=r"data.split_protocol=random \(the shards have leave_one_out\)"):
+        open_dataset(cfg)
+    cfg.data.split_protocol, cfg.data.t1_ratings = "leave_one_out", "below_4"
+    with pytest.raises(ValueError, match=r"data.t1_ratings=below_4 \(the shards have all\)"):
+        open_dataset(cfg)
