@@ -175,8 +175,10 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
     started = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    args.atomic = str(Path(args.atomic).resolve())
+    os.chdir(work)  # RecBole writes its logs and TensorBoard files under the current directory
     state_path, best_path = work / "state.pt", work / "best.pt"
     config = Config(model="NextItNet", config_dict=recbole_config(args.atomic, args.seed, args))
     init_seed(config["seed"], config["reproducibility"])
