@@ -43,7 +43,11 @@ def write_shards(
     """Write the shards of ``source`` that ``data`` describes under ``data.root``. ``layout``
     (MovieLens, detected when None), ``pretrain`` and ``task_files`` (TTL, ``NAME=KIND:PATH``) are
     the ``conure data`` flags without a config key."""
-    shard_args = {"instances_per_shard": data.instances_per_shard, "split": tuple(data.split)}
+    shard_args = {
+        "instances_per_shard": data.instances_per_shard,
+        "split": tuple(data.split),
+        "protocol": data.split_protocol,
+    }
     if source == "synthetic":
         from data_tools.synthetic import SyntheticSpec, write_synthetic
 
@@ -69,6 +73,7 @@ def write_shards(
             layout=layout,
             skip_bad_rows=data.skip_bad_rows,
             min_t1_interactions=data.min_t1_interactions,
+            t1_ratings=data.t1_ratings,
             **shard_args,
         )
     assert source == "ttl" and pretrain is not None, f"no shard writer for source '{source}'"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -44,10 +44,27 @@ class TaskData:
     class_names: list[str] | None = None
     vocab: list[str] | None = None
     """Raw id of each item id (index 0 of T1: padding, ''); None where the ids are the raw ids."""
+    histories: list[np.ndarray] | None = None
+    """Sequence task, leave-one-out only: each instance's whole chronological history, which may
+    be longer than a row of ``seqs`` (its last items); None: the non-padding items of ``seqs``."""
+    times: np.ndarray | None = None
+    """Item tasks, leave-one-out only: the time of each instance, which orders a user's instances
+    (ties and None: the order of the instances)."""
 
     @property
     def num_instances(self) -> int:
         return len(self.users)
+
+    def subset(self, rows: np.ndarray) -> TaskData:
+        """The instances ``rows``, in that order (the split's record of what it holds)."""
+        return replace(
+            self,
+            seqs=None if self.seqs is None else self.seqs[rows],
+            users=np.asarray(self.users)[rows],
+            targets=None if self.targets is None else np.asarray(self.targets)[rows],
+            histories=None if self.histories is None else [self.histories[i] for i in rows],
+            times=None if self.times is None else np.asarray(self.times)[rows],
+        )
 
 
 def check_writer_args(

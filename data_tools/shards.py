@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from conure_dist.data.manifest import TASK_KINDS, Manifest, SplitInfo, TaskInfo
+from conure_dist.errors import UserError
 from conure_dist.fs import join
 from data_tools.shard_common import (
     TaskData,
@@ -35,9 +36,17 @@ from data_tools.shard_common import (
     write_bytes,
     write_shard,
 )
-from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES, split_indices
+from data_tools.split import (
+    DEFAULT_FRACTIONS,
+    PROTOCOLS,
+    SPLIT_NAMES,
+    leave_one_out_indices,
+    sequence_windows,
+    split_indices,
+    stratified_indices,
+)
 
-__all__ = ["TaskData", "train_counts", "validate_tasks", "write_dataset"]
+__all__ = ["TaskData", "split_task", "train_counts", "validate_tasks", "write_dataset"]
 
 
 def write_dataset(
@@ -53,10 +62,14 @@ def write_dataset(
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
     user_ids: list[str] | None = None,
+    protocol: str = "random",
 ) -> Manifest:
-    """Split every task, write its shards and train counts, then the manifest; return it.
-    ``user_ids``: the raw user id of each T1 row, recorded for predictions."""
+    """Split every task (``protocol``: see ``split_task``), write its shards and train counts,
+    then the manifest; return it. ``user_ids``: the raw user id of each T1 row, recorded for
+    predictions."""
     check_writer_args(split, seed, instances_per_shard, records_per_sample)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown split protocol '{protocol}', expected one of {list(PROTOCOLS)}")
     fractions = (float(split[0]), float(split[1]), float(split[2]))
     validate_tasks(np.asarray(t1_seqs), tasks)
     t1_seqs = np.ascontiguousarray(t1_seqs, dtype=np.int32)  # ids were range-checked above
@@ -65,15 +78,21 @@ def write_dataset(
     remove_old_manifest(out)
     if user_ids is not None:
         write_bytes(join(out, "users.json"), json.dumps([str(u) for u in user_ids]).encode())
+    parts = [
+        split_task(task, i, t1_seqs, seed=seed, fractions=fractions, protocol=protocol) for i, task in enumerate(tasks)
+    ]
     infos = tuple(
-        _write_task(out, i, task, t1_seqs, seed, fractions, instances_per_shard, records_per_sample)
-        for i, task in enumerate(tasks)
+        _write_task(out, task, part, t1_seqs, instances_per_shard, records_per_sample)
+        for task, part in zip(tasks, parts, strict=True)
     )
+    spec: dict[str, Any] = {"train": fractions[0], "valid": fractions[1], "test": fractions[2], "seed": seed}
+    if protocol != "random":
+        spec.update(_leave_one_out_record(tasks, parts))
     manifest = Manifest(
         root=out,
         dataset=dataset,
         seq_len=int(t1_seqs.shape[1]),
-        split={"train": fractions[0], "valid": fractions[1], "test": fractions[2], "seed": seed},
+        split=spec,
         source=source,
         skipped_rows=dict(skipped_rows),
         tasks=infos,
@@ -146,23 +165,90 @@ def _check_task(task: TaskData, num_users: int) -> None:
         raise ValueError(f"{where}: {len(task.class_names)} class names for num_classes={task.num_classes}")
 
 
+def split_task(
+    task: TaskData,
+    task_index: int,
+    t1_seqs: np.ndarray,
+    *,
+    seed: int,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    protocol: str = "random",
+) -> dict[str, TaskData]:
+    """Each split's instances of ``task``.
+
+    ``random`` (the paper's): the instances are shuffled and cut by ``fractions``.
+    ``leave_one_out``: per user, the sequence task's last item is the test target and the one
+    before the validation target (``split.sequence_windows``: the test input is the history up to
+    the last item, and the training part is cut into windows of ``seq_len``); an item task's last
+    instance in time is test and the one before valid (``split.leave_one_out_indices``); a class
+    task is split by ``fractions`` within each class (``split.stratified_indices``). The training
+    instances are shuffled (seeded by ``seed`` and ``task_index``) so that shards mix users.
+    """
+    if protocol == "random":
+        indices = split_indices(task.num_instances, seed=seed, task_index=task_index, fractions=fractions)
+        return {name: task.subset(indices[name]) for name in SPLIT_NAMES}
+    if task.kind == "sequence":
+        parts = _sequence_splits(task, t1_seqs.shape[1])
+    elif task.kind == "item":
+        parts = {name: task.subset(rows) for name, rows in leave_one_out_indices(task.users, task.times).items()}
+    else:
+        assert task.targets is not None
+        rows = stratified_indices(task.targets, seed=seed, task_index=task_index, fractions=fractions)
+        parts = {name: task.subset(r) for name, r in rows.items()}
+    shuffle = np.random.default_rng([seed, task_index]).permutation(parts["train"].num_instances)
+    return {**parts, "train": parts["train"].subset(shuffle)}
+
+
+def _sequence_splits(task: TaskData, seq_len: int) -> dict[str, TaskData]:
+    assert task.seqs is not None
+    seqs: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    users: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    for i, user in enumerate(np.asarray(task.users)):
+        history = task.histories[i] if task.histories is not None else task.seqs[i][task.seqs[i] > 0]
+        for name, rows in sequence_windows(history, seq_len).items():
+            seqs[name].append(rows)
+            users[name].append(np.full(len(rows), user, dtype=np.int64))
+    return {
+        name: TaskData(
+            task.name,
+            task.kind,
+            np.concatenate(seqs[name]),
+            np.concatenate(users[name]),
+            None,
+            num_items=task.num_items,
+            vocab=task.vocab,
+        )
+        for name in SPLIT_NAMES
+    }
+
+
+def _leave_one_out_record(tasks: list[TaskData], parts: list[dict[str, TaskData]]) -> dict[str, Any]:
+    """What the manifest's ``split`` records of a leave-one-out split, beside the fractions that
+    the class tasks are split by."""
+    return {
+        "protocol": "leave_one_out",
+        "profile_split": "stratified by class, by the train/valid/test fractions",
+        "users_evaluated": {
+            task.name: int(len(np.unique(part["test"].users))) for task, part in zip(tasks, parts, strict=True)
+        },
+    }
+
+
 def _write_task(
     out: str,
-    task_index: int,
     task: TaskData,
+    parts: dict[str, TaskData],
     t1_seqs: np.ndarray,
-    seed: int,
-    split: tuple[float, float, float],
     instances_per_shard: int,
     records_per_sample: int,
 ) -> TaskInfo:
-    indices = split_indices(task.num_instances, seed=seed, task_index=task_index, fractions=split)
     splits = {
-        name: _write_split(out, task, name, indices[name], t1_seqs, instances_per_shard, records_per_sample)
+        name: _write_split(out, parts[name], name, t1_seqs, instances_per_shard, records_per_sample)
         for name in SPLIT_NAMES
     }
     counts_path = f"{task.name}/train_counts.npy"
-    counts_npy = npy_bytes(train_counts(task, indices["train"]))
+    train = parts["train"]
+    counts_npy = npy_bytes(train_counts(train, np.arange(train.num_instances)))
     write_bytes(join(out, counts_path), counts_npy)
     vocab_path = None
     if task.vocab is not None:  # its length was checked by validate_tasks
@@ -205,11 +291,11 @@ def _write_split(
     out: str,
     task: TaskData,
     split: str,
-    indices: np.ndarray,
     t1_seqs: np.ndarray,
     instances_per_shard: int,
     records_per_sample: int,
 ) -> SplitInfo:
+    indices = np.arange(task.num_instances)
     num_shards = math.ceil(len(indices) / instances_per_shard)
     # Equal-sized shards (rather than full ones plus a small tail) keep per-shard work balanced.
     parts = np.array_split(indices, num_shards) if num_shards else []

@@ -391,8 +391,10 @@ def write_synthetic(
     split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
     records_per_sample: int = 256,
+    protocol: str = "random",
 ) -> Manifest:
-    """Generate the dataset of ``spec`` and write it as shards + manifest under ``out``."""
+    """Generate the dataset of ``spec`` and write it as shards + manifest under ``out``
+    (``protocol``: ``shards.split_task``)."""
     t1_seqs, tasks, source = generate(spec or SyntheticSpec())
     return write_dataset(
         out,
@@ -405,4 +407,5 @@ def write_synthetic(
         skipped_rows={},
         instances_per_shard=instances_per_shard,
         records_per_sample=records_per_sample,
+        protocol=protocol,
     )

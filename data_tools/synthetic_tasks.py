@@ -84,8 +84,10 @@ def write_synthetic_tasks(
     noise: float = 0.5,
     split_seed: int = 0,
     instances_per_shard: int = 50_000,
+    protocol: str = "random",
 ) -> Manifest:
-    """Generate ``num_tasks`` tasks and write them as shards + manifest under ``out``."""
+    """Generate ``num_tasks`` tasks and write them as shards + manifest under ``out``
+    (``protocol``: ``shards.split_task``)."""
     t1_seqs, tasks, source = generate_tasks(num_tasks, spec or SyntheticSpec(), classes, noise)
     return write_dataset(
         out,
@@ -96,6 +98,7 @@ def write_synthetic_tasks(
         source=source,
         skipped_rows={},
         instances_per_shard=instances_per_shard,
+        protocol=protocol,
     )
 
 

@@ -248,8 +248,11 @@ def write_ttl(
     skip_bad_rows: bool = False,
     split: tuple[float, float, float] = DEFAULT_FRACTIONS,
     instances_per_shard: int = 50_000,
+    protocol: str = "random",
 ) -> Manifest:
-    """Convert the TTL files into shards + manifest under ``out``."""
+    """Convert the TTL files into shards + manifest under ``out`` (``protocol``:
+    ``shards.split_task``; a task file's targets on one line count as that user's instances in
+    time order)."""
     t1_seqs, task_data, source, skipped = read_ttl(pretrain, tasks, seq_len=seq_len, skip_bad_rows=skip_bad_rows)
     return write_dataset(
         out,
@@ -261,4 +264,5 @@ def write_ttl(
         source=source,
         skipped_rows=skipped,
         instances_per_shard=instances_per_shard,
+        protocol=protocol,
     )

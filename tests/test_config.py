@@ -17,6 +17,7 @@ def test_every_yaml_under_configs_is_a_preset_or_an_experiment():
     assert {p.name for p in PRESETS} == {
         "quickstart.yaml",
         "ml100k.yaml",
+        "ml100k_loo.yaml",
         "ml1m.yaml",
         "ml25m.yaml",
         "ttl.yaml",
@@ -73,6 +74,23 @@ def test_paper_presets_use_paper_hyperparameters():
     ml = load_config(CONFIGS / "ml25m.yaml")
     assert ml.model.block_dilations == [1, 4] * 6
     assert [t.prune_ratio for t in ml.tasks] == [0.7, 0.8, 0.7]
+
+
+@pytest.mark.parametrize("name", ["ml100k.yaml", "ml100k_loo.yaml", "ml1m.yaml", "ml25m.yaml"])
+def test_movielens_presets_stop_on_validation_patience(name):
+    """Data size decides how long a phase trains: patience ends it, the epochs are only a cap."""
+    cfg = load_config(CONFIGS / name)
+    assert cfg.train.patience is not None
+    assert all(t.epochs >= 3 * cfg.train.patience for t in cfg.tasks), [t.epochs for t in cfg.tasks]
+    assert all(t.retrain_epochs >= cfg.train.patience for t in cfg.tasks)
+
+
+def test_ml100k_loo_preset_is_the_sequential_protocol_at_recbole_size():
+    cfg = load_config(CONFIGS / "ml100k_loo.yaml")
+    assert cfg.data.split_protocol == "leave_one_out" and cfg.data.t1_ratings == "all"
+    assert cfg.model.channels == 64 and cfg.model.block_dilations == [1, 4] * 4  # 8 residual blocks
+    assert cfg.data.seq_len == 31  # 30 items of history and the target
+    assert cfg.train.negative_fraction == 1.0  # full softmax
 
 
 def _write(tmp_path, text):

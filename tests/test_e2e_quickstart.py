@@ -26,6 +26,11 @@ def test_report_has_tasks_of_every_kind(quickstart_run):
     n = len(kinds)
     assert len(report["matrix"]) == n and all(len(row) == n for row in report["matrix"])
     assert [c["task"] for c in report["capacity"]] == [t["name"] for t in report["tasks"]]
+    # What the figures depend on, so that they can be matched: threads, torch, device, commit.
+    env = report["environment"]
+    assert env["threads"] >= 1 and env["device"] == "cpu" and env["torch"] and "commit" in env
+    assert set(report["valid_examples"]) == {t["name"] for t in report["tasks"]}
+    assert report["learned_nothing"] == []  # every quick-start task beats its reference
 
 
 def test_old_tasks_never_change_in_the_matrix(quickstart_run):

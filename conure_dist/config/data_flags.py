@@ -35,7 +35,11 @@ class DataFlag:
 
 
 _OUT = DataFlag("--out", "root", required=True)
-_SHARDS = (DataFlag("--split", "split"), DataFlag("--instances-per-shard", "instances_per_shard"))
+_SHARDS = (
+    DataFlag("--split", "split"),
+    DataFlag("--split-protocol", "split_protocol"),
+    DataFlag("--instances-per-shard", "instances_per_shard"),
+)
 SOURCE_FLAGS: dict[str, tuple[DataFlag, ...]] = {
     "synthetic": (
         _OUT,
@@ -53,6 +57,7 @@ SOURCE_FLAGS: dict[str, tuple[DataFlag, ...]] = {
         DataFlag("--seed", "split_seed"),
         DataFlag("--skip-bad-rows", "skip_bad_rows"),
         DataFlag("--min-t1-interactions", "min_t1_interactions"),
+        DataFlag("--t1-ratings", "t1_ratings"),
         *_SHARDS,
     ),
     "ttl": (

@@ -65,8 +65,13 @@ class DataConfig:
     skip_bad_rows: bool = False
     """When converting raw files: skip malformed rows (counted in the manifest) instead of failing."""
     min_t1_interactions: int = 0
-    """MovieLens: keep only users with at least this many T1 ratings (below 4 stars), dropping the
-    others' instances of every task (the paper: more than 5, i.e. 6; 0 keeps all)."""
+    """MovieLens: keep only users with at least this many T1 ratings, dropping the others'
+    instances of every task (the paper: more than 5, i.e. 6; 0 keeps all)."""
+    t1_ratings: Literal["below_4", "all"] = "below_4"
+    """MovieLens: which ratings form T1, the sequence task: ``below_4`` (the paper's: ratings
+    below 4 stars, so that like4 and like5 predict items T1 never shows) or ``all`` (every rating,
+    the usual sequential-recommendation setting; like4 and like5 are then left out, their targets
+    being in the input)."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """Generator settings for ``source: synthetic``."""
     instances_per_shard: int = 50_000
@@ -76,7 +81,13 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the train/valid/test split when shards are generated."""
     split: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
-    """Train, valid and test fractions of every task's instances when shards are generated."""
+    """Train, valid and test fractions of every task's instances when shards are generated (with
+    ``split_protocol: leave_one_out``, of the profile tasks' users, within each class)."""
+    split_protocol: Literal["random", "leave_one_out"] = "random"
+    """How shards are split: ``random`` (the paper's: every task's instances at random by
+    ``split``) or ``leave_one_out`` (per user, a task's last interaction is test and the one
+    before valid, the rest train, as RecBole and SASRec; profile tasks split by ``split`` within
+    each class). See docs/data.md."""
     prefetch: int | None = None
     """Training batches read ahead on a background thread, so reading and decoding shards
     overlaps the device's work (None: 4 on a GPU, 0 on CPU, where the thread would compete with

@@ -63,6 +63,7 @@ def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]
     pairs = {
         "data.split": ([manifest.split.get(k) for k in ("train", "valid", "test")], list(d.split)),
         "data.split_seed": (manifest.split.get("seed"), d.split_seed),
+        "data.split_protocol": (manifest.split.get("protocol", "random"), d.split_protocol),
     }
     if d.source == "synthetic":
         spec = manifest.source.get("spec", {})
@@ -74,6 +75,9 @@ def _built_with(cfg: RunConfig, manifest: Manifest) -> dict[str, tuple[Any, Any]
         pairs["data.seq_len"] = (manifest.seq_len, d.seq_len)
         recipe = manifest.source.get("recipe", {})
         pairs["data.min_t1_interactions"] = (recipe.get("min_t1_interactions", 0), d.min_t1_interactions)
+        if d.source == "movielens":
+            t1_all = recipe.get("t1") == "most recent ratings, all of them"
+            pairs["data.t1_ratings"] = ("all" if t1_all else "below_4", d.t1_ratings)
     return pairs
 
 

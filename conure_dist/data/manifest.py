@@ -292,6 +292,12 @@ def _parse_manifest(f: _Fields, root: str) -> Manifest:
 def _parse_split_spec(f: _Fields) -> dict[str, Any]:
     spec: dict[str, Any] = {name: float(f.get(name, (int, float))) for name in SPLITS}
     spec["seed"] = f.count("seed")
+    # A leave-one-out split records its protocol and who it evaluates; the paper's split writes
+    # neither (a manifest without ``protocol`` holds the paper's random split).
+    if "protocol" in f.raw:
+        spec["protocol"] = f.get("protocol", str)
+        spec["profile_split"] = f.get("profile_split", str, optional=True)
+        spec["users_evaluated"] = f.get("users_evaluated", dict, optional=True)
     return spec
 
 

@@ -56,6 +56,7 @@ def summarize(
                 "num_backbones": runs[0].get("num_backbones"),
                 "stored_parameters": runs[0].get("stored_parameters"),
                 "reference": runs[0]["reference"],
+                "learned_nothing": _learned_nothing(final, runs[0]["reference"]),
                 "seeds": [r["seed"] for r in runs],
                 "wall_seconds": interval([r["wall_seconds"] for r in runs]),
             }
@@ -71,6 +72,12 @@ def summarize(
         "wall_seconds": round(wall_seconds, 1),
         "reused_seconds": round(reused_seconds, 1),
     }
+
+
+def _learned_nothing(final: dict[str, dict[str, Any]], reference: dict[str, float]) -> list[str]:
+    """Tasks whose final test score's 95% interval over the seeds reaches down to their trivial
+    reference (with one seed: whose score does not beat it)."""
+    return [t for t, stat in final.items() if t in reference and stat["low"] <= reference[t]]
 
 
 def _differences(experiment: Experiment, reports: dict) -> dict[str, Any]:
@@ -155,6 +162,15 @@ def format_markdown(summary: dict[str, Any]) -> str:
         ref = first["reference"]
         lines.append("| trivial reference | " + " | ".join(f"{ref[t]:.4f}" for t in tasks) + " | | | |")
         lines.append("")
+        for method, row in rows.items():
+            for task in row.get("learned_nothing", []):
+                stat = row["after_last_task"][task]
+                lines.append(
+                    f"- {method}: {task} learned nothing: its final test score {format_interval(stat)} over "
+                    f"{stat['n']} seeds does not exclude the trivial reference {ref[task]:.4f}."
+                )
+        if any(row.get("learned_nothing") for row in rows.values()):
+            lines.append("")
     return "\n".join(lines + difference_lines(summary.get("differences", {})))
 
 
