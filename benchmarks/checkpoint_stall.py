@@ -125,7 +125,7 @@ def measure(
     for index in range(1, args.repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        ckpt.save(index, "t1-train-e1-s1", parts, {})
+        ckpt.write(index, "t1-train-e1-s1", parts, {})
         saves.append(time.perf_counter() - start)
         ckpt.wait()
         totals.append(time.perf_counter() - start)
@@ -141,7 +141,7 @@ def measure(
         "checkpoint_bytes": nbytes,
     }
     if async_writes:  # one more checkpoint, the stand-in training running while it is written
-        ckpt.save(args.repeats + 1, "t1-train-e1-s1", parts, {})
+        ckpt.write(args.repeats + 1, "t1-train-e1-s1", parts, {})
         result["compute_s_during_write"] = compute(args.compute_steps, work)
         ckpt.wait()
     return result
@@ -152,7 +152,7 @@ def snapshot_ok(parts: dict[str, Any], out: str, device: torch.device) -> bool:
     model = parts["model.pt"]
     before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
     ckpt = Checkpointer(out, DistInfo(0, 1, 0, device, None), keep=1, async_writes=True)
-    path = ckpt.save(ckpt.last_index() + 1, "snapshot-check", parts, {})
+    path = ckpt.write(ckpt.last_index() + 1, "snapshot-check", parts, {})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
     run.add_argument("--out", required=True, help="run directory or URL: checkpoints, log.jsonl, report.json")
     run.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, if any")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="take over --out although it records a run of another method or with other settings "
+        "that change results (resumed: other than its checkpoint's); without it such a run is refused",
+    )
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_batch_size=256")
     cf = sub.add_parser(
         "config",
@@ -231,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conure_dist.methods.run import run_method
     from conure_dist.object_store import check_output
     from conure_dist.report import format_table
+    from conure_dist.train.preemption import STOP
     from data_tools.prepare import build_missing_shards
 
     cfg = load_config(args.config, args.overrides)
@@ -238,9 +245,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     fs, out = fsspec.core.url_to_fs(args.out)
     if fs.exists(out) and not fs.isdir(out):
         raise UserError(f"--out {args.out} is a file; the run needs a directory")
-    with process_group(cfg.dist) as dist:
+    # SIGTERM, SIGUSR1 and SIGINT stop the run at its next checkpoint (``train.preemption``).
+    with STOP.installed(), process_group(cfg.dist) as dist:
         build_missing_shards(cfg.data, dist)
-        report = run_method(cfg, args.out, dist, resume=args.resume)
+        report = run_method(cfg, args.out, dist, resume=args.resume, force=args.force)
     if dist.is_main:
         print(format_table(report))
         print(f"report: {args.out.rstrip('/')}/report.json")
@@ -389,17 +397,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from conure_dist.checkpoint.format import load_checkpoint, resolve_checkpoint
-    from conure_dist.continual.audit import audit_checkpoint
+    from conure_dist.continual.audit import audit_checkpoint, recorded_elsewhere
 
     ckpt = load_checkpoint(resolve_checkpoint(args.ckpt))
     results = audit_checkpoint(ckpt)
-    ok = all(r.ok for r in results) and bool(results)
+    num_tasks = len(ckpt.meta["tasks"])
+    # Tasks another record of the run (the report, a kept checkpoint) saw finish but this
+    # checkpoint does not hold: its newer checkpoints are gone or uncommitted.
+    audited = {r.task for r in results}
+    missing = sorted({t for record in recorded_elsewhere(ckpt).values() for t in record} - audited)
+    ok = all(r.ok for r in results) and bool(results) and not missing
     if args.json:
         print(
             json.dumps(
                 {
                     "checkpoint": ckpt.url,
                     "ok": ok,
+                    "checked": len(results),
+                    "num_tasks": num_tasks,
+                    "finished_elsewhere": missing,
                     "tasks": {r.task: {"stored": r.stored, "recomputed": r.recomputed, "ok": r.ok} for r in results},
                 },
                 indent=1,
@@ -408,7 +424,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r.task:14s} {'ok' if r.ok else 'CHANGED'}  {r.recomputed[:16]}")
-        print(f"audit {'passed' if ok else 'FAILED'}: {ckpt.url}")
+        if missing:
+            print(
+                f"finished according to the run's other records, absent from this checkpoint: {', '.join(missing)} "
+                "(its newer checkpoints are missing or uncommitted)"
+            )
+        print(f"audit {'passed' if ok else 'FAILED'}: {len(results)} of {num_tasks} tasks checked, {ckpt.url}")
     return 0 if ok else 1
 
 
@@ -434,10 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     from conure_dist.checkpoint.format import CheckpointError
     from conure_dist.experiment.jobs import RunsFailed
+    from conure_dist.train.preemption import EXIT_INTERRUPTED, Preempted
     from conure_dist.train.state import CapacityError, DivergedError
 
     try:
         code = COMMANDS[args.command](args)
+    except Preempted as exc:  # a scheduler's notice or Ctrl-C: the run stopped cleanly
+        print(f"conure: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run
+        print("conure: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     # A user's mistake (UserError: config, paths, data files, checkpoints that do not fit) gets
     # its one-line message; anything else is a bug and keeps its traceback.
     except (UserError, FileNotFoundError, CheckpointError, CapacityError, DivergedError, RunsFailed) as exc:

@@ -53,23 +53,28 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
-def write_atomic(url: str, text: str) -> None:
-    """Write a small text file so that a reader sees the old file or the whole new one, never a
-    part: on local disk it is written aside and renamed; object stores make a single PUT visible
-    all at once, so a plain write is atomic there."""
+def write_atomic(url: str, text: str | bytes) -> None:
+    """Write a file so that a reader sees the old file or the whole new one, never a part: on
+    local disk it is written aside, synced and renamed (with the mode a plain write gets);
+    object stores make a single PUT visible all at once, so a plain write is atomic there."""
     if is_local(url):
         _write_local_atomic(fsspec.core.url_to_fs(url)[1], text)
     else:
-        with fsspec.open(url, "w") as f:
+        with fsspec.open(url, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
 
 
-def _write_local_atomic(path: str, text: str) -> None:
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _write_local_atomic(path: str, text: str | bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the file unlike every other one
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

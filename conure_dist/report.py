@@ -10,7 +10,8 @@ import fsspec
 from conure_dist.config import RunConfig
 from conure_dist.data.manifest import TaskInfo
 from conure_dist.dist import DistInfo
-from conure_dist.fs import join
+from conure_dist.errors import UserError
+from conure_dist.fs import join, write_atomic
 from conure_dist.methods import METHODS
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.state import RunState
@@ -72,8 +73,20 @@ def as_before_pruning(report: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], out: str) -> None:
-    with fsspec.open(join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    """``report.json``, atomically: a kill leaves the previous report or the whole new one."""
+    write_atomic(join(out, "report.json"), json.dumps(report, indent=1))
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """A ``report.json``; an empty, truncated or foreign file is an error naming it."""
+    try:
+        with fsspec.open(path) as f:
+            report = json.load(f)
+    except ValueError as exc:
+        raise UserError(f"{path} is not a complete report ({exc}): delete it to run again") from None
+    if not isinstance(report, dict) or "matrix" not in report:
+        raise UserError(f"{path} is not a report of conure run (no 'matrix')")
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from conure_dist.errors import UserError
 from conure_dist.fs import join
-from data_tools.rows import RowChecker, parse_int, parse_number, read_text
+from data_tools.rows import INT64_MAX, RowChecker, beyond_int64, parse_int, parse_number, read_text
 
 GENDERS: tuple[str, ...] = ("F", "M")
 
@@ -124,6 +124,10 @@ def _read_int_ratings(label: str, path: str, text: str, sep: str, checker: RowCh
         if user < 1 or item < 1:
             checker.bad(label, path, line_no, "non-positive id", f"ids must be >= 1, got user {user}, item {item}")
             continue
+        big = beyond_int64(dict(zip(names, ints, strict=True)))
+        if big:
+            checker.bad(label, path, line_no, "value beyond int64", big)
+            continue
         if not 1 <= rating <= 5:
             checker.bad(label, path, line_no, "rating outside 1..5", f"rating {rating} outside 1..5")
             continue
@@ -173,6 +177,10 @@ def _read_csv_ratings(path: str, text: str, checker: RowChecker) -> Ratings:
             continue
         if user < 1 or item < 1:
             checker.bad(label, path, line_no, "non-positive id", f"ids must be >= 1, got userId {user}, movieId {item}")
+            continue
+        big = beyond_int64({"userId": user, "movieId": item, "timestamp": timestamp})
+        if big:
+            checker.bad(label, path, line_no, "value beyond int64", big)
             continue
         if rating is None or not 0.5 <= rating <= 5 or rating * 2 != int(rating * 2):
             checker.bad(
@@ -224,7 +232,8 @@ class _TokenIds:
 
     def __init__(self, tokens: list[str]) -> None:
         unique = sorted(set(tokens))
-        self.numeric = all(t.isascii() and t.isdigit() for t in unique)  # isdigit() alone takes '²'
+        # isdigit() alone takes '²'; a number beyond int64 is a label like any other token.
+        self.numeric = all(t.isascii() and t.isdigit() and int(t) <= INT64_MAX for t in unique)
         self.ids = {t: (int(t) if self.numeric else i + 1) for i, t in enumerate(unique)}
 
 

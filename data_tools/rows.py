@@ -79,6 +79,16 @@ def parse_int(text: str) -> int | None:
     return int(stripped) if _INT.fullmatch(stripped) else None
 
 
+INT64_MAX = 2**63 - 1
+
+
+def beyond_int64(named: dict[str, int]) -> str | None:
+    """What a bad row's message says when one of the ``named`` integers does not fit the int64
+    arrays the rows are stored in, or None when all fit."""
+    big = [f"{name} {value}" for name, value in named.items() if not -INT64_MAX - 1 <= value <= INT64_MAX]
+    return f"{', '.join(big)} beyond the int64 range (at most {INT64_MAX})" if big else None
+
+
 def parse_number(text: str) -> float | None:
     """The finite number ``text`` spells, or None (``float()`` would take ``4_5`` for 45)."""
     if "_" in text:

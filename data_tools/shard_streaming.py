@@ -3,6 +3,7 @@ chunks."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,8 @@ class StreamingDatasetWriter:
             if task.kind == "sequence":
                 counts[0] = 0
             counts_path = f"{task.name}/train_counts.npy"
-            write_bytes(join(self.out, counts_path), npy_bytes(counts))
+            counts_npy = npy_bytes(counts)
+            write_bytes(join(self.out, counts_path), counts_npy)
             splits = {
                 s: SplitInfo(
                     num_instances=sum(sh.num_instances for sh in self.shards[task.name, s]),
@@ -153,6 +155,7 @@ class StreamingDatasetWriter:
                     class_names=tuple(task.class_names) if task.class_names is not None else None,
                     train_counts=counts_path,
                     splits=splits,
+                    train_counts_sha256=hashlib.sha256(counts_npy).hexdigest(),
                 )
             )
         manifest = Manifest(

@@ -18,6 +18,7 @@ the same layout while instances arrive in chunks, and ``shard_common`` holds wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -161,7 +162,8 @@ def _write_task(
         for name in SPLIT_NAMES
     }
     counts_path = f"{task.name}/train_counts.npy"
-    write_bytes(join(out, counts_path), npy_bytes(train_counts(task, indices["train"])))
+    counts_npy = npy_bytes(train_counts(task, indices["train"]))
+    write_bytes(join(out, counts_path), counts_npy)
     vocab_path = None
     if task.vocab is not None:  # its length was checked by validate_tasks
         vocab_path = f"{task.name}/vocab.json"
@@ -174,6 +176,7 @@ def _write_task(
         class_names=tuple(task.class_names) if task.class_names is not None else None,
         train_counts=counts_path,
         splits=splits,
+        train_counts_sha256=hashlib.sha256(counts_npy).hexdigest(),
         vocab=vocab_path,
     )
 

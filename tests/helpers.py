@@ -48,11 +48,11 @@ def with_shards(cfg):
     return cfg
 
 
-def run_conure(cfg, out: str, dist, resume: bool = False) -> dict:
+def run_conure(cfg, out: str, dist, resume: bool = False, force: bool = False) -> dict:
     """The library's ``run_conure`` after building missing shards, as ``conure run`` does."""
     from conure_dist.train.loop import run_conure as run
 
-    return run(with_shards(cfg), out, dist, resume=resume)
+    return run(with_shards(cfg), out, dist, resume=resume, force=force)
 
 
 def run_method(cfg, out: str, dist, resume: bool = False) -> dict:

@@ -153,6 +153,20 @@ GOOD_INTER = [
         (
             "ml-1m",
             "ratings.dat",
+            "1::10::3::99999999999999999999",
+            r"ratings\.dat line 2: timestamp 99999999999999999999 beyond the int64 range",
+            "ratings.dat: value beyond int64",
+        ),
+        (
+            "csv",
+            "ratings.csv",
+            "1,18446744073709551616,4.0,5",
+            r"ratings\.csv line 3: movieId 18446744073709551616 beyond the int64 range",
+            "ratings.csv: value beyond int64",
+        ),
+        (
+            "ml-1m",
+            "ratings.dat",
             "1::10::x::5",
             r"ratings\.dat line 2: non-integer rating 'x'",
             "ratings.dat: non-integer field",

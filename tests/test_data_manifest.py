@@ -93,6 +93,31 @@ def test_train_counts(tmp_path: Path) -> None:
     assert counts.dtype == np.int64 and counts.sum() == 16
 
 
+def test_train_counts_are_checked_against_their_sha256_and_signs(tmp_path: Path) -> None:
+    """One flipped byte of a counts file, or a negative count, is an error naming the file."""
+    import hashlib
+
+    from conure_dist.errors import UserError
+
+    write_tiny(str(tmp_path))
+    path = tmp_path / "buy" / "train_counts.npy"
+    manifest = Manifest.load(str(tmp_path))
+    assert manifest.task("buy").train_counts_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"^{path} does not match its sha256 in {tmp_path / 'manifest.json'}"):
+        manifest.load_train_counts("buy")
+    # A negative count, with the checksum made to match (or a manifest from before checksums).
+    np.save(path, np.array([3, -2, 5], dtype=np.int64))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    buy = next(t for t in raw["tasks"] if t["name"] == "buy")
+    buy["train_counts_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=f"^{path}: negative count -2 for output 1"):
+        Manifest.load(str(tmp_path)).load_train_counts("buy")
+
+
 def test_memory_filesystem_round_trip() -> None:
     root = "memory://conure-test/manifest-roundtrip"
     written = write_tiny(root)
@@ -225,10 +250,15 @@ def test_invalid_manifest_names_key_and_file(tmp_path: Path, change: str, messag
 
 
 def test_bad_train_counts_file(tmp_path: Path) -> None:
-    manifest = write_tiny(str(tmp_path))
+    """A manifest written before counts were checksummed still checks the file's shape."""
+    write_tiny(str(tmp_path))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for task in raw["tasks"]:
+        del task["train_counts_sha256"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
     np.save(tmp_path / "buy" / "train_counts.npy", np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match=r"train_counts\.npy: expected int64 array of shape \(3,\)"):
-        manifest.load_train_counts("buy")
+        Manifest.load(str(tmp_path)).load_train_counts("buy")
 
 
 def test_raw_ids_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:

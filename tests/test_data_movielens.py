@@ -157,6 +157,12 @@ GOOD = "1\t10\t3\t500"
         ),
         (
             "u.data",
+            "1\t99999999999999999999\t3\t500",
+            r"u\.data line 2: item id 99999999999999999999 beyond the int64 range \(at most 9223372036854775807\)",
+            "u.data: value beyond int64",
+        ),
+        (
+            "u.data",
             "1\t10\t6\t500",
             r"u\.data line 2: rating 6 outside 1\.\.5",
             "u.data: rating outside 1..5",

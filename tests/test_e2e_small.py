@@ -79,7 +79,7 @@ def test_resume_refuses_a_different_task_order(tmp_path):
         run_conure(other, str(tmp_path / "o"), CPU, resume=True)
 
 
-def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplog):
+def test_resume_refuses_another_model_and_other_result_settings_unless_forced(tmp_path, caplog):
     path = tiny_config(tmp_path, TASKS[:1])
     first = run_conure(load_config(path), str(tmp_path / "m"), CPU)
     with pytest.raises(
@@ -88,23 +88,35 @@ def test_resume_refuses_another_model_and_warns_of_other_changes(tmp_path, caplo
         r"16\); resume with the checkpoint's model",
     ):
         run_conure(load_config(path, ["model.channels=8"]), str(tmp_path / "m"), CPU, resume=True)
-    again = run_conure(load_config(path, ["seed=9", "tasks.0.lr=0.1"]), str(tmp_path / "m"), CPU, resume=True)
+    changed = load_config(path, ["seed=9", "tasks.0.lr=0.1"])
+    with pytest.raises(
+        ValueError, match=r"differ from the checkpoint's: seed=9 \(was 3\), tasks.0.lr=0.1 \(was 0.003\); "
+    ):
+        run_conure(changed, str(tmp_path / "m"), CPU, resume=True)
+    again = run_conure(changed, str(tmp_path / "m"), CPU, resume=True, force=True)
     assert again["matrix"] == first["matrix"]
-    assert "differ from the checkpoint's: seed=9 (was 3), tasks.0.lr=0.1 (was 0.003)" in caplog.text
-    # Settings of a task not reached yet are free to change; those of the task under way warn.
+    assert "differ from the checkpoint's: seed=9 (was 3), tasks.0.lr=0.1 (was 0.003) (--force)" in caplog.text
+    # Settings of a task not reached yet are free to change; those of the task under way need --force.
     three = tiny_config(tmp_path, TASKS, name="three.yaml")
     run_conure(load_config(three), str(tmp_path / "n"), CPU)
     _drop_commits_after(tmp_path / "n", "click-trained")
     caplog.clear()
-    run_conure(
-        load_config(three, ["tasks.1.retrain_epochs=2", "tasks.2.lr=0.01"]), str(tmp_path / "n"), CPU, resume=True
-    )
-    assert "differ from the checkpoint's: tasks.1.retrain_epochs=2 (was 1)" in caplog.text
+    under_way = load_config(three, ["tasks.1.retrain_epochs=2", "tasks.2.lr=0.01"])
+    with pytest.raises(ValueError, match=r"differ from the checkpoint's: tasks.1.retrain_epochs=2 \(was 1\);"):
+        run_conure(under_way, str(tmp_path / "n"), CPU, resume=True)
+    run_conure(load_config(three, ["tasks.2.lr=0.01"]), str(tmp_path / "n"), CPU, resume=True)
     assert "tasks.2.lr" not in caplog.text
 
 
 def test_a_task_without_free_capacity_is_refused(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)]))
+    path = tiny_config(tmp_path, [("t1", 0.0), ("click", 0.5)])
+    with pytest.raises(ValueError, match=r"tasks.0.prune_ratio.*0 keeps every free conv weight for 't1', so 'click'"):
+        load_config(path)
+    assert load_config(path, ["continual.min_free_fraction=0.2"]).tasks[0].prune_ratio == 0.0
+    assert load_config(path, ["method.name=finetune"]).tasks[0].prune_ratio == 0.0  # prunes nothing
+    # Should a task still end up owning every weight (prune_ratio: auto may choose 0), the next stops.
+    cfg = load_config(path, ["tasks.0.prune_ratio=0.5"])
+    cfg.tasks[0].prune_ratio = 0.0
     with pytest.raises(CapacityError, match="cannot start: every conv weight is owned"):
         run_conure(cfg, str(tmp_path / "full"), CPU)
 

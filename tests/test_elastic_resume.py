@@ -29,7 +29,7 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.experiment.compare import compare_runs
 from conure_dist.model import ConureModel, TaskSpec
-from conure_dist.train.deepspeed_engine import SavedShards, reshard_zero_state
+from conure_dist.train.deepspeed_engine import SavedShards, reshard_zero_state, zero_state_classes
 from conure_dist.train.engine import build_engine
 from conure_dist.train.phase import phase_parameters
 
@@ -246,7 +246,7 @@ def _moments(ckpt) -> dict[str, torch.Tensor]:
         return {f"{i}/{k}": v.flatten() for i, s in state.items() for k, v in s.items()}
     pieces: dict[str, list[torch.Tensor]] = {}
     for rank in range(ckpt.meta["world_size"]):
-        saved = ckpt.read_part(f"optimizer-rank{rank}.pt", weights_only=False)["optimizer"]
+        saved = ckpt.read_part(f"optimizer-rank{rank}.pt", zero_state_classes())["optimizer"]
         base = saved["base_optimizer_state"]
         for group, mapping in enumerate(saved["param_slice_mappings"]):
             state = base["state"][base["param_groups"][group]["params"][0]]

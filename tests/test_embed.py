@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import fsspec
@@ -220,3 +222,11 @@ def test_vectors_do_not_depend_on_the_batch_size(run_dir):
     for size in (1, 2, 3, 7, 53):
         parts = [user_vectors(network, seq[i : i + size], size, cpu) for i in range(0, len(seq), size)]
         assert np.array_equal(np.concatenate(parts), full), size
+
+
+def test_every_file_has_the_usual_mode(one_process):
+    mask = os.umask(0)
+    os.umask(mask)
+    files = list(one_process["t1"].iterdir())
+    assert "index.json" in {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}

@@ -4,6 +4,8 @@ bit for bit what the checkpoint's inference view (``conure predict``) scores."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,13 @@ def test_only_an_empty_directory_or_a_previous_export_is_written(run_dir, export
     assert summary["task"] == "gender" and summary["num_parameters"] > 0
     assert json.loads((again / "config.json").read_text())["task"]["name"] == "gender"
     assert load_exported(again).task == "gender"
+
+
+def test_every_file_has_the_usual_mode(run_dir, exports):
+    """Export files, COMMIT and report.json are created as a plain write creates files (0644
+    under the usual umask), not 0600 as temporary files and safetensors' own writer make them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [*exports["t1"].iterdir(), run_dir / "report.json", *run_dir.glob("checkpoints/*/COMMIT")]
+    assert {p.name for p in files} >= {"config.json", "model.safetensors", "program.pt2", "report.json", "COMMIT"}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as tdist
 
 from conure_dist.checkpoint.format import (
+    COMMIT,
     FORMAT_VERSION,
     MAIN_PARTS,
     RANK_DONE,
@@ -46,6 +47,7 @@ from conure_dist.checkpoint.format import (
     CheckpointError,
     committed_folders,
     load_checkpoint,
+    warn_if_newer_uncommitted,
     write_commit,
 )
 from conure_dist.dist import DistInfo
@@ -343,9 +345,15 @@ class Checkpointer:
         self._delete_old()
 
     def _delete_old(self) -> None:
-        """Keep the newest ``keep`` intact checkpoints and delete every older one. Checkpoints
-        that failed their checks on resume do not count as kept (names sort in time order)."""
+        """Keep the newest ``keep`` intact checkpoints and delete every older one, and every
+        folder older than the newest commit that was never committed (a write a kill cut short).
+        Checkpoints that failed their checks on resume do not count as kept (names sort in time
+        order)."""
         committed = self.committed()
+        if committed:
+            for leftover in self._uncommitted_before(committed[-1]):
+                log.info("removing %s: an interrupted checkpoint write", url_of(self.fs, leftover))
+                self.fs.rm(leftover, recursive=True)
         intact = [p for p in committed if p not in self.broken]
         if len(intact) <= self.keep:
             return
@@ -354,6 +362,16 @@ class Checkpointer:
             if old < oldest_kept:
                 self.fs.rm(old, recursive=True)
                 self.broken.discard(old)
+
+    def _uncommitted_before(self, newest: str) -> list[str]:
+        name = posixpath.basename(newest.rstrip("/"))
+        return [
+            p
+            for p in self.fs.ls(self.fs_root, detail=False)
+            if posixpath.basename(p.rstrip("/"))[:5].isdigit()
+            and posixpath.basename(p.rstrip("/")) < name
+            and not self.fs.exists(posixpath.join(p, COMMIT))
+        ]
 
     # -- reading -------------------------------------------------------------------------
     def committed(self) -> list[str]:
@@ -377,7 +395,9 @@ class Checkpointer:
         problems = []
         for path in reversed(committed):
             try:
-                return load_checkpoint(path, fs=self.fs)
+                ckpt = load_checkpoint(path, fs=self.fs)
+                warn_if_newer_uncommitted(self.fs, self.fs_root, path)
+                return ckpt
             except CheckpointError as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 problems.append(str(exc))

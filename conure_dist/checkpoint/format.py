@@ -16,9 +16,15 @@ intact, and older ones are deleted only after a newer commit. The first-task cac
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import logging
+import os
+import pickle
 import posixpath
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +32,8 @@ import fsspec
 import torch
 
 from conure_dist.fs import url_of, write_atomic
+
+log = logging.getLogger(__name__)
 
 COMMIT = "COMMIT"
 MAIN_PARTS = ("model.pt", "ownership.pt", "meta.json")
@@ -56,16 +64,31 @@ class Checkpoint:
     def has_part(self, name: str) -> bool:
         return name in self.digests
 
-    def state_of(self, name: str, weights_only: bool = True) -> Any:
+    def state_of(self, name: str) -> Any:
         """What the part ``name`` holds, verified: a main part as read already, another read now."""
         main = {"model.pt": self.model, "ownership.pt": self.ownership, "meta.json": self.meta}
-        return main[name] if name in main else self.read_part(name, weights_only)
+        return main[name] if name in main else self.read_part(name)
 
-    def read_part(self, name: str, weights_only: bool = True) -> Any:
-        """Load one further part (phase state, optimizer state), verified against COMMIT."""
+    def read_part(self, name: str, allowed: Sequence[type] = ()) -> Any:
+        """Load one further part (phase state, optimizer state), verified against COMMIT;
+        ``allowed``: the classes besides tensors and plain containers that it may hold."""
         data = read_verified(self.fs, self.path, name, self.digests[name])
-        # On CPU whatever device rank 0 saved from: every rank places what it needs itself.
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        return load_tensors(data, posixpath.join(self.path, name), allowed)
+
+
+def load_tensors(data: bytes, fpath: str, allowed: Sequence[type] = ()) -> Any:
+    """``torch.load`` of a part's bytes, weights only: tensors, plain containers and numbers, and
+    the classes in ``allowed``. Anything else (a pickle that would run code) is refused with one
+    line naming the file: a checksum does not vouch for a file, since whoever can write it can
+    rewrite ``COMMIT`` too. On the CPU, whatever device it was saved from: every rank places
+    what it needs itself."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the object {found[1]}" if found else "an object that is not a tensor"
+        raise CheckpointError(f"{fpath}: refused to load: it holds {what}, which a checkpoint never holds") from None
 
 
 def optimizer_part_name(rank: int, sharded: bool) -> str:
@@ -85,33 +108,88 @@ def resolve_checkpoint(path: str) -> str:
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(posixpath.join(fs_path, COMMIT)):
         return path
-    folders = committed_folders(fs, posixpath.join(fs_path, "checkpoints")) or committed_folders(fs, fs_path)
+    root = posixpath.join(fs_path, "checkpoints")
+    folders = committed_folders(fs, root)
+    if not folders:
+        root, folders = fs_path, committed_folders(fs, fs_path)
     if not folders:
         raise CheckpointError(
             f"no committed checkpoint at {path} (looked for {COMMIT}, */{COMMIT} and checkpoints/*/{COMMIT})"
         )
+    warn_if_newer_uncommitted(fs, root, folders[-1])
     return url_of(fs, folders[-1])
 
 
+KEY_ENV = "CONURE_CHECKPOINT_KEY"
+"""A secret (kept outside the run directory): when set, ``COMMIT`` carries an HMAC-SHA256 of its
+digests, and a ``COMMIT`` without a matching one is refused. Whoever can rewrite a part can
+rewrite a plain ``COMMIT`` too, but not sign it without the key."""
+
+
+def _signature(digests: dict[str, str]) -> str | None:
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return None
+    return hmac.new(key.encode(), json.dumps(digests, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
 def write_commit(fs: fsspec.AbstractFileSystem, path: str, digests: dict[str, str]) -> None:
-    """Commit the folder ``path``: its ``COMMIT`` lists every part with its sha256. Atomic, so a
-    kill can never leave a torn marker that looks committed."""
-    write_atomic(url_of(fs, posixpath.join(path, COMMIT)), json.dumps({"files": dict(digests)}))
+    """Commit the folder ``path``: its ``COMMIT`` lists every part with its sha256 (signed with
+    ``CONURE_CHECKPOINT_KEY`` when set). Atomic, so a kill can never leave a torn marker that
+    looks committed."""
+    commit: dict[str, Any] = {"files": dict(digests)}
+    signature = _signature(commit["files"])
+    if signature is not None:
+        commit["hmac"] = signature
+    write_atomic(url_of(fs, posixpath.join(path, COMMIT)), json.dumps(commit))
 
 
 def read_commit(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, str]:
     """The parts and sha256 that the folder ``path``'s ``COMMIT`` lists; an error naming the file
-    when it is missing or unreadable."""
+    when it is missing, unreadable or (``CONURE_CHECKPOINT_KEY`` set) not signed with the key."""
     commit_path = posixpath.join(path, COMMIT)
     if not fs.exists(commit_path):
         raise CheckpointError(f"{commit_path} is missing: the checkpoint was never committed")
     try:
-        digests = json.loads(fs.cat_file(commit_path))["files"]
+        commit = json.loads(fs.cat_file(commit_path))
+        digests = commit["files"]
         if not isinstance(digests, dict):
             raise TypeError("'files' is not an object")
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{commit_path} is unreadable ({type(exc).__name__}: {exc})") from None
+    expected = _signature(digests)
+    if expected is not None and not hmac.compare_digest(str(commit.get("hmac", "")), expected):
+        state = "is not signed" if "hmac" not in commit else "has a signature that does not match"
+        raise CheckpointError(f"{commit_path} {state} with {KEY_ENV}: written without the key, or altered")
     return digests
+
+
+def newer_uncommitted(fs: fsspec.AbstractFileSystem, root: str, chosen: str) -> list[str]:
+    """Checkpoint folders under ``root`` named after ``chosen`` that hold no ``COMMIT``: a write
+    that was interrupted, or a marker that was deleted."""
+    if not fs.isdir(root):
+        return []
+    name = posixpath.basename(chosen.rstrip("/"))
+    return sorted(
+        p
+        for p in fs.ls(root, detail=False)
+        if posixpath.basename(p.rstrip("/")) > name
+        and posixpath.basename(p.rstrip("/"))[:5].isdigit()
+        and not fs.exists(posixpath.join(p, COMMIT))
+    )
+
+
+def warn_if_newer_uncommitted(fs: fsspec.AbstractFileSystem, root: str, chosen: str) -> None:
+    """Say loudly when an older checkpoint is used because newer folders have no ``COMMIT``."""
+    newer = newer_uncommitted(fs, root, chosen)
+    if newer:
+        log.warning(
+            "USING AN OLDER CHECKPOINT: %s; the newer %s hold no %s (an interrupted write, or a deleted marker), "
+            "so what they held is not used",
+            url_of(fs, chosen),
+            ", ".join(posixpath.basename(p.rstrip("/")) for p in newer),
+            COMMIT,
+        )
 
 
 def read_verified(fs: fsspec.AbstractFileSystem, path: str, fname: str, digest: str) -> bytes:
@@ -141,6 +219,6 @@ def load_checkpoint(path: str, fs: fsspec.AbstractFileSystem | None = None) -> C
         raise CheckpointError(f"{posixpath.join(path, 'meta.json')} is not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
-    model = torch.load(io.BytesIO(data["model.pt"]), map_location="cpu", weights_only=True)
-    ownership = torch.load(io.BytesIO(data["ownership.pt"]), map_location="cpu", weights_only=True)
+    model = load_tensors(data["model.pt"], posixpath.join(path, "model.pt"))
+    ownership = load_tensors(data["ownership.pt"], posixpath.join(path, "ownership.pt"))
     return Checkpoint(path=path, model=model, ownership=ownership, meta=meta, fs=fs, digests=digests)

@@ -41,7 +41,8 @@ class ModelConfig:
     """Where T1's sampled softmax and evaluation's ranking run: ``triton`` (fused kernels: the
     negatives' logits and the full score table never reach memory), ``chunked`` (PyTorch, in
     chunks of negatives) or ``auto`` (Triton for bf16/fp16 CUDA tensors on compute capability 8.0
-    or later when Triton is installed, else chunked)."""
+    or later when Triton is installed and the kernel passes its probe once per process, else
+    chunked)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.channels >= 1, f"{prefix}.channels", f"must be >= 1, got {self.channels}")
@@ -127,7 +128,8 @@ class TrainConfig:
     """Log the training figures (loss, sequences/s, learning rate, GPU memory) every this many
     optimizer steps of an epoch, and at its last step."""
     progress: bool = True
-    """Show progress bars (rank 0 only)."""
+    """Show progress (rank 0 only): a bar on a terminal; without one (a batch job, a redirected
+    log) a line every 30 s instead of the bar's carriage-return redraws."""
     max_steps_per_epoch: int | None = None
     """Cap on optimizer steps per epoch (None: one pass over the training split)."""
     patience: int | None = None
@@ -157,6 +159,10 @@ class TrainConfig:
     Ops without a deterministic kernel only warn; turn off for top GPU speed."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
+    checkpoint_every_minutes: float | None = None
+    """Also checkpoint inside a phase once this many minutes have passed since the last checkpoint
+    (None: no timed checkpoints), so that a preempted or killed job loses at most that much work;
+    the ranks agree on the step. Cluster presets set it."""
     sinks: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     """Where training curves go besides ``log.jsonl`` (rank 0): TensorBoard event files under
     ``{out}/tensorboard`` (local first, uploaded at phase ends for ``s3://`` runs), Weights &
@@ -209,6 +215,12 @@ class TrainConfig:
             _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _check(self.checkpoint_every_steps >= 1, f"{prefix}.checkpoint_every_steps", "must be >= 1")
+        if self.checkpoint_every_minutes is not None:
+            _check(
+                self.checkpoint_every_minutes > 0,
+                f"{prefix}.checkpoint_every_minutes",
+                f"must be > 0 (or null), got {self.checkpoint_every_minutes}",
+            )
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
 
 
@@ -349,6 +361,15 @@ class RunConfig:
         for i, task in enumerate(self.tasks):
             task.validate(f"tasks.{i}")
             _check(names.count(task.name) == 1, f"tasks.{i}.name", f"'{task.name}' is listed twice")
+            # Ratio 0 keeps every free weight: the next task could not start (unless the backbone grows).
+            _check(
+                not (shared and task.prune_ratio == 0 and i + 1 < len(self.tasks))
+                or self.continual.min_free_fraction > 0,
+                f"tasks.{i}.prune_ratio",
+                f"0 keeps every free conv weight for '{task.name}', so '{names[min(i + 1, len(names) - 1)]}' "
+                "after it could not train; use a ratio in (0, 1) or 'auto', or let the backbone grow "
+                "(continual.min_free_fraction)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,6 +8,8 @@ be copied or moved (for example from local disk to S3) without rewriting it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -58,6 +60,9 @@ class TaskInfo:
     train_counts: str
     """Relative path of an int64 ``.npy`` with target frequencies in the train split."""
     splits: dict[str, SplitInfo] = field(hash=False)
+    train_counts_sha256: str | None = None
+    """sha256 of the ``train_counts`` file as written (null in manifests written before it was
+    recorded: then only its shape, type and signs are checked)."""
     vocab: str | None = None
     """Relative path of a JSON list with the raw id (a string) of each output id, index 0 of T1
     being padding; None where the ids are the raw ids (synthetic data) or for class tasks."""
@@ -118,13 +123,22 @@ class Manifest:
         url = join(self.root, info.train_counts)
         try:
             with fsspec.open(url, "rb") as f:
-                counts = np.load(f, allow_pickle=False)
+                data = f.read()
         except FileNotFoundError as exn:
             raise UserError(f"train counts of task '{task}' missing: {url}") from exn
+        if info.train_counts_sha256 is not None and hashlib.sha256(data).hexdigest() != info.train_counts_sha256:
+            raise UserError(f"{url} does not match its sha256 in {self.path}: the file changed after it was written")
+        try:
+            counts = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exn:
+            raise UserError(f"{url}: not a NumPy array file ({exn})") from None
         if counts.dtype != np.int64 or counts.shape != (info.num_outputs,):
             raise UserError(
                 f"{url}: expected int64 array of shape ({info.num_outputs},), got {counts.dtype} {counts.shape}"
             )
+        if (counts < 0).any():
+            first = int(np.flatnonzero(counts < 0)[0])
+            raise UserError(f"{url}: negative count {counts[first]} for output {first}; counts are frequencies")
         return counts
 
     def load_vocab(self, task: str) -> list[str] | None:
@@ -196,6 +210,7 @@ def _task_to_json(task: TaskInfo) -> dict[str, Any]:
         "class_names": None if task.class_names is None else list(task.class_names),
         **({} if task.vocab is None else {"vocab": task.vocab}),
         "train_counts": task.train_counts,
+        **({} if task.train_counts_sha256 is None else {"train_counts_sha256": task.train_counts_sha256}),
         "splits": {
             name: {"num_instances": s.num_instances, "shards": [vars(shard) for shard in s.shards]}
             for name, s in task.splits.items()
@@ -316,6 +331,7 @@ def _parse_task(f: _Fields) -> TaskInfo:
         class_names=None if class_names is None else tuple(class_names),
         train_counts=f.get("train_counts", str),
         splits={name: _parse_split(splits_f.child(name)) for name in SPLITS},
+        train_counts_sha256=f.get("train_counts_sha256", str) if "train_counts_sha256" in f.raw else None,
         vocab=f.get("vocab", str) if "vocab" in f.raw else None,
     )
 

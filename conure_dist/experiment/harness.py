@@ -48,7 +48,8 @@ from conure_dist.experiment.report import summarize, write_results
 from conure_dist.experiment.spec import Experiment, run_config
 from conure_dist.fs import join
 from conure_dist.methods import METHODS
-from conure_dist.report import as_before_pruning
+from conure_dist.report import as_before_pruning, read_report
+from conure_dist.rundir import NOT_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ def run_experiment(
         if run_out in fresh:
             report = fresh[run_out]
         elif _exists(report_path):
-            with fsspec.open(report_path) as f:
-                report = json.load(f)
+            report = read_report(report_path)
             _check_reused(report, cfg, report_path)
             reused_seconds += report["wall_seconds"]
             log.info("%s/%s/seed%d: report exists, not run again", variant.name, method, seed)
@@ -175,19 +175,6 @@ def _check_results_owner(experiment: Experiment, out: str) -> None:
 def _exists(url: str) -> bool:
     fs, local = fsspec.core.url_to_fs(url)
     return fs.exists(local)
-
-
-# Settings that change how a run is carried out or shown, not its results.
-NOT_RESULTS = (
-    "train.progress",
-    "train.num_threads",
-    "train.keep_checkpoints",
-    "train.checkpoint_every_steps",
-    "train.log_every",
-    "train.eval_batch_size",
-    "dist.compile",
-    "train.first_task_cache",
-)
 
 
 def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
 from conure_dist.experiment.stats import (
     contrast,
     difference_lines,
@@ -22,7 +20,7 @@ from conure_dist.experiment.stats import (
     format_interval,
     interval,
 )
-from conure_dist.fs import join
+from conure_dist.fs import join, write_atomic
 from conure_dist.methods import METHODS
 
 if TYPE_CHECKING:
@@ -161,10 +159,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_results(summary: dict[str, Any], out: str) -> None:
-    with fsspec.open(join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with fsspec.open(join(out, "table.md"), "w") as f:
-        f.write(format_markdown(summary) + "\n")
+    write_atomic(join(out, "results.json"), json.dumps(summary, indent=1))
+    write_atomic(join(out, "table.md"), format_markdown(summary) + "\n")
     try:
         from conure_dist.experiment.plots import write_plots
     except ImportError as exc:  # matplotlib is a dependency; say so if it is missing

@@ -1,12 +1,16 @@
-"""Compile the kernels for a GPU without one: do they build, and do their tiles fit in registers?
+"""Compile the kernels for a GPU without one: exactly what the wrappers launch, and does it fit?
 
-Triton compiles to a GPU binary with the ``ptxas`` its wheel ships, so a CPU-only machine (CI)
-can check that every kernel builds for sm_90 (H100/H200) at its default tiles and read each
-binary's registers and spill stack (``cuobjdump``). A tile that spills runs slowly; one whose
-shared memory exceeds the GPU's would not launch.
+The wrappers run on CPU tensors of a T1 step's and an evaluation's sizes while their launches go
+to a recorder (``common.launched_by``) sized for the target card (its multiprocessors and shared
+memory pick the grids and tiles). Each recorded launch is specialized by Triton's own binder for
+that target, as a launch on the card would be (pointer dtypes, 16-byte alignment and
+divisibility of every pointer and integer, the constexprs, warps and stages), and compiled with
+the ``ptxas`` that Triton's wheel ships. For each kernel the report gives its tiles, shared
+memory (which must fit the card's: 227 KB per block on sm_90, 163 KB on sm_80), registers and
+spill stores (ptxas's own account).
 
-    python -m conure_dist.kernels.aot            # bf16 and fp32, the default tiles, sm_90
-    python -m conure_dist.kernels.aot --dtype bfloat16 --arch 80
+    python -m conure_dist.kernels.aot                      # bf16, sm_90 (H100/H200)
+    python -m conure_dist.kernels.aot --arch 80 --dtype bfloat16 --dtype float32
 
 Needs the kernels built for a GPU: not under ``TRITON_INTERPRET=1``.
 """
@@ -22,86 +26,126 @@ import tempfile
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from conure_dist.kernels import sampled_softmax, topk
-from conure_dist.kernels.common import (
-    INTERPRETED,
-    Tiles,
-    block_channels,
-    channel_chunk,
-    input_precision,
-    launch_options,
-    tl_dtype,
-)
+from conure_dist.kernels.common import INTERPRETED, SHARED_BYTES, SM_COUNTS, launched_by
 
-_SCALARS = {"N": "i32", "S": "i32", "V": "i32", "C": "i32", "num_tiles": "i32", "tiles_per_split": "i32"}
+T1_SIZES = {"rows": 25344, "negatives": 129200, "items": 646000, "users": 4096}
+"""A T1 step at TTL's sizes (256 sequences x 99 predicted positions, 20% of 646K items as
+negatives) and an evaluation batch of 4,096 users over the full table."""
 
 
-def _signature(kernel, pointers: dict[str, str], constants: dict) -> dict[str, str]:
-    """Triton's signature of ``kernel``: pointer types by name, i32 scalars, constexprs."""
-    names = kernel.arg_names
-    return {n: pointers.get(n) or _SCALARS.get(n) or ("constexpr" if n in constants else "*fp32") for n in names}
+def _record(dtype: torch.dtype, channels: int, sizes: dict[str, int]) -> list[tuple[str, object, tuple, dict]]:
+    """(name, kernel, args, kwargs) of every launch of a T1 step's loss as the head computes it
+    (``fused_table_logsumexp``), its backward (deterministic, and with atomics) and one evaluation
+    batch's ranks, with products in ``dtype`` (bf16: autocast over fp32 parameters)."""
+    from conure_dist.kernels.sampled_softmax import fused_table_logsumexp
+    from conure_dist.kernels.topk import fused_target_ranks
+
+    launches: list = []
+    names = {"_forward_kernel": "softmax_forward", "_backward_kernel": "softmax_backward", "_rank_kernel": "rank"}
+
+    def recorder(kernel, grid, args, kwargs):
+        name = names[kernel.__name__] + ("_atomic" if kwargs.get("ATOMIC") else "")
+        launches.append((name, kernel, args, kwargs, grid))
+
+    n, s, v, u = sizes["rows"], sizes["negatives"], sizes["items"], sizes["users"]
+    params = torch.float32 if dtype == torch.bfloat16 else dtype
+    hidden = torch.zeros(n, channels, dtype=params, requires_grad=True)
+    table = torch.zeros(v, channels, dtype=params, requires_grad=True)
+    bias = torch.zeros(v, dtype=params, requires_grad=True)
+    negatives, target = torch.arange(1, s + 1), torch.ones(n, dtype=torch.int64)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with launched_by(recorder), autocast:
+        lse = fused_table_logsumexp(hidden, table, bias, negatives, target)  # as the head calls it
+        try:  # the backward as runs launch it (train.deterministic), and with atomics
+            for on in (True, False):
+                torch.use_deterministic_algorithms(on, warn_only=True)
+                lse.sum().backward(retain_graph=True)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        with torch.no_grad():
+            fused_target_ranks(hidden[:u].detach(), table.detach(), bias.detach(), target[:u], padding_first=True)
+    return launches
 
 
-def _specs(dtype: torch.dtype, channels: int) -> list[tuple[str, object, dict[str, str], dict, Tiles]]:
-    """(name, kernel, pointer types, constexprs, tiles) of every kernel at its default tiles."""
-    data = "*bf16" if dtype == torch.bfloat16 else "*fp16" if dtype == torch.float16 else "*fp32"
-    common = {"DOT_DTYPE": tl_dtype(dtype), "PRECISION": input_precision(dtype), "INTERPRET": False}
-    ptrs = {"h_ptr": data, "w_ptr": data, "neg_ptr": "*i64", "tgt_ptr": "*i64", "count_ptr": "*i32"}
-    group = "fp32" if dtype == torch.float32 else "16-bit"
-    specs = []
-    for kind, kernel in (
-        ("forward", sampled_softmax._forward_kernel),
-        ("hidden", sampled_softmax._hidden_grad_kernel),
-        ("weight", sampled_softmax._weight_grad_kernel),
-    ):
-        t = sampled_softmax.GPU_TILES[group][kind]
-        consts = {**common, "BLOCK_N": t.rows, "BLOCK_S": t.cols, "BLOCK_C": block_channels(channels)}
-        specs.append((f"softmax_{kind}", kernel, ptrs, consts, t))
-    t, chunk = topk.GPU_TILES[group], channel_chunk(dtype, channels)
-    consts = {
-        **common,
-        "BLOCK_N": t.rows,
-        "BLOCK_V": t.cols,
-        "BLOCK_K": chunk,
-        "NUM_K": triton.cdiv(channels, chunk),
-        "SCORE_DTYPE": tl_dtype(torch.float32),
-        "PADDING_FIRST": True,
-    }
-    specs.append(("rank", topk._rank_kernel, ptrs, consts, t))
-    return specs
+def _with_target(arch: int):
+    return launched_by(lambda *a: None, arch=arch, sms=SM_COUNTS.get(arch, 132))
 
 
-def _resources(cubin: bytes) -> dict[str, int]:
-    """Registers and spill stack (bytes per thread) of a compiled kernel, from ``cuobjdump``."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    assert found, out
-    return {"registers": int(found[1]), "spill_stack_bytes": int(found[2])}
+def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
+    """``kernel`` compiled for ``sm_<arch>`` as a launch with these arguments would compile it,
+    and the arguments that launch specializes as divisible by 16 (aligned pointers, sizes)."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    divisible = [kernel.arg_names[path[0]] for path, a in attrs.items() if ["tt.divisibility", 16] in a]
+    return compiled, divisible
 
 
-def compile_kernels(dtype: torch.dtype = torch.bfloat16, channels: int = 256, arch: int = 90) -> dict[str, dict]:
-    """Per kernel: its tiles, shared memory and registers when compiled for ``sm_<arch>``."""
+def compile_kernels(
+    dtype: torch.dtype = torch.bfloat16, channels: int = 256, arch: int = 90, sizes: dict[str, int] = T1_SIZES
+) -> dict[str, dict]:
+    """Per kernel that a T1 step and an evaluation batch launch: its tiles, launch signature,
+    shared memory (and the card's limit), registers and spills when compiled for ``sm_<arch>``."""
     if INTERPRETED:
         raise RuntimeError("the kernels were built for Triton's interpreter: unset TRITON_INTERPRET")
-    target, out = GPUTarget("cuda", arch, 32), {}
-    for name, kernel, ptrs, consts, t in _specs(dtype, channels):
-        by_index = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
-        compiled = triton.compile(
-            ASTSource(kernel, _signature(kernel, ptrs, consts), by_index), target=target, options=launch_options(t)
-        )
+    with _with_target(arch):
+        launches = _record(dtype, channels, sizes)
+    out = {}
+    for name, kernel, args, kwargs, grid in launches:
+        compiled, divisible = compile_launch(kernel, args, kwargs, arch)
+        meta = compiled.metadata
         out[name] = {
-            "tiles": [t.rows, t.cols, t.num_warps, t.num_stages],
-            "shared_bytes": compiled.metadata.shared,
-            **_resources(compiled.asm["cubin"]),
+            "tiles": [
+                kwargs.get("BLOCK_N"),
+                kwargs.get("BLOCK_S", kwargs.get("BLOCK_V")),
+                meta.num_warps,
+                meta.num_stages,
+            ],
+            "channel_chunk": kwargs["BLOCK_K"],
+            "grid": list(grid),
+            "pointer_types": {k: v for k, v in _signature(kernel, args).items() if v.startswith("*")},
+            "divisible_by_16": divisible,
+            "shared_bytes": meta.shared,
+            "shared_limit_bytes": SHARED_BYTES[arch],
+            **_resources(compiled),
         }
     return out
+
+
+def _signature(kernel, args: tuple) -> dict[str, str]:
+    return {
+        name: triton.runtime.jit.mangle_type(a) if isinstance(a, torch.Tensor) else type(a).__name__
+        for name, a in zip(kernel.arg_names[: len(args)], args, strict=True)
+    }
+
+
+def _resources(compiled) -> dict[str, int]:
+    """Registers and spills of a compiled kernel: ptxas's own account (its PTX assembled again
+    with ``-v``, as Triton assembles it)."""
+    arch = compiled.metadata.target.arch
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch == 90 else ""
+        cmd = [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert regs and spill, log
+    return {"registers": int(regs[1]), "spill_store_bytes": int(spill[1]), "spill_load_bytes": int(spill[2])}
 
 
 def main() -> None:
@@ -112,11 +156,17 @@ def main() -> None:
         "--dtype",
         action="append",
         choices=["bfloat16", "float16", "float32"],
-        help="products' dtype (repeatable; default bfloat16 and float32)",
+        help="products' dtype (repeatable; default bfloat16)",
     )
     args = parser.parse_args()
     report = {
-        d: compile_kernels(getattr(torch, d), args.channels, args.arch) for d in args.dtype or ["bfloat16", "float32"]
+        "arch": f"sm_{args.arch}",
+        "channels": args.channels,
+        "sizes": T1_SIZES,
+        "triton": triton.__version__,
+        "kernels": {
+            d: compile_kernels(getattr(torch, d), args.channels, args.arch) for d in args.dtype or ["bfloat16"]
+        },
     }
     print(json.dumps(report, indent=1))
 

@@ -13,9 +13,12 @@ accumulation, summed in another order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -65,12 +68,15 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @dataclass(frozen=True)
 class Tiles:
-    """Rows and columns of one program's tile, and its launch options (GPU only)."""
+    """Rows and columns of one program's tile, and its launch options (GPU only); ``min_arch``:
+    the oldest compute capability whose registers hold it without spilling (Hopper's warp-group
+    products keep accumulators that Ampere's spill)."""
 
     rows: int
     cols: int
     num_warps: int = 4
     num_stages: int = 2
+    min_arch: int = 80
 
 
 INTERPRETER_TILES = Tiles(16, 16, 1, 1)
@@ -92,26 +98,86 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def block_channels(channels: int) -> int:
-    """The channel axis is one block (every product reads whole rows): a power of two >= 16."""
+    """The channel axis as one block (the rank kernel's rows in registers): a power of two >= 16."""
     return max(16, triton.next_power_of_2(channels))
 
 
-def channel_chunk(dtype: torch.dtype, channels: int) -> int:
-    """Channels per product step where a kernel can take them in chunks: all at once in 16-bit
-    (the rows' block stays in registers), 32 in fp32, whose full-width blocks would not fit
-    (16 in the interpreter, so that the tests cover several chunks)."""
+def channel_chunk(dtype: torch.dtype, channels: int, backward: bool = False) -> int:
+    """Channels per product step: each pipeline stage holds (rows + columns) x chunk operands,
+    64 channels in 16 bits, 32 in fp32 and in the softmax's backward (whose registers also hold
+    the [rows, cols] softmax tile), 16 in the interpreter (so that the tests cover several)."""
     full = block_channels(channels)
-    return full if dtype != torch.float32 else min(full, 16 if INTERPRETED else 32)
+    return min(full, 16 if INTERPRETED else 64 if dtype != torch.float32 and not backward else 32)
+
+
+SHARED_BYTES = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
+"""The most shared memory one block may use, by compute capability (227 KB on sm_90, 163 KB on
+sm_80): the opt-in limit that Triton's launches request."""
+
+SM_COUNTS = {90: 132, 80: 108}
+"""Multiprocessors of the cards that ``aot`` compiles for (H100 SXM, A100): their grids."""
+
+_TARGET: dict[str, int] = {}
+"""Set by ``launched_by``: the compute capability and multiprocessors to size launches for,
+where no GPU is present (``aot``)."""
+
+
+def target_arch(device: torch.device) -> int:
+    """The compute capability (e.g. 90) whose limits size a launch on ``device``."""
+    if "arch" in _TARGET:
+        return _TARGET["arch"]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory per block on ``device`` (or the target that ``aot`` compiles for)."""
+    if "arch" not in _TARGET and device.type == "cuda":
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        if optin:  # torch builds before 2.4 do not report it: the architecture's table then
+            return int(optin)
+    return SHARED_BYTES.get(target_arch(device), min(SHARED_BYTES.values()))
+
+
+def shared_estimate(tiles: Tiles, chunk: int, dtype: torch.dtype, staged_tile: bool = False) -> int:
+    """Shared memory a product loop needs: ``num_stages`` buffers of (rows + cols) x chunk
+    operands, plus (``staged_tile``) the [rows, cols] tile that feeds the backward products."""
+    size = torch.finfo(dtype).bits // 8
+    tile = tiles.rows * tiles.cols * size if staged_tile else 0
+    return tiles.num_stages * (tiles.rows + tiles.cols) * chunk * size + tile
+
+
+def fitting_tiles(
+    candidates: tuple[Tiles, ...], chunk: int, dtype: torch.dtype, device: torch.device, staged_tile: bool = False
+) -> Tiles:
+    """The first of ``candidates`` (best first) made for ``device``'s compute capability whose
+    pipeline stages fit its shared memory; the last otherwise."""
+    arch, limit = target_arch(device), shared_limit(device)
+    for tiles in candidates:
+        if tiles.min_arch <= arch and shared_estimate(tiles, chunk, dtype, staged_tile) <= limit:
+            return tiles
+    return candidates[-1]
 
 
 def num_splits(num_tiles: int, other_programs: int, device: torch.device) -> int:
     """How many programs share one row block's (or column block's) tiles, so that the grid
     fills the GPU: about four programs per multiprocessor. Two in the interpreter, so that the
     tests exercise the combination of partial results."""
-    if INTERPRETED or device.type != "cuda":
+    target = 4 * multiprocessors(device)
+    if target == 0:
         return min(2, max(1, num_tiles))
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(num_tiles, math.ceil(target / max(1, other_programs))))
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Multiprocessors to fill on ``device``; 0 in the interpreter (its grids stay tiny)."""
+    if "sms" in _TARGET:
+        return _TARGET["sms"]
+    if INTERPRETED or device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_ranges(num_tiles: int, splits: int) -> tuple[int, int]:
@@ -133,3 +199,34 @@ def launch_options(tiles: Tiles) -> dict[str, int]:
     if INTERPRETED:
         return {}
     return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "enable_fp_fusion": True}
+
+
+Launcher = Callable[[Any, tuple, tuple, dict], None]
+"""Launches ``kernel`` on ``grid`` with positional ``args`` and keyword ``kwargs``."""
+_LAUNCHERS: list[Launcher] = []
+
+
+def launch(kernel: Any, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``, or the launcher of the innermost ``launched_by``."""
+    if _LAUNCHERS:
+        _LAUNCHERS[-1](kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def launched_by(launcher: Launcher, arch: int | None = None, sms: int | None = None) -> Iterator[None]:
+    """The wrappers' launches go to ``launcher`` (``aot`` compiles exactly what they launch),
+    sized for compute capability ``arch`` with ``sms`` multiprocessors where given."""
+    saved = dict(_TARGET)
+    _LAUNCHERS.append(launcher)
+    if arch is not None:
+        _TARGET["arch"] = arch
+    if sms is not None:
+        _TARGET["sms"] = sms
+    try:
+        yield
+    finally:
+        _LAUNCHERS.pop()
+        _TARGET.clear()
+        _TARGET.update(saved)

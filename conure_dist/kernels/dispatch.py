@@ -5,7 +5,9 @@
   capability 8.0 or later), when ``triton`` is installed; today's torch path otherwise. CPU
   tensors never run in Triton's interpreter under ``auto``, so CPU runs keep their numbers, and
   fp32 products (full precision, as torch computes them) stay with cuBLAS: Triton would run
-  them on the GPU's FMA units, not measured to pay yet.
+  them on the GPU's FMA units, not measured to pay yet. Before its first use in a process,
+  each kernel runs a small probe against the torch path (``self_check.kernel_works``): a
+  kernel that fails to compile, to launch or to agree logs a warning and stays unused.
 * ``chunked``: always the torch path (the chunked softmax, materialized scores).
 * ``triton``: always the kernels; CPU tensors need ``TRITON_INTERPRET=1`` set before the
   kernels are first used (the tests: the interpreter is slow, for small shapes only).
@@ -50,9 +52,10 @@ def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def use_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``kernel`` runs the Triton kernels for products in ``dtype`` (see
-    ``product_dtype``) on ``device``; a clear error where ``triton`` is forced but cannot run."""
+def setting_picks_triton(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the ``kernel`` setting picks the Triton kernels for products in ``dtype`` (see
+    ``product_dtype``) on ``device``, before ``auto``'s probe (``conure_dist.kernels.use_triton``);
+    a clear error where ``triton`` is forced but cannot run."""
     if check_kernel(kernel) == "chunked":
         return False
     if kernel == "auto":

@@ -29,7 +29,9 @@ from conure_dist.kernels.common import (
     cast_for_dot,
     channel_chunk,
     check_offsets,
+    fitting_tiles,
     input_precision,
+    launch,
     launch_options,
     load_rows,
     num_splits,
@@ -39,10 +41,14 @@ from conure_dist.kernels.common import (
 )
 from conure_dist.kernels.dispatch import product_dtype
 
-GPU_TILES = {"16-bit": Tiles(64, 128, 8, 3), "fp32": Tiles(64, 64, 8, 3)}
-"""Users and items per program on a GPU, for 256 channels: the largest tiles that ptxas
-compiles for sm_90 without spilling registers (not yet timed on a GPU). Columns must be >= rows
-(the targets' tile puts one target per column)."""
+GPU_TILES = {
+    "16-bit": (Tiles(128, 128, 8, 4, 90), Tiles(64, 128, 8, 3), Tiles(64, 64, 4, 2)),
+    "fp32": (Tiles(64, 64, 8, 3), Tiles(32, 32, 4, 2)),
+}
+"""Users and items per program on a GPU, best first: a launch takes the first made for its GPU
+whose pipeline stages fit its shared memory (``common.fitting_tiles``); ``python -m
+conure_dist.kernels.aot`` compiles the chosen ones (not yet timed on a GPU). Columns must be >=
+rows (the targets' tile puts one target per column)."""
 
 
 @triton.jit
@@ -65,7 +71,7 @@ def _products(
 ):
     """fp32 [rows, cols]: hidden rows times the items ``cols`` (ids < V; others read zeros). One
     chunk of channels (``NUM_K == 1``) multiplies the block ``h`` that stays in registers;
-    several read the rows' chunks from ``h_ptr`` (fp32, whose full-width blocks do not fit)."""
+    several read the rows' chunks from ``h_ptr`` (a pipeline stage then holds (rows + items) x chunk)."""
     if NUM_K == 1:
         ch = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + cols[:, None] * C + ch[None, :], mask=(cols[:, None] < V) & (ch[None, :] < C), other=0.0)
@@ -230,39 +236,39 @@ def fused_target_ranks(
     if int(target_N.min()) < 0 or int(target_N.max()) >= V:
         raise ValueError(f"targets must be item ids in [0, {V}), got {int(target_N.min())}..{int(target_N.max())}")
     dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
-    t = INTERPRETER_TILES if INTERPRETED else (tiles or GPU_TILES["fp32" if dtype == torch.float32 else "16-bit"])
+    chunk = channel_chunk(dtype, C)
+    if INTERPRETED:
+        t = INTERPRETER_TILES
+    else:
+        candidates = GPU_TILES["fp32" if dtype == torch.float32 else "16-bit"]
+        t = tiles or fitting_tiles(candidates, chunk, dtype, hidden_NC.device)
     if t.cols < t.rows:
         raise ValueError(f"the ranking tile needs at least as many columns as rows, got {t}")
     score_dtype = torch.promote_types(dtype, bias_V.dtype)
-    h, w, b, tgt = (x.contiguous() for x in (hidden_NC, weight_VC, bias_V, target_N))
+    # The kernel reads rows and items in the products' dtype (the pointer type it is built for).
+    h, w = hidden_NC.to(dtype).contiguous(), weight_VC.to(dtype).contiguous()
+    b, tgt = bias_V.contiguous(), target_N.contiguous()
     check_offsets(hidden=h, weight=w)
     row_blocks, num_tiles = triton.cdiv(N, t.rows), triton.cdiv(V, t.cols)
     per_split, splits = split_ranges(num_tiles, num_splits(num_tiles, row_blocks, h.device))
-    chunk = channel_chunk(dtype, C)
     counts = torch.empty(splits, N, device=h.device, dtype=torch.int32)
     tscore = torch.empty(N, device=h.device, dtype=torch.float32)
-    _rank_kernel[(row_blocks, splits)](
-        h,
-        w,
-        b,
-        tgt,
-        counts,
-        tscore,
-        N,
-        V,
-        C,
-        num_tiles,
-        per_split,
-        BLOCK_N=t.rows,
-        BLOCK_V=t.cols,
-        BLOCK_K=chunk,
-        NUM_K=triton.cdiv(C, chunk),
-        DOT_DTYPE=tl_dtype(dtype),
-        SCORE_DTYPE=tl_dtype(score_dtype),
-        PRECISION=input_precision(dtype),
-        PADDING_FIRST=padding_first,
-        INTERPRET=INTERPRETED,
-        **launch_options(t),
+    launch(
+        _rank_kernel,
+        (row_blocks, splits),
+        (h, w, b, tgt, counts, tscore, N, V, C, num_tiles, per_split),
+        {
+            "BLOCK_N": t.rows,
+            "BLOCK_V": t.cols,
+            "BLOCK_K": chunk,
+            "NUM_K": triton.cdiv(C, chunk),
+            "DOT_DTYPE": tl_dtype(dtype),
+            "SCORE_DTYPE": tl_dtype(score_dtype),
+            "PRECISION": input_precision(dtype),
+            "PADDING_FIRST": padding_first,
+            "INTERPRET": INTERPRETED,
+            **launch_options(t),
+        },
     )
     ranks = counts.sum(0, dtype=torch.int64)
     return torch.where(tscore.isnan(), V - 1, ranks)

@@ -116,7 +116,8 @@ def negative_logsumexp(
     (``chunked``, ``auto`` or ``triton``, see ``conure_dist.kernels``) picks the fused Triton
     kernels instead, which ignore ``chunk`` and ``compiled``.
     """
-    if use_triton(kernel, hidden_NC.device, product_dtype(hidden_NC.device, hidden_NC.dtype)):
+    dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
+    if use_triton(kernel, hidden_NC.device, dtype, "softmax", hidden_NC.shape[1]):
         return fused_negative_logsumexp(hidden_NC, weight_SC, bias_S, negatives_S, target_N)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")

@@ -55,6 +55,11 @@ class ConureModel(nn.Module):
         self.compiled = False
         """Set by ``conure_dist.compiled.compile_model``: the backbone and hot kernels run compiled."""
         self.prune_embedding = prune_embedding
+        self.masked_rows: bool | None = None
+        """How a sequence task's loss leaves out the positions it does not predict: ``True`` scores
+        every position and zeroes those rows' losses (the same loss and gradients, to rounding,
+        with static shapes: no host synchronisation); ``False`` selects the predicted rows
+        first (fewer rows); ``None`` (default) the first on CUDA, the second elsewhere."""
         self.backbone = NextItNet(num_seq_items, channels, kernel_size, block_dilations, init_std)
         self.kinds: dict[str, TaskKind] = {}
         heads = {}
@@ -92,7 +97,13 @@ class ConureModel(nn.Module):
                 return head.scores(self._last_hidden(inputs, task))
             hidden = self.backbone(inputs, depth=self._depth_arg(task))
             keep = _predicted(seq_BL)
-            loss_sum, count = head.loss(hidden[keep], seq_BL[:, 1:][keep], negatives), keep.sum()
+            if self.masked_rows if self.masked_rows is not None else hidden.is_cuda:
+                # Every position scored, padding's losses zeroed: no boolean indexing, whose
+                # output size the host would wait for each step.
+                loss_sum = head.loss(hidden.flatten(0, 1), seq_BL[:, 1:].flatten(), negatives, keep.flatten())
+            else:
+                loss_sum = head.loss(hidden[keep], seq_BL[:, 1:][keep], negatives)
+            count = keep.sum()
         else:
             hidden = self._last_hidden(seq_BL, task)
             if target_B is None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conure_dist.kernels import check_kernel
+from conure_dist.kernels import check_kernel, fused_table_logsumexp, product_dtype, use_triton
 from conure_dist.model.chunked_softmax import DEFAULT_CHUNK, negative_logsumexp
 
 
@@ -39,27 +39,42 @@ class SampledSoftmaxHead(nn.Module):
         self.compiled = False
         """Set by ``conure_dist.compiled.compile_model``: the streamed softmax's blocks run compiled."""
 
-    def loss(self, hidden_NC: torch.Tensor, target_N: torch.Tensor, negatives_S: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        hidden_NC: torch.Tensor,
+        target_N: torch.Tensor,
+        negatives_S: torch.Tensor,
+        keep_N: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum of the rows' losses; with ``keep_N`` (bool), of the kept rows' only (the others'
+        losses are zeroed, so they get no gradient)."""
         pos = (hidden_NC * self.weight[target_N]).sum(-1) + self.bias[target_N]
         if self.chunk or self.kernel == "triton":
             # Same loss: -log softmax of the target among {target} + negatives, never
             # materializing the [N, S] logits (see chunked_softmax and conure_dist.kernels).
-            neg_lse = negative_logsumexp(
-                hidden_NC,
-                self.weight[negatives_S],
-                self.bias[negatives_S],
-                negatives_S,
-                target_N,
-                self.chunk or DEFAULT_CHUNK,
-                self.compiled,
-                self.kernel,
-            )
+            dtype = product_dtype(hidden_NC.device, hidden_NC.dtype)
+            if use_triton(self.kernel, hidden_NC.device, dtype, "softmax", hidden_NC.shape[1]):
+                # The kernels gather the negatives' rows and add their gradients into the table's.
+                neg_lse = fused_table_logsumexp(hidden_NC, self.weight, self.bias, negatives_S, target_N)
+            else:
+                neg_lse = negative_logsumexp(
+                    hidden_NC,
+                    self.weight[negatives_S],
+                    self.bias[negatives_S],
+                    negatives_S,
+                    target_N,
+                    self.chunk or DEFAULT_CHUNK,
+                    self.compiled,
+                    "chunked",
+                )
             pos = pos.float()
-            return (torch.logaddexp(pos, neg_lse) - pos).sum()
+            return _kept_sum(torch.logaddexp(pos, neg_lse) - pos, keep_N)
         neg = hidden_NC @ self.weight[negatives_S].T + self.bias[negatives_S]
         neg = neg.masked_fill(negatives_S[None, :] == target_N[:, None], float("-inf"))
         logits = torch.cat([pos[:, None], neg], dim=1)
-        return F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="sum")
+        if keep_N is None:
+            return F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="sum")
+        return _kept_sum(F.cross_entropy(logits.float(), torch.zeros_like(target_N), reduction="none"), keep_N)
 
     def scores(self, hidden_NC: torch.Tensor) -> torch.Tensor:
         return self.block_scores(hidden_NC, 0, self.weight.shape[0])
@@ -70,6 +85,10 @@ class SampledSoftmaxHead(nn.Module):
         if start == 0:
             logits[:, 0] = float("-inf")
         return logits
+
+
+def _kept_sum(loss_N: torch.Tensor, keep_N: torch.Tensor | None) -> torch.Tensor:
+    return loss_N.sum() if keep_N is None else torch.where(keep_N, loss_N, 0.0).sum()
 
 
 class ItemHead(nn.Module):

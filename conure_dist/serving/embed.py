@@ -101,8 +101,7 @@ class ShardWriter:
         name = shard_name(self.rank, len(self.written))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        with fsspec.open(join(self.out, name), "wb") as f:
-            f.write(buffer.getvalue())
+        write_atomic(join(self.out, name), buffer.getvalue())
         self.written.append({"file": name, "rank": self.rank, "users": count})
 
 

@@ -24,6 +24,7 @@ supported).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -139,17 +140,21 @@ def export_task(ckpt: str, task: str, out: str) -> dict[str, Any]:
     state = baked_state(run, task)
     spec = TaskSpec(**next(s for s in run.ckpt.meta["tasks"] if s["name"] == task))
     seq_len = int(run.ckpt.meta["seq_len"])
-    safetensors.torch.save_file(state, str(root / WEIGHTS), metadata={"format": FORMAT, "task": task})
+    # Every file through write_atomic: whole or absent after a kill, with the usual mode
+    # (safetensors' own save_file leaves 0600).
+    write_atomic(str(root / WEIGHTS), safetensors.torch.save(state, metadata={"format": FORMAT, "task": task}))
     network = build_network(_model_config(run, task), spec, state)
     program = torch.export.export(
         network,
         (_probe(2, seq_len, spec.kind, run.ckpt.meta["num_seq_items"]),),
         dynamic_shapes={"seq": {0: torch.export.Dim("batch")}},
     )
-    torch.export.save(program, str(root / PROGRAM))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    write_atomic(str(root / PROGRAM), buffer.getvalue())
     class_names, vocab = _manifest_ids(run, task)
     if vocab:
-        (root / VOCAB).write_text(json.dumps(vocab))
+        write_atomic(str(root / VOCAB), json.dumps(vocab))
     config = _config(run, spec, class_names, root)
     write_atomic(str(root / CONFIG), json.dumps(config, indent=1))
     _verify(run, root, spec)

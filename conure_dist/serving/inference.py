@@ -12,7 +12,7 @@ import torch
 
 from conure_dist import compiled
 from conure_dist.checkpoint.format import Checkpoint, load_checkpoint, resolve_checkpoint
-from conure_dist.continual.audit import model_from_checkpoint
+from conure_dist.continual.audit import model_from_checkpoint, verify_run
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.continual.views import MaskedModel
 from conure_dist.data.manifest import Manifest
@@ -56,6 +56,7 @@ def load_trained(path: str) -> TrainedRun:
     """A checkpoint folder, or the newest committed checkpoint of a run directory."""
     ckpt = load_checkpoint(resolve_checkpoint(path))
     model, ownership = model_from_checkpoint(ckpt)
+    verify_run(ckpt, model, ownership)  # altered frozen weights are refused, whatever COMMIT says
     return TrainedRun(ckpt, model, ownership)
 
 

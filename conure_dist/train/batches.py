@@ -186,7 +186,7 @@ class JointBatches:
                 )
             batch = next(self.batches, None)
             if batch is not None:
-                return batch.seq.to(self.dist.device), self.draw(generator).to(self.dist.device)
+                return to_device(batch.seq, self.dist.device), to_device(self.draw(generator), self.dist.device)
             self.epoch += 1
             self.batches = None
 
@@ -244,6 +244,14 @@ class Prefetcher:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (on the CPU) on ``device``. For a GPU through pinned memory without waiting: the
+    host goes on (drawing the next step's negatives, say) while the copy and the step run."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def prefetched(batches: Iterable[Batch], depth: int, device: torch.device) -> Iterable[Batch]:

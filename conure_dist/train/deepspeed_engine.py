@@ -108,6 +108,7 @@ class DeepSpeedEngine:
             list(trainable.values()), lr=lr, weight_decay=0.0, fused=True if dist.device.type == "cuda" else None
         )
         self.sharded_state = cfg.zero_stage > 0
+        self.state_classes = zero_state_classes()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=masked,
             optimizer=optimizer,
@@ -180,6 +181,17 @@ class DeepSpeedEngine:
         parts: list[dict | None] = [None] * self.dist.world_size
         parts[self.dist.rank] = own
         self.optimizer.load_state_dict(parts)
+
+
+def zero_state_classes() -> tuple[type, ...]:
+    """What DeepSpeed's ZeRO optimizer state holds besides tensors and plain containers: its loss
+    scaler (a static one under fp32 and bf16), the stage as an enum, and each parameter's
+    fragment address in the flat partition."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def fused_ranking(model: MaskedModel, task: TaskInfo, device: torch.device) -> b
     picks Triton on ``device``."""
     head = model.model.heads[task.name] if task.kind != "class" else None
     return isinstance(head, SampledSoftmaxHead | ItemHead) and use_triton(
-        head.kernel, device, product_dtype(device, head.weight.dtype)
+        head.kernel, device, product_dtype(device, head.weight.dtype), "rank", head.weight.shape[1]
     )
 
 

@@ -26,7 +26,6 @@ between nodes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -42,6 +41,7 @@ from conure_dist.checkpoint.checkpointer import write_part
 from conure_dist.checkpoint.format import (
     COMMIT,
     CheckpointError,
+    load_tensors,
     read_commit,
     read_verified,
     write_commit,
@@ -142,7 +142,7 @@ class FirstTaskCache:
             raise UserError(
                 f"{folder}: a damaged entry of the first-task cache ({exc}): delete the folder to train T1 again"
             ) from None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), meta
+        return load_tensors(data, posixpath.join(path, "state.pt")), meta
 
     def store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Write the entry (``COMMIT`` last); an entry already committed under the key stays."""

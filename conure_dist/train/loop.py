@@ -3,19 +3,23 @@ resumable from any checkpoint, inside a phase too."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
 from conure_dist.checkpoint.checkpointer import Checkpointer
 from conure_dist.config import RunConfig
+from conure_dist.continual.audit import verify_run
 from conure_dist.continual.growth import grow_for_task
 from conure_dist.continual.ownership import TaskOwnership
 from conure_dist.dist import DistInfo, barrier
 from conure_dist.errors import UserError
+from conure_dist.fs import url_of
 from conure_dist.train.context import build_context
 from conure_dist.train.evaluate import reference_metrics
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.parts import PhaseState, register_run_parts
+from conure_dist.train.preemption import STOP, Preempted
 from conure_dist.train.prune_search import choose_prune_ratio
 from conure_dist.train.state import CapacityError, RunState
 
@@ -35,7 +39,7 @@ class ContinualLoop:
     checkpoint under ``out``. The run's parts register once with the checkpointer, which loads
     them all before the loop and saves them all at each of its points."""
 
-    def __init__(self, cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False, force: bool = False) -> None:
         self.start = time.perf_counter()
         self.cfg, self.out, self.dist, self.resume = cfg, out, dist, resume
         self.ctx = build_context(cfg, out, dist)
@@ -44,13 +48,17 @@ class ContinualLoop:
         self.checkpointer = Checkpointer(
             out, dist, keep=cfg.train.keep_checkpoints, async_writes=cfg.train.async_checkpoint
         )
-        register_run_parts(self.checkpointer, self.ctx, self.state, self.phases)
+        register_run_parts(self.checkpointer, self.ctx, self.state, self.phases, force)
         self._load()
+        STOP.every_s = None if cfg.train.checkpoint_every_minutes is None else 60 * cfg.train.checkpoint_every_minutes
+        STOP.checkpointed()
 
     def _load(self) -> None:
         """Load every part from the newest intact checkpoint (``resume``), once, before the loop."""
         if self.resume:
-            self.checkpointer.load()
+            ckpt = self.checkpointer.load()
+            if ckpt is not None:  # altered frozen weights are refused, whatever COMMIT says
+                verify_run(ckpt, self.ctx.model, self.ctx.ownership)
         elif self.checkpointer.committed():
             raise UserError(
                 f"{self.checkpointer.root} already holds checkpoints of a run: add --resume to continue "
@@ -67,9 +75,22 @@ class ContinualLoop:
         self.state.wall_seconds = self._elapsed()
         self.state.global_step = self.ctx.global_step
         self.state.num_checkpoints += 1
-        self.checkpointer.save(self.state.num_checkpoints, tag)
+        path = self.checkpointer.save(self.state.num_checkpoints, tag)
+        STOP.checkpointed()
         self.ctx.logger.log("checkpoint", tag=tag)
         self.ctx.logger.flush()
+        self._stop_if_asked(url_of(self.checkpointer.fs, path))
+
+    def _stop_if_asked(self, checkpoint: str | None) -> None:
+        """Stop (``Preempted``) if a rank received a stop signal, once ``checkpoint`` (the last
+        one written, if any) is committed (collective)."""
+        signum = STOP.decide(self.dist, timed=False).stop
+        if not signum:
+            return
+        self.checkpointer.wait()
+        self.ctx.logger.log("preempted", signal=signal.Signals(signum).name, checkpoint=checkpoint)
+        self.ctx.logger.close()
+        raise Preempted(signum, checkpoint)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
@@ -85,6 +106,7 @@ class ContinualLoop:
             resume=self.resume,
             **state.resume_point(),
         )
+        self._stop_if_asked(None)  # a signal while the run was being set up
         for i in range(state.task_index, len(self.cfg.tasks)):
             self._task(i)
         self.checkpointer.wait()  # the last checkpoint is committed before the report appears
@@ -191,6 +213,7 @@ class ContinualLoop:
         )
 
 
-def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Run every configured task in order and return the report (also written to ``out``)."""
-    return ContinualLoop(cfg, out, dist, resume).run()
+def run_conure(cfg: RunConfig, out: str, dist: DistInfo, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run every configured task in order and return the report (also written to ``out``).
+    ``force``: resume although settings that change results differ from the checkpoint's."""
+    return ContinualLoop(cfg, out, dist, resume, force).run()

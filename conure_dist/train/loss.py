@@ -25,7 +25,7 @@ def l2_penalty(masked: MaskedModel, trainable: dict[str, nn.Parameter], l2: floa
     Prunable tensors are masked first, so the penalty's gradient on a frozen entry is exactly
     zero: it moves no frozen weight, under any engine.
     """
-    if l2 == 0.0:
+    if l2 == 0.0 or not trainable:
         return None
     total = None
     for name, param in trainable.items():

@@ -26,10 +26,11 @@ from conure_dist.config import RunConfig, config_changes
 from conure_dist.continual.growth import apply_growth
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
+from conure_dist.rundir import result_changes
 from conure_dist.train.batches import sum_digest_over_ranks
 from conure_dist.train.context import RunContext, task_specs
 from conure_dist.train.deepspeed_engine import SavedShards
-from conure_dist.train.engine import Engine, TorchEngine
+from conure_dist.train.engine import Engine
 from conure_dist.train.phase import Phase
 from conure_dist.train.state import PhaseProgress, PhaseResume, RunState
 
@@ -41,8 +42,8 @@ class RunMeta:
     model. Loading it checks the configuration against the checkpoint's: the configured tasks
     must start with the checkpoint's, in order (later ones are appended), and the model is the same."""
 
-    def __init__(self, ctx: RunContext, state: RunState) -> None:
-        self.ctx, self.state = ctx, state
+    def __init__(self, ctx: RunContext, state: RunState, force: bool = False) -> None:
+        self.ctx, self.state, self.force = ctx, state, force
         self.loaded: dict[str, Any] | None = None
         """The checkpoint's meta, once loaded (what later parts check themselves against)."""
 
@@ -67,7 +68,7 @@ class RunMeta:
                 f"the checkpoint's tasks {saved} are not the first tasks of the config {names}; "
                 "a resumed run may only append tasks"
             )
-        check_resumed_config(meta, self.ctx.cfg)
+        check_resumed_config(meta, self.ctx.cfg, self.force)
         self.state.load_state_dict(meta["state"])
         for row in self.state.matrix:
             row.extend([None] * (len(names) - len(row)))
@@ -169,18 +170,22 @@ class PhaseState:
             self.live = None
 
 
-def register_run_parts(checkpointer: Checkpointer, ctx: RunContext, state: RunState, phases: PhaseState) -> None:
-    """Register the run's parts, in the order they load."""
-    meta = RunMeta(ctx, state)
+def register_run_parts(
+    checkpointer: Checkpointer, ctx: RunContext, state: RunState, phases: PhaseState, force: bool = False
+) -> None:
+    """Register the run's parts, in the order they load (``force``: see ``check_resumed_config``)."""
+    meta = RunMeta(ctx, state, force)
     checkpointer.register("meta.json", meta)
     checkpointer.register("model.pt", ModelWeights(ctx, meta))
     checkpointer.register("ownership.pt", OwnershipRecords(ctx, meta))
     checkpointer.register_group(phases)
 
 
-def check_resumed_config(meta: dict[str, Any], cfg: RunConfig) -> None:
+def check_resumed_config(meta: dict[str, Any], cfg: RunConfig, force: bool = False) -> None:
     """A resumed run keeps its model: a different ``model.*`` is an error naming the keys. Other
-    settings of the finished part (seed, data, earlier tasks) may change, with a warning."""
+    settings that change the results of the part already done (seed, data, the method, tasks
+    begun) are an error too, unless ``force`` (then a warning): the report would claim them for
+    results made with the checkpoint's. Tasks not begun yet may change freely."""
     begun = RunState.from_json(meta["state"]).tasks_begun
     changed = {
         k: v
@@ -195,11 +200,18 @@ def check_resumed_config(meta: dict[str, Any], cfg: RunConfig) -> None:
         )
     relevant = [
         f"{k}={now} (was {saved})"
-        for k, (saved, now) in changed.items()
-        if k == "seed" or k.startswith(("data.", "tasks.", "method."))
+        for k, (saved, now) in result_changes(meta["config"], cfg.to_dict()).items()
+        if k in changed
     ]
-    if relevant:
-        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(relevant))
+    if not relevant:
+        return
+    message = f"resuming with settings that differ from the checkpoint's: {', '.join(relevant)}"
+    if not force:
+        raise UserError(
+            f"{message}; resume with the checkpoint's settings, write to another directory, or add --force "
+            "(the report then names the new settings for results partly made with the old)"
+        )
+    log.warning("%s (--force)", message)
 
 
 def _sharded(engine: str, zero_stage: int) -> bool:
@@ -278,12 +290,12 @@ def phase_resume_from(ckpt: Checkpoint, state: RunState, dist: DistInfo) -> Phas
         if message:
             raise UserError(message)
         if not engine.sharded_state:
-            return ckpt.read_part("optimizer.pt", weights_only=isinstance(engine, TorchEngine))
+            return ckpt.read_part("optimizer.pt", engine.state_classes)
 
-        # DeepSpeed's ZeRO state holds Python objects besides tensors; it is our own
-        # checksummed file, so it is loaded without the weights-only restriction.
+        # DeepSpeed's ZeRO state holds a few of its own classes besides tensors: those alone
+        # are allowed (a checksum does not vouch for a file whose COMMIT can be rewritten too).
         def read(rank: int) -> dict:
-            return ckpt.read_part(optimizer_part_name(rank, True), weights_only=False)
+            return ckpt.read_part(optimizer_part_name(rank, True), engine.state_classes)
 
         return {"shards": SavedShards(ckpt.meta["world_size"], read)}
 

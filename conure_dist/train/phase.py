@@ -9,7 +9,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from conure_dist.config import RunConfig, TaskConfig, TrainConfig
 from conure_dist.continual.views import MaskedModel
@@ -27,13 +26,16 @@ from conure_dist.train.batches import (
     prefetched,
     steps_per_epoch,
     sum_digest_over_ranks,
+    to_device,
     train_batches,
 )
 from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.metrics import primary_metric_name
+from conure_dist.train.preemption import STOP, Preempted
 from conure_dist.train.profile import StepMeter, StepProfiler
+from conure_dist.train.progress import show_progress
 from conure_dist.train.samplers import hash_seed, make_generator
 from conure_dist.train.schedule import lr_factor
 from conure_dist.train.state import DivergedError, PhaseProgress, PhaseResume, PhaseTensors
@@ -147,7 +149,8 @@ class Phase:
 
     def run(self, resume: PhaseResume | None = None, save_mid: Callable[[Phase], None] | None = None) -> dict[str, Any]:
         """Train every epoch (from ``resume``'s position, if given), then load the best epoch's
-        parameters and freeze the model. ``save_mid`` is called every ``train.checkpoint_every_steps``."""
+        parameters and freeze the model. ``save_mid`` is called every ``train.checkpoint_every_steps``,
+        on ``train.checkpoint_every_minutes`` and on a stop signal (``preemption``)."""
         if resume is not None:
             self.progress, self.tensors.best = resume.progress, resume.best_state
             self.engine.load_state_dict(resume.engine_state(self.engine))
@@ -196,15 +199,13 @@ class Phase:
         depth = (
             trainer.cfg.data.prefetch if trainer.cfg.data.prefetch is not None else (4 if device.type == "cuda" else 0)
         )
-        bar = tqdm(
+        bar = show_progress(
             prefetched(batches, depth, device),
             total=self.steps,
             initial=progress.step,
             desc=f"{self.info.name} {self.mode} {epoch + 1}/{self.epochs}",
-            leave=False,
-            disable=not (trainer.cfg.train.progress and trainer.dist.is_main),
+            enabled=trainer.cfg.train.progress and trainer.dist.is_main,
         )
-        every = trainer.cfg.train.checkpoint_every_steps
         train = trainer.cfg.train
         scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
         meter, lr = StepMeter(self.global_batch, trainer.dist.device), self.lr
@@ -231,9 +232,8 @@ class Phase:
                     global_step=trainer.global_step,
                     **meter.report(lr),
                 )
-            if every and save_mid and progress.step % every == 0 and progress.step < self.steps:
-                meter.add(self._settle())
-                save_mid(self)
+            if progress.step < self.steps:
+                self._at_step_boundary(save_mid, meter)
         meter.add(self._settle())
         loss = progress.loss_total / max(progress.step, 1)
         if (epoch + 1) % train.eval_every == 0 or epoch + 1 == self.epochs:
@@ -241,6 +241,20 @@ class Phase:
         else:  # between validations (``train.eval_every``): the loss alone
             self._log_epoch({"epoch": epoch + 1, "loss": loss, "data": self._epoch_digest(), "valid": {}})
         progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
+
+    def _at_step_boundary(self, save_mid: Callable[[Phase], None] | None, meter: StepMeter) -> None:
+        """Checkpoint inside the phase every ``train.checkpoint_every_steps`` steps, when
+        ``train.checkpoint_every_minutes`` have passed, or on a stop signal (then ``save_mid``
+        stops the run once the checkpoint is committed; with nothing to save it stops at once)."""
+        every = self.trainer.cfg.train.checkpoint_every_steps
+        decision = STOP.decide(self.trainer.dist)
+        if save_mid is None:
+            if decision.stop:
+                raise Preempted(decision.stop, None)
+            return
+        if decision.stop or decision.due or (every and self.progress.step % every == 0):
+            meter.add(self._settle())
+            save_mid(self)
 
     def _step(self, batch: Any, generator: torch.Generator) -> None:
         """One optimizer step. Its loss (the global batch's mean) stays on the device until
@@ -252,7 +266,7 @@ class Phase:
         if self.joint is not None:  # drawn first: the generator's order is part of the run
             joint = self.joint(generator)
         negatives = self.draw(generator)
-        on_device = None if negatives is None else negatives.to(dist.device)
+        on_device = None if negatives is None else to_device(negatives, dist.device)
         joint_task = None if joint is None else (self.trainer.infos[0].name, *joint, self.joint_weight)
         loss = self.engine.train_step(
             micro_batches(

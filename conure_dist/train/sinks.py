@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,6 +94,11 @@ class TensorBoardSink:
         )
         self.writer = SummaryWriter(self.dir)
         self.curves = Curves(task_names)
+        # The local copy of a remote run's event files goes when the sink closes, or at the
+        # latest when the process exits (an error ends the run without closing it).
+        self._remove_copy = (
+            weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True) if self.remote is not None else None
+        )
 
     def log(self, event: str, fields: dict[str, Any]) -> None:
         for step, values in self.curves.points(event, fields).items():
@@ -108,6 +115,8 @@ class TensorBoardSink:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        if self._remove_copy is not None:
+            self._remove_copy()
 
 
 class WandbSink:
