@@ -108,7 +108,7 @@ def convert(folder: str) -> dict[str, Any]:
         raise RuntimeError(f"conure data ttl failed:\n{result.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     shard_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 2**20, 3), "shard_bytes": shard_bytes}
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(peak_kb / 2**20, 3), "shard_bytes": shard_bytes}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
