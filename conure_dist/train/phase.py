@@ -18,7 +18,9 @@ from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.dist import DistInfo
 from conure_dist.methods.joint import JointLossModel
 from conure_dist.model import ConureModel
-from conure_dist.scaling.comm_model import ddp_step
+from conure_dist.provenance import environment
+from conure_dist.scaling.comm_model import ddp_step, num_negatives
+from conure_dist.scaling.flops import peak_flops, train_flops_per_sequence
 from conure_dist.train.batches import (
     JointBatches,
     add_digest,
@@ -217,8 +219,17 @@ class Phase:
             self.trainer.cfg.train.grad_accum,
             job_topology(dist),
         )
+        cfg, info = self.trainer.cfg, self.info
+        negatives = num_negatives(info.num_outputs, cfg.train.negative_fraction) if info.kind == "sequence" else 0
+        flops = train_flops_per_sequence(cfg, info.kind, self.trainer.manifest.seq_len, info.num_outputs, negatives)
+        env = environment(dist.device)
+        peak = peak_flops(env["device_name"], cfg.dist.precision)
+        per_s = measured["sequences_per_s"]
         return {
             **measured,
+            "flops_per_sequence": flops,
+            "mfu": flops * per_s / (peak * dist.world_size) if peak and per_s else None,
+            "provenance": {**env, "nodes": dist.num_nodes, "ranks_per_node": dist.ranks_per_node or dist.world_size},
             "world_size": dist.world_size,
             "global_batch": self.global_batch,
             "engine": self.trainer.cfg.dist.engine,
