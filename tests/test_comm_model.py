@@ -116,3 +116,23 @@ def test_model_bytes_equal_the_bytes_counted_at_the_exchange_seam(measured_bytes
             for key in ("row_sparse.all_gather", "row_sparse.all_reduce"):
                 measured = t1["measured"][key] / t1["steps"]
                 assert abs(t1["expected_per_step"][key] - measured) < 0.10 * measured, (nproc, key)
+
+
+def test_paper_size_predictions_hold_their_invariants():
+    """benchmarks/scaling_model.py (docs/scaling.md's predicted tables) on the paper's TTL sizes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_model", REPO / "benchmarks/scaling_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pred = module.predictions()
+    # T1's global batch of 32 splits up to 32 GPUs only.
+    assert [r["world_size"] for r in pred["t1_strong_global_32"]] == [8, 16, 32]
+    for row in pred["t1_weak_4_per_gpu"]:
+        assert row["global_batch"] == 4 * row["world_size"]
+        assert row["row_sparse_comm_ms"] < row["dense_comm_ms"]  # 20% negatives: about a fifth of the rows
+        assert row["auto_comm_ms"] <= row["row_sparse_comm_ms"] + 1e-9
+        assert row["auto_comm_hierarchical_ms"] <= row["auto_comm_ms"] + 1e-9
+    later = pred["later_weak_64_per_gpu"]
+    assert all(r["dense_payload_mb"] == later[0]["dense_payload_mb"] for r in later)
+    assert later[0]["comm_share"] < 0.5 < later[-1]["comm_share"]  # communication overtakes compute
