@@ -19,7 +19,7 @@ from conure_dist.dist import DistInfo
 from conure_dist.methods.joint import JointLossModel
 from conure_dist.model import ConureModel
 from conure_dist.provenance import environment
-from conure_dist.scaling.comm_model import ddp_step, num_negatives
+from conure_dist.scaling.comm_model import StepExchanges, Topology, ddp_step, num_negatives, zero_step
 from conure_dist.scaling.flops import peak_flops, train_flops_per_sequence
 from conure_dist.train.batches import (
     JointBatches,
@@ -207,18 +207,12 @@ class Phase:
         assert self.timer is not None
         dist = self.trainer.dist
         measured = self.timer.report(self.global_batch, dist.world_size)
-        dense = getattr(self.engine, "dense", self.trainable)
-        sparse = [t for t in self.exchange.tables if t.name in self.exchange.row_sparse]
-        rows = {p.table: p for p in self.exchange.predictions}
-        predicted = ddp_step(
-            dist.world_size,
-            sum(p.numel() * p.element_size() for p in dense.values()),
-            sparse,
-            [[rows[t.name].rows_local for t in sparse]] * dist.world_size,
-            [rows[t.name].rows_union for t in sparse],
-            self.trainer.cfg.train.grad_accum,
-            job_topology(dist),
-        )
+        topo = job_topology(dist)
+        if self.trainer.cfg.dist.engine == "deepspeed":
+            trainable = sum(p.numel() * p.element_size() for p in self.trainable.values())
+            predicted = zero_step(dist.world_size, trainable, topo)
+        else:
+            predicted = self._ddp_prediction(topo)
         cfg, info = self.trainer.cfg, self.info
         negatives = num_negatives(info.num_outputs, cfg.train.negative_fraction) if info.kind == "sequence" else 0
         flops = train_flops_per_sequence(cfg, info.kind, self.trainer.manifest.seq_len, info.num_outputs, negatives)
@@ -233,8 +227,8 @@ class Phase:
             "world_size": dist.world_size,
             "global_batch": self.global_batch,
             "engine": self.trainer.cfg.dist.engine,
-            "predicted_bytes_per_step": predicted.by_collective() if self.trainer.cfg.dist.engine == "ddp" else None,
-            "predicted_comm_seconds": predicted.seconds() if self.trainer.cfg.dist.engine == "ddp" else None,
+            "predicted_bytes_per_step": predicted.by_collective(),
+            "predicted_comm_seconds": predicted.seconds(),
             "exchange": self.exchange.record(),
         }
 
@@ -343,6 +337,22 @@ class Phase:
         self.progress.data_digest = add_digest(self.progress.data_digest, digest)
         self.pending.append(loss.detach())
         self.progress.step += 1
+
+    def _ddp_prediction(self, topo: Topology) -> StepExchanges:
+        """The model's exchanges of this phase's DDP steps, with expected touched rows."""
+        dist = self.trainer.dist
+        dense = getattr(self.engine, "dense", self.trainable)
+        sparse = [t for t in self.exchange.tables if t.name in self.exchange.row_sparse]
+        rows = {p.table: p for p in self.exchange.predictions}
+        return ddp_step(
+            dist.world_size,
+            sum(p.numel() * p.element_size() for p in dense.values()),
+            sparse,
+            [[rows[t.name].rows_local for t in sparse]] * dist.world_size,
+            [rows[t.name].rows_union for t in sparse],
+            self.trainer.cfg.train.grad_accum,
+            topo,
+        )
 
     def _settle(self) -> list[float]:
         """The losses of the steps since the last call, read from the device at once; a loss that
