@@ -122,3 +122,12 @@ def test_a_global_batch_too_small_for_the_world_says_what_to_set():
     with pytest.raises(UserError, match=r"not divisible by the world size 3; set tasks.1.batch_size=30 or 33"):
         check_batch_split(1, 32, 3, 1)
     assert DistInfo(0, 16, 0, torch.device("cpu"), "nccl", 8).num_nodes == 2
+
+
+def test_runs_without_validation_need_fixed_prune_ratios(tmp_path):
+    from conure_dist.config import ConfigError
+
+    config = str(tiny_config(tmp_path, [("t1", 0.5), ("click", 0.5)]))
+    assert load_config(config, ["train.validation=false"]).train.validation is False
+    with pytest.raises(ConfigError, match="tasks.1.prune_ratio.*needs train.validation: true"):
+        load_config(config, ["train.validation=false", "tasks.1.prune_ratio=auto"])
