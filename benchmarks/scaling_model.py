@@ -1,8 +1,6 @@
-"""The communication model's picture from 8 to 256 GPUs at the paper's TTL sizes, and its bytes
-against a measured ``conure scale`` run.
+"""The communication model's picture from 8 to 256 GPUs at the paper's TTL sizes.
 
-    python benchmarks/scaling_model.py --json benchmarks/results/scaling_model.json \
-        --measured docs/results/scale_ttl_cpu/results.json --plots docs/results/scale_ttl_cpu
+    python benchmarks/scaling_model.py --json benchmarks/results/scaling_model.json --plots docs/results/scale_ttl_cpu
 
 Assumptions (printed with the figures): H100 SXM GPUs, 8 to a node, NVLink inside and one NDR
 InfiniBand NIC per GPU between nodes (``comm_model.LINKS``); TTL's sizes (646K T1 items, 256
@@ -173,34 +171,6 @@ def markdown(pred: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measured_bytes_plot(measured: dict[str, Any], out: str) -> str:
-    """Bytes per rank per step of the measured run's config, predicted from 2 to 256 ranks (its
-    strong-scaling batches, as far as they split), with the counted points on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from conure_dist.experiment.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
-    for k, (name, rows) in enumerate(measured["phases"].items()):
-        timing = next(r for r in measured["runs"] if "phases" in r)["phases"][name]
-        fixed = sum(v for key, v in (timing["predicted_bytes_per_step"] or {}).items() if not key.startswith("row_"))
-        sizes = [int(w) for w in rows if int(w) > 1]
-        ax.plot(sizes, [rows[str(w)]["bytes_total"] for w in sizes], "o", color=f"C{k % 10}", label=name)
-        ax.plot(sizes, [rows[str(w)]["predicted_bytes_total"] for w in sizes], "-", color=f"C{k % 10}", lw=0.8)
-        if rows[str(sizes[0])]["bytes_row_sparse"] == 0 and fixed:
-            ax.hlines(fixed, 2, 256, color=f"C{k % 10}", lw=0.5, linestyles=":")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("ranks")
-    ax.set_ylabel("bytes per rank per step")
-    ax.set_title("counted (dots) and predicted (lines; dotted: dense, any size)", fontsize=8)
-    ax.legend(fontsize=5, ncol=2)
-    return save_figure(fig, out, "bytes_model_vs_measured")
-
-
 def predicted_plot(pred: dict[str, Any], out: str) -> str:
     import matplotlib
 
@@ -235,7 +205,6 @@ def predicted_plot(pred: dict[str, Any], out: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the predictions here")
-    parser.add_argument("--measured", help="results.json of a conure scale run, to plot against the model")
     parser.add_argument("--plots", help="folder for plots/*.png")
     args = parser.parse_args()
     pred = predictions()
@@ -244,8 +213,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(pred, indent=1) + "\n")
     if args.plots:
         print(predicted_plot(pred, args.plots))
-        if args.measured:
-            print(measured_bytes_plot(json.loads(Path(args.measured).read_text()), args.plots))
 
 
 if __name__ == "__main__":
