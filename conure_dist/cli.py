@@ -1,4 +1,4 @@
-"""Command line: ``conure data|run|experiment|eval|predict|compare|audit|export|embed|serve`` (also
+"""Command line: ``conure data|run|experiment|scale|eval|predict|compare|audit|export|embed|serve`` (also
 ``python -m conure_dist``)."""
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key=value overrides applied to every run's config after the "
         "file's, as for run (reports under --out made with other settings are refused)",
     )
+    _add_scale_command(sub)
     ev = sub.add_parser("eval", help="evaluate every finished task of a checkpoint")
     ev.add_argument("--ckpt", required=True, help="run directory, its checkpoints folder, or one checkpoint folder")
     ev.add_argument(
@@ -164,6 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--json", action="store_true", help="print the checksums per task as JSON")
     _add_use_commands(sub)
     return parser
+
+
+def _world_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected world sizes such as 1,2,4, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or sorted(set(sizes)) != sizes:
+        raise argparse.ArgumentTypeError(f"world sizes must be increasing and >= 1, got {text!r}")
+    return sizes
+
+
+def _add_scale_command(sub: argparse._SubParsersAction) -> None:
+    sc = sub.add_parser(
+        "scale",
+        help="one config at several world sizes (torchrun, srun or sbatch): throughput, step time split, "
+        "exchanged bytes, memory, MFU and final metrics per phase; table.md, results.json, plots/",
+    )
+    sc.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
+    sc.add_argument("--world-sizes", required=True, type=_world_sizes, help="increasing sizes, e.g. 1,2,4,8")
+    sc.add_argument("--out", required=True, help="local directory: runs/, results.json, table.md, plots/")
+    sc.add_argument(
+        "--mode",
+        choices=["strong", "weak"],
+        default="strong",
+        help="strong: the config's global batches at every size; weak: the smallest size's per-rank batch, "
+        "global batch and learning rate scaled (x W/W0, x sqrt(W/W0)) (default: strong)",
+    )
+    sc.add_argument("--seeds", type=_seeds, default=[0], help="seeds per size, e.g. 0-2 (default: 0)")
+    sc.add_argument("--no-eval", dest="evaluate", action="store_false", help="no validation after epochs")
+    sc.add_argument(
+        "--launcher",
+        choices=["local", "srun"],
+        default="local",
+        help="local: torchrun on this node; srun: torchrun on each node of the current Slurm allocation",
+    )
+    sc.add_argument("--gpus-per-node", type=_positive, default=8, help="ranks per node under srun/sbatch (default 8)")
+    sc.add_argument(
+        "--warmup-steps", type=int, default=5, help="steps of each phase left out of the timings (default 5)"
+    )
+    sc.add_argument("--emit-sbatch", action="store_true", help="write OUT/sbatch/ws*-seed*.sbatch and stop")
+    sc.add_argument("--collect", action="store_true", help="launch nothing: summarize the runs already under OUT/runs")
+    sc.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, as for run")
 
 
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
@@ -302,6 +346,33 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from conure_dist.config import load_config
+    from conure_dist.scaling.job import ScaleSpec, emit_sbatch, run_scale
+    from conure_dist.scaling.summary import format_markdown
+
+    spec = ScaleSpec(
+        args.config,
+        args.world_sizes,
+        args.out,
+        args.mode,
+        args.seeds,
+        args.overrides,
+        args.evaluate,
+        "srun" if args.emit_sbatch else args.launcher,
+        args.gpus_per_node,
+        args.warmup_steps,
+    )
+    if args.emit_sbatch:
+        for path in emit_sbatch(spec, load_config(args.config, args.overrides)):
+            print(path)
+        return 0
+    summary = run_scale(spec, collect_only=args.collect)
+    print(format_markdown(summary))
+    print(f"results: {args.out.rstrip('/')}/table.md, results.json, plots/")
+    return 1 if summary["failed"] else 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate every finished task; under torchrun the split is sharded over ranks."""
     from conure_dist.config import DistConfig
@@ -438,6 +509,7 @@ COMMANDS = {
     "run": cmd_run,
     "config": cmd_config,
     "experiment": cmd_experiment,
+    "scale": cmd_scale,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "compare": cmd_compare,

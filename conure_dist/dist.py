@@ -23,6 +23,12 @@ class DistInfo:
     device: torch.device
     backend: str | None
     """Process-group backend, or None for a single process without a group."""
+    ranks_per_node: int | None = None
+    """Ranks on each node (torchrun's ``LOCAL_WORLD_SIZE``); None: all on one node."""
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.world_size // (self.ranks_per_node or self.world_size))
 
     @property
     def is_main(self) -> bool:
@@ -79,7 +85,8 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
                 world_size=world_size,
                 device_id=device if device.type == "cuda" else None,
             )
-    return DistInfo(rank, world_size, local_rank, device, backend)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    return DistInfo(rank, world_size, local_rank, device, backend, per_node)
 
 
 def _restart_store() -> tdist.Store:

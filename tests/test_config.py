@@ -24,6 +24,7 @@ def test_every_yaml_under_configs_is_a_preset_or_an_experiment():
         "paper_ttl.yaml",
         "paper_synthetic.yaml",
         "growth_12tasks.yaml",
+        "ttl_cpu_scaling.yaml",
     }
     assert len(EXPERIMENTS) >= 9
 

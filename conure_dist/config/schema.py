@@ -157,6 +157,18 @@ class TrainConfig:
     give the same weights (for the same thread count: CPU kernels split their sums by threads).
     Multi-threaded CPU gradient scatters otherwise add in varying order.
     Ops without a deterministic kernel only warn; turn off for top GPU speed."""
+    validation: bool = True
+    """Validate after every epoch and keep each phase's best epoch. False: no validation (each
+    phase keeps its last epoch; test metrics at every task's end are still computed), for runs
+    that time training such as ``conure scale --no-eval``; needs fixed ``tasks.*.prune_ratio``."""
+    step_timing: bool = False
+    """Time every step's parts (data wait, forward/backward, communication, optimizer; the
+    device is synchronised between them, which costs some speed) and count the bytes each
+    exchange hands to its collective; logged per phase as ``phase_timing`` in ``log.jsonl``
+    (``conure scale`` sets it)."""
+    timing_warmup_steps: int = 5
+    """``step_timing``: the first steps of every phase left out of its figures (warm-up,
+    compilation)."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint inside a phase every this many optimizer steps (None: phase ends only)."""
     checkpoint_every_minutes: float | None = None
@@ -222,6 +234,7 @@ class TrainConfig:
                 f"must be > 0 (or null), got {self.checkpoint_every_minutes}",
             )
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
+        _check(self.timing_warmup_steps >= 0, f"{prefix}.timing_warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -241,9 +254,13 @@ class DistConfig:
     compile: Literal["auto", "always", "never"] = "auto"
     """``torch.compile`` the backbone and the hot element-wise kernels (T1's streamed softmax,
     exact ranking); auto = on CUDA only. Same math; several times faster on a GPU."""
-    row_sparse: bool = True
-    """DDP: exchange the gradients of the item tables (T1's embedding and softmax) row-sparsely,
-    only the rows some rank touched, instead of in DDP's dense buckets."""
+    sparse_exchange: Literal["auto", "row_sparse", "dense"] = "auto"
+    """DDP: how the gradients of the item tables (T1's embedding, softmax weight and bias) are
+    averaged: ``row_sparse`` (only the rows some rank touched: one all-gather of row ids, one
+    all-reduce of the union's rows), ``dense`` (every row, in DDP's buckets) or ``auto`` (per
+    table and phase, the one the communication model ``conure_dist.scaling.comm_model`` predicts
+    faster for the phase's batch, world size and link; logged once as ``sparse_exchange``). The
+    average is the same either way."""
     deepspeed_config: str | None = None
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) with extra engine settings;
     batch size, ZeRO stage and precision always come from this config and must not conflict."""
@@ -358,6 +375,13 @@ class RunConfig:
         _check(len(self.tasks) >= 1, "tasks", "needs at least one task")
         _check(len(self.tasks) <= 255, "tasks", "at most 255 tasks fit the uint8 ownership records")
         names = [t.name for t in self.tasks]
+        if not self.train.validation:
+            for i, task in enumerate(self.tasks):
+                _check(
+                    task.prune_ratio != "auto",
+                    f"tasks.{i}.prune_ratio",
+                    "'auto' searches by validation score; it needs train.validation: true",
+                )
         for i, task in enumerate(self.tasks):
             task.validate(f"tasks.{i}")
             _check(names.count(task.name) == 1, f"tasks.{i}.name", f"'{task.name}' is listed twice")

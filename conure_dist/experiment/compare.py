@@ -98,7 +98,7 @@ def compare_runs(run_a: str, run_b: str) -> list[dict[str, Any]]:
         if eb is None:
             continue
         task, phase, epoch = key
-        va, vb = ea["valid"], eb["valid"]
+        va, vb = ea["valid"] or {}, eb["valid"] or {}  # None: train.validation was off
         metrics = {name: _relative(va[name], vb.get(name)) for name in va if name != "count"}
         rows.append(
             {

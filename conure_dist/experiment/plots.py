@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from conure_dist.fs import join  # noqa: E402
 
 
-def _save(fig: plt.Figure, out: str, name: str) -> str:
+def save_figure(fig: plt.Figure, out: str, name: str) -> str:
     path = join(out, f"plots/{name}.png")
     fs, local = fsspec.core.url_to_fs(path)
     fs.makedirs(local.rsplit("/", 1)[0], exist_ok=True)
@@ -64,7 +64,7 @@ def forgetting(rows: dict[str, Any], variant: str, out: str) -> str:
         row[0].set_ylabel("after learning task")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score / score when learned")
     fig.suptitle(f"{variant}: forgetting matrices (mean over seeds)", fontsize=10)
-    return _save(fig, out, f"{variant}_forgetting")
+    return save_figure(fig, out, f"{variant}_forgetting")
 
 
 def clipped_error_bars(
@@ -99,7 +99,7 @@ def per_task(rows: dict[str, Any], variant: str, out: str) -> str:
         ax.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task} ({metric})", fontsize=9)
     fig.suptitle(f"{variant}: score when learned (dashed: trivial reference)", fontsize=10)
-    return _save(fig, out, f"{variant}_tasks")
+    return save_figure(fig, out, f"{variant}_tasks")
 
 
 def storage(rows: dict[str, Any], variant: str, out: str) -> str:
@@ -118,7 +118,7 @@ def storage(rows: dict[str, Any], variant: str, out: str) -> str:
         "score as a fraction of the best method's\n(mean over the tasks after T1; 1 = best on all)", fontsize=8
     )
     ax.set_title(f"{variant}: storage against accuracy", fontsize=10)
-    return _save(fig, out, f"{variant}_storage")
+    return save_figure(fig, out, f"{variant}_storage")
 
 
 def write_plots(summary: dict[str, Any], out: str) -> list[str]:

@@ -178,18 +178,34 @@ class RunContext:
         return report
 
 
+def check_batch_split(index: int, batch_size: int, world_size: int, grad_accum: int) -> None:
+    """A global batch must split into equal shares of at least one sequence per rank and
+    micro-batch; the refusal names the value to set (strong and weak scaling: README)."""
+    parts = world_size * grad_accum
+    if batch_size % parts == 0:
+        return
+    accum = f" x train.grad_accum {grad_accum}" if grad_accum > 1 else ""
+    if batch_size < parts:
+        raise UserError(
+            f"tasks.{index}.batch_size={batch_size} is a global batch: it gives less than one sequence per rank "
+            f"on world size {world_size}{accum}; set tasks.{index}.batch_size={parts} or more (per-rank batch x "
+            f"world size, e.g. {parts * max(1, batch_size // grad_accum)} to keep {max(1, batch_size // grad_accum)} "
+            f"per rank as on one process) and scale tasks.{index}.lr with it (conure scale --mode weak does both)"
+        )
+    lower, upper = batch_size // parts * parts, -(-batch_size // parts) * parts
+    raise UserError(
+        f"tasks.{index}.batch_size={batch_size} is not divisible by the world size {world_size}{accum}; "
+        f"set tasks.{index}.batch_size={lower} or {upper}"
+    )
+
+
 def build_context(cfg: RunConfig, out: str | None, dist: DistInfo) -> RunContext:
     """Data (the shards must exist: ``conure run`` builds missing ones first), model, empty
     ownership records and logger of a run (no log without ``out``)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    parts = dist.world_size * cfg.train.grad_accum
     for i, task in enumerate(cfg.tasks):  # batch sizes are global: each rank takes an equal share
-        if task.batch_size % parts:
-            accum = f" x train.grad_accum {cfg.train.grad_accum}" if cfg.train.grad_accum > 1 else ""
-            raise UserError(
-                f"tasks.{i}.batch_size={task.batch_size} is not divisible by the world size {dist.world_size}{accum}"
-            )
+        check_batch_split(i, task.batch_size, dist.world_size, cfg.train.grad_accum)
     manifest, infos = open_dataset(cfg)
     if cfg.data.partition == "range":
         for i, info in enumerate(infos):

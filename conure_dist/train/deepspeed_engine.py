@@ -24,6 +24,7 @@ from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
 from conure_dist.train.loss import MicroBatchLoss, training_loss
+from conure_dist.train.profile import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def deepspeed_config(
 
 
 class DeepSpeedEngine:
+    timer: StepTimer | None = None
+
     def __init__(
         self,
         masked: MaskedModel,
@@ -117,12 +120,27 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
 
+    def attach_timer(self, timer: StepTimer) -> None:
+        """Time steps and count their collectives (``train.step_timing``): DeepSpeed exchanges
+        inside ``backward`` and ``step``, so its exchange time stays in those parts."""
+        self.timer = timer
+
     def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        if self.timer is None:
+            return self._train_step(micro_batches)
+        with self.timer.comm.counting():
+            return self._train_step(micro_batches)
+
+    def _train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
         if len(micro_batches) == 1:
             loss_sum, count = self.engine(*micro_batches[0])
             loss, mean = training_loss(self.masked, self.trainable, self.l2, self.dist, loss_sum, count)
             self.engine.backward(loss)
+            if self.timer is not None:
+                self.timer.mark("forward_backward")
             self.engine.step()
+            if self.timer is not None:
+                self.timer.mark("optimizer")
             return mean
         # DeepSpeed accumulates: it divides each backward by gradient_accumulation_steps and
         # steps the optimizer (exchanging gradients) at the last micro-batch only.
@@ -132,6 +150,8 @@ class DeepSpeedEngine:
             loss_sum, _ = self.engine(*inputs)
             self.engine.backward(micro_loss(self.masked, self.trainable, self.l2, loss_sum))
             self.engine.step()
+        if self.timer is not None:  # the exchange happens inside the last step: no finer split
+            self.timer.mark("forward_backward")
         return micro_loss.mean()
 
     def set_lr(self, lr: float) -> None:

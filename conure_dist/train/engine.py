@@ -19,6 +19,7 @@ from conure_dist.config import DistConfig
 from conure_dist.continual.views import MaskedModel
 from conure_dist.dist import DistInfo
 from conure_dist.train.loss import MicroBatchLoss, autocast_context, training_loss
+from conure_dist.train.profile import StepTimer
 from conure_dist.train.sparse_sync import RowSparseAllReduce
 
 
@@ -42,6 +43,9 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release what the engine hooked into the model when its phase ends."""
 
+    def attach_timer(self, timer: StepTimer) -> None:
+        """Time the parts of every following step and count its exchanges (``train.step_timing``)."""
+
 
 class TorchEngine:
     """Plain PyTorch: one process, or DDP when the world has several ranks.
@@ -54,6 +58,7 @@ class TorchEngine:
 
     sharded_state = False
     state_classes: tuple[type, ...] = ()
+    timer: StepTimer | None = None
 
     def __init__(
         self,
@@ -109,6 +114,13 @@ class TorchEngine:
         return {n: p for n, p in self.dense.items() if masks[n] is None or bool(masks[n].all())}
 
     def train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        if self.timer is None:
+            return self._train_step(micro_batches)
+        with self.timer.comm.counting():
+            return self._train_step(micro_batches)
+
+    def _train_step(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
+        timer = self.timer
         self.optimizer.zero_grad(set_to_none=True)
         if len(micro_batches) == 1:
             with autocast_context(self.dist.device, self.precision):
@@ -117,16 +129,22 @@ class TorchEngine:
             loss.backward()
         else:
             mean = self._accumulate(micro_batches)
+        if timer is not None:
+            timer.mark("forward_backward")
         if self.sparse is not None:
             self.sparse()
             if self.l2:
                 for name, param in self.sparse.params.items():
                     weight = self.masked.trainable_part(name.removeprefix("model."), param.detach())
                     param.grad.add_(weight, alpha=self.l2)
+            if timer is not None:
+                timer.mark("communication")
         if self.clip_grad_norm is not None:
             grads = [p for p in self.trainable.values() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
         self.optimizer.step()
+        if timer is not None:
+            timer.mark("optimizer")
         return mean
 
     def _accumulate(self, micro_batches: Sequence[tuple]) -> torch.Tensor:
@@ -159,6 +177,11 @@ class TorchEngine:
     def close(self) -> None:
         """Nothing to release: DDP's wrapper and the optimizer go with this object."""
 
+    def attach_timer(self, timer: StepTimer) -> None:
+        self.timer = timer
+        if self.dist.is_distributed:
+            self.module.register_comm_hook(None, timer.comm.ddp_hook)
+
 
 def build_engine(
     masked: MaskedModel,
@@ -174,22 +197,13 @@ def build_engine(
     fold_l2: bool | None = None,
 ) -> Engine:
     """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``;
-    ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely;
+    ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely (the others
+    join DDP's dense buckets; ``train.exchange_choice`` picks them);
     ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches;
     ``fold_l2`` moves the L2 term of tensors without frozen entries into Adam (``TorchEngine``;
     default: on CUDA)."""
     if cfg.engine == "ddp":
-        return TorchEngine(
-            masked,
-            trainable,
-            lr,
-            l2,
-            dist,
-            cfg.precision,
-            row_sparse if cfg.row_sparse else (),
-            clip_grad_norm,
-            fold_l2,
-        )
+        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse, clip_grad_norm, fold_l2)
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(

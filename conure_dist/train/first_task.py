@@ -71,6 +71,8 @@ _UNKEYED_TRAIN = {
     "async_checkpoint",
     "checkpoint_every_steps",
     "first_task_cache",
+    "step_timing",
+    "timing_warmup_steps",
 }
 """Training settings that change what is logged or saved, never a number the phase computes."""
 _KEYED_TASK = ("name", "epochs", "lr", "batch_size", "l2")

@@ -3,6 +3,7 @@ parameters of the best validation epoch."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -16,6 +17,9 @@ from conure_dist.data.manifest import Manifest, TaskInfo
 from conure_dist.dist import DistInfo
 from conure_dist.methods.joint import JointLossModel
 from conure_dist.model import ConureModel
+from conure_dist.provenance import environment
+from conure_dist.scaling.comm_model import StepExchanges, Topology, ddp_step, num_negatives, zero_step
+from conure_dist.scaling.flops import peak_flops, train_flops_per_sequence
 from conure_dist.train.batches import (
     JointBatches,
     add_digest,
@@ -31,10 +35,11 @@ from conure_dist.train.batches import (
 )
 from conure_dist.train.engine import build_engine
 from conure_dist.train.evaluate import evaluate_task
+from conure_dist.train.exchange_choice import job_topology, plan_exchange
 from conure_dist.train.logger import JsonlLogger
 from conure_dist.train.metrics import primary_metric_name
 from conure_dist.train.preemption import STOP, Preempted
-from conure_dist.train.profile import StepMeter, StepProfiler
+from conure_dist.train.profile import StepMeter, StepProfiler, StepTimer
 from conure_dist.train.progress import show_progress
 from conure_dist.train.samplers import hash_seed, make_generator
 from conure_dist.train.schedule import lr_factor
@@ -57,6 +62,7 @@ class PhaseHost(Protocol):
 
 
 PHASE_IDS = {"train": 0, "retrain": 1}
+log = logging.getLogger(__name__)
 
 
 def phase_parameters(model: ConureModel, task: str, first_phase: bool, grown: bool = False) -> dict[str, nn.Parameter]:
@@ -119,6 +125,20 @@ class Phase:
             self.trainable = select_parameters(model, dense)
         # MTL (``joint_weight``) trains its joint loss: the same view with T1's loss added.
         trained = JointLossModel(trainer.masked) if joint_weight else trainer.masked
+        self.exchange = plan_exchange(
+            cfg,
+            trainer.manifest,
+            trainer.infos,
+            info,
+            dist,
+            self.trainable,
+            [f"model.{n}" for n in model.item_table_names()] if cfg.dist.engine == "ddp" else [],
+            self.global_batch,
+        )
+        if self.exchange.predictions:
+            record = self.exchange.record()
+            trainer.logger.log("sparse_exchange", task=info.name, phase=mode, mode=cfg.dist.sparse_exchange, **record)
+            log.info("%s %s: item tables exchanged %s", info.name, mode, self.exchange.summary())
         self.engine = build_engine(
             trained,
             self.trainable,
@@ -127,10 +147,14 @@ class Phase:
             dist,
             cfg.dist,
             per_rank_batch=self.global_batch // dist.world_size,
-            row_sparse=[f"model.{n}" for n in model.item_table_names()],
+            row_sparse=self.exchange.row_sparse,
             grad_accum=cfg.train.grad_accum,
             clip_grad_norm=cfg.train.clip_grad_norm,
         )
+        self.timer: StepTimer | None = None
+        if cfg.train.step_timing:
+            self.timer = StepTimer(dist.device, cfg.train.timing_warmup_steps)
+            self.engine.attach_timer(self.timer)
         self.lr = task_cfg.lr
         self.steps = steps_per_epoch(cfg, trainer.manifest, info.name, self.global_batch)
         self.draw = negative_drawer(cfg, trainer.manifest, dist, info, self.global_batch)
@@ -154,7 +178,7 @@ class Phase:
         if resume is not None:
             self.progress, self.tensors.best = resume.progress, resume.best_state
             self.engine.load_state_dict(resume.engine_state(self.engine))
-        else:
+        elif self.trainer.cfg.train.validation:
             # The starting point competes too: a phase whose epochs all validate worse than where
             # it began (a fresh head at its prior, a pruned task before retraining) keeps it.
             self.validate(0, None)
@@ -174,8 +198,42 @@ class Phase:
             resume = None
         self.engine.close()
         self._finish()
+        if self.timer is not None:
+            self.trainer.logger.log("phase_timing", task=self.info.name, phase=self.mode, **self.timing())
         p = self.progress
-        return {"task": self.info.name, "phase": self.mode, "best_valid": p.best_value, "epochs": p.epochs_log}
+        best = p.best_value if self.trainer.cfg.train.validation else None
+        return {"task": self.info.name, "phase": self.mode, "best_valid": best, "epochs": p.epochs_log}
+
+    def timing(self) -> dict[str, Any]:
+        """``train.step_timing``'s figures of this rank, and what the communication model
+        predicts for the same exchanges (expected touched rows)."""
+        assert self.timer is not None
+        dist = self.trainer.dist
+        measured = self.timer.report(self.global_batch, dist.world_size)
+        topo = job_topology(dist)
+        if self.trainer.cfg.dist.engine == "deepspeed":
+            trainable = sum(p.numel() * p.element_size() for p in self.trainable.values())
+            predicted = zero_step(dist.world_size, trainable, topo)
+        else:
+            predicted = self._ddp_prediction(topo)
+        cfg, info = self.trainer.cfg, self.info
+        negatives = num_negatives(info.num_outputs, cfg.train.negative_fraction) if info.kind == "sequence" else 0
+        flops = train_flops_per_sequence(cfg, info.kind, self.trainer.manifest.seq_len, info.num_outputs, negatives)
+        env = environment(dist.device)
+        peak = peak_flops(env["device_name"], cfg.dist.precision)
+        per_s = measured["sequences_per_s"]
+        return {
+            **measured,
+            "flops_per_sequence": flops,
+            "mfu": flops * per_s / (peak * dist.world_size) if peak and per_s else None,
+            "provenance": {**env, "nodes": dist.num_nodes, "ranks_per_node": dist.ranks_per_node or dist.world_size},
+            "world_size": dist.world_size,
+            "global_batch": self.global_batch,
+            "engine": self.trainer.cfg.dist.engine,
+            "predicted_bytes_per_step": predicted.by_collective(),
+            "predicted_comm_seconds": predicted.seconds(),
+            "exchange": self.exchange.record(),
+        }
 
     def _train_epoch(self, generator_state: torch.Tensor | None, save_mid: Callable[[Phase], None] | None) -> None:
         trainer, progress = self.trainer, self.progress
@@ -209,7 +267,12 @@ class Phase:
         train = trainer.cfg.train
         scheduled = train.lr_schedule != "constant" or train.warmup_steps > 0
         meter, lr = StepMeter(self.global_batch, trainer.dist.device), self.lr
+        timer = self.timer
+        if timer is not None:
+            timer.mark_start()
         for batch in bar:
+            if timer is not None:
+                timer.mark("data_wait")
             if scheduled:
                 step = epoch * self.steps + progress.step
                 lr = self.lr * lr_factor(step, self.epochs * self.steps, train.lr_schedule, train.warmup_steps)
@@ -217,6 +280,8 @@ class Phase:
             if trainer.profiler is not None:
                 trainer.profiler.before_step(trainer.global_step)
             self._step(batch, generator)
+            if timer is not None:
+                timer.end_step()
             if trainer.profiler is not None:
                 trainer.profiler.after_step(trainer.global_step)
             trainer.global_step += 1
@@ -236,9 +301,10 @@ class Phase:
                 self._at_step_boundary(save_mid, meter)
         meter.add(self._settle())
         loss = progress.loss_total / max(progress.step, 1)
-        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == self.epochs:
+        validate = train.validation and ((epoch + 1) % train.eval_every == 0 or epoch + 1 == self.epochs)
+        if validate:
             self.validate(epoch + 1, loss, self._epoch_digest())
-        else:  # between validations (``train.eval_every``): the loss alone
+        else:  # between validations (``train.eval_every``), or none (``train.validation: false``): the loss
             self._log_epoch({"epoch": epoch + 1, "loss": loss, "data": self._epoch_digest(), "valid": {}})
         progress.epoch, progress.step, progress.loss_total, progress.data_digest = epoch + 1, 0, 0.0, 0
 
@@ -284,6 +350,22 @@ class Phase:
         self.progress.data_digest = add_digest(self.progress.data_digest, digest)
         self.pending.append(loss.detach())
         self.progress.step += 1
+
+    def _ddp_prediction(self, topo: Topology) -> StepExchanges:
+        """The model's exchanges of this phase's DDP steps, with expected touched rows."""
+        dist = self.trainer.dist
+        dense = getattr(self.engine, "dense", self.trainable)
+        sparse = [t for t in self.exchange.tables if t.name in self.exchange.row_sparse]
+        rows = {p.table: p for p in self.exchange.predictions}
+        return ddp_step(
+            dist.world_size,
+            sum(p.numel() * p.element_size() for p in dense.values()),
+            sparse,
+            [[rows[t.name].rows_local for t in sparse]] * dist.world_size,
+            [rows[t.name].rows_union for t in sparse],
+            self.trainer.cfg.train.grad_accum,
+            topo,
+        )
 
     def _settle(self) -> list[float]:
         """The losses of the steps since the last call, read from the device at once; a loss that

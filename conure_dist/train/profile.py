@@ -45,6 +45,86 @@ class StepMeter:
         return out
 
 
+TIMED_PARTS = ("data_wait", "forward_backward", "communication", "optimizer")
+
+
+class StepTimer:
+    """Where a phase's steps spend their time (``train.step_timing``): waiting for the batch,
+    forward and backward, gradient exchange, optimizer; and what they exchanged (``comm``).
+
+    ``mark(part)`` adds the time since the previous mark to ``part``, after synchronising the
+    device so that queued kernels count where they were launched. The first ``warmup`` steps are
+    left out (compilation, allocator warm-up). DDP's bucket all-reduces run while backward still
+    computes: their time (launch to completion, ``CommCounter.ddp_seconds``) moves from
+    forward/backward to communication, so communication is an upper bound of what was exposed.
+    """
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        from conure_dist.train.comm_count import CommCounter
+
+        self.device, self.warmup = device, warmup
+        self.totals = dict.fromkeys(TIMED_PARTS, 0.0)
+        self.comm = CommCounter()
+        self.comm.active = warmup == 0
+        self.seen = self.steps = 0
+        self.last = time.perf_counter()
+
+    @property
+    def active(self) -> bool:
+        return self.seen >= self.warmup
+
+    def mark_start(self) -> None:
+        """Start the clock (a phase's epoch begins: validation before it is not a step's)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last = time.perf_counter()
+
+    def mark(self, part: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.active:
+            self.totals[part] += now - self.last
+        self.last = now
+
+    def end_step(self) -> None:
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.steps += 1
+        elif self.seen == self.warmup:
+            self.comm.ddp_seconds = 0.0
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self.comm.active = self.active
+
+    def report(self, global_batch: int, world_size: int) -> dict[str, Any]:
+        """Per-step means over the timed steps: seconds per part, payload bytes per exchange,
+        sequences per second (global and per rank), peak memory."""
+        steps = max(self.steps, 1)
+        parts = {k: v / steps for k, v in self.totals.items()}
+        ddp = min(self.comm.ddp_seconds / steps, parts["forward_backward"])
+        parts["forward_backward"] -= ddp
+        parts["communication"] += ddp
+        step_s = sum(parts.values())
+        peak = None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "timed_steps": self.steps,
+            "step_seconds": step_s,
+            "seconds": parts,
+            "sequences_per_s": global_batch / step_s if step_s else None,
+            "sequences_per_s_per_rank": global_batch / world_size / step_s if step_s else None,
+            "bytes_per_step": self.comm.per_step(self.steps),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "process_max_rss",
+        }
+
+
 class StepProfiler:
     """``torch.profiler`` over the run's optimizer steps ``start`` .. ``stop - 1`` (counted over all
     phases). Each rank writes a Chrome trace (open in chrome://tracing or Perfetto) and a table of

@@ -46,7 +46,8 @@ def scalars(event: str, fields: dict[str, Any], task_names: list[str] = ()) -> d
     elif event == "epoch":
         if fields.get("loss") is not None:
             out[f"epoch_loss/{task}/{phase}"] = fields["loss"]
-        out.update({f"valid/{task}/{name}": value for name, value in fields["valid"].items() if name != "count"})
+        valid = fields.get("valid") or {}  # None: train.validation is off
+        out.update({f"valid/{task}/{name}": value for name, value in valid.items() if name != "count"})
     elif event == "task_done":
         out.update({f"test/{task}/{name}": value for name, value in fields["test"].items() if name != "count"})
         capacity = fields.get("capacity")

@@ -1,0 +1,1 @@
+"""Scaling: the communication model of a training step and ``conure scale``'s runs over world sizes."""
