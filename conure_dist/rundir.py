@@ -30,7 +30,7 @@ from typing import Any
 import fsspec
 import torch.distributed as tdist
 
-from conure_dist.config import RunConfig, config_changes
+from conure_dist.config import RUN_ONLY_TRAIN_KEYS, RunConfig, config_changes
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
 from conure_dist.fs import is_local, join, write_atomic
@@ -43,19 +43,8 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 """A holder whose heartbeat is this old is taken for dead (ten missed heartbeats)."""
 
-NOT_RESULTS = (
-    "train.progress",
-    "train.num_threads",
-    "train.keep_checkpoints",
-    "train.checkpoint_every_steps",
-    "train.checkpoint_every_minutes",
-    "train.async_checkpoint",
-    "train.log_every",
-    "train.eval_batch_size",
-    "train.sinks",
-    "train.profile_steps",
-    "dist.compile",
-    "train.first_task_cache",
+NOT_RESULTS = frozenset(
+    {f"train.{key}" for key in RUN_ONLY_TRAIN_KEYS} | {"train.num_threads", "train.eval_batch_size"}
 )
 """Settings that change how a run is carried out or shown, not its results."""
 NOT_RESULTS_PREFIXES = ("dist.",)

@@ -14,6 +14,7 @@ The dataclasses live in :mod:`conure_dist.config.schema`, the loading in
 
 from conure_dist.config.load import config_changes, config_from_dict, load_config
 from conure_dist.config.schema import (
+    RUN_ONLY_TRAIN_KEYS,
     ConfigError,
     ContinualConfig,
     DataConfig,
@@ -27,6 +28,7 @@ from conure_dist.config.schema import (
 )
 
 __all__ = [
+    "RUN_ONLY_TRAIN_KEYS",
     "ConfigError",
     "ContinualConfig",
     "DataConfig",

@@ -97,6 +97,25 @@ class TaskConfig:
         _check(self.l2 >= 0, f"{prefix}.l2", f"must be >= 0, got {self.l2}")
 
 
+RUN_ONLY_TRAIN_KEYS = frozenset(
+    {
+        "progress",
+        "log_every",
+        "sinks",
+        "profile_steps",
+        "keep_checkpoints",
+        "async_checkpoint",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "first_task_cache",
+        "step_timing",
+        "timing_warmup_steps",
+    }
+)
+"""``train`` keys that change what a run logs, saves or times, never a number it computes: the
+first-task cache leaves them out of its key, and a run directory lets them change between runs."""
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by all tasks."""

@@ -46,7 +46,7 @@ from conure_dist.checkpoint.format import (
     read_verified,
     write_commit,
 )
-from conure_dist.config import RunConfig
+from conure_dist.config import RUN_ONLY_TRAIN_KEYS, RunConfig
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
 from conure_dist.fs import join, write_atomic
@@ -62,19 +62,6 @@ MARKER = "first_task.json"
 """Written into a run's output folder once its T1 train phase is trained or loaded (what
 ``conure experiment`` waits for before it starts the runs that reuse it)."""
 
-_UNKEYED_TRAIN = {
-    "progress",
-    "log_every",
-    "sinks",
-    "profile_steps",
-    "keep_checkpoints",
-    "async_checkpoint",
-    "checkpoint_every_steps",
-    "first_task_cache",
-    "step_timing",
-    "timing_warmup_steps",
-}
-"""Training settings that change what is logged or saved, never a number the phase computes."""
 _KEYED_TASK = ("name", "epochs", "lr", "batch_size", "l2")
 """T1's settings that its train phase reads (its prune ratio and retrain epochs come later)."""
 
@@ -93,7 +80,7 @@ def keyed_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "model": cfg_dict["model"],
         "dist": cfg_dict["dist"],
         "continual": cfg_dict.get("continual"),
-        "train": {k: v for k, v in cfg_dict["train"].items() if k not in _UNKEYED_TRAIN},
+        "train": {k: v for k, v in cfg_dict["train"].items() if k not in RUN_ONLY_TRAIN_KEYS},
         "task": {k: cfg_dict["tasks"][0][k] for k in _KEYED_TASK},
     }
 
