@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_environment_names_threads_versions_and_commit():
+    provenance.git_commit.cache_clear()  # the commit is read once per process; this test reads it afresh
     env = provenance.environment("cpu")
     assert env["threads"] == torch.get_num_threads()
     assert env["torch"] == torch.__version__
