@@ -141,6 +141,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def write_train_counts(out: str, task_name: str, counts: np.ndarray) -> tuple[str, str]:
+    """Write a task's ``train_counts.npy`` under ``out``: its path relative to the root and the
+    sha256 of its bytes, the two the manifest records (and checks on read)."""
+    path = f"{task_name}/train_counts.npy"
+    data = npy_bytes(counts)
+    write_bytes(join(out, path), data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
 def _make_parent_dir(url: str) -> None:
     # Object stores have no directories; creating one on S3 could even try to create a bucket.
     if is_local(url):

@@ -3,21 +3,18 @@ chunks."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from conure_dist.data.manifest import Manifest, ShardInfo, SplitInfo, TaskInfo
-from conure_dist.fs import join
 from data_tools.shard_common import (
     TaskData,
     check_writer_args,
-    npy_bytes,
     remove_old_manifest,
-    write_bytes,
     write_shard,
+    write_train_counts,
 )
 from data_tools.split import DEFAULT_FRACTIONS, SPLIT_NAMES
 
@@ -136,9 +133,7 @@ class StreamingDatasetWriter:
             counts = self.counts[task.name]
             if task.kind == "sequence":
                 counts[0] = 0
-            counts_path = f"{task.name}/train_counts.npy"
-            counts_npy = npy_bytes(counts)
-            write_bytes(join(self.out, counts_path), counts_npy)
+            counts_path, counts_sha256 = write_train_counts(self.out, task.name, counts)
             splits = {
                 s: SplitInfo(
                     num_instances=sum(sh.num_instances for sh in self.shards[task.name, s]),
@@ -155,7 +150,7 @@ class StreamingDatasetWriter:
                     class_names=tuple(task.class_names) if task.class_names is not None else None,
                     train_counts=counts_path,
                     splits=splits,
-                    train_counts_sha256=hashlib.sha256(counts_npy).hexdigest(),
+                    train_counts_sha256=counts_sha256,
                 )
             )
         manifest = Manifest(

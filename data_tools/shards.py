@@ -18,7 +18,6 @@ the same layout while instances arrive in chunks, and ``shard_common`` holds wha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Any
@@ -31,10 +30,10 @@ from conure_dist.fs import join
 from data_tools.shard_common import (
     TaskData,
     check_writer_args,
-    npy_bytes,
     remove_old_manifest,
     write_bytes,
     write_shard,
+    write_train_counts,
 )
 from data_tools.split import (
     DEFAULT_FRACTIONS,
@@ -246,10 +245,8 @@ def _write_task(
         name: _write_split(out, parts[name], name, t1_seqs, instances_per_shard, records_per_sample)
         for name in SPLIT_NAMES
     }
-    counts_path = f"{task.name}/train_counts.npy"
     train = parts["train"]
-    counts_npy = npy_bytes(train_counts(train, np.arange(train.num_instances)))
-    write_bytes(join(out, counts_path), counts_npy)
+    counts_path, counts_sha256 = write_train_counts(out, task.name, train_counts(train, np.arange(train.num_instances)))
     vocab_path = None
     if task.vocab is not None:  # its length was checked by validate_tasks
         vocab_path = f"{task.name}/vocab.json"
@@ -262,7 +259,7 @@ def _write_task(
         class_names=tuple(task.class_names) if task.class_names is not None else None,
         train_counts=counts_path,
         splits=splits,
-        train_counts_sha256=hashlib.sha256(counts_npy).hexdigest(),
+        train_counts_sha256=counts_sha256,
         vocab=vocab_path,
     )
 
