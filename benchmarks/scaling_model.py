@@ -49,6 +49,17 @@ def compute_model(h100: dict[str, Any], t1_params: int, later_params: int) -> di
     return out
 
 
+def _sizes(topo: cm.Topology, per_gpu: int, world: int, compute_s: float) -> dict[str, Any]:
+    """What every predicted row starts with: the job's size and its compute time per step."""
+    return {
+        "world_size": world,
+        "nodes": topo.num_nodes,
+        "per_gpu_batch": per_gpu,
+        "global_batch": per_gpu * world,
+        "compute_ms": compute_s * 1e3,
+    }
+
+
 def t1_row(shape, per_gpu: int, world: int, compute: dict[str, float]) -> dict[str, Any]:
     topo = cm.topology(world)
     popularity = cm.zipf_popularity(shape.tables[0].rows, 1.0)
@@ -76,11 +87,7 @@ def t1_row(shape, per_gpu: int, world: int, compute: dict[str, float]) -> dict[s
     all_sparse, all_dense = step(list(shape.tables), 0), step([], shape.table_bytes)
     compute_s = compute["optimizer_s"] + per_gpu * compute["per_sequence_s"]
     return {
-        "world_size": world,
-        "nodes": topo.num_nodes,
-        "per_gpu_batch": per_gpu,
-        "global_batch": per_gpu * world,
-        "compute_ms": compute_s * 1e3,
+        **_sizes(topo, per_gpu, world, compute_s),
         "rows_local": dict(zip(kinds, local, strict=True)),
         "rows_union": dict(zip(kinds, union, strict=True)),
         "row_sparse_payload_mb": all_sparse.payload("row_sparse") / 1e6,
@@ -101,11 +108,7 @@ def later_row(shape, per_gpu: int, world: int, compute: dict[str, float]) -> dic
     hier = cm.ddp_step(world, shape.dense_bytes, [], topo=topo, hierarchical=True)
     compute_s = compute["optimizer_s"] + per_gpu * compute["per_sequence_s"]
     return {
-        "world_size": world,
-        "nodes": topo.num_nodes,
-        "per_gpu_batch": per_gpu,
-        "global_batch": per_gpu * world,
-        "compute_ms": compute_s * 1e3,
+        **_sizes(topo, per_gpu, world, compute_s),
         "dense_payload_mb": shape.dense_bytes / 1e6,
         "comm_ms": flat.seconds() * 1e3,
         "comm_hierarchical_ms": hier.seconds() * 1e3,
