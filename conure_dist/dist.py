@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,7 +102,11 @@ def _restart_store() -> tdist.Store:
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the group. Garbage that still holds it (a DDP reducer in a reference cycle, say) is
+    collected first, so that the group's threads are joined now and not while the interpreter
+    shuts down, where gloo can abort the process ("terminate called without an active exception")."""
     if info.backend is not None and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 

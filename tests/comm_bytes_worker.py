@@ -46,7 +46,10 @@ def run_phase(ctx, index: int, shape) -> dict:
         return original(micro_batches)
 
     phase.engine.train_step = step
-    phase.run()
+    try:
+        phase.run()
+    finally:
+        del phase.engine.train_step  # no engine -> step -> engine cycle outliving the process group
     timing = phase.timing()
     return {
         "task": phase.info.name,

@@ -9,6 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Keep test runs quiet and reproducible on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# A worker process that crashes (a signal, an abort in native code) prints every thread's
+# Python stack to its stderr, which the failing test shows.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def _torch_state() -> tuple:

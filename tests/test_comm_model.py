@@ -77,7 +77,7 @@ def measured_bytes(tmp_path_factory):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd += [str(REPO / "tests/comm_bytes_worker.py"), str(config), str(path), "dist.sparse_exchange=row_sparse"]
         result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.returncode == 0, result.stderr[-12000:]
         out[nproc] = json.loads(path.read_text())
     return out
 
