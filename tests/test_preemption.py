@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import cli, conure, tiny_config
 
 from conure_dist.config import load_config
+from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
+from conure_dist.train import preemption
 
 TASKS = [("t1", 0.6), ("click", 0.5)]
 # The click phase trains long enough (4 epochs) for a signal sent at its first step to land
@@ -28,6 +31,28 @@ def test_checkpoint_every_minutes_is_validated(tmp_path):
     assert load_config(path, ["train.checkpoint_every_minutes=0.5"]).train.checkpoint_every_minutes == 0.5
     with pytest.raises(UserError, match=r"train.checkpoint_every_minutes.*must be > 0"):
         load_config(path, ["train.checkpoint_every_minutes=0"])
+
+
+def test_nccl_ranks_agree_on_stopping_only_where_the_loop_reads_its_losses(monkeypatch):
+    """On NCCL reading the agreed flags waits for the device: inside a phase the ranks agree
+    every ``train.log_every`` steps only, with no collective in between; on gloo at every step."""
+    calls = []
+
+    def all_reduce(flags, op):
+        calls.append(flags.tolist())
+        flags.copy_(torch.tensor([int(signal.SIGTERM), 0]))  # another rank was signalled
+
+    monkeypatch.setattr(preemption.tdist, "all_reduce", all_reduce)
+    flag = preemption.StopFlag()
+    nccl = DistInfo(0, 2, 0, torch.device("cpu"), "nccl")
+    assert [flag.decide_at_step(nccl, step, every=5).stop for step in range(1, 11)] == [0] * 4 + [15] + [0] * 4 + [15]
+    assert calls == [[0, 0], [0, 0]]
+    gloo = DistInfo(0, 2, 0, torch.device("cpu"), "gloo")
+    assert [flag.decide_at_step(gloo, step, every=5).stop for step in (1, 2, 3)] == [15, 15, 15]
+    assert len(calls) == 5
+    alone = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    flag.signum = int(signal.SIGUSR1)
+    assert flag.decide_at_step(alone, 3, every=5).stop == signal.SIGUSR1 and len(calls) == 5
 
 
 def _outcome(run: Path) -> dict:

@@ -313,7 +313,7 @@ class Phase:
         ``train.checkpoint_every_minutes`` have passed, or on a stop signal (then ``save_mid``
         stops the run once the checkpoint is committed; with nothing to save it stops at once)."""
         every = self.trainer.cfg.train.checkpoint_every_steps
-        decision = STOP.decide(self.trainer.dist)
+        decision = STOP.decide_at_step(self.trainer.dist, self.progress.step, self.trainer.cfg.train.log_every)
         if save_mid is None:
             if decision.stop:
                 raise Preempted(decision.stop, None)

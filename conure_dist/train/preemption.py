@@ -8,9 +8,12 @@ scripts turn into a Slurm requeue, or 130 after SIGINT, with a one-line hint to 
 A second SIGINT stops at once.
 
 ``train.checkpoint_every_minutes`` checkpoints inside a phase once that much time has passed
-since the last checkpoint. On several processes the ranks agree on both at every step (one
-small all-reduce of "stop" and "due"), so all of them checkpoint at the same step even when the
-signal or the clock reaches them at different moments.
+since the last checkpoint. On several processes the ranks agree on both (one small all-reduce
+of "stop" and "due"), so all of them checkpoint at the same step even when the signal or the
+clock reaches them at different moments. With gloo they agree at every step: the flags live on
+the host. With NCCL reading the agreed flags waits for the device, so they agree only at the
+steps where the loop reads its losses anyway (``train.log_every``): a stop then comes at most
+that many steps later, and the steps in between keep the host ahead of the device.
 """
 
 from __future__ import annotations
@@ -85,6 +88,14 @@ class StopFlag:
 
     def checkpointed(self) -> None:
         self.last_checkpoint = time.monotonic()
+
+    def decide_at_step(self, dist: DistInfo, step: int, every: int) -> Decision:
+        """``decide`` at a step boundary inside a phase. On NCCL the ranks agree only at every
+        ``every``-th step (there the loop synchronises with the device anyway); in between
+        nothing is decided, without a collective. Every rank calls this with the same steps."""
+        if dist.is_distributed and dist.backend == "nccl" and step % every:
+            return Decision(0, False)
+        return self.decide(dist)
 
     def decide(self, dist: DistInfo, timed: bool = True) -> Decision:
         """Whether to stop and whether a timed checkpoint is due, the same on every rank
