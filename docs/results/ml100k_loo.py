@@ -20,6 +20,7 @@ from conure_dist.experiment.stats import interval
 
 METRICS = ("mrr@5", "ndcg@5", "hr@5")
 RECBOLE_NAMES = {"mrr@5": "mrr@5", "ndcg@5": "ndcg@5", "hr@5": "hit@5"}
+RECBOLE_ROW = "RecBole 1.2.1 NextItNet"
 TARGETS_PER_EPOCH = 97_171
 """Training targets of an epoch on both sides: every training rating but each user's first."""
 
@@ -51,11 +52,39 @@ def _our_throughput(experiment: str) -> dict[str, Any]:
     return {"train_sequences_per_s_mean_of_steps": mean, "train_epochs_per_seed": epochs}
 
 
-def _recbole(folder: str) -> dict[str, Any]:
+def _recorded_recbole(summary_path: str) -> list[dict[str, Any]]:
+    """RecBole's seeds as an earlier summary recorded them (for runs whose folders are gone), in
+    the shape of ``result.json``: the test metrics, epochs, throughput and settings."""
+    row = json.loads(Path(summary_path).read_text())["rows"][RECBOLE_ROW]
+    results = []
+    for i, seed in enumerate(row["seeds"]):
+        results.append(
+            {
+                "test": {RECBOLE_NAMES[m]: row["per_seed"][m][i] for m in METRICS},
+                "settings": {**row["settings"], "seed": seed},
+                "best_epoch": row["best_epoch"][i],
+                "epochs_run": row["epochs_run"][i],
+                "train_prefixes_per_s": row["train_prefixes_per_s"][i],
+                "recbole": row["recbole"],
+                "threads": row["threads"],
+                "recorded_in": summary_path,
+            }
+        )
+    return results
+
+
+def _recbole(folder: str, recorded: str | None = None) -> dict[str, Any]:
+    """RecBole's seeds under ``folder`` (``seed*/result.json``), after those of an earlier summary
+    (``recorded``) that the folder does not hold."""
     results = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(f"{folder}/seed*/result.json"))]
+    if recorded:
+        ran = {r["settings"]["seed"] for r in results}
+        results = [r for r in _recorded_recbole(recorded) if r["settings"]["seed"] not in ran] + results
+        results.sort(key=lambda r: r["settings"]["seed"])
     per_metric = {m: [r["test"][RECBOLE_NAMES[m]] for r in results] for m in METRICS}
     return {
         "seeds": [r["settings"]["seed"] for r in results],
+        "recorded_seeds": [r["settings"]["seed"] for r in results if "recorded_in" in r],
         "test": {m: interval(v) for m, v in per_metric.items()} if results else {},
         "per_seed": per_metric,
         "best_epoch": [r["best_epoch"] for r in results],
@@ -87,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--references", required=True)
-    parser.add_argument("--recbole", required=True)
+    parser.add_argument("--recbole", required=True, help="a folder of RecBole runs, seed*/result.json")
+    parser.add_argument(
+        "--recbole-recorded",
+        help="an earlier summary.json whose RecBole seeds count where --recbole does not hold them",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     refs = json.loads(Path(args.references).read_text())["test"]
@@ -95,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": {
             "Conure T1 (pruned 70%, retrained)": _ours(args.experiment, before_pruning=False),
             "Conure T1 before pruning": _ours(args.experiment, before_pruning=True),
-            "RecBole 1.2.1 NextItNet": _recbole(args.recbole),
+            RECBOLE_ROW: _recbole(args.recbole, args.recbole_recorded),
         },
         "references": {
             "most popular": refs["popular"],
