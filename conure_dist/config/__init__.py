@@ -12,7 +12,7 @@ The dataclasses live in :mod:`conure_dist.config.schema`, the loading in
 :mod:`conure_dist.config.load`; every public name is importable from here.
 """
 
-from conure_dist.config.load import config_changes, config_from_dict, load_config
+from conure_dist.config.load import changes_since, config_changes, config_from_dict, load_config
 from conure_dist.config.schema import (
     RUN_ONLY_TRAIN_KEYS,
     ConfigError,
@@ -39,6 +39,7 @@ __all__ = [
     "SyntheticDataConfig",
     "TaskConfig",
     "TrainConfig",
+    "changes_since",
     "config_changes",
     "config_from_dict",
     "load_config",

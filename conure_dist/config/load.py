@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from conure_dist.config.schema import ConfigError, RunConfig
+from conure_dist.config.schema import ConfigError, RunConfig, TaskConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -197,6 +197,38 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
     ``to_dict`` gives them) differ, in key order."""
     old, new = _flatten(before), _flatten(after)
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def changes_since(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """``config_changes(recorded, now)`` for a config recorded by an earlier run, less the keys
+    the schema gained since that ``now`` leaves at their default (by convention a new option's
+    default keeps the behaviour from before it existed); and those keys."""
+    changes = config_changes(recorded, now)
+    newer = [k for k, (_, value) in changes.items() if not _has_key(recorded, k) and value == _default_of(k)]
+    return {k: v for k, v in changes.items() if k not in newer}, newer
+
+
+def _has_key(tree: Any, dotted: str) -> bool:
+    """Whether a config dict (as ``to_dict`` gives it) holds the dotted key (``tasks.0.lr``)."""
+    for part in dotted.split("."):
+        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        elif isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return False
+    return True
+
+
+def _default_of(dotted: str) -> Any:
+    """The schema's default of a dotted key (a task's keys: ``TaskConfig``'s), None if unknown."""
+    parts = dotted.split(".")
+    tree: Any = TaskConfig().__dict__ if parts[0] == "tasks" else RunConfig().to_dict()
+    for part in parts[2:] if parts[0] == "tasks" else parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -39,8 +39,7 @@ from conure_dist.config import (
     ConfigError,
     DataConfig,
     RunConfig,
-    TaskConfig,
-    config_changes,
+    changes_since,
 )
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
@@ -189,41 +188,11 @@ def _check_reused(report: dict[str, Any], cfg: RunConfig, path: str) -> None:
     if "config" not in report:
         log.warning("%s records no config (written by an older version): its settings cannot be checked", path)
         return
-    changes = config_changes(report["config"], cfg.to_dict())
-    # A key added to the schema after the run was made is at its default there: by convention a
-    # new option's default keeps the behaviour from before it existed.
-    newer = [k for k, (_, now) in changes.items() if not _has_key(report["config"], k) and now == _default_of(k)]
+    changes, newer = changes_since(report["config"], cfg.to_dict())
     if newer:
         log.info("%s was made before %s existed; taken as the default", path, ", ".join(newer))
-    differ = [
-        f"{k}={now} (the run: {saved})"
-        for k, (saved, now) in changes.items()
-        if k not in NOT_RESULTS and k not in newer
-    ]
+    differ = [f"{k}={now} (the run: {saved})" for k, (saved, now) in changes.items() if k not in NOT_RESULTS]
     if differ:
         raise UserError(
             f"{path} holds a run made with other settings: {', '.join(differ)}; delete it or use another --out"
         )
-
-
-def _has_key(tree: Any, dotted: str) -> bool:
-    """Whether a config dict (as ``to_dict`` gives it) holds the dotted key (``tasks.0.lr``)."""
-    for part in dotted.split("."):
-        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
-            tree = tree[int(part)]
-        elif isinstance(tree, dict) and part in tree:
-            tree = tree[part]
-        else:
-            return False
-    return True
-
-
-def _default_of(dotted: str) -> Any:
-    """The schema's default of a dotted key (a task's keys: ``TaskConfig``'s), None if unknown."""
-    parts = dotted.split(".")
-    tree: Any = TaskConfig().__dict__ if parts[0] == "tasks" else RunConfig().to_dict()
-    for part in parts[2:] if parts[0] == "tasks" else parts:
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
