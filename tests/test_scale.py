@@ -16,7 +16,7 @@ from helpers import REPO, tiny_config
 from conure_dist.config import load_config
 from conure_dist.dist import DistInfo
 from conure_dist.errors import UserError
-from conure_dist.scaling.job import ScaleSpec, emit_sbatch, scaled_overrides
+from conure_dist.scaling.job import ScaleSpec, emit_sbatch, run_scale, scaled_overrides
 from conure_dist.train.context import check_batch_split
 
 PHASES = ["t1/train", "t1/retrain", "click/train", "click/retrain"]
@@ -82,6 +82,25 @@ def test_strong_scaling_records_every_phase_and_the_failed_size(scaled):
     table = (folder / "table.md").read_text()
     assert "## t1/train" in table and "## Failed sizes" in table and "| 3 | 0 | exit code" in table
     assert sorted(p.name for p in (folder / "plots").iterdir()) == ["bytes.png", "step_split.png", "throughput.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finished_runs_are_reused_only_with_the_same_settings(scaled):
+    """A second call on the same --out reuses the finished sizes (nothing is launched: the
+    summary is the same); with another setting it names the run and the key instead."""
+    _, summary, folder = scaled["weak"]
+    config = str(folder.parent / "c.yaml")
+    spec = ScaleSpec(config, [1, 2], str(folder), mode="weak", evaluate=False, warmup_steps=2)
+    again = run_scale(spec)
+    assert again["phases"] == summary["phases"]
+    spec.overrides = ["train.log_every=7"]
+    with pytest.raises(
+        UserError, match=r"ws1-seed0 holds a finished run with other settings: train.log_every=7 \(the run: 50\)"
+    ):
+        run_scale(spec)
+    with pytest.raises(UserError, match=r"ws1-seed0 holds a finished run with other settings: train.log_every=7"):
+        run_scale(spec, collect_only=True)
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ written as one sbatch script per size (``--emit-sbatch``) whose runs ``--collect
   ``batch_size / W0 * W`` and the learning rate follows the square-root rule for Adam,
   ``lr * sqrt(W / W0)`` (the update's noise scale stays that of the smaller batch).
 
-A failed size is recorded with its error and the others still run. Results go to
+A failed size is recorded with its error and the others still run. A size whose run finished
+under ``OUT`` earlier is not run again, if it ran the same settings (else it is refused). Results go to
 ``OUT/results.json``, ``OUT/table.md`` and ``OUT/plots/``; every run's output stays in
 ``OUT/runs/wsW-seedS`` and its console in ``OUT/runs/wsW-seedS.log``.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conure_dist.config import RunConfig, load_config
+from conure_dist.config import RunConfig, changes_since, load_config
 from conure_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def run_size(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int, rdzv: str |
     """Launch one run (unless its report is already there) and return its figures or its error."""
     out = spec.run_dir(world, seed)
     entry: dict[str, Any] = {"world_size": world, "seed": seed, "run": str(out)}
-    if not (out / "report.json").exists():
+    if (out / "report.json").exists():
+        check_reusable(spec, cfg, world, seed)
+    else:
         if out.exists():  # an unfinished earlier attempt: start again
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +157,24 @@ def run_size(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int, rdzv: str |
         if code != 0:
             return {**entry, "error": failure_line(console, code)}
     return {**entry, **read_run(out)}
+
+
+def check_reusable(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int) -> None:
+    """A finished run under ``OUT/runs`` is reused only if it ran exactly the config this size
+    would run now: any other setting (``dist.*`` and the step timing included, since they
+    change the figures) is refused, naming the run and the keys."""
+    out = spec.run_dir(world, seed)
+    report = json.loads((out / "report.json").read_text())
+    if "config" not in report:
+        raise UserError(f"{out}/report.json records no config, so it cannot be reused: delete {out} to run it again")
+    now = load_config(spec.config, run_overrides(spec, cfg, world, seed)).to_dict()
+    changes, _ = changes_since(report["config"], now)
+    if changes:
+        differ = ", ".join(f"{k}={value} (the run: {saved})" for k, (saved, value) in changes.items())
+        raise UserError(
+            f"{out} holds a finished run with other settings: {differ}; delete it to run it again, "
+            "or give another --out"
+        )
 
 
 def run_env() -> dict[str, str]:
@@ -227,6 +248,8 @@ def run_scale(spec: ScaleSpec, collect_only: bool = False) -> dict[str, Any]:
                 out = spec.run_dir(world, seed)
                 entry = {"world_size": world, "seed": seed, "run": str(out)}
                 found = (out / "report.json").exists()
+                if found:
+                    check_reusable(spec, cfg, world, seed)
                 runs.append({**entry, **read_run(out)} if found else {**entry, "error": "no report.json"})
             else:
                 runs.append(run_size(spec, cfg, world, seed, rdzv))
