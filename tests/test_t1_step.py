@@ -35,6 +35,12 @@ def _batches(steps: int) -> list[tuple]:
 
 
 def _train(model: ConureModel, fold: bool, masked_rows: bool | None = None, view: tuple | None = None):
+    engine = _engine(model, fold, masked_rows, view)
+    losses = [engine.train_step([b]).item() for b in _batches(4)]
+    return engine, losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _engine(model: ConureModel, fold: bool, masked_rows: bool | None = None, view: tuple | None = None):
     names = model.prunable_names()
     ownership = TaskOwnership.empty({n: p.shape for n, p in model.named_parameters() if n in names})
     if view:
@@ -44,9 +50,7 @@ def _train(model: ConureModel, fold: bool, masked_rows: bool | None = None, view
     masked.set_view(*(view or ("train", 1)))
     model.masked_rows = masked_rows
     trainable = phase_parameters(model, "t1", first_phase=view is None)
-    engine = TorchEngine(masked, trainable, 1e-2, 0.05, CPU, "fp32", fold_l2=fold)
-    losses = [engine.train_step([b]).item() for b in _batches(4)]
-    return engine, losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return TorchEngine(masked, trainable, 1e-2, 0.05, CPU, "fp32", fold_l2=fold)
 
 
 def test_l2_folded_into_adam_is_the_same_update():
@@ -72,6 +76,44 @@ def test_tensors_with_frozen_entries_keep_the_penalty_in_the_loss():
     assert len(clipped.optimizer.param_groups) == 1 and set(clipped.penalized) == set(engine.trainable)
     on_cpu = TorchEngine(engine.masked, engine.trainable, 1e-2, 0.05, CPU, "fp32")
     assert len(on_cpu.optimizer.param_groups) == 1  # folding defaults to CUDA only
+
+
+@pytest.mark.parametrize("view", [None, ("retrain", 1)])
+@pytest.mark.parametrize("saved_folded", [False, True])
+def test_optimizer_state_resumes_across_the_folded_and_plain_groupings(saved_folded, view):
+    """A mid-phase checkpoint of one grouping (CPU: one group; CUDA: the folded tensors apart,
+    which reorders them when some have frozen entries) resumes into the other: each tensor gets
+    its own Adam moments, and the next steps are those of an uninterrupted run."""
+    batches = _batches(4)
+    model = _model(prune_embedding=view is not None)
+    before = _engine(model, saved_folded, view=view)
+    for b in batches[:2]:
+        before.train_step([b])
+    state = copy.deepcopy(before.state_dict())  # as saved: not the live moments
+    resumed = copy.deepcopy(before.masked)  # the weights, the ownership and the view
+    trainable = phase_parameters(resumed.model, "t1", first_phase=view is None)
+    after = TorchEngine(resumed, trainable, 1e-2, 0.05, CPU, "fp32", fold_l2=not saved_folded)
+    assert len(after.optimizer.param_groups) != len(before.optimizer.param_groups)
+    after.load_state_dict(state)
+    moments = {n: before.optimizer.state[p]["exp_avg"] for n, p in before.trainable.items()}
+    for name, param in after.trainable.items():
+        assert torch.equal(after.optimizer.state[param]["exp_avg"], moments[name]), name
+    assert [g["weight_decay"] for g in after.optimizer.param_groups] == ([0.0] if saved_folded else [0.0, 0.05])
+    for b in batches[2:]:
+        before.train_step([b])
+        after.train_step([b])
+    for (name, want), got in zip(model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizer_state_of_other_tensors_is_refused():
+    model = _model()
+    engine = _engine(model, False)
+    engine.train_step([_batches(1)[0]])
+    state = engine.state_dict()
+    state["param_order"] = [n.replace("heads.t1", "heads.other") for n in state["param_order"]]
+    with pytest.raises(ValueError, match=r"missing \['model.heads.t1.bias', 'model.heads.t1.weight'\]"):
+        _engine(copy.deepcopy(model), True).load_state_dict(state)
 
 
 @pytest.mark.parametrize("fast", [True, False])

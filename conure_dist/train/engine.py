@@ -165,10 +165,21 @@ class TorchEngine:
         return micro_loss.mean()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "param_order": self._param_order()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """The optimizer state; saved under another grouping of the same tensors (with the L2
+        term folded on CUDA, or not on CPU) it is regrouped by tensor name first, so a run
+        resumes mid-phase on either device."""
+        saved, order = state["optimizer"], state.get("param_order")
+        if order is not None:
+            saved = regrouped(saved, order, self._param_order(), self.optimizer.state_dict()["param_groups"])
+        self.optimizer.load_state_dict(saved)
+
+    def _param_order(self) -> list[str]:
+        """Trainable tensors' names in the optimizer's order (group by group), which indexes its state."""
+        names = {id(p): n for n, p in self.trainable.items()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -181,6 +192,19 @@ class TorchEngine:
         self.timer = timer
         if self.dist.is_distributed:
             self.module.register_comm_hook(None, timer.comm.ddp_hook)
+
+
+def regrouped(saved: dict, saved_order: list[str], order: list[str], groups: list[dict]) -> dict:
+    """An optimizer ``state_dict`` whose per-tensor state was indexed by ``saved_order``, indexed
+    by ``order`` and split into ``groups`` (the current optimizer's, with the saved learning rate).
+    The same tensors must be trained on both sides."""
+    if sorted(saved_order) != sorted(order):
+        missing, extra = sorted(set(order) - set(saved_order)), sorted(set(saved_order) - set(order))
+        raise ValueError(f"the optimizer state holds other tensors: missing {missing}, not trained now {extra}")
+    index = {name: i for i, name in enumerate(saved_order)}
+    state = {new: saved["state"][index[name]] for new, name in enumerate(order) if index[name] in saved["state"]}
+    lr = saved["param_groups"][0]["lr"]
+    return {"state": state, "param_groups": [{**g, "lr": lr} for g in groups]}
 
 
 def build_engine(
