@@ -337,11 +337,17 @@ def _backward(
             **launch_options(t),
         },
     )
-    dw, db = dw.sum(0), db.sum(0)
+    dw, db = _summed(dw), _summed(db)
     if table_rows is not None and not scatter:
         dw = torch.zeros(table_rows, C, device=h.device, dtype=torch.float32).index_add_(0, neg, dw)
         db = torch.zeros(table_rows, device=h.device, dtype=torch.float32).index_add_(0, neg, db)
-    return dh.sum(0), dw, db
+    return _summed(dh), dw, db
+
+
+def _summed(parts: torch.Tensor) -> torch.Tensor:
+    """The per-program partial gradients [P, ...] summed; one part (atomics) is taken as it is,
+    not copied: with the table's rows scattered in it is the whole [V, C] table gradient."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 class _FusedNegativeLogSumExp(torch.autograd.Function):
