@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from data_tools.split import (
     stratified_indices,
 )
 
-__all__ = ["TaskData", "split_task", "train_counts", "validate_tasks", "write_dataset"]
+__all__ = ["Part", "TaskData", "split_task", "train_counts", "validate_tasks", "write_dataset"]
 
 
 def write_dataset(
@@ -164,6 +164,15 @@ def _check_task(task: TaskData, num_users: int) -> None:
         raise ValueError(f"{where}: {len(task.class_names)} class names for num_classes={task.num_classes}")
 
 
+class Part(NamedTuple):
+    """A split's instances: ``rows`` of ``task`` (the task itself, or the leave-one-out windows
+    cut from a sequence task), in the order they are written. Rows, not copies: on TTL's T1 a
+    copy of each split's sequences would hold the whole table again."""
+
+    task: TaskData
+    rows: np.ndarray
+
+
 def split_task(
     task: TaskData,
     task_index: int,
@@ -172,7 +181,7 @@ def split_task(
     seed: int,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     protocol: str = "random",
-) -> dict[str, TaskData]:
+) -> dict[str, Part]:
     """Each split's instances of ``task``.
 
     ``random`` (the paper's): the instances are shuffled and cut by ``fractions``.
@@ -185,17 +194,19 @@ def split_task(
     """
     if protocol == "random":
         indices = split_indices(task.num_instances, seed=seed, task_index=task_index, fractions=fractions)
-        return {name: task.subset(indices[name]) for name in SPLIT_NAMES}
+        return {name: Part(task, indices[name]) for name in SPLIT_NAMES}
     if task.kind == "sequence":
-        parts = _sequence_splits(task, t1_seqs.shape[1])
+        windows = _sequence_splits(task, t1_seqs.shape[1])
+        parts = {name: Part(w, np.arange(w.num_instances)) for name, w in windows.items()}
     elif task.kind == "item":
-        parts = {name: task.subset(rows) for name, rows in leave_one_out_indices(task.users, task.times).items()}
+        parts = {name: Part(task, rows) for name, rows in leave_one_out_indices(task.users, task.times).items()}
     else:
         assert task.targets is not None
         rows = stratified_indices(task.targets, seed=seed, task_index=task_index, fractions=fractions)
-        parts = {name: task.subset(r) for name, r in rows.items()}
-    shuffle = np.random.default_rng([seed, task_index]).permutation(parts["train"].num_instances)
-    return {**parts, "train": parts["train"].subset(shuffle)}
+        parts = {name: Part(task, r) for name, r in rows.items()}
+    train = parts["train"]
+    shuffle = np.random.default_rng([seed, task_index]).permutation(len(train.rows))
+    return {**parts, "train": Part(train.task, train.rows[shuffle])}
 
 
 def _sequence_splits(task: TaskData, seq_len: int) -> dict[str, TaskData]:
@@ -221,14 +232,15 @@ def _sequence_splits(task: TaskData, seq_len: int) -> dict[str, TaskData]:
     }
 
 
-def _leave_one_out_record(tasks: list[TaskData], parts: list[dict[str, TaskData]]) -> dict[str, Any]:
+def _leave_one_out_record(tasks: list[TaskData], parts: list[dict[str, Part]]) -> dict[str, Any]:
     """What the manifest's ``split`` records of a leave-one-out split, beside the fractions that
     the class tasks are split by."""
     return {
         "protocol": "leave_one_out",
         "profile_split": "stratified by class, by the train/valid/test fractions",
         "users_evaluated": {
-            task.name: int(len(np.unique(part["test"].users))) for task, part in zip(tasks, parts, strict=True)
+            task.name: int(len(np.unique(np.asarray(part["test"].task.users)[part["test"].rows])))
+            for task, part in zip(tasks, parts, strict=True)
         },
     }
 
@@ -236,7 +248,7 @@ def _leave_one_out_record(tasks: list[TaskData], parts: list[dict[str, TaskData]
 def _write_task(
     out: str,
     task: TaskData,
-    parts: dict[str, TaskData],
+    parts: dict[str, Part],
     t1_seqs: np.ndarray,
     instances_per_shard: int,
     records_per_sample: int,
@@ -245,8 +257,7 @@ def _write_task(
         name: _write_split(out, parts[name], name, t1_seqs, instances_per_shard, records_per_sample)
         for name in SPLIT_NAMES
     }
-    train = parts["train"]
-    counts_path, counts_sha256 = write_train_counts(out, task.name, train_counts(train, np.arange(train.num_instances)))
+    counts_path, counts_sha256 = write_train_counts(out, task.name, train_counts(*parts["train"]))
     vocab_path = None
     if task.vocab is not None:  # its length was checked by validate_tasks
         vocab_path = f"{task.name}/vocab.json"
@@ -286,13 +297,13 @@ def train_counts(task: TaskData, train_indices: np.ndarray) -> np.ndarray:
 
 def _write_split(
     out: str,
-    task: TaskData,
+    part: Part,
     split: str,
     t1_seqs: np.ndarray,
     instances_per_shard: int,
     records_per_sample: int,
 ) -> SplitInfo:
-    indices = np.arange(task.num_instances)
+    task, indices = part
     num_shards = math.ceil(len(indices) / instances_per_shard)
     # Equal-sized shards (rather than full ones plus a small tail) keep per-shard work balanced.
     parts = np.array_split(indices, num_shards) if num_shards else []
