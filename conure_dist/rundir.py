@@ -44,7 +44,7 @@ STALE_AFTER_S = 300.0
 """A holder whose heartbeat is this old is taken for dead (ten missed heartbeats)."""
 
 NOT_RESULTS = frozenset(
-    {f"train.{key}" for key in RUN_ONLY_TRAIN_KEYS} | {"train.num_threads", "train.eval_batch_size"}
+    {f"train.{key}" for key in RUN_ONLY_TRAIN_KEYS} | {"train.num_threads", "train.eval_batch_size", "dist.compile"}
 )
 """Settings that change how a run is carried out or shown, not its results."""
 NOT_RESULTS_PREFIXES = ("dist.",)

@@ -153,3 +153,18 @@ def test_a_truncated_report_is_an_error_naming_the_file(tmp_path):
         (tmp_path / "report.json").write_text(text)
         with pytest.raises(UserError, match=f"^{tmp_path / 'report.json'} is not a complete report"):
             read_report(str(tmp_path / "report.json"))
+
+
+def test_an_experiment_reuses_a_run_that_differs_only_in_how_it_ran(tmp_path):
+    """Reuse ignores the settings that do not change results (``rundir.NOT_RESULTS``: threads,
+    logging, checkpoints, compilation), and refuses one that does."""
+    from conure_dist.config import load_config
+    from conure_dist.experiment.harness import _check_reused
+
+    cfg = load_config(tiny_config(tmp_path, [("t1", 0.5)]))
+    ran = load_config(tiny_config(tmp_path, [("t1", 0.5)]), ["dist.compile=never", "train.num_threads=1"])
+    report = {"method": cfg.method.name, "seed": cfg.seed, "tasks": [{"name": "t1"}], "config": ran.to_dict()}
+    _check_reused(report, cfg, "r/report.json")
+    report["config"]["tasks"][0]["lr"] = 0.5
+    with pytest.raises(UserError, match=r"r/report.json holds a run made with other settings: tasks.0.lr="):
+        _check_reused(report, cfg, "r/report.json")
