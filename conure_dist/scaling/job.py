@@ -139,31 +139,34 @@ def run_size(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int, rdzv: str |
     """Launch one run (unless its report is already there) and return its figures or its error."""
     out = spec.run_dir(world, seed)
     entry: dict[str, Any] = {"world_size": world, "seed": seed, "run": str(out)}
-    if (out / "report.json").exists():
-        check_reusable(spec, cfg, world, seed)
-    else:
-        if out.exists():  # an unfinished earlier attempt: start again
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            cmd = launch_command(spec, cfg, world, seed, rdzv)
-        except UserError as exc:
-            return {**entry, "error": str(exc)}
-        entry["command"] = shlex.join(cmd)
-        log.info("world size %d, seed %d: %s", world, seed, entry["command"])
-        console = out.parent / f"{out.name}.log"
-        with open(console, "w") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=run_env()).returncode
-        if code != 0:
-            return {**entry, "error": failure_line(console, code)}
+    earlier = finished_run(spec, cfg, world, seed)
+    if earlier is not None:
+        return {**entry, **earlier}
+    if out.exists():  # an unfinished earlier attempt: start again
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cmd = launch_command(spec, cfg, world, seed, rdzv)
+    except UserError as exc:
+        return {**entry, "error": str(exc)}
+    entry["command"] = shlex.join(cmd)
+    log.info("world size %d, seed %d: %s", world, seed, entry["command"])
+    console = out.parent / f"{out.name}.log"
+    with open(console, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=run_env()).returncode
+    if code != 0:
+        return {**entry, "error": failure_line(console, code)}
     return {**entry, **read_run(out)}
 
 
-def check_reusable(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int) -> None:
-    """A finished run under ``OUT/runs`` is reused only if it ran exactly the config this size
-    would run now: any other setting (``dist.*`` and the step timing included, since they
-    change the figures) is refused, naming the run and the keys."""
+def finished_run(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int) -> dict[str, Any] | None:
+    """The figures of the run of this size already under ``OUT/runs`` (``read_run``), None if it
+    has not finished. It is reused only if it ran exactly the config this size would run now:
+    any other setting (``dist.*`` and the step timing included, since they change the figures)
+    is refused, naming the run and the keys."""
     out = spec.run_dir(world, seed)
+    if not (out / "report.json").exists():
+        return None
     report = json.loads((out / "report.json").read_text())
     if "config" not in report:
         raise UserError(f"{out}/report.json records no config, so it cannot be reused: delete {out} to run it again")
@@ -175,6 +178,7 @@ def check_reusable(spec: ScaleSpec, cfg: RunConfig, world: int, seed: int) -> No
             f"{out} holds a finished run with other settings: {differ}; delete it to run it again, "
             "or give another --out"
         )
+    return read_run(out, report)
 
 
 def run_env() -> dict[str, str]:
@@ -193,9 +197,11 @@ def failure_line(console: Path, code: int) -> str:
     return f"exit code {code}: {picked}".strip()
 
 
-def read_run(out: Path) -> dict[str, Any]:
-    """A finished run's phase timings (rank 0's ``phase_timing`` events) and final test metrics."""
-    report = json.loads((out / "report.json").read_text())
+def read_run(out: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A finished run's phase timings (rank 0's ``phase_timing`` events) and final test metrics
+    (from its ``report``, read from ``out`` unless given)."""
+    if report is None:
+        report = json.loads((out / "report.json").read_text())
     phases = {}
     for line in (out / "log.jsonl").read_text().splitlines():
         event = json.loads(line)
@@ -245,12 +251,9 @@ def run_scale(spec: ScaleSpec, collect_only: bool = False) -> dict[str, Any]:
     for world in spec.world_sizes:
         for seed in spec.seeds:
             if collect_only:
-                out = spec.run_dir(world, seed)
-                entry = {"world_size": world, "seed": seed, "run": str(out)}
-                found = (out / "report.json").exists()
-                if found:
-                    check_reusable(spec, cfg, world, seed)
-                runs.append({**entry, **read_run(out)} if found else {**entry, "error": "no report.json"})
+                entry = {"world_size": world, "seed": seed, "run": str(spec.run_dir(world, seed))}
+                found = finished_run(spec, cfg, world, seed)
+                runs.append({**entry, **found} if found is not None else {**entry, "error": "no report.json"})
             else:
                 runs.append(run_size(spec, cfg, world, seed, rdzv))
             if "error" in runs[-1]:
