@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from conure_dist.train.samplers import num_negatives  # noqa: F401  (T1's negatives, as training draws them)
+
 F32, I64, F64 = 4, 8, 8
 
 
@@ -170,11 +172,6 @@ class SequenceBatch:
     @property
     def num_items(self) -> int:
         return len(self.popularity)
-
-
-def num_negatives(num_items: int, fraction: float) -> int:
-    """T1's shared negatives per step (``SharedNegativeSampler``)."""
-    return max(1, int(round(fraction * (num_items - 1))))
 
 
 def expected_rows(batch: SequenceBatch, world: int) -> dict[str, tuple[float, float]]:

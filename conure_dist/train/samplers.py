@@ -20,13 +20,18 @@ def hash_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
 
 
+def num_negatives(num_items: int, fraction: float) -> int:
+    """T1's shared negatives per step: ``fraction`` of the items 1..V-1, at least one."""
+    return max(1, int(round(fraction * (num_items - 1))))
+
+
 class SharedNegativeSampler:
     """T1 sampled softmax: ``fraction`` of the vocabulary (ids 1..V-1) drawn without replacement,
     shared by the whole global batch."""
 
     def __init__(self, num_items: int, fraction: float) -> None:
         self.num_items = num_items
-        self.num_negatives = max(1, int(round(fraction * (num_items - 1))))
+        self.num_negatives = num_negatives(num_items, fraction)
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(self.num_items - 1, generator=generator)[: self.num_negatives] + 1
