@@ -67,6 +67,10 @@ class StepTimer:
         self.comm = CommCounter()
         self.comm.active = warmup == 0
         self.seen = self.steps = 0
+        # The largest CUDA allocation peak seen at the end of a timed step: ``StepMeter`` resets
+        # the device's counter every ``train.log_every`` steps, so the counter alone would hold
+        # only the last window.
+        self.cuda_peak = 0
         self.last = time.perf_counter()
 
     @property
@@ -91,6 +95,8 @@ class StepTimer:
         self.seen += 1
         if self.seen > self.warmup:
             self.steps += 1
+            if self.device.type == "cuda":
+                self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated(self.device))
         elif self.seen == self.warmup:
             self.comm.ddp_seconds = 0.0
             if self.device.type == "cuda":
@@ -106,9 +112,8 @@ class StepTimer:
         parts["forward_backward"] -= ddp
         parts["communication"] += ddp
         step_s = sum(parts.values())
-        peak = None
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+            peak = self.cuda_peak
         else:
             import resource
 
