@@ -44,7 +44,7 @@ from conure_dist.dist import DistInfo
 from conure_dist.model import ConureModel, TaskSpec
 from conure_dist.train.batches import to_device
 from conure_dist.train.engine import TorchEngine
-from conure_dist.train.evaluate import _batch_sums, fused_ranking
+from conure_dist.train.evaluate import _batch_sums, fused_table
 from conure_dist.train.phase import phase_parameters
 from conure_dist.train.samplers import PopularityNegativeSampler, SharedNegativeSampler
 
@@ -176,17 +176,17 @@ def evaluation(setup: Setup, steps: int, bf16: bool = False) -> dict[str, Any]:
     target = to_device(torch.randint(0, cfg["later_items"], (cfg["eval_users"],), generator=setup.g), dist.device)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
-        fused = fused_ranking(setup.masked, info, dist.device)
+        table = fused_table(setup.masked, info, dist.device)
     compiled = setup.model.compiled
 
     @torch.no_grad()
     def run() -> None:
         with autocast:
-            _batch_sums(setup.masked, info, seq, target, [5, 10], fused, compiled)
+            _batch_sums(setup.masked, info, seq, target, [5, 10], table, compiled)
 
     out = timed(run, dist.device, steps, warmup=2)
     out["users_per_s"] = cfg["eval_users"] / out["seconds_per_step"]
-    out["fused_ranks"] = fused
+    out["fused_ranks"] = table is not None
     return out
 
 

@@ -69,15 +69,25 @@ def fused_ranking(model: MaskedModel, task: TaskInfo, device: torch.device) -> b
     )
 
 
-def fused_ranks(model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def fused_table(model: MaskedModel, task: TaskInfo, device: torch.device) -> torch.Tensor | None:
+    """The item table the fused rank kernel reads for ``task``, in the products' dtype, cast once
+    for a whole evaluation rather than for every batch (T1's is 646K x 256); None where the
+    ranks do not come from the kernel (``fused_ranking``)."""
+    if not fused_ranking(model, task, device):
+        return None
+    weight = model.model.heads[task.name].weight
+    return weight.to(product_dtype(device, weight.dtype)).contiguous()
+
+
+def fused_ranks(
+    model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
     """``target_ranks`` of the task's scores under the model's current view, from the hidden
-    vectors and the head's table (``conure_dist.kernels.topk``)."""
+    vectors and the head's ``table`` (``fused_table``; ``conure_dist.kernels.topk``)."""
     weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
     hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
     head = model.model.heads[task.name]
-    return fused_target_ranks(
-        hidden, head.weight, head.bias, target, padding_first=isinstance(head, SampledSoftmaxHead)
-    )
+    return fused_target_ranks(hidden, table, head.bias, target, padding_first=isinstance(head, SampledSoftmaxHead))
 
 
 def streamed_ranks(
@@ -98,11 +108,18 @@ def streamed_ranks(
 
 
 def _batch_sums(
-    model: MaskedModel, task: TaskInfo, seq: torch.Tensor, target: torch.Tensor, k: Cutoffs, fused: bool, compiled: bool
+    model: MaskedModel,
+    task: TaskInfo,
+    seq: torch.Tensor,
+    target: torch.Tensor,
+    k: Cutoffs,
+    table: torch.Tensor | None,
+    compiled: bool,
 ) -> dict[str, float]:
-    """One batch's metric sums: accuracy, or ranking metrics from fused or materialized ranks."""
-    if fused:
-        return ranking_sums(fused_ranks(model, task, seq, target), k)
+    """One batch's metric sums: accuracy, or ranking metrics from fused ranks (against ``table``,
+    ``fused_table``) or streamed scores (``table`` None)."""
+    if table is not None:
+        return ranking_sums(fused_ranks(model, task, seq, target, table), k)
     if task.kind == "class":
         return accuracy_sums(model(seq, task.name).float(), target)
     return ranking_sums(streamed_ranks(model, task, seq, target, compiled), k)
@@ -126,7 +143,7 @@ def evaluate_task(
     sums: dict[str, float] = {}
     per_rank = max(1, batch_size // dist.world_size)
     compiled = getattr(model.model, "compiled", False)  # compiled models rank in one compiled pass
-    fused = fused_ranking(model, task, dist.device)
+    table = fused_table(model, task, dist.device)
     for batch in iter_batches(
         manifest,
         task.name,
@@ -141,7 +158,7 @@ def evaluate_task(
     ):
         seq = batch.seq.to(dist.device)
         target = _targets(task, seq, None if batch.target is None else batch.target.to(dist.device))
-        part = _batch_sums(model, task, seq, target, k, fused, compiled)
+        part = _batch_sums(model, task, seq, target, k, table, compiled)
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
