@@ -69,6 +69,12 @@ def fused_ranking(model: MaskedModel, task: TaskInfo, device: torch.device) -> b
     )
 
 
+def _hidden(model: MaskedModel, task: TaskInfo, seq: torch.Tensor) -> torch.Tensor:
+    """The task's hidden vectors of ``seq`` under the model's current view (its effective weights)."""
+    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
+    return functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
+
+
 def fused_table(model: MaskedModel, task: TaskInfo, device: torch.device) -> torch.Tensor | None:
     """The item table the fused rank kernel reads for ``task``, in the products' dtype, cast once
     for a whole evaluation rather than for every batch (T1's is 646K x 256); None where the
@@ -84,9 +90,7 @@ def fused_ranks(
 ) -> torch.Tensor:
     """``target_ranks`` of the task's scores under the model's current view, from the hidden
     vectors and the head's ``table`` (``fused_table``; ``conure_dist.kernels.topk``)."""
-    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
-    hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
-    head = model.model.heads[task.name]
+    hidden, head = _hidden(model, task, seq), model.model.heads[task.name]
     return fused_target_ranks(hidden, table, head.bias, target, padding_first=isinstance(head, SampledSoftmaxHead))
 
 
@@ -96,9 +100,7 @@ def streamed_ranks(
     """``target_ranks`` of the task's scores under the model's current view, scored a block of
     items at a time (``streamed_target_ranks``): memory grows with [users, block], not with the
     vocabulary, and the ranks equal those of the materialized scores."""
-    weights = {f"model.{name}": w for name, w in model.effective_weights().items()}
-    hidden = functional_call(_Represent(model.model, task.name), weights, (seq,), strict=False)
-    head = model.model.heads[task.name]
+    hidden, head = _hidden(model, task, seq), model.model.heads[task.name]
     num_items = head.weight.shape[0]
 
     def scores_for(rows: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
