@@ -218,16 +218,14 @@ def build_engine(
     row_sparse: list[str] | tuple[str, ...] = (),
     grad_accum: int = 1,
     clip_grad_norm: float | None = None,
-    fold_l2: bool | None = None,
 ) -> Engine:
     """Wrap the masked model for the configured engine. ``trainable`` names are of ``masked``;
     ``row_sparse`` names the item tables whose gradients DDP exchanges row-sparsely (the others
     join DDP's dense buckets; ``train.exchange_choice`` picks them);
-    ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches;
-    ``fold_l2`` moves the L2 term of tensors without frozen entries into Adam (``TorchEngine``;
-    default: on CUDA)."""
+    ``per_rank_batch`` is a rank's share of the global batch, in ``grad_accum`` micro-batches.
+    ``TorchEngine`` folds the L2 term of tensors without frozen entries into Adam on CUDA."""
     if cfg.engine == "ddp":
-        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse, clip_grad_norm, fold_l2)
+        return TorchEngine(masked, trainable, lr, l2, dist, cfg.precision, row_sparse, clip_grad_norm)
     from conure_dist.train.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(
