@@ -30,7 +30,7 @@ failed=0
 if [ "$device" = cpu ]; then
     preset=smoke users=400 items=2000 steps=3 stall_items=2000 stall_channels=16
     run_args="dist.device=cpu model.channels=16 model.block_dilations=[1,4] train.eval_batch_size=256"
-    probe_env="TRITON_INTERPRET=1"
+    probe_env="TRITON_INTERPRET=1"  # the probe's and the kernel checks' interpreter setting
 else
     preset=ttl users=40000 items=646000 steps=30 stall_items=646000 stall_channels=256
     run_args="dist.device=cuda dist.precision=bf16"
@@ -67,8 +67,7 @@ found = {k: kernel_works(k, device, torch.bfloat16, 256 if device.type == 'cuda'
 print(json.dumps(found)); json.dump(found, open('$out/probe.json', 'w'))
 assert all(found.values()), found"
 
-kernels_env=$([ "$device" = cpu ] && echo TRITON_INTERPRET=1 || echo TRITON_INTERPRET=0)
-step kernels 40 env "$kernels_env" "$py" benchmarks/kernels.py --device "$device" --only check --json "$out/kernels.json"
+step kernels 40 env "$probe_env" "$py" benchmarks/kernels.py --device "$device" --only check --json "$out/kernels.json"
 
 step targets 110 "$py" benchmarks/targets.py --device "$device" --preset "$preset" --json "$out/targets.json"
 
