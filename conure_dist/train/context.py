@@ -147,20 +147,7 @@ class RunContext:
 
     def evaluate_all(self, upto: int, split: str = "test") -> dict[str, dict[str, float]]:
         """Tasks 0..``upto``, each under its own inference view."""
-        out = {}
-        for j in range(upto + 1):
-            self.masked.set_view("infer", j + 1)
-            out[self.infos[j].name] = evaluate_task(
-                self.masked,
-                self.manifest,
-                self.infos[j],
-                split,
-                self.cfg.train.eval_batch_size,
-                self.cfg.train.topk,
-                self.dist,
-                self.cfg.train.eval_max_users,
-            )
-        return out
+        return {self.infos[j].name: self.evaluate_view(j, "infer", split) for j in range(upto + 1)}
 
     def checksum_of_task(self, task_index: int) -> str:
         return checksum_of_task(self.model, self.ownership, self.model.state_dict(), task_index)

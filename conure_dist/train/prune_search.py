@@ -18,7 +18,6 @@ import torch
 import torch.distributed as tdist
 
 from conure_dist.config import TaskConfig
-from conure_dist.train.evaluate import evaluate_task
 from conure_dist.train.phase import selection_score
 
 if TYPE_CHECKING:
@@ -64,17 +63,7 @@ def probe_score(trainer: RunContext, task_index: int, task_cfg: TaskConfig, rati
         trainer.prune(task_index, ratio)
         if task_cfg.retrain_epochs > 0:
             return float(trainer.run_phase(task_index, "retrain", task_cfg)["best_valid"])
-        trainer.masked.set_view("infer", task_index + 1)
-        valid = evaluate_task(
-            trainer.masked,
-            trainer.manifest,
-            trainer.infos[task_index],
-            "valid",
-            trainer.cfg.train.eval_batch_size,
-            trainer.cfg.train.topk,
-            trainer.dist,
-            trainer.cfg.train.eval_max_users,
-        )
+        valid = trainer.evaluate_view(task_index, "infer", "valid")
         return float(selection_score(trainer.infos[task_index].kind, trainer.cfg.train)(valid))
     finally:
         with torch.no_grad():
